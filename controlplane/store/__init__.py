@@ -1,0 +1,1 @@
+"""Session stores: one `SessionStore` protocol, SQLite and etcd implementations."""

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine with Python 3.11: installs what it needs,
+# then runs the linters, the type checker, the layer contracts and pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v etcd >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+    # The package starts a system etcd on 2379; tests start their own on free ports.
+    $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+python3 -m ruff check .
+python3 -m ruff format --check .
+python3 -m mypy
+lint-imports --no-cache
+python3 -m pytest "$@"

@@ -1,0 +1,1 @@
+"""Shared test configuration. Integration fixtures live in tests/integration/conftest.py."""

@@ -1,0 +1,24 @@
+"""Shared fixtures: every test runs with warnings as errors and fails if it leaks a task."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves tasks running: leaked tasks hide shutdown bugs."""
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    leaked = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
+    if leaked:
+        # Give cancellations that are already in flight one loop turn to finish.
+        await asyncio.sleep(0)
+        leaked = [t for t in leaked if not t.done()]
+    for t in leaked:
+        t.cancel()
+    assert not leaked, f"test leaked tasks: {[t.get_name() for t in leaked]}"

@@ -1,0 +1,1 @@
+"""Generated protobuf code for the wire contract and converters to domain types."""
