@@ -3,14 +3,76 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import sys
 from typing import Any
+
+from sidecar.config import ConfigError, SidecarConfig, parse_hostport
+from sidecar.reconnect import ReconnectConfig
+from sidecar.tracker import TrackerLimits
+
+log = logging.getLogger("tether.sidecar")
+
+
+def config_from_args(args: argparse.Namespace) -> SidecarConfig:
+    host, port = parse_hostport(args.listen, what="--listen")
+    admin_host, admin_port = (
+        parse_hostport(args.admin_listen, what="--admin-listen")
+        if args.admin_listen
+        else (None, None)
+    )
+    if args.control_plane:
+        parse_hostport(args.control_plane, what="--control-plane")
+    try:
+        return SidecarConfig(
+            listen_host=host,
+            listen_port=port,
+            upstream=args.upstream,
+            admin_host=admin_host,
+            admin_port=admin_port,
+            control_plane=args.control_plane,
+            max_event_bytes=args.max_event_bytes,
+            max_request_body_bytes=args.max_body_bytes,
+            tracker=TrackerLimits(
+                dedup_window=args.dedup_window,
+                replay_max_events=args.replay_events,
+                replay_max_bytes=args.replay_bytes,
+                index_max_events=max(args.replay_events, 65536),
+            ),
+            reconnect=ReconnectConfig(
+                max_attempts=args.reconnect_attempts, max_elapsed=args.reconnect_max_seconds
+            ),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _run(args: argparse.Namespace) -> int:
-    print("tether sidecar: not available in this build yet")
-    return 2
+    from sidecar.app import run_until_signalled
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"tether sidecar: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run_until_signalled(config))
+    return 0
 
 
 def add_sidecar_parser(sub: Any) -> None:
     p = sub.add_parser("sidecar", help="run the sidecar proxy in front of an MCP server")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="proxied port")
+    p.add_argument("--upstream", required=True, metavar="URL", help="MCP server base URL")
+    p.add_argument("--admin-listen", metavar="HOST:PORT", help="/healthz, /readyz, /metrics")
+    p.add_argument("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
+    p.add_argument("--max-event-bytes", type=int, default=1 << 20, help="largest SSE event")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
+    p.add_argument("--dedup-window", type=int, default=1024, help="upstream ids remembered")
+    p.add_argument("--replay-events", type=int, default=1024, help="replay buffer, events")
+    p.add_argument("--replay-bytes", type=int, default=4 << 20, help="replay buffer, bytes")
+    p.add_argument("--reconnect-attempts", type=int, default=10, help="failures before giving up")
+    p.add_argument(
+        "--reconnect-max-seconds", type=float, default=60.0, help="longest upstream outage"
+    )
     p.set_defaults(run=_run)

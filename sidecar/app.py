@@ -1,0 +1,129 @@
+"""Assembles the sidecar: the proxied port, the admin port, and a graceful run loop.
+
+Health and metrics live only on the admin port so that nothing on the proxied port shadows a
+path of the MCP server behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.config import SidecarConfig
+from sidecar.metrics import Metrics
+from sidecar.proxy import Proxy
+
+log = logging.getLogger("tether.sidecar")
+
+PROXY_KEY = web.AppKey("proxy", Proxy)
+
+
+def build_proxy_app(proxy: Proxy) -> web.Application:
+    app = web.Application(client_max_size=proxy.config.max_request_body_bytes)
+    app[PROXY_KEY] = proxy
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+def build_admin_app(proxy: Proxy, ready: asyncio.Event) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if not ready.is_set():
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response({"status": "ready", "streams": len(proxy.registry.streams)})
+
+    async def metrics(_: web.Request) -> web.Response:
+        proxy.metrics.refresh(proxy.registry)
+        body = generate_latest(proxy.metrics.registry)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+@dataclass
+class RunningSidecar:
+    """A started sidecar; `port` and `admin_port` are the bound ports (useful with port 0)."""
+
+    proxy: Proxy
+    port: int
+    admin_port: int | None
+    _runners: list[web.AppRunner]
+    ready: asyncio.Event
+
+    async def stop(self) -> None:
+        self.ready.clear()
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.proxy.stop()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return int(addr[1])
+    raise RuntimeError("listener has no TCP address")
+
+
+async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
+    """Start the proxied and admin listeners; returns once both accept connections."""
+    metrics = Metrics()
+    proxy = Proxy(config, metrics)
+    await proxy.start()
+    ready = asyncio.Event()
+    runners: list[web.AppRunner] = []
+    try:
+        # handler_cancellation: a client that disconnects cancels its handler at once, so an
+        # idle stream notices and its upstream pump starts the orphan clock.
+        runner = web.AppRunner(build_proxy_app(proxy), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+        port = _bound_port(runner)
+        admin_port: int | None = None
+        if config.admin_host is not None and config.admin_port is not None:
+            admin = web.AppRunner(build_admin_app(proxy, ready), access_log=None)
+            await admin.setup()
+            runners.append(admin)
+            await web.TCPSite(admin, config.admin_host, config.admin_port).start()
+            admin_port = _bound_port(admin)
+    except BaseException:
+        for r in runners:
+            await r.cleanup()
+        await proxy.stop()
+        raise
+    ready.set()
+    log.info(
+        "sidecar listening on %s:%d, upstream %s%s",
+        config.listen_host,
+        port,
+        config.upstream,
+        f", admin on {config.admin_host}:{admin_port}" if admin_port else "",
+    )
+    return RunningSidecar(proxy, port, admin_port, runners, ready)
+
+
+async def run_until_signalled(config: SidecarConfig) -> None:
+    """Run until SIGINT or SIGTERM, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sidecar = await start_sidecar(config)
+    try:
+        await stop.wait()
+        log.info("sidecar stopping")
+    finally:
+        await sidecar.stop()

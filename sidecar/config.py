@@ -1,0 +1,71 @@
+"""Sidecar settings: one frozen dataclass, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from sidecar.reconnect import ReconnectConfig
+from sidecar.tracker import TrackerLimits
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and why."""
+
+
+def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (IPv6 as `[::1]:PORT`); raise ConfigError with `what` in the message."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    listen_host: str
+    listen_port: int
+    upstream: str
+    """Base URL of the MCP server; request paths are appended unchanged."""
+    admin_host: str | None = None
+    admin_port: int | None = None
+    control_plane: str | None = None
+    max_event_bytes: int = 1 << 20
+    max_request_body_bytes: int = 4 << 20
+    tracker: TrackerLimits = field(default_factory=TrackerLimits)
+    reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
+    connect_timeout: float = 10.0
+    heartbeat_interval: float = 15.0
+    """Idle client streams get an SSE comment this often, so dead clients are noticed."""
+    client_write_timeout: float = 60.0
+    """A client that takes longer than this to accept a write is dropped (it can resume)."""
+    orphan_timeout: float = 300.0
+    """How long a stream keeps reading its upstream while no client is attached."""
+    stream_linger: float = 300.0
+    """How long a finished stream stays replayable for a client that comes back."""
+    session_idle_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--upstream: expected an http(s) URL, got {self.upstream!r}")
+        if parts.query or parts.fragment:
+            raise ConfigError("--upstream: the base URL must not have a query or fragment")
+        for name in ("max_event_bytes", "max_request_body_bytes"):
+            if getattr(self, name) < 1024:
+                raise ConfigError(f"{name} must be at least 1024 bytes")
+        for name in (
+            "connect_timeout",
+            "heartbeat_interval",
+            "client_write_timeout",
+            "orphan_timeout",
+            "stream_linger",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+
+    @property
+    def upstream_base(self) -> str:
+        return self.upstream.rstrip("/")

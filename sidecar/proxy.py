@@ -1,0 +1,637 @@
+"""The proxied port: MCP Streamable HTTP and legacy HTTP+SSE through one catch-all handler.
+
+How a request flows:
+- Any method and path is forwarded to `upstream + path` with end-to-end headers; hop-by-hop
+  headers are dropped, status codes and bodies pass through unchanged. Request bodies stream
+  through, bounded by `max_request_body_bytes`.
+- An SSE response that belongs to a session (an `Mcp-Session-Id` on the request or response, or
+  a legacy `GET /sse`) becomes a `LiveStream`: a pump task reads the upstream, the tracker names
+  and buffers events, and the client handler writes them. If the upstream breaks before the
+  stream is complete, the pump reconnects with the upstream's `Last-Event-ID` under the
+  reconnect policy while the client's connection stays open.
+- An SSE response with no session (MCP 2026-07-28 is stateless) is piped through untouched.
+- A `GET` whose `Last-Event-ID` is an id this sidecar minted is served from the replay buffer,
+  then live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qs, urljoin, urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.config import SidecarConfig
+from sidecar.metrics import Metrics
+from sidecar.reconnect import GiveUp, Outcome, ReconnectPolicy
+from sidecar.sse import SSEError, SSEEvent, SSEParser, encode_comment
+from sidecar.streams import LiveStream, Registry, StreamKind
+from sidecar.tracker import EventId, Gap
+from tether.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("tether.sidecar.proxy")
+
+SESSION_HEADER = "Mcp-Session-Id"
+PROTOCOL_HEADER = "MCP-Protocol-Version"
+LAST_EVENT_ID = "Last-Event-ID"
+SSE_TYPE = "text/event-stream"
+# First revision whose clients expect a priming event (an id with empty data) on SSE streams.
+PRIMING_SINCE = "2025-11-25"
+
+_HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+# Not forwarded upstream: Host names the sidecar; Accept-Encoding would only make the upstream
+# compress over the pod's loopback for the sidecar to decompress; Last-Event-ID is answered here.
+_NOT_UPSTREAM = _HOP_BY_HOP | {"host", "accept-encoding", "last-event-id", "content-length"}
+_NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length"}
+
+
+class BodyTooLargeError(Exception):
+    """The client's request body exceeded the configured limit."""
+
+
+def _drop_connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    listed: set[str] = set()
+    for value in headers.getall("Connection", []):
+        listed.update(v.strip().lower() for v in value.split(",") if v.strip())
+    return listed
+
+
+def upstream_request_headers(request: web.Request) -> CIMultiDict[str]:
+    """End-to-end headers of the client request, plus the usual X-Forwarded-* trio."""
+    extra = _drop_connection_listed(request.headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lname = name.lower()
+        if lname in _NOT_UPSTREAM or lname in extra:
+            continue
+        out.add(name, value)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out.setdefault("X-Forwarded-Proto", request.scheme)
+    out.setdefault("X-Forwarded-Host", request.host)
+    return out
+
+
+def downstream_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> CIMultiDict[str]:
+    extra = _drop_connection_listed(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lname = name.lower()
+        if (lname in _NOT_DOWNSTREAM and not (keep_length and lname == "content-length")) or (
+            lname in extra
+        ):
+            continue
+        out.add(name, value)
+    return out
+
+
+def jsonrpc_error_body(message: str, request_id: Any = None, code: int = -32000) -> bytes:
+    return json.dumps(
+        {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+    ).encode()
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """An HTTP error in JSON-RPC shape, which MCP clients already know how to read."""
+    return web.Response(
+        status=status,
+        body=jsonrpc_error_body(f"tether: {message}"),
+        content_type="application/json",
+    )
+
+
+def request_ids(body: bytes) -> tuple[set[Any], str | None, str | None]:
+    """Ids of the JSON-RPC requests in a POST body, plus the method and requested protocol
+    version when the body is an `initialize` request. Unparseable bodies give no ids."""
+    try:
+        msg = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return set(), None, None
+    msgs = msg if isinstance(msg, list) else [msg]
+    ids: set[Any] = set()
+    method: str | None = None
+    version: str | None = None
+    for m in msgs:
+        if not isinstance(m, dict):
+            continue
+        if "method" in m and isinstance(m.get("id"), int | str):
+            ids.add(m["id"])
+        if m.get("method") == "initialize":
+            method = "initialize"
+            params = m.get("params")
+            if isinstance(params, dict) and isinstance(params.get("protocolVersion"), str):
+                version = params["protocolVersion"]
+    return ids, method, version
+
+
+def answered_ids(data: str) -> list[Any]:
+    """Ids of the JSON-RPC responses carried by one event's data (cheap pre-check first)."""
+    if '"result"' not in data and '"error"' not in data:
+        return []
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        return []
+    msgs = msg if isinstance(msg, list) else [msg]
+    return [
+        m["id"]
+        for m in msgs
+        if isinstance(m, dict) and "method" not in m and isinstance(m.get("id"), int | str)
+    ]
+
+
+class Proxy:
+    """Request handling for the proxied port; owns the upstream client and the registry."""
+
+    def __init__(self, config: SidecarConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.registry = Registry(config.tracker)
+        self._client: aiohttp.ClientSession | None = None
+        self._janitor: asyncio.Task[None] | None = None
+        self._base = config.upstream_base
+        self._base_parts = urlsplit(self._base)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.config.connect_timeout, sock_read=None
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        self._janitor = spawn(self._sweep_forever(), name="sidecar-janitor")
+
+    async def stop(self) -> None:
+        pumps = [s.pump for s in self.registry.streams.values()]
+        for stream in list(self.registry.streams.values()):
+            stream.end("sidecar shutting down")
+        await cancel_and_wait(self._janitor, *pumps)
+        if self._client is not None:
+            await self._client.close()
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        assert self._client is not None, "Proxy.start() not called"
+        return self._client
+
+    async def _sweep_forever(self) -> None:
+        cfg = self.config
+        period = min(5.0, cfg.orphan_timeout / 2, cfg.stream_linger / 2)
+        while True:
+            await asyncio.sleep(period)
+            stale = self.registry.sweep(
+                now=time.monotonic(),
+                orphan_timeout=cfg.orphan_timeout,
+                linger=cfg.stream_linger,
+                session_idle=cfg.session_idle_timeout,
+            )
+            await cancel_and_wait(*(s.pump for s in stale))
+            self.metrics.refresh(self.registry)
+
+    # -- entry point ---------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            last_id = request.headers.get(LAST_EVENT_ID)
+            if last_id is not None:
+                event_id = EventId.parse(last_id)
+                if event_id is not None:
+                    return await self._resume(request, event_id)
+
+        declared = request.content_length
+        if declared is not None and declared > self.config.max_request_body_bytes:
+            return self._too_large()
+        body_parts: list[bytes] = []
+        headers = upstream_request_headers(request)
+        try:
+            resp = await self._send(request, headers, body_parts)
+        except BodyTooLargeError:
+            return self._too_large()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.metrics.upstream_errors.inc()
+            log.warning("%s %s: upstream unreachable: %s", request.method, request.path, exc)
+            return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
+        # _relay owns `resp` from here: it releases it, or hands it to a stream's pump.
+        return await self._relay(request, resp, headers, b"".join(body_parts))
+
+    def _too_large(self) -> web.Response:
+        limit = self.config.max_request_body_bytes
+        log.warning("request body over the %d-byte limit refused", limit)
+        return error_response(413, f"request body exceeds {limit} bytes")
+
+    async def _send(
+        self, request: web.Request, headers: CIMultiDict[str], captured: list[bytes]
+    ) -> aiohttp.ClientResponse:
+        data: AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            data = self._stream_body(request, captured)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        try:
+            return await self.client.request(
+                request.method,
+                self._base + request.path_qs,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+            )
+        except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, BodyTooLargeError) or isinstance(
+                exc.__context__, BodyTooLargeError
+            ):
+                raise BodyTooLargeError from exc
+            raise
+
+    async def _stream_body(
+        self, request: web.Request, captured: list[bytes]
+    ) -> AsyncIterator[bytes]:
+        """Stream the client's body upstream, keeping a copy (bounded by the limit) so the
+        JSON-RPC ids and any `initialize` request can be read once it is sent."""
+        total = 0
+        limit = self.config.max_request_body_bytes
+        async for chunk in request.content.iter_any():
+            total += len(chunk)
+            if total > limit:
+                raise BodyTooLargeError
+            captured.append(chunk)
+            yield chunk
+
+    # -- responses -----------------------------------------------------------------------
+
+    async def _relay(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        body: bytes,
+    ) -> web.StreamResponse:
+        method = request.method
+        client_session = request.headers.get(SESSION_HEADER)
+        session_id = client_session or resp.headers.get(SESSION_HEADER)
+        is_sse = resp.status == 200 and resp.headers.get("Content-Type", "").startswith(SSE_TYPE)
+        try:
+            stream_kind = self._stream_kind(method, session_id, is_sse=is_sse)
+            ids = self._note_request(request, resp, body, session_id)
+            if method == "DELETE" and client_session and resp.status in (200, 202, 204, 404):
+                await self._forget_session(client_session)
+        except BaseException:
+            resp.release()
+            raise
+        if stream_kind is None:
+            return await self._pipe(request, resp)
+        return await self._open_stream(
+            request, resp=resp, headers=headers, kind=stream_kind, session_id=session_id, ids=ids
+        )
+
+    @staticmethod
+    def _stream_kind(method: str, session_id: str | None, *, is_sse: bool) -> StreamKind | None:
+        """Which SSE responses the sidecar tracks; None means pipe through untouched."""
+        if not is_sse:
+            return None
+        if session_id:
+            return StreamKind.POST if method == "POST" else StreamKind.STANDALONE
+        if method == "GET":
+            return StreamKind.LEGACY
+        return None  # stateless (2026-07-28): nothing to resume, nothing to track
+
+    def _note_request(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        body: bytes,
+        session_id: str | None,
+    ) -> set[Any]:
+        """Read the JSON-RPC ids of a POST; remember a session's `initialize` request."""
+        ids: set[Any] = set()
+        if request.method == "POST" and body:
+            ids, rpc_method, requested_version = request_ids(body)
+            if rpc_method == "initialize" and session_id and resp.status == 200:
+                sess = self.registry.session(session_id)
+                sess.initialize_request = body
+                sess.protocol_version = requested_version
+        return ids
+
+    async def _pipe(self, request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Pass a response through untouched, chunk by chunk, as it arrives."""
+        out = web.StreamResponse(
+            status=resp.status,
+            reason=resp.reason,
+            headers=downstream_headers(resp.headers, keep_length=True),
+        )
+        try:
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
+        finally:
+            resp.release()
+        return out
+
+    async def _open_stream(
+        self,
+        request: web.Request,
+        *,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        kind: StreamKind,
+        session_id: str | None,
+        ids: set[Any],
+    ) -> web.StreamResponse:
+        reconnect_headers = CIMultiDict(headers)
+        for name in ("Content-Type", "Content-Length"):
+            reconnect_headers.popall(name, None)
+        if session_id is not None:
+            reconnect_headers[SESSION_HEADER] = session_id
+        reconnect_headers["Accept"] = SSE_TYPE
+        stream = self.registry.new_stream(
+            kind=kind,
+            session_id=session_id,
+            upstream_path=request.path_qs,
+            upstream_headers=reconnect_headers,
+            response_headers=downstream_headers(resp.headers, keep_length=False),
+        )
+        stream.pending_request_ids = ids
+        stream.expects_responses = bool(ids)
+        # The pump owns the upstream response from here on.
+        stream.pump = spawn(self._pump(stream, resp), name=f"pump-{stream.stream_id}")
+        self.metrics.streams_opened.inc()
+        if kind is StreamKind.STANDALONE and session_id is not None:
+            sess = self.registry.session(session_id)
+            old = self.registry.streams.get(sess.standalone) if sess.standalone else None
+            if old is not None and old is not stream:
+                old.end("replaced by a new GET stream")
+                await cancel_and_wait(old.pump)
+            sess.standalone = stream.stream_id
+        version = request.headers.get(PROTOCOL_HEADER)
+        if version is None and session_id is not None:
+            version = self.registry.session(session_id).protocol_version
+        priming = kind is not StreamKind.LEGACY and (version or "") >= PRIMING_SINCE
+        return await self._write_stream(request, stream, after_seq=0, priming=priming)
+
+    async def _write_stream(
+        self, request: web.Request, stream: LiveStream, *, after_seq: int, priming: bool
+    ) -> web.StreamResponse:
+        """Write the stream's events after `after_seq` to the client, then live ones."""
+        out = web.StreamResponse(status=200, headers=stream.response_headers)
+        out.headers["Cache-Control"] = "no-cache"
+        out.headers["X-Accel-Buffering"] = "no"
+        stream.attach()
+        tracker = stream.tracker
+        position = after_seq
+        write_timeout = self.config.client_write_timeout
+        try:
+            await out.prepare(request)
+            if priming:
+                await out.write(tracker.priming_event())
+            while True:
+                got = tracker.events_after(position)
+                if isinstance(got, Gap):
+                    log.warning(
+                        "stream %s: client fell behind the replay buffer (at %d, oldest %d);"
+                        " closing it so it resumes",
+                        stream.stream_id,
+                        position,
+                        got.oldest_seq,
+                    )
+                    self.metrics.slow_clients.inc()
+                    break
+                if got:
+                    position += len(got)
+                    async with asyncio.timeout(write_timeout):
+                        await out.write(b"".join(got) if len(got) > 1 else got[0])
+                    self.metrics.events_out.inc(len(got))
+                    continue
+                if stream.ended:
+                    if stream.end_reason and stream.end_reason != "complete":
+                        await out.write(
+                            encode_comment(f"tether: stream ended: {stream.end_reason}")
+                        )
+                    break
+                if not await stream.signal.wait(self.config.heartbeat_interval):
+                    async with asyncio.timeout(write_timeout):
+                        await out.write(b": keepalive\n\n")
+            await out.write_eof()
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("stream %s: client went away (%s)", stream.stream_id, type(exc).__name__)
+        finally:
+            stream.detach()
+        return out
+
+    # -- resume --------------------------------------------------------------------------
+
+    async def _resume(self, request: web.Request, event_id: EventId) -> web.StreamResponse:
+        stream = self.registry.streams.get(event_id.stream)
+        if stream is None:
+            log.warning("resume of unknown stream %s refused", event_id.stream)
+            self.metrics.resume_failures.inc()
+            return error_response(
+                410, f"event id {event_id} names a stream this sidecar does not know"
+            )
+        client_session = request.headers.get(SESSION_HEADER)
+        if stream.session_id is not None and client_session != stream.session_id:
+            log.warning("resume of stream %s with the wrong session refused", event_id.stream)
+            return error_response(404, "no such session for that event id")
+        tracker = stream.tracker
+        if event_id.epoch != tracker.epoch or event_id.seq > tracker.seq:
+            self.metrics.resume_failures.inc()
+            return error_response(410, f"event id {event_id} is not one this stream delivered")
+        if isinstance(tracker.events_after(event_id.seq), Gap):
+            log.warning(
+                "resume of %s refused: older than the replay buffer and the upstream", event_id
+            )
+            self.metrics.resume_failures.inc()
+            return error_response(
+                410, f"event id {event_id} is older than the replay buffer; start a new stream"
+            )
+        self.metrics.resumes.inc()
+        if stream.ended and not stream.complete and (stream.pump is None or stream.pump.done()):
+            # The pump gave up earlier (e.g. a long outage): a client is back, try again.
+            stream.ended = False
+            stream.end_reason = ""
+            stream.pump = spawn(self._pump(stream, None), name=f"pump-{stream.stream_id}")
+        return await self._write_stream(request, stream, after_seq=event_id.seq, priming=False)
+
+    async def _forget_session(self, session_id: str) -> None:
+        streams = self.registry.drop_session(session_id)
+        for s in streams:
+            s.end("session deleted")
+        await cancel_and_wait(*(s.pump for s in streams))
+
+    # -- upstream pump -------------------------------------------------------------------
+
+    async def _pump(self, stream: LiveStream, resp: aiohttp.ClientResponse | None) -> None:
+        """Read the upstream into the tracker; reconnect with Last-Event-ID until complete."""
+        loop = asyncio.get_running_loop()
+        policy = ReconnectPolicy(self.config.reconnect)
+        cursor = stream.tracker.last_upstream_event_id
+        retry_ms: int | None = None
+        outcome = Outcome.FAILED
+        try:
+            while True:
+                if resp is not None:
+                    parser = SSEParser(max_event_bytes=self.config.max_event_bytes)
+                    try:
+                        outcome = await self._consume(stream, resp, parser, policy)
+                    finally:
+                        resp.release()
+                        resp = None
+                    cursor = parser.last_event_id or cursor
+                    retry_ms = parser.retry if parser.retry is not None else retry_ms
+                    if parser.failed is not None:
+                        self._fail(stream, f"upstream sent a bad event: {parser.failed.message}")
+                        return
+                    if stream.complete:
+                        stream.end("complete")
+                        return
+                    if (
+                        outcome is Outcome.CLOSED
+                        and stream.kind is StreamKind.POST
+                        and not (stream.expects_responses)
+                    ):
+                        stream.complete = True
+                        stream.end("complete")
+                        return
+                if not cursor:
+                    self._fail(stream, "upstream stream broke and it gave no event id to resume")
+                    return
+                decision = policy.next(outcome, now=loop.time(), retry_ms=retry_ms)
+                if isinstance(decision, GiveUp):
+                    self._fail(stream, f"gave up reconnecting: {decision.reason}")
+                    return
+                await asyncio.sleep(decision.delay)
+                self.metrics.reconnects.inc()
+                resp, outcome, fatal = await self._reconnect(stream, cursor)
+                if fatal:
+                    self._fail(stream, fatal)
+                    return
+        finally:
+            if resp is not None:
+                resp.release()
+            stream.end("stopped")
+
+    async def _reconnect(
+        self, stream: LiveStream, cursor: str
+    ) -> tuple[aiohttp.ClientResponse | None, Outcome, str]:
+        """GET the stream again with Last-Event-ID; (response, outcome, fatal reason)."""
+        headers = CIMultiDict(stream.upstream_headers)
+        headers[LAST_EVENT_ID] = cursor
+        try:
+            resp = await self.client.get(
+                self._base + stream.upstream_path, headers=headers, allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.info("stream %s: reconnect failed: %s", stream.stream_id, exc)
+            return None, Outcome.FAILED, ""
+        if resp.status == 200 and resp.headers.get("Content-Type", "").startswith(SSE_TYPE):
+            log.info("stream %s: resumed upstream after %s", stream.stream_id, cursor)
+            return resp, Outcome.FAILED, ""
+        resp.release()
+        if resp.status in (400, 404) and stream.session_id is not None:
+            return None, Outcome.FAILED, f"upstream lost the session ({resp.status})"
+        if resp.status == 405:
+            return None, Outcome.FAILED, "upstream does not support resuming streams (405)"
+        log.info("stream %s: reconnect answered %d", stream.stream_id, resp.status)
+        return None, Outcome.FAILED, ""
+
+    async def _consume(
+        self,
+        stream: LiveStream,
+        resp: aiohttp.ClientResponse,
+        parser: SSEParser,
+        policy: ReconnectPolicy,
+    ) -> Outcome:
+        """Feed one upstream response into the tracker until it ends; how did it end?"""
+        tracker = stream.tracker
+        pending = stream.pending_request_ids
+        legacy = stream.kind is StreamKind.LEGACY
+        metrics = self.metrics
+        try:
+            async for chunk in resp.content.iter_any():
+                delivered = 0
+                for parsed in parser.feed(chunk):
+                    if isinstance(parsed, SSEError):
+                        log.error("stream %s: %s", stream.stream_id, parsed.message)
+                        break
+                    if not parsed.data:
+                        continue  # priming or keep-alive event: a cursor, nothing to deliver
+                    item = parsed
+                    if legacy and item.event == "endpoint":
+                        item = self._rewrite_endpoint(stream, item, str(resp.url))
+                    if tracker.accept(item) is None:
+                        metrics.duplicates.inc()
+                        continue
+                    delivered += 1
+                    if pending:
+                        for rid in answered_ids(item.data):
+                            pending.discard(rid)
+                        if not pending and stream.expects_responses:
+                            stream.complete = True
+                if delivered:
+                    metrics.events_in.inc(delivered)
+                    policy.progress()
+                    stream.publish()
+                if stream.complete or parser.failed is not None:
+                    return Outcome.CLOSED
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            log.info("stream %s: upstream broke: %s", stream.stream_id, exc or type(exc).__name__)
+            return Outcome.FAILED
+        parser.close()
+        return Outcome.CLOSED
+
+    def _fail(self, stream: LiveStream, reason: str) -> None:
+        """End a stream that cannot go on; answer its open requests with an error."""
+        log.warning("stream %s (session %s): %s", stream.stream_id, stream.session_id, reason)
+        self.metrics.streams_failed.inc()
+        if stream.kind is StreamKind.POST and stream.pending_request_ids:
+            for rid in sorted(stream.pending_request_ids, key=str):
+                data = jsonrpc_error_body(f"tether: {reason}", rid).decode()
+                stream.tracker.accept(SSEEvent(data=data))
+            stream.pending_request_ids.clear()
+        stream.end(reason)
+
+    def _rewrite_endpoint(self, stream: LiveStream, event: SSEEvent, stream_url: str) -> SSEEvent:
+        """Point a legacy `endpoint` event at the sidecar: same path, minus the upstream base
+        path, so the client's POSTs come back through here."""
+        target = urlsplit(urljoin(stream_url, event.data.strip()))
+        base = self._base_parts
+        if (target.scheme, target.netloc) != (base.scheme, base.netloc):
+            log.warning("legacy endpoint %r is not on the upstream; left as is", event.data)
+            return event
+        path = target.path
+        prefix = base.path.rstrip("/")
+        if prefix and path.startswith(prefix + "/"):
+            path = path[len(prefix) :]
+        rewritten = path + (f"?{target.query}" if target.query else "")
+        query = parse_qs(target.query)
+        names = query.get("session_id") or query.get("sessionId")
+        stream.legacy_session = names[0] if names else None
+        return SSEEvent(
+            data=rewritten, event=event.event, id=event.id, last_event_id=event.last_event_id
+        )

@@ -1,0 +1,367 @@
+"""Sans-IO Server-Sent Events parser and encoder.
+
+The sidecar reads every event of every proxied stream through `SSEParser`, so the parser is
+both exact to the WHATWG "event stream interpretation" rules and cheap per event. It owns no
+I/O: feed it bytes as they arrive, get back frozen `SSEEvent`s (or one `SSEError`).
+
+Invariants the parser keeps:
+
+1. Line endings are normalized per chunk with `bytes.replace`: CRLF and lone CR become LF. A CR
+   that ends a chunk ends its line at once (a live stream may pause right there); a LF that
+   starts the next chunk is then dropped, because it was the second half of a CRLF.
+2. After normalization an event block is whatever lies between two `\\n\\n`. Only complete
+   blocks are parsed; the unterminated tail waits in `_parts` and never contains `\\n\\n`,
+   never starts with LF and ends with at most one LF.
+3. One leading UTF-8 BOM is removed at stream start, even when split across chunks; a BOM
+   anywhere else is data.
+4. Blocks are decoded as strict UTF-8. LF and CR never occur inside a multi-byte UTF-8
+   sequence, so splitting bytes before decoding cannot cut a character.
+5. Sizes are counted in normalized bytes of a block without its line terminators. The pending
+   tail is always a prefix of the block it will become, so an oversized block is reported the
+   same way however the stream is chunked, and memory stays bounded if it never ends.
+6. After an `SSEError` (or `close()`) the parser is finished: `feed()` returns `[]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+__all__ = ["SSEError", "SSEEvent", "SSEParser", "encode_comment", "encode_event"]
+
+_BOM: Final = b"\xef\xbb\xbf"
+_LF: Final = 0x0A
+_CR: Final = 0x0D
+_LONE_CR: Final = re.compile(rb"\r(?!\n)")
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event, as the WHATWG algorithm would hand it to a listener."""
+
+    data: str
+    """The data buffer with its final LF removed."""
+    event: str = "message"
+    """The event type; "message" when the `event` field was absent or empty."""
+    id: str | None = None
+    """The `id` field of this very block: None if it had none, "" if it was empty."""
+    last_event_id: str = ""
+    """The stream's last-event-ID buffer at dispatch; it persists across events."""
+    retry: int | None = None
+    """A valid `retry` value (ms) from this block, else None."""
+
+
+@dataclass(frozen=True, slots=True)
+class SSEError:
+    """Why the parser gave up on a stream; it is the last thing `feed()` returns."""
+
+    kind: Literal["too_large", "undecodable"]
+    message: str
+    """Human-readable, meant for a log line."""
+
+
+class SSEParser:
+    """Incremental event-stream parser: `feed()` bytes, get completed events.
+
+    `feed()` never raises on bad input. On error it returns every event completed before the
+    bad block, then the `SSEError`; from then on `failed` is set and `feed()` returns `[]`.
+    """
+
+    __slots__ = (
+        "_at_start",
+        "_closed",
+        "_failed",
+        "_head",
+        "_last_event_id",
+        "_max",
+        "_parts",
+        "_pending_len",
+        "_pending_lf",
+        "_retry",
+        "_skip_lf",
+    )
+
+    def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
+        if max_event_bytes < 1:
+            raise ValueError("max_event_bytes must be positive")
+        self._max = max_event_bytes
+        self._last_event_id = ""
+        self._retry: int | None = None
+        self._failed: SSEError | None = None
+        self._closed = False
+        # Stream start: bytes that may still turn out to be a BOM.
+        self._at_start = True
+        self._head = b""
+        # The previous chunk ended with CR, so a LF opening the next one belongs to it.
+        self._skip_lf = False
+        # The unterminated tail (invariant 2), kept as pieces so that a large event arriving
+        # in small chunks costs linear time, not quadratic.
+        self._parts: list[bytes] = []
+        self._pending_len = 0
+        self._pending_lf = False
+
+    @property
+    def last_event_id(self) -> str:
+        """The WHATWG last-event-ID buffer as of the last blank line; id-only blocks count.
+
+        That is the "last event ID string" a browser sends on reconnect: an `id:` line of an
+        event still open is not taken until the event ends, as in `EventSource`.
+        """
+        return self._last_event_id
+
+    @property
+    def retry(self) -> int | None:
+        """The last valid reconnection time seen (ms), retry-only blocks included.
+
+        Read when its event ends, or at `close()` for an event left open.
+        """
+        return self._retry
+
+    @property
+    def failed(self) -> SSEError | None:
+        """The error that ended parsing, if any."""
+        return self._failed
+
+    def feed(self, data: bytes) -> list[SSEEvent | SSEError]:
+        """Consume a chunk; return the events it completed, possibly ending with an error."""
+        if self._failed is not None or self._closed or not data:
+            return []
+        if self._at_start:
+            data = self._head + data
+            if len(data) < 3 and _BOM.startswith(data):
+                self._head = data
+                return []
+            self._at_start = False
+            self._head = b""
+            if data.startswith(_BOM):
+                data = data[3:]
+                if not data:
+                    return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[0] == _LF:
+                data = data[1:]
+                if not data:
+                    return []
+        if b"\r" in data:
+            data = self._normalize_cr(data)
+
+        end = data.rfind(b"\n\n")
+        parts = self._parts
+        if parts:
+            if end < 0 and not (self._pending_lf and data[0] == _LF):
+                parts.append(data)
+                self._pending_len += len(data)
+                self._pending_lf = data[-1] == _LF
+                return self._check_pending([])
+            # The last `\n\n` lies in this chunk, or straddles the seam with the tail.
+            end = self._pending_len + end if end >= 0 else self._pending_len - 1
+            parts.append(data)
+            buf = b"".join(parts)
+            parts.clear()
+        else:
+            if data[0] == _LF:
+                # Blank lines between blocks dispatch nothing (all buffers are empty).
+                data = data.lstrip(b"\n")
+                if not data:
+                    return []
+                end = data.rfind(b"\n\n")
+            if end < 0:
+                parts.append(data)
+                self._pending_len = len(data)
+                self._pending_lf = data[-1] == _LF
+                return self._check_pending([])
+            buf = data
+
+        out = self._parse_blocks(buf[:end])
+        if out and isinstance(out[-1], SSEError):
+            return out
+        # `end` is the last `\n\n`, so the tail cannot start with LF (invariant 2).
+        rest = buf[end + 2 :]
+        if rest:
+            parts.append(rest)
+            self._pending_len = len(rest)
+            self._pending_lf = rest[-1] == _LF
+            return self._check_pending(out)
+        return out
+
+    def close(self) -> list[SSEEvent | SSEError]:
+        """End of stream: an unterminated event is discarded, as WHATWG says; returns `[]`.
+
+        A `retry` line that did end in that event still counts: browsers apply it as soon as
+        the line is read, and the reconnect that usually follows a close should honour it.
+        """
+        if self._failed is None and not self._closed and self._parts:
+            tail = b"".join(self._parts)
+            complete = tail[: tail.rfind(b"\n") + 1].decode("utf-8", "replace")
+            for line in complete.split("\n"):
+                name, _, value = line.partition(":")
+                if value[:1] == " ":
+                    value = value[1:]
+                if name == "retry" and value.isascii() and value.isdigit():
+                    with contextlib.suppress(ValueError):  # too many digits for int()
+                        self._retry = int(value)
+        self._closed = True
+        self._parts.clear()
+        self._pending_len = 0
+        self._head = b""
+        return []
+
+    def _normalize_cr(self, data: bytes) -> bytes:
+        """Turn CRLF and lone CR into LF (invariant 1)."""
+        ends_with_cr = data[-1] == _CR
+        if ends_with_cr:
+            self._skip_lf = True
+            data = data[:-1]
+        if _LONE_CR.search(data) is None:
+            # All CRs are in CRLF pairs, as the MCP SDK sends them: deleting a single byte
+            # value is several times faster than replacing a two-byte pattern.
+            data = data.replace(b"\r", b"")
+        else:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return data + b"\n" if ends_with_cr else data
+
+    def _check_pending(self, out: list[SSEEvent | SSEError]) -> list[SSEEvent | SSEError]:
+        # A trailing LF is a terminator, not content (invariant 5).
+        if self._pending_len - self._pending_lf > self._max:
+            out.append(self._fail("too_large", f"event exceeds {self._max} bytes"))
+        return out
+
+    def _fail(self, kind: Literal["too_large", "undecodable"], message: str) -> SSEError:
+        error = SSEError(kind, message)
+        self._failed = error
+        self._parts.clear()
+        self._pending_len = 0
+        return error
+
+    def _parse_blocks(self, region: bytes) -> list[SSEEvent | SSEError]:
+        """Parse complete blocks: `region` ends where the last block's blank line begins."""
+        if len(region) <= self._max:
+            # Fast path: no block can be too large, and one decode call for all blocks is
+            # cheaper than one per block. A decode error sends us to the exact path, which
+            # finds the bad block and keeps the events before it.
+            try:
+                text = region.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                return self._parse_text(text)
+        out: list[SSEEvent | SSEError] = []
+        for raw in region.split(b"\n\n"):
+            block = raw.strip(b"\n")
+            if len(block) > self._max:
+                out.append(self._fail("too_large", f"event exceeds {self._max} bytes"))
+                return out
+            try:
+                text = block.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                message = f"event is not valid UTF-8 at byte {exc.start}"
+                out.append(self._fail("undecodable", message))
+                return out
+            out.extend(self._parse_text(text))
+        return out
+
+    def _parse_text(self, text: str) -> list[SSEEvent | SSEError]:
+        """Run the WHATWG line rules over whole blocks; the last one's blank line is implied.
+
+        `data: `, `id: ` and `event: ` lines, what real servers send, are matched by prefix;
+        every other line takes the general path, written straight from the spec.
+        """
+        out: list[SSEEvent | SSEError] = []
+        append = out.append
+        last_id = self._last_event_id
+        data: str | None = None  # the data buffer without its final LF; None when empty
+        more: list[str] = []  # further data lines, joined only at dispatch (no quadratic +=)
+        event = ""
+        block_id: str | None = None
+        retry: int | None = None
+        for line in text.split("\n"):
+            if not line:  # blank line: dispatch
+                if data is not None:
+                    if more:
+                        data = "\n".join([data, *more])
+                        more.clear()
+                    append(SSEEvent(data, event or "message", block_id, last_id, retry))
+                    data = None
+                event = ""
+                block_id = retry = None
+            elif line[:6] == "data: ":
+                if data is None:
+                    data = line[6:]
+                else:
+                    more.append(line[6:])
+            elif line[:4] == "id: ":
+                if "\0" not in line:
+                    block_id = last_id = line[4:]
+            elif line[:7] == "event: ":
+                event = line[7:]
+            elif line[0] != ":":  # not a comment: the general field rules
+                name, _, value = line.partition(":")
+                if value[:1] == " ":
+                    value = value[1:]
+                if name == "data":
+                    if data is None:
+                        data = value
+                    else:
+                        more.append(value)
+                elif name == "id":
+                    if "\0" not in value:
+                        block_id = last_id = value
+                elif name == "event":
+                    event = value
+                elif name == "retry" and value.isascii() and value.isdigit():
+                    try:
+                        retry = int(value)
+                    except ValueError:  # more digits than int() accepts: ignore the field
+                        continue
+                    self._retry = retry
+        if data is not None:
+            if more:
+                data = "\n".join([data, *more])
+            append(SSEEvent(data, event or "message", block_id, last_id, retry))
+        self._last_event_id = last_id
+        return out
+
+
+def _check_field(name: str, value: str) -> None:
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"SSE {name} must not contain CR or LF: {value!r}")
+
+
+def encode_event(
+    *, data: str, id: str | None = None, event: str = "message", retry: int | None = None
+) -> bytes:
+    """Serialize one event with LF line endings, so that `SSEParser` reads it back unchanged.
+
+    Multi-line data becomes several `data:` lines; CR and CRLF in data become LF, the only
+    line break the wire can carry. `event:` is omitted for "message" (or ""), which a reader
+    assumes anyway. Raises ValueError for fields a reader could not get back intact.
+    """
+    lines: list[str] = []
+    if id is not None:
+        _check_field("id", id)
+        if "\0" in id:
+            raise ValueError("SSE id must not contain U+0000 (readers ignore such ids)")
+        lines.append(f"id: {id}\n")
+    if event and event != "message":
+        _check_field("event", event)
+        lines.append(f"event: {event}\n")
+    if retry is not None:
+        if retry < 0:
+            raise ValueError(f"SSE retry must not be negative: {retry}")
+        lines.append(f"retry: {retry:d}\n")
+    if "\r" in data:
+        data = data.replace("\r\n", "\n").replace("\r", "\n")
+    if "\n" in data:
+        lines.append("data: " + data.replace("\n", "\ndata: ") + "\n\n")
+    else:
+        lines.append(f"data: {data}\n\n")
+    return "".join(lines).encode("utf-8")
+
+
+def encode_comment(text: str) -> bytes:
+    """Serialize a comment line (e.g. a keep-alive); line breaks in `text` become spaces."""
+    text = text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+    return f": {text}\n\n".encode()

@@ -1,0 +1,211 @@
+"""Live streams and sessions: the asyncio state around the pure trackers.
+
+A `LiveStream` outlives the client connection that started it: its upstream pump keeps reading
+(and buffering) while the client is away, so a client that reconnects with `Last-Event-ID` gets
+what it missed even when the upstream keeps no event store. The janitor ends streams nobody came
+back for, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from multidict import CIMultiDict
+
+from sidecar.tracker import StreamId, StreamTracker, TrackerLimits, new_stream_id
+
+log = logging.getLogger("tether.sidecar.streams")
+
+
+class StreamKind(Enum):
+    POST = "post"
+    """The SSE response to one POST; complete once every request in it was answered."""
+    STANDALONE = "standalone"
+    """The GET stream of a Streamable HTTP session; open-ended."""
+    LEGACY = "legacy"
+    """A 2024-11-05 HTTP+SSE stream (`GET /sse`); the session lives as long as it does."""
+
+
+class Signal:
+    """Wakes every waiter on the next `notify()`; a waiter re-checks state before waiting."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        fut = self._future
+        if fut is not None:
+            self._future = None
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, patience: float | None = None) -> bool:
+        """Wait for the next notify, at most `patience` seconds; False if none came."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._future), patience)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass(eq=False)
+class LiveStream:
+    """One client-facing SSE stream and the upstream connection(s) feeding it."""
+
+    tracker: StreamTracker
+    kind: StreamKind
+    session_id: str | None
+    upstream_path: str
+    """Path and query the stream came from; reconnects GET this (Streamable HTTP: the endpoint)."""
+    upstream_headers: CIMultiDict[str]
+    """Request headers to reuse for reconnects (session, auth, protocol version)."""
+    response_headers: CIMultiDict[str]
+    """Headers for client responses of this stream (content type, session id...)."""
+    pending_request_ids: set[Any] = field(default_factory=set)
+    """JSON-RPC ids of a POST's requests not yet answered on this stream."""
+    expects_responses: bool = False
+    """The POST's request ids are known, so completion is "every id answered"."""
+    complete: bool = False
+    legacy_session: str | None = None
+    """The upstream's session name in a legacy `endpoint` URL, for log lines."""
+    signal: Signal = field(default_factory=Signal)
+    ended: bool = False
+    end_reason: str = ""
+    clients: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+    pump: asyncio.Task[None] | None = None
+
+    @property
+    def stream_id(self) -> StreamId:
+        return self.tracker.stream_id
+
+    def publish(self) -> None:
+        """New events are in the tracker: wake the client writers."""
+        self.signal.notify()
+
+    def end(self, reason: str) -> None:
+        """No more events will come; writers drain the buffer and close."""
+        if not self.ended:
+            self.ended = True
+            self.end_reason = reason
+            self.idle_since = time.monotonic()
+            self.signal.notify()
+
+    def attach(self) -> None:
+        self.clients += 1
+
+    def detach(self) -> None:
+        self.clients -= 1
+        if self.clients == 0:
+            self.idle_since = time.monotonic()
+
+
+@dataclass(eq=False)
+class Session:
+    """What the sidecar knows of one MCP session (client-facing id)."""
+
+    session_id: str
+    upstream_session_id: str
+    protocol_version: str | None = None
+    initialize_request: bytes | None = None
+    streams: dict[StreamId, LiveStream] = field(default_factory=dict)
+    standalone: StreamId | None = None
+    last_active: float = field(default_factory=time.monotonic)
+
+
+class Registry:
+    """All sessions and streams of this sidecar, with the janitor rules that bound them."""
+
+    def __init__(self, limits: TrackerLimits) -> None:
+        self.limits = limits
+        self.sessions: dict[str, Session] = {}
+        self.streams: dict[StreamId, LiveStream] = {}
+        self.on_stream_removed: Callable[[LiveStream], None] | None = None
+
+    def session(self, session_id: str) -> Session:
+        sess = self.sessions.get(session_id)
+        if sess is None:
+            sess = Session(session_id=session_id, upstream_session_id=session_id)
+            self.sessions[session_id] = sess
+        sess.last_active = time.monotonic()
+        return sess
+
+    def new_stream(
+        self,
+        *,
+        kind: StreamKind,
+        session_id: str | None,
+        upstream_path: str,
+        upstream_headers: CIMultiDict[str],
+        response_headers: CIMultiDict[str],
+    ) -> LiveStream:
+        stream_id = new_stream_id()
+        while stream_id in self.streams:
+            stream_id = new_stream_id()
+        stream = LiveStream(
+            tracker=StreamTracker(stream_id, limits=self.limits),
+            kind=kind,
+            session_id=session_id,
+            upstream_path=upstream_path,
+            upstream_headers=upstream_headers,
+            response_headers=response_headers,
+        )
+        self.streams[stream_id] = stream
+        if session_id is not None:
+            self.session(session_id).streams[stream_id] = stream
+        return stream
+
+    def remove_stream(self, stream: LiveStream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        if stream.session_id is not None:
+            sess = self.sessions.get(stream.session_id)
+            if sess is not None:
+                sess.streams.pop(stream.stream_id, None)
+                if sess.standalone == stream.stream_id:
+                    sess.standalone = None
+        if self.on_stream_removed is not None:
+            self.on_stream_removed(stream)
+
+    def drop_session(self, session_id: str) -> list[LiveStream]:
+        """Forget a session (DELETE or expiry); returns its streams so callers stop them."""
+        sess = self.sessions.pop(session_id, None)
+        if sess is None:
+            return []
+        streams = list(sess.streams.values())
+        for s in streams:
+            self.streams.pop(s.stream_id, None)
+        return streams
+
+    def sweep(
+        self, *, now: float, orphan_timeout: float, linger: float, session_idle: float
+    ) -> list[LiveStream]:
+        """Apply the bounds; returns live streams whose pumps the caller must stop."""
+        to_stop: list[LiveStream] = []
+        for stream in list(self.streams.values()):
+            if stream.clients:
+                continue
+            idle = now - stream.idle_since
+            if stream.ended and idle > linger:
+                self.remove_stream(stream)
+            elif not stream.ended and idle > orphan_timeout:
+                log.info(
+                    "stream %s: no client for %.0fs, closing its upstream",
+                    stream.stream_id,
+                    idle,
+                )
+                stream.end("no client came back")
+                to_stop.append(stream)
+        for sid, sess in list(self.sessions.items()):
+            if not sess.streams and now - sess.last_active > session_idle:
+                del self.sessions[sid]
+        return to_stop

@@ -1,0 +1,210 @@
+"""Per-stream event bookkeeping: client-facing ids, duplicate drops and the replay buffer.
+
+The sidecar, not the upstream, names the events a client sees. Invariants:
+1. A client-facing id is `<stream>.<epoch>.<seq>`: unique across the streams of a session
+   (stream ids are unique per session), it names its stream (so a `Last-Event-ID` alone says
+   which stream to resume) and it stays stable when the upstream restarts (the sequence is
+   ours). A new owner of the session continues with a higher epoch, so ids never collide.
+2. `seq` grows by one per delivered event and never goes backwards.
+3. An event whose upstream id is in the dedup window was delivered already and is dropped;
+   the window holds the last `dedup_window` upstream ids.
+4. `last_event_id` and `last_upstream_event_id` change only after dedup: they describe what
+   was delivered, and they are what the control plane persists.
+5. The replay buffer holds the newest delivered events within `replay_max_events` and
+   `replay_max_bytes`; an id index (seq -> upstream id) reaches further back so an older
+   resume can still be served through the upstream.
+
+Pure: fed parsed events, returns bytes to write; no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections import deque
+from dataclasses import dataclass
+from typing import NewType
+
+from sidecar.sse import SSEEvent, encode_event
+
+StreamId = NewType("StreamId", str)
+
+_STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def new_stream_id() -> StreamId:
+    """Mint an unguessable stream id (it appears in event ids that clients echo back)."""
+    return StreamId(secrets.token_hex(6))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class EventId:
+    """A client-facing event id; orders by (epoch, seq) within one stream."""
+
+    stream: StreamId
+    epoch: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.stream}.{self.epoch}.{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> EventId | None:
+        """Parse an id this sidecar minted; None for anything else (never raises)."""
+        parts = text.split(".")
+        if len(parts) != 3 or not _STREAM_ID.match(parts[0]):
+            return None
+        epoch, seq = parts[1], parts[2]
+        if not (epoch.isascii() and epoch.isdigit() and seq.isascii() and seq.isdigit()):
+            return None
+        if len(epoch) > 18 or len(seq) > 18:
+            return None
+        return cls(StreamId(parts[0]), int(epoch), int(seq))
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerLimits:
+    dedup_window: int = 1024
+    replay_max_events: int = 1024
+    replay_max_bytes: int = 4 << 20
+    index_max_events: int = 65536
+
+    def __post_init__(self) -> None:
+        if min(self.dedup_window, self.replay_max_events, self.replay_max_bytes) < 1:
+            raise ValueError("tracker limits must be positive")
+        if self.index_max_events < self.replay_max_events:
+            raise ValueError("index_max_events must be >= replay_max_events")
+
+
+class Gap:
+    """The requested position is older than the replay buffer."""
+
+    __slots__ = ("oldest_seq",)
+
+    def __init__(self, oldest_seq: int) -> None:
+        self.oldest_seq = oldest_seq
+
+
+class StreamTracker:
+    """The delivered history of one client-facing stream."""
+
+    __slots__ = (
+        "_buffer",
+        "_buffer_bytes",
+        "_buffer_head",
+        "_index",
+        "_index_head",
+        "_limits",
+        "_seen",
+        "_seen_order",
+        "duplicates",
+        "epoch",
+        "last_upstream_event_id",
+        "seq",
+        "stream_id",
+    )
+
+    def __init__(
+        self,
+        stream_id: StreamId,
+        *,
+        limits: TrackerLimits,
+        epoch: int = 1,
+        seq: int = 0,
+        last_upstream_event_id: str = "",
+    ) -> None:
+        self.stream_id = stream_id
+        self.epoch = epoch
+        self.seq = seq
+        self.last_upstream_event_id = last_upstream_event_id
+        self.duplicates = 0
+        self._limits = limits
+        self._seen: set[str] = set()
+        self._seen_order: deque[str] = deque()
+        # Replay buffer: payloads of seqs _buffer_head .. seq, oldest first.
+        self._buffer: list[bytes] = []
+        self._buffer_bytes = 0
+        self._buffer_head = seq + 1
+        # Upstream cursor after each seq, _index_head .. seq (reaches further than the buffer).
+        self._index: deque[str] = deque()
+        self._index_head = seq + 1
+
+    @property
+    def last_event_id(self) -> EventId | None:
+        return EventId(self.stream_id, self.epoch, self.seq) if self.seq else None
+
+    def event_id(self, seq: int) -> EventId:
+        return EventId(self.stream_id, self.epoch, seq)
+
+    def accept(self, event: SSEEvent) -> bytes | None:
+        """Record `event` and return its client-facing bytes, or None for a duplicate."""
+        upstream_id = event.id
+        if upstream_id:
+            if upstream_id in self._seen:
+                self.duplicates += 1
+                return None
+            self._seen.add(upstream_id)
+            self._seen_order.append(upstream_id)
+            if len(self._seen_order) > self._limits.dedup_window:
+                self._seen.discard(self._seen_order.popleft())
+        self.seq += 1
+        self.last_upstream_event_id = event.last_event_id
+        payload = encode_event(
+            data=event.data, id=f"{self.stream_id}.{self.epoch}.{self.seq}", event=event.event
+        )
+        self._remember(payload, event.last_event_id)
+        return payload
+
+    def priming_event(self) -> bytes:
+        """An empty event carrying the current id: lets a client resume before any event."""
+        return encode_event(data="", id=str(self.event_id(self.seq)))
+
+    def _remember(self, payload: bytes, upstream_cursor: str) -> None:
+        limits = self._limits
+        buffer = self._buffer
+        buffer.append(payload)
+        self._buffer_bytes += len(payload)
+        drop = max(0, len(buffer) - limits.replay_max_events)
+        freed = sum(len(p) for p in buffer[:drop])
+        while self._buffer_bytes - freed > limits.replay_max_bytes and drop < len(buffer):
+            freed += len(buffer[drop])
+            drop += 1
+        if drop:
+            del buffer[:drop]
+            self._buffer_bytes -= freed
+            self._buffer_head += drop
+        self._index.append(upstream_cursor)
+        if len(self._index) > limits.index_max_events:
+            self._index.popleft()
+            self._index_head += 1
+
+    def events_after(self, seq: int) -> list[bytes] | Gap:
+        """Payloads of every event after `seq` (possibly none), or a Gap if some were evicted."""
+        start = seq + 1
+        if start < self._buffer_head:
+            return Gap(self._buffer_head)
+        offset = start - self._buffer_head
+        if offset >= len(self._buffer):
+            return []
+        return self._buffer[offset:]
+
+    def upstream_cursor_at(self, seq: int) -> str | None:
+        """The upstream last-event-id right after event `seq`, if the index still reaches it.
+
+        `seq == 0` (nothing delivered) has no upstream cursor.
+        """
+        if seq < self._index_head or seq > self.seq:
+            return None
+        cursor = self._index[seq - self._index_head]
+        return cursor or None
+
+    def seq_for_upstream_id(self, upstream_id: str) -> int | None:
+        """Which delivered event carried `upstream_id`, if the index still reaches it."""
+        for i in range(len(self._index) - 1, -1, -1):
+            if self._index[i] == upstream_id:
+                return self._index_head + i
+        return None
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffer_bytes

@@ -1,0 +1,265 @@
+"""The bundled demo MCP server, as a real process, driven by the official SDK client.
+
+Also pins the facts the sidecar relies on: the event store's id format and replay through
+`Last-Event-ID`, the DNS-rebinding Host check and a clean exit on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import mcp_types
+import pytest
+from mcp import Client
+from mcp.client.sse import sse_client
+from mcp.server.streamable_http import EventMessage
+
+from tests.support.numbered_upstream import RawEvent, read_sse
+from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
+from tether.demo_server import MemoryEventStore
+
+pytestmark = pytest.mark.slow
+
+MODERN_HANDSHAKE = "2025-11-25"
+
+
+@pytest.fixture
+async def procs(tmp_path: Path) -> AsyncIterator[ProcessPool]:
+    async with ProcessPool(tmp_path) as pool:
+        yield pool
+
+
+async def start_demo(procs: ProcessPool, *flags: str) -> tuple[ManagedProcess, int]:
+    port = free_port()
+    argv = python_module("tether.demo_server", "--port", port, *flags)
+    return await procs.start(argv, name="demo_server", ready_port=port), port
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float | None, str | None]] = []
+
+    async def __call__(self, progress: float, total: float | None, message: str | None) -> None:
+        self.seen.append((progress, total, message))
+
+
+def text_of(result: mcp_types.CallToolResult) -> str:
+    assert not result.is_error, result
+    [content] = result.content
+    assert isinstance(content, mcp_types.TextContent)
+    return content.text
+
+
+# --- through the SDK client ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-event-store",)], ids=["event-store", "no-store"])
+async def test_count_reports_progress(procs: ProcessPool, flags: tuple[str, ...]) -> None:
+    _, port = await start_demo(procs, *flags)
+    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+        tools = await client.list_tools()
+        assert {"count", "echo", "add", "server_info"} <= {t.name for t in tools.tools}
+
+        progress = Progress()
+        result = await client.call_tool(
+            "count", {"n": 5, "interval_ms": 5}, progress_callback=progress
+        )
+        assert text_of(result) == "counted 5"
+        assert progress.seen == [(i, 5, f"tick {i}") for i in range(1, 6)]
+
+        assert text_of(await client.call_tool("echo", {"text": "héllo"})) == "héllo"
+
+
+async def test_legacy_sse_transport(procs: ProcessPool) -> None:
+    _, port = await start_demo(procs, "--transport", "sse")
+    # `sse_client` is an async context manager yielding (read, write) streams, which is what
+    # `Client` accepts as a Transport; the legacy transport only speaks the handshake era.
+    async with Client(sse_client(f"http://127.0.0.1:{port}/sse"), mode="legacy") as client:
+        progress = Progress()
+        result = await client.call_tool(
+            "count", {"n": 3, "interval_ms": 5}, progress_callback=progress
+        )
+        assert text_of(result) == "counted 3"
+        assert [p for p, _, _ in progress.seen] == [1, 2, 3]
+
+
+async def test_sigterm_exits_cleanly(procs: ProcessPool) -> None:
+    proc, port = await start_demo(procs)
+    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+        assert text_of(await client.call_tool("echo", {"text": "x"})) == "x"
+    assert await proc.stop() == 0
+    assert "demo MCP server ready on http://127.0.0.1:" in proc.log_tail()
+
+
+# --- on the wire -----------------------------------------------------------------------------
+
+
+def headers(session_id: str | None = None, host: str | None = None) -> dict[str, str]:
+    h = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": MODERN_HANDSHAKE,
+    }
+    if session_id:
+        h["Mcp-Session-Id"] = session_id
+    if host:
+        h["Host"] = host
+    return h
+
+
+def initialize_body() -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": MODERN_HANDSHAKE,
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "0"},
+        },
+    }
+
+
+async def open_session(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.post(url, json=initialize_body(), headers=headers()) as resp:
+        assert resp.status == 200, await resp.text()
+        session_id = resp.headers["Mcp-Session-Id"]
+        await resp.read()
+    note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    async with http.post(url, json=note, headers=headers(session_id)) as resp:
+        assert resp.status == 202
+    return session_id
+
+
+def progress_of(events: list[RawEvent]) -> list[int]:
+    return [
+        e.json()["params"]["progress"]
+        for e in events
+        if e.data and e.json().get("method") == "notifications/progress"
+    ]
+
+
+async def test_event_store_resumes_a_dropped_post_stream(procs: ProcessPool) -> None:
+    _, port = await start_demo(procs, "--retry-interval-ms", "500")
+    url = f"http://127.0.0.1:{port}/mcp"
+    call = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {
+            "name": "count",
+            "arguments": {"n": 6, "interval_ms": 30},
+            "_meta": {"progressToken": "tok"},
+        },
+    }
+    async with aiohttp.ClientSession() as http:
+        session_id = await open_session(http, url)
+        async with http.post(url, json=call, headers=headers(session_id)) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            first = await read_sse(resp, max_events=3)  # priming, then progress 1 and 2
+        priming = first[0]
+        assert priming.data == b""
+        assert priming.retry == 500
+        assert all(e.id is not None and re.fullmatch(r"7:\d+", e.id) for e in first)
+        assert progress_of(first) == [1, 2]
+
+        resume = {**headers(session_id), "Last-Event-ID": first[-1].id or ""}
+        async with http.get(url, headers=resume) as resp:
+            assert resp.status == 200
+            rest = [e for e in await read_sse(resp) if e.data]
+        assert progress_of(rest) == [3, 4, 5, 6]
+        final = rest[-1].json()
+        assert final["id"] == 7
+        assert final["result"]["content"][0]["text"] == "counted 6"
+
+
+@pytest.mark.parametrize(
+    ("flags", "host", "status"),
+    [
+        ((), "127.0.0.1:1", 200),  # a proxy keeps the upstream's host; any port is fine
+        ((), "localhost:8931", 200),
+        ((), "demo.tether.svc:8931", 421),
+        (("--allowed-host", "demo.tether.svc:*"), "demo.tether.svc:8931", 200),
+        (("--allowed-host", "*"), "anything.example", 200),
+    ],
+)
+async def test_dns_rebinding_host_check(
+    procs: ProcessPool, flags: tuple[str, ...], host: str, status: int
+) -> None:
+    _, port = await start_demo(procs, *flags)
+    url = f"http://127.0.0.1:{port}/mcp"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, json=initialize_body(), headers=headers(host=host)) as resp,
+    ):
+        assert resp.status == status, await resp.text()
+
+
+# --- the event store on its own --------------------------------------------------------------
+
+
+def note(k: int) -> mcp_types.JSONRPCNotification:
+    return mcp_types.JSONRPCNotification(jsonrpc="2.0", method="n", params={"k": k})
+
+
+class Replay:
+    def __init__(self) -> None:
+        self.sent: list[EventMessage] = []
+
+    async def __call__(self, event: EventMessage) -> None:
+        self.sent.append(event)
+
+    def ks(self) -> list[int]:
+        out = []
+        for e in self.sent:
+            assert isinstance(e.message, mcp_types.JSONRPCNotification)
+            assert e.message.params is not None
+            out.append(e.message.params["k"])
+        return out
+
+
+async def test_memory_event_store_replays_one_stream_after_an_id() -> None:
+    store = MemoryEventStore()
+    priming = await store.store_event("a", None)
+    ids = [await store.store_event("a", note(k)) for k in (1, 2, 3)]
+    await store.store_event("b", note(99))
+    assert priming == "a:1"
+    assert ids == ["a:2", "a:3", "a:4"]
+
+    replay = Replay()
+    assert await store.replay_events_after(priming, replay) == "a"
+    assert replay.ks() == [1, 2, 3]  # the priming event itself is never replayed
+    assert [e.event_id for e in replay.sent] == ids
+
+    replay = Replay()
+    assert await store.replay_events_after("a:3", replay) == "a"
+    assert replay.ks() == [3]
+
+
+async def test_memory_event_store_refuses_what_it_cannot_replay_completely() -> None:
+    store = MemoryEventStore(max_events=3)
+    await store.store_event("a", note(1))  # a:1, evicted below
+    await store.store_event("a", note(2))  # a:2, evicted below
+    for k in (3, 4, 5):
+        await store.store_event("a", note(k))
+    assert store.event_count == 3
+    for unknown in ("a:1", "nope:1", "a", "a:x", ""):
+        assert await store.replay_events_after(unknown, Replay()) is None, unknown
+    replay = Replay()
+    assert await store.replay_events_after("a:2", replay) == "a"  # nothing after a:2 was lost
+    assert replay.ks() == [3, 4, 5]
+
+
+async def test_memory_event_store_ids_survive_colons_in_stream_ids() -> None:
+    store = MemoryEventStore()
+    first = await store.store_event("x:y", note(1))
+    await store.store_event("x:y", note(2))
+    replay = Replay()
+    assert await store.replay_events_after(first, replay) == "x:y"
+    assert replay.ks() == [2]
+    assert json.loads(replay.sent[0].message.model_dump_json())["params"] == {"k": 2}

@@ -1,0 +1,416 @@
+"""The sidecar's data path against a real numbered upstream on loopback.
+
+Every test talks HTTP to a real sidecar on port 0 in front of a real aiohttp upstream; the
+resilience tests run the upstream as a separate process and SIGKILL it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import SidecarFactory, serve_app
+from tests.support.procs import ProcessPool, free_port, python_module
+from tests.support.sse_client import Received, collect, events
+
+MCP = "/mcp"
+HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "Content-Type": "application/json",
+    "MCP-Protocol-Version": "2025-11-25",
+}
+
+
+def count_call(n: int, *, interval_ms: int = 2, rid: int = 7) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": rid,
+        "method": "tools/call",
+        "params": {
+            "name": "count",
+            "arguments": {"n": n, "interval_ms": interval_ms},
+            "_meta": {"progressToken": "tok"},
+        },
+    }
+
+
+async def initialize(http: aiohttp.ClientSession, base: str) -> str:
+    body = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
+    }
+    async with http.post(base + MCP, json=body, headers=HEADERS) as resp:
+        assert resp.status == 200, await resp.text()
+        session_id = resp.headers["Mcp-Session-Id"]
+        await resp.read()
+    return session_id
+
+
+def progress_numbers(received: list[Received]) -> list[int]:
+    return [
+        int(e.json()["params"]["progress"])
+        for e in received
+        if e.json().get("method") == "notifications/progress"
+    ]
+
+
+def final_results(received: list[Received]) -> list[Any]:
+    return [e.json() for e in received if "result" in e.json() or "error" in e.json()]
+
+
+async def test_post_sse_stream_is_relayed_with_sidecar_ids(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async with numbered_upstream(interval_ms=1) as up:
+        sidecar = await sidecar_factory(up)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        async with http.post(
+            base + MCP, json=count_call(25), headers={**HEADERS, "Mcp-Session-Id": sid}
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            got = [e async for e in events(resp, include_priming=True)]
+    priming, rest = got[0], got[1:]
+    assert priming.data == ""
+    assert priming.id is not None
+    assert priming.id.endswith(".1.0")
+    assert progress_numbers(rest) == list(range(1, 26))
+    assert final_results(rest) == [
+        {"jsonrpc": "2.0", "id": 7, "result": {"content": [{"type": "text", "text": "counted 25"}]}}
+    ]
+    stream = priming.id.split(".")[0]
+    assert [e.id for e in rest] == [f"{stream}.1.{k}" for k in range(1, 27)]
+
+
+async def test_json_responses_headers_and_status_pass_through(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    from aiohttp import web
+
+    seen: dict[str, Any] = {}
+
+    async def echo(request: web.Request) -> web.Response:
+        seen["headers"] = dict(request.headers)
+        seen["path"] = request.path_qs
+        seen["body"] = await request.read()
+        return web.json_response(
+            {"ok": True},
+            status=418,
+            headers={"Mcp-Session-Id": "s1", "X-Upstream": "yes", "Connection": "close"},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    async with serve_app(app) as up:
+        sidecar = await sidecar_factory(up + "/base")
+        async with http.post(
+            f"http://127.0.0.1:{sidecar.port}/mcp/x?q=1",
+            data=b'{"jsonrpc":"2.0","method":"notifications/initialized"}',
+            headers={
+                "Authorization": "Bearer secret",
+                "Mcp-Session-Id": "s1",
+                "Content-Type": "application/json",
+                "Connection": "keep-alive, X-Hop",
+                "X-Hop": "must not pass",
+                "Keep-Alive": "timeout=5",
+            },
+        ) as resp:
+            assert resp.status == 418
+            assert resp.headers["X-Upstream"] == "yes"
+            assert resp.headers["Mcp-Session-Id"] == "s1"
+            assert await resp.json() == {"ok": True}
+    assert seen["path"] == "/base/mcp/x?q=1"
+    assert seen["body"] == b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
+    h = seen["headers"]
+    assert h["Authorization"] == "Bearer secret"
+    assert h["Mcp-Session-Id"] == "s1"
+    assert "X-Hop" not in h
+    assert "Keep-Alive" not in h
+    assert h["X-Forwarded-For"] == "127.0.0.1"
+    assert h["Host"] == up.removeprefix("http://")
+
+
+async def test_request_body_over_the_limit_is_refused(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async with numbered_upstream() as up:
+        sidecar = await sidecar_factory(up, max_request_body_bytes=4096)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        async with http.post(base + MCP, data=b"x" * 10_000, headers=HEADERS) as resp:
+            assert resp.status == 413
+            assert "exceeds 4096 bytes" in (await resp.json())["error"]["message"]
+
+        async def chunked() -> Any:
+            for _ in range(10):
+                yield b"y" * 1000
+
+        async with http.post(base + MCP, data=chunked(), headers=HEADERS) as resp:
+            assert resp.status == 413
+        # Still serving.
+        await initialize(http, base)
+
+
+async def test_unreachable_upstream_is_a_clear_502(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{free_port()}")
+    async with http.post(
+        f"http://127.0.0.1:{sidecar.port}/mcp", json={"jsonrpc": "2.0"}, headers=HEADERS
+    ) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"]["message"].startswith("tether: upstream unreachable")
+
+
+async def test_stateless_revision_passes_through_untouched(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    stateless = {**HEADERS, "MCP-Protocol-Version": "2026-07-28"}
+    async with numbered_upstream(interval_ms=1) as up:
+        async with http.post(up + MCP, json=count_call(5), headers=stateless) as resp:
+            direct = await resp.read()
+        sidecar = await sidecar_factory(up)
+        async with http.post(
+            f"http://127.0.0.1:{sidecar.port}{MCP}", json=count_call(5), headers=stateless
+        ) as resp:
+            assert "Mcp-Session-Id" not in resp.headers
+            proxied = await resp.read()
+    assert proxied == direct
+    assert b"count." in proxied  # the upstream's own ids, not the sidecar's
+    assert not sidecar.proxy.registry.streams
+
+
+async def test_client_resumes_with_last_event_id_from_the_replay_buffer(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """The upstream keeps no ids at all, yet the client misses nothing: the sidecar buffers."""
+    async with numbered_upstream(interval_ms=5, no_ids=True) as up:
+        sidecar = await sidecar_factory(up)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        async with http.post(base + MCP, json=count_call(60), headers=headers) as resp:
+            first = await collect(resp, limit=20)
+        # Client connection dropped after 20 events; the stream goes on upstream meanwhile.
+        last = first[-1].id
+        assert last is not None
+        await asyncio.sleep(0.05)
+        async with http.get(
+            base + MCP, headers={**headers, "Last-Event-ID": last, "Accept": "text/event-stream"}
+        ) as resp:
+            assert resp.status == 200
+            rest = await collect(resp)
+    got = first + rest
+    assert progress_numbers(got) == list(range(1, 61))
+    assert len(final_results(got)) == 1
+    ids = [e.id for e in got]
+    assert len(set(ids)) == len(ids)
+    assert sidecar.proxy.metrics.resumes._value.get() == 1
+
+
+async def test_resume_with_unknown_or_foreign_stream_is_refused(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async with numbered_upstream(interval_ms=1) as up:
+        sidecar = await sidecar_factory(up)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        get = {**HEADERS, "Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+        async with http.get(base + MCP, headers={**get, "Last-Event-ID": "nosuch.1.4"}) as resp:
+            assert resp.status == 410
+            assert "does not know" in (await resp.json())["error"]["message"]
+        async with http.post(
+            base + MCP, json=count_call(3), headers={**HEADERS, "Mcp-Session-Id": sid}
+        ) as resp:
+            got = await collect(resp)
+        assert got[0].id is not None
+        other = {**get, "Mcp-Session-Id": "someone-else", "Last-Event-ID": got[0].id}
+        async with http.get(base + MCP, headers=other) as resp:
+            assert resp.status == 404
+
+
+async def test_upstream_polling_close_is_followed_transparently(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """A 2025-11-25 server closes the stream every 7 events after a `retry:`; the client sees
+    one uninterrupted stream and nothing twice."""
+    async with numbered_upstream(interval_ms=1, poll_every=7, overlap=2) as up:
+        sidecar = await sidecar_factory(up)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        async with http.post(
+            base + MCP, json=count_call(40), headers={**HEADERS, "Mcp-Session-Id": sid}
+        ) as resp:
+            got = await collect(resp)
+    assert progress_numbers(got) == list(range(1, 41))
+    assert len(final_results(got)) == 1
+    assert sidecar.proxy.metrics.reconnects._value.get() >= 5
+    assert sidecar.proxy.metrics.duplicates._value.get() >= 10
+
+
+async def test_malformed_upstream_event_ends_stream_cleanly(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async with numbered_upstream(interval_ms=1, malformed=True) as up:
+        sidecar = await sidecar_factory(up)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        async with http.post(
+            base + MCP, json=count_call(10), headers={**HEADERS, "Mcp-Session-Id": sid}
+        ) as resp:
+            got = await collect(resp)
+        assert progress_numbers(got) == [1, 2, 3]
+        (err,) = final_results(got)
+        assert err["id"] == 7
+        assert "bad event" in err["error"]["message"]
+        # The sidecar keeps serving.
+        await initialize(http, base)
+
+
+async def test_oversized_upstream_event_ends_stream_cleanly(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async with numbered_upstream(interval_ms=1, oversized=200_000) as up:
+        sidecar = await sidecar_factory(up, max_event_bytes=64 * 1024)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        async with http.post(
+            base + MCP, json=count_call(10), headers={**HEADERS, "Mcp-Session-Id": sid}
+        ) as resp:
+            got = await collect(resp)
+    assert progress_numbers(got) == [1, 2]
+    (err,) = final_results(got)
+    assert "65536" in err["error"]["message"]
+
+
+async def test_slow_client_keeps_memory_bounded(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """A client that stops reading: the upstream is still drained into a bounded buffer and
+    other clients keep being served."""
+    async with numbered_upstream(interval_ms=0, oversized=2000) as up:
+        sidecar = await sidecar_factory(up, tracker=_limits(replay_max_bytes=256 * 1024))
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        body = json.dumps(count_call(3000, interval_ms=0)).encode()
+        head = (
+            f"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + "\r\n"
+        ).encode()
+        writer.write(head + body)
+        await writer.drain()
+        # Never read. Wait until the sidecar has pulled the whole upstream stream.
+        stream = None
+        for _ in range(500):
+            streams = list(sidecar.proxy.registry.streams.values())
+            if streams and streams[0].tracker.seq >= 3001:
+                stream = streams[0]
+                break
+            await asyncio.sleep(0.02)
+        assert stream is not None, "upstream was not drained while the client stalled"
+        assert stream.tracker.buffered_bytes <= 256 * 1024
+        # Another client is served meanwhile.
+        async with http.post(base + MCP, json=count_call(3, rid=8), headers=headers) as resp:
+            assert progress_numbers(await collect(resp)) == [1, 2, 3]
+        writer.transport.abort()
+        del reader
+
+
+def _limits(**kw: int) -> Any:
+    from sidecar.tracker import TrackerLimits
+
+    return TrackerLimits(**kw)
+
+
+@pytest.mark.parametrize("overlap", [0, 3])
+async def test_upstream_killed_mid_stream_and_restarted(
+    sidecar_factory: SidecarFactory, procs: ProcessPool, http: aiohttp.ClientSession, overlap: int
+) -> None:
+    """SIGKILL the upstream process mid-stream and restart it: the client's connection stays
+    open and it receives 1..N exactly once, in order."""
+    port = free_port()
+    argv = python_module(
+        "tests.support.numbered_upstream", "--port", port, "--overlap", overlap
+    )
+    upstream = await procs.start(argv, name="numbered", ready_port=port)
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{sidecar.port}"
+    sid = await initialize(http, base)
+    n = 120
+    got: list[Received] = []
+    async with http.post(
+        base + MCP, json=count_call(n, interval_ms=5), headers={**HEADERS, "Mcp-Session-Id": sid}
+    ) as resp:
+        async for ev in events(resp):
+            got.append(ev)
+            if len(got) == 40:
+                upstream.kill()
+                await upstream.wait_exit()
+                await upstream.start(ready_port=port)
+    assert progress_numbers(got) == list(range(1, n + 1))
+    assert len(final_results(got)) == 1
+    assert sidecar.proxy.metrics.reconnects._value.get() >= 1
+    if overlap:
+        assert sidecar.proxy.metrics.duplicates._value.get() >= 1
+
+
+async def test_upstream_without_ids_killed_gives_a_clear_end(
+    sidecar_factory: SidecarFactory, procs: ProcessPool, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    argv = python_module("tests.support.numbered_upstream", "--port", port, "--no-ids")
+    upstream = await procs.start(argv, name="numbered", ready_port=port)
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{sidecar.port}"
+    sid = await initialize(http, base)
+    got: list[Received] = []
+    async with http.post(
+        base + MCP, json=count_call(100, interval_ms=5), headers={**HEADERS, "Mcp-Session-Id": sid}
+    ) as resp:
+        async for ev in events(resp):
+            got.append(ev)
+            if len(got) == 10:
+                upstream.kill()
+    assert progress_numbers(got)[:10] == list(range(1, 11))
+    (err,) = final_results(got)
+    assert err["id"] == 7
+    assert "no event id" in err["error"]["message"]
+
+
+async def test_standalone_get_stream_survives_upstream_restart(
+    sidecar_factory: SidecarFactory, procs: ProcessPool, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    argv = python_module("tests.support.numbered_upstream", "--port", port, "--interval-ms", 5)
+    upstream = await procs.start(argv, name="numbered", ready_port=port)
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{sidecar.port}"
+    sid = await initialize(http, base)
+    got: list[Received] = []
+    async with http.get(
+        base + MCP, headers={**HEADERS, "Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+    ) as resp:
+        async for ev in events(resp):
+            got.append(ev)
+            if len(got) == 15:
+                upstream.kill()
+                await upstream.wait_exit()
+                await upstream.start(ready_port=port)
+            if len(got) == 40:
+                break
+    numbers = [e.json()["params"]["data"]["k"] for e in got]
+    assert numbers == list(range(1, 41))

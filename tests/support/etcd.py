@@ -1,0 +1,149 @@
+"""Real etcd members for tests: started on free loopback ports in a temporary directory.
+
+Never touches a system etcd (2379): every member gets ports picked by the kernel. Members
+use a short heartbeat so that leader elections and lease expiry take about a second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ETCD_BINARY = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+def etcd_available() -> bool:
+    return Path(ETCD_BINARY).is_file()
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def start(self, initial_cluster: str, *, state: str = "new") -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        client_url = f"http://127.0.0.1:{self.client_port}"
+        args = [
+            ETCD_BINARY,
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={self.peer_url}",
+            f"--initial-advertise-peer-urls={self.peer_url}",
+            f"--initial-cluster={initial_cluster}",
+            f"--initial-cluster-state={state}",
+            "--initial-cluster-token=tether-test",
+            "--heartbeat-interval=20",
+            "--election-timeout=200",
+            "--logger=zap",
+            "--log-level=warn",
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.client_port}/health", timeout=0.5
+            ) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class EtcdCluster:
+    members: list[EtcdMember]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    @property
+    def url(self) -> str:
+        """The store URL a control plane takes: `etcd://h1:p1,h2:p2`."""
+        return "etcd://" + ",".join(self.endpoints)
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        """Poll the members' /health until all answer (a readiness probe with a deadline)."""
+        deadline = time.monotonic() + timeout
+        pending = [m for m in self.members if m.process is not None]
+        while pending:
+            for m in pending:
+                if m.process is not None and m.process.poll() is not None:
+                    raise RuntimeError(
+                        f"etcd {m.name} exited: {m.log_path.read_text(errors='replace')[-2000:]}"
+                    )
+            pending = [m for m in pending if not m.healthy()]
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"etcd members not healthy: {[m.name for m in pending]}")
+            if pending:
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+
+def start_etcd(base_dir: Path, *, members: int = 1) -> EtcdCluster:
+    """Start an etcd cluster of `members` members under `base_dir`; wait until healthy."""
+    cluster = EtcdCluster(
+        [
+            EtcdMember(
+                name=f"m{i}",
+                client_port=free_port(),
+                peer_port=free_port(),
+                data_dir=base_dir / f"m{i}.etcd",
+                log_path=base_dir / f"m{i}.log",
+            )
+            for i in range(members)
+        ]
+    )
+    initial = ",".join(f"{m.name}={m.peer_url}" for m in cluster.members)
+    try:
+        for m in cluster.members:
+            m.start(initial)
+        cluster.wait_healthy()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

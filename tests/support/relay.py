@@ -1,0 +1,63 @@
+"""A loopback TCP relay whose live connections can be cut: a network blip on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from tether.tasks import cancel_and_wait, spawn
+
+
+class Relay:
+    """Forwards 127.0.0.1:<port> to a target; `cut()` drops every open connection at once."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Relay:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+        await cancel_and_wait(*self._tasks)
+        await self._server.wait_closed()
+
+    def cut(self) -> None:
+        """Abort every open connection (both directions), like a dropped network path."""
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        a = spawn(self._pipe(reader, up_writer), name="relay-up")
+        b = spawn(self._pipe(up_reader, writer), name="relay-down")
+        self._tasks.update((a, b))
+        await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
+        for w in (writer, up_writer):
+            w.transport.abort()
+            self._writers.discard(w)
+        await cancel_and_wait(a, b)
+        self._tasks.difference_update((a, b))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()

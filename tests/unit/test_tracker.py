@@ -1,0 +1,150 @@
+"""The event tracker: client-facing ids, dedup window, replay buffer bounds, id index."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.sse import SSEEvent, SSEParser
+from sidecar.tracker import EventId, Gap, StreamId, StreamTracker, TrackerLimits
+
+S = StreamId("abc")
+
+
+def ev(n: int | None, data: str | None = None) -> SSEEvent:
+    uid = None if n is None else f"u{n}"
+    return SSEEvent(data=data or f"payload {n}", id=uid, last_event_id=uid or "")
+
+
+def parse_all(payloads: list[bytes]) -> list[SSEEvent]:
+    p = SSEParser()
+    return [e for e in p.feed(b"".join(payloads)) if isinstance(e, SSEEvent)]
+
+
+def tracker(**kw: int) -> StreamTracker:
+    return StreamTracker(S, limits=TrackerLimits(**kw))
+
+
+def test_event_ids_roundtrip_and_order() -> None:
+    a = EventId(S, 1, 9)
+    assert str(a) == "abc.1.9"
+    assert EventId.parse("abc.1.9") == a
+    assert EventId(S, 1, 10) > a
+    assert EventId(S, 2, 1) > EventId(S, 1, 999)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "abc", "abc.1", "abc.1.x", "abc.-1.2", "a/b.1.2", "abc.1.2.3", "2:3", "abc.1.²", "x" * 70],
+)
+def test_foreign_ids_do_not_parse(text: str) -> None:
+    assert EventId.parse(text) is None
+
+
+def test_accept_assigns_sequence_and_rewrites_ids() -> None:
+    t = tracker()
+    out = [t.accept(ev(n)) for n in (1, 2, 3)]
+    assert all(o is not None for o in out)
+    parsed = parse_all([o for o in out if o is not None])
+    assert [e.id for e in parsed] == ["abc.1.1", "abc.1.2", "abc.1.3"]
+    assert [e.data for e in parsed] == ["payload 1", "payload 2", "payload 3"]
+    assert t.last_event_id == EventId(S, 1, 3)
+    assert t.last_upstream_event_id == "u3"
+
+
+def test_duplicates_by_upstream_id_are_dropped_and_do_not_move_the_record() -> None:
+    t = tracker()
+    t.accept(ev(1))
+    t.accept(ev(2))
+    assert t.accept(ev(1)) is None
+    assert t.accept(ev(2)) is None
+    assert t.duplicates == 2
+    assert t.seq == 2
+    assert t.last_upstream_event_id == "u2"
+
+
+def test_events_without_upstream_id_are_never_deduplicated() -> None:
+    t = tracker()
+    assert t.accept(ev(None, "x")) is not None
+    assert t.accept(ev(None, "x")) is not None
+    assert t.seq == 2
+
+
+def test_dedup_window_is_bounded() -> None:
+    t = tracker(dedup_window=3)
+    for n in range(1, 6):
+        t.accept(ev(n))
+    assert t.accept(ev(5)) is None  # still in the window
+    assert t.accept(ev(1)) is not None  # fell out of the window: delivered again
+
+
+def test_replay_after_any_position() -> None:
+    t = tracker()
+    payloads = [t.accept(ev(n)) for n in range(1, 6)]
+    assert t.events_after(0) == payloads
+    assert t.events_after(3) == payloads[3:]
+    assert t.events_after(5) == []
+
+
+def test_replay_buffer_bounded_in_events() -> None:
+    t = tracker(replay_max_events=3)
+    payloads = [t.accept(ev(n)) for n in range(1, 11)]
+    assert t.events_after(7) == payloads[7:]
+    gap = t.events_after(6)
+    assert isinstance(gap, Gap)
+    assert gap.oldest_seq == 8
+
+
+def test_replay_buffer_bounded_in_bytes() -> None:
+    t = tracker(replay_max_bytes=1000)
+    for n in range(1, 101):
+        t.accept(ev(n, "x" * 200))
+    assert t.buffered_bytes <= 1000
+    kept = t.events_after(t.seq - 3)
+    assert isinstance(kept, list)
+    assert len(kept) == 3
+    assert isinstance(t.events_after(0), Gap)
+
+
+def test_id_index_reaches_past_the_buffer() -> None:
+    t = tracker(replay_max_events=2, index_max_events=5)
+    for n in range(1, 9):
+        t.accept(ev(n))
+    assert t.upstream_cursor_at(8) == "u8"
+    assert t.upstream_cursor_at(4) == "u4"
+    assert t.upstream_cursor_at(3) is None  # beyond the index
+    assert t.upstream_cursor_at(0) is None
+    assert t.seq_for_upstream_id("u6") == 6
+    assert t.seq_for_upstream_id("u1") is None
+
+
+def test_priming_event_names_the_current_position() -> None:
+    t = tracker()
+    (primed,) = parse_all([t.priming_event()])
+    assert primed.id == "abc.1.0"
+    assert primed.data == ""
+    t.accept(ev(1))
+    (primed,) = parse_all([t.priming_event()])
+    assert primed.id == "abc.1.1"
+
+
+def test_resumed_tracker_continues_sequence_in_a_new_epoch() -> None:
+    t = StreamTracker(S, limits=TrackerLimits(), epoch=2, seq=41, last_upstream_event_id="u41")
+    out = t.accept(ev(42))
+    assert out is not None
+    (parsed,) = parse_all([out])
+    assert parsed.id == "abc.2.42"
+    assert isinstance(t.events_after(40), Gap)
+    assert t.events_after(41) == [out]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"dedup_window": 0},
+        {"replay_max_bytes": 0},
+        {"replay_max_events": 10, "index_max_events": 5},
+    ],
+)
+def test_bad_limits_rejected(kw: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        TrackerLimits(**kw)
