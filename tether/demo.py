@@ -1,16 +1,164 @@
-"""`tether demo`: an example MCP server, a sidecar and a control plane on one machine."""
+"""`tether demo`: the example MCP server, a sidecar and a control plane on one machine.
+
+The MCP server runs as a child process and is restarted whenever it dies, so a user can
+`kill -9` it mid-stream and watch the client carry on. Everything stops on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
 from typing import Any
+
+from sidecar.app import start_sidecar
+from sidecar.config import SidecarConfig
+from tether.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("tether.demo")
+
+
+class Supervised:
+    """A child process restarted (with a short pause) whenever it exits on its own."""
+
+    def __init__(self, argv: list[str], port: int) -> None:
+        self.argv = argv
+        self.port = port
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            self.proc = await asyncio.create_subprocess_exec(*self.argv)
+            await _wait_port(self.port, self.proc)
+            self.started.set()
+            code = await self.proc.wait()
+            if self._stopping.is_set():
+                return
+            log.warning("MCP server (pid %d) exited with %d; restarting it", self.proc.pid, code)
+            self.started.clear()
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _wait_port(port: int, proc: asyncio.subprocess.Process, patience: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while loop.time() < deadline and proc.returncode is None:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise RuntimeError(f"MCP server did not start listening on port {port}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    host = args.host
+    mcp_port = args.mcp_port or _free_port()
+    server = Supervised(
+        [
+            sys.executable,
+            "-m",
+            "tether.demo_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mcp_port),
+            "--log-level",
+            "WARNING",
+        ],
+        mcp_port,
+    )
+    supervisor = spawn(server.run(), name="demo-mcp-server")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sidecar = None
+    try:
+        started = spawn(server.started.wait(), name="demo-wait-server")
+        await asyncio.wait([started, supervisor], return_when=asyncio.FIRST_COMPLETED)
+        if supervisor.done():
+            await supervisor  # re-raises why the server could not start
+        sidecar = await start_sidecar(
+            SidecarConfig(
+                listen_host=host,
+                listen_port=args.port,
+                upstream=f"http://127.0.0.1:{mcp_port}",
+                admin_host=host,
+                admin_port=args.admin_port,
+            )
+        )
+        url = f"http://{host}:{sidecar.port}/mcp"
+        pid = server.proc.pid if server.proc else "?"
+        print(
+            f"""
+Tether demo is running.
+
+  MCP endpoint, through the sidecar:  {url}
+  Sidecar health and metrics:         http://{host}:{sidecar.admin_port}/metrics
+  Example MCP server, direct:         http://127.0.0.1:{mcp_port}/mcp   (pid {pid})
+
+Try it:
+  python -m tether.demo_client {url} --n 50
+      calls the `count` tool, which streams one progress notification every 200 ms.
+  Point any MCP client at {url}
+      (Streamable HTTP; the server has tools count, echo, add, server_info).
+  kill -9 {pid}
+      kills the MCP server; the demo restarts it.
+
+Ctrl-C stops everything.
+""",
+            flush=True,
+        )
+        await stop.wait()
+        print("stopping...", flush=True)
+    finally:
+        if sidecar is not None:
+            await sidecar.stop()
+        await server.stop()
+        await cancel_and_wait(supervisor)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    print("tether demo: not available in this build yet")
-    return 2
+    try:
+        return asyncio.run(run_demo(args))
+    except OSError as exc:
+        print(f"tether demo: {exc}", file=sys.stderr)
+        return 1
 
 
 def add_demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run everything on this machine with the bundled MCP server")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8930, help="sidecar port (default 8930; 0 = any)")
+    p.add_argument("--admin-port", type=int, default=8932, help="sidecar admin port (default 8932)")
+    p.add_argument("--mcp-port", type=int, default=8931, help="example MCP server port (0 = any)")
     p.set_defaults(run=_run)

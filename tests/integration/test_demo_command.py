@@ -1,0 +1,90 @@
+"""`tether demo` as a user runs it: start, follow the banner, use it, Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+
+import pytest
+from mcp import Client
+
+pytestmark = pytest.mark.slow
+
+
+async def read_banner(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(30):
+        while True:
+            raw = await proc.stdout.readline()
+            assert raw, "tether demo exited before printing its banner:\n" + "".join(lines)
+            lines.append(raw.decode())
+            if "Ctrl-C stops everything." in lines[-1]:
+                return "".join(lines)
+
+
+async def test_demo_runs_serves_survives_a_server_kill_and_stops_on_ctrl_c() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tether.cli",
+        "demo",
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
+        "--mcp-port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        banner = await read_banner(proc)
+        url_match = re.search(r"through the sidecar:\s+(\S+)", banner)
+        pid_match = re.search(r"kill -9 (\d+)", banner)
+        assert url_match is not None
+        assert pid_match is not None
+        url, server_pid = url_match.group(1), int(pid_match.group(1))
+        port_match = re.search(r"MCP server, direct:\s+http://127.0.0.1:(\d+)/mcp", banner)
+        assert port_match is not None
+        server_port = int(port_match.group(1))
+        assert f"python -m tether.demo_client {url}" in banner
+
+        got: list[float] = []
+
+        async def on_progress(p: float, total: float | None, message: str | None) -> None:
+            got.append(p)
+
+        async with Client(url, mode="legacy") as client:
+            result = await client.call_tool(
+                "count", {"n": 5, "interval_ms": 10}, progress_callback=on_progress
+            )
+        assert not result.is_error
+        assert got == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+        # Killing the example server: the demo restarts it and keeps serving.
+        os.kill(server_pid, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    async with Client(url, mode="legacy") as client:
+                        tools = await client.list_tools()
+                    break
+                except Exception:  # not up again yet
+                    await asyncio.sleep(0.2)
+        assert "count" in {t.name for t in tools.tools}
+
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            code = await proc.wait()
+        assert code == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    # The restarted server went down with the demo: nothing listens on its port any more.
+    with pytest.raises(OSError):
+        _, writer = await asyncio.open_connection("127.0.0.1", server_port)
+        writer.close()
