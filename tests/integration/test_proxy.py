@@ -343,9 +343,7 @@ async def test_upstream_killed_mid_stream_and_restarted(
     """SIGKILL the upstream process mid-stream and restart it: the client's connection stays
     open and it receives 1..N exactly once, in order."""
     port = free_port()
-    argv = python_module(
-        "tests.support.numbered_upstream", "--port", port, "--overlap", overlap
-    )
+    argv = python_module("tests.support.numbered_upstream", "--port", port, "--overlap", overlap)
     upstream = await procs.start(argv, name="numbered", ready_port=port)
     sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
     base = f"http://127.0.0.1:{sidecar.port}"

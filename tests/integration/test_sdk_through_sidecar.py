@@ -96,7 +96,9 @@ async def test_legacy_sse_transport_through_sidecar(
     progress = Progress()
     url = f"http://127.0.0.1:{sidecar.port}/sse"
     async with Client(sse_client(url), mode="legacy") as client:
-        result = await client.call_tool("count", {"n": 8, "interval_ms": 5}, progress_callback=progress)
+        result = await client.call_tool(
+            "count", {"n": 8, "interval_ms": 5}, progress_callback=progress
+        )
         assert text_of(result) == "counted 8"
         assert text_of(await client.call_tool("echo", {"text": "x"})) == "x"
     assert progress.seen == [float(i) for i in range(1, 9)]
