@@ -31,7 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.config import SidecarConfig
 from sidecar.metrics import Metrics
 from sidecar.reconnect import GiveUp, Outcome, ReconnectPolicy
-from sidecar.sse import SSEError, SSEEvent, SSEParser, encode_comment
+from sidecar.sse import SSEError, SSEEvent, SSEParser, encode_comment, encode_event
 from sidecar.streams import LiveStream, Registry, StreamKind
 from sidecar.tracker import EventId, Gap
 from tether.tasks import cancel_and_wait, spawn
@@ -396,9 +396,18 @@ class Proxy:
         return await self._write_stream(request, stream, after_seq=0, priming=priming)
 
     async def _write_stream(
-        self, request: web.Request, stream: LiveStream, *, after_seq: int, priming: bool
+        self,
+        request: web.Request,
+        stream: LiveStream,
+        *,
+        after_seq: int,
+        priming: bool,
+        catch_up_cursor: str | None = None,
     ) -> web.StreamResponse:
-        """Write the stream's events after `after_seq` to the client, then live ones."""
+        """Write the stream's events after `after_seq` to the client, then live ones.
+
+        With `catch_up_cursor`, the events between `after_seq` and the replay buffer are
+        first fetched again from the upstream (which resumes after that cursor)."""
         out = web.StreamResponse(status=200, headers=stream.response_headers)
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"
@@ -410,6 +419,13 @@ class Proxy:
             await out.prepare(request)
             if priming:
                 await out.write(tracker.priming_event())
+            if catch_up_cursor is not None:
+                caught_up = await self._catch_up(out, stream, position, catch_up_cursor)
+                if caught_up is None:
+                    await out.write(encode_comment("tether: could not replay older events"))
+                    await out.write_eof()
+                    return out
+                position = caught_up
             while True:
                 got = tracker.events_after(position)
                 if isinstance(got, Gap):
@@ -444,6 +460,70 @@ class Proxy:
             stream.detach()
         return out
 
+    async def _catch_up(
+        self, out: web.StreamResponse, stream: LiveStream, after_seq: int, cursor: str
+    ) -> int | None:
+        """Re-fetch events older than the replay buffer from the upstream and write them with
+        their original client-facing ids; returns the seq where the buffer takes over, or None
+        if the upstream could not supply them."""
+        tracker = stream.tracker
+        headers = CIMultiDict(stream.upstream_headers)
+        headers[LAST_EVENT_ID] = cursor
+        try:
+            resp = await self.client.get(
+                self._base + stream.upstream_path, headers=headers, allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("stream %s: catch-up request failed: %s", stream.stream_id, exc)
+            return None
+        position = after_seq
+        try:
+            if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith(SSE_TYPE):
+                log.warning("stream %s: catch-up answered %d", stream.stream_id, resp.status)
+                return None
+            parser = SSEParser(max_event_bytes=self.config.max_event_bytes)
+            async for chunk in resp.content.iter_any():
+                batch: list[bytes] = []
+                for item in parser.feed(chunk):
+                    if isinstance(item, SSEError):
+                        log.warning("stream %s: catch-up: %s", stream.stream_id, item.message)
+                        return None
+                    if not item.data:
+                        continue
+                    if not item.id:
+                        log.warning("stream %s: catch-up event has no id", stream.stream_id)
+                        return None
+                    # Usually the next seq; otherwise look the upstream id up in the index.
+                    seq: int | None = position + 1
+                    if tracker.upstream_cursor_at(position + 1) != item.id:
+                        seq = tracker.seq_for_upstream_id(item.id)
+                    if seq is None:
+                        log.warning(
+                            "stream %s: catch-up event %s is not in the id index",
+                            stream.stream_id,
+                            item.id,
+                        )
+                        return None
+                    if seq <= position:
+                        continue  # the upstream re-sent something the client has
+                    batch.append(
+                        encode_event(
+                            data=item.data, id=str(tracker.event_id(seq)), event=item.event
+                        )
+                    )
+                    position = seq
+                    if not isinstance(tracker.events_after(position), Gap):
+                        break
+                if batch:
+                    async with asyncio.timeout(self.config.client_write_timeout):
+                        await out.write(b"".join(batch))
+                    self.metrics.events_out.inc(len(batch))
+                if not isinstance(tracker.events_after(position), Gap):
+                    return position
+            return None
+        finally:
+            resp.release()
+
     # -- resume --------------------------------------------------------------------------
 
     async def _resume(self, request: web.Request, event_id: EventId) -> web.StreamResponse:
@@ -462,21 +542,32 @@ class Proxy:
         if event_id.epoch != tracker.epoch or event_id.seq > tracker.seq:
             self.metrics.resume_failures.inc()
             return error_response(410, f"event id {event_id} is not one this stream delivered")
+        catch_up_cursor: str | None = None
         if isinstance(tracker.events_after(event_id.seq), Gap):
-            log.warning(
-                "resume of %s refused: older than the replay buffer and the upstream", event_id
-            )
-            self.metrics.resume_failures.inc()
-            return error_response(
-                410, f"event id {event_id} is older than the replay buffer; start a new stream"
-            )
+            catch_up_cursor = tracker.upstream_cursor_at(event_id.seq)
+            if catch_up_cursor is None:
+                log.warning(
+                    "resume of %s refused: older than the replay buffer, and the upstream"
+                    " cannot replay it",
+                    event_id,
+                )
+                self.metrics.resume_failures.inc()
+                return error_response(
+                    410, f"event id {event_id} is older than the replay buffer; start a new stream"
+                )
         self.metrics.resumes.inc()
         if stream.ended and not stream.complete and (stream.pump is None or stream.pump.done()):
             # The pump gave up earlier (e.g. a long outage): a client is back, try again.
             stream.ended = False
             stream.end_reason = ""
             stream.pump = spawn(self._pump(stream, None), name=f"pump-{stream.stream_id}")
-        return await self._write_stream(request, stream, after_seq=event_id.seq, priming=False)
+        return await self._write_stream(
+            request,
+            stream,
+            after_seq=event_id.seq,
+            priming=False,
+            catch_up_cursor=catch_up_cursor,
+        )
 
     async def _forget_session(self, session_id: str) -> None:
         streams = self.registry.drop_session(session_id)

@@ -412,3 +412,60 @@ async def test_standalone_get_stream_survives_upstream_restart(
                 break
     numbers = [e.json()["params"]["data"]["k"] for e in got]
     assert numbers == list(range(1, 41))
+
+
+async def _stream_of_60_with_client_gone_after_3(
+    sidecar_factory: SidecarFactory, up: str, http: aiohttp.ClientSession
+) -> tuple[str, dict[str, str], list[Received], Any]:
+    sidecar = await sidecar_factory(up, tracker=_limits(replay_max_events=5))
+    base = f"http://127.0.0.1:{sidecar.port}"
+    sid = await initialize(http, base)
+    headers = {**HEADERS, "Mcp-Session-Id": sid}
+    async with http.post(base + MCP, json=count_call(60, interval_ms=1), headers=headers) as resp:
+        first = await collect(resp, limit=3)
+    async with asyncio.timeout(10):
+        while not all(s.ended for s in sidecar.proxy.registry.streams.values()):
+            await asyncio.sleep(0.01)
+    return base, headers, first, sidecar
+
+
+async def test_resume_older_than_buffer_is_served_through_the_upstream(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """The buffer holds only the last 5 events; a client back from event 3 gets 4..60 from
+    the upstream (re-labelled with the ids it would have had), then the buffer."""
+    async with numbered_upstream(interval_ms=1, overlap=2) as up:
+        base, headers, first, _ = await _stream_of_60_with_client_gone_after_3(
+            sidecar_factory, up, http
+        )
+        last = first[-1].id
+        assert last is not None
+        async with http.get(
+            base + MCP, headers={**headers, "Last-Event-ID": last, "Accept": SSE}
+        ) as resp:
+            assert resp.status == 200
+            rest = await collect(resp)
+    got = first + rest
+    assert progress_numbers(got) == list(range(1, 61))
+    assert len(final_results(got)) == 1
+    stream = last.split(".")[0]
+    assert [e.id for e in got] == [f"{stream}.1.{k}" for k in range(1, 62)]
+
+
+async def test_resume_older_than_buffer_without_upstream_ids_is_a_clear_410(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async with numbered_upstream(interval_ms=1, no_ids=True) as up:
+        base, headers, first, _ = await _stream_of_60_with_client_gone_after_3(
+            sidecar_factory, up, http
+        )
+        last = first[-1].id
+        assert last is not None
+        async with http.get(
+            base + MCP, headers={**headers, "Last-Event-ID": last, "Accept": SSE}
+        ) as resp:
+            assert resp.status == 410
+            assert "older than the replay buffer" in (await resp.json())["error"]["message"]
+
+
+SSE = "text/event-stream"
