@@ -65,7 +65,7 @@ class RunningSidecar:
 
     async def stop(self) -> None:
         self.ready.clear()
-        for runner in self._runners:
+        for runner in reversed(self._runners):
             await runner.cleanup()
         await self.proxy.stop()
 
@@ -85,13 +85,8 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     ready = asyncio.Event()
     runners: list[web.AppRunner] = []
     try:
-        # handler_cancellation: a client that disconnects cancels its handler at once, so an
-        # idle stream notices and its upstream pump starts the orphan clock.
-        runner = web.AppRunner(build_proxy_app(proxy), handler_cancellation=True, access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, config.listen_host, config.listen_port).start()
-        port = _bound_port(runner)
+        # The admin port comes up first: liveness answers at once, readiness once the
+        # proxied port is bound.
         admin_port: int | None = None
         if config.admin_host is not None and config.admin_port is not None:
             admin = web.AppRunner(build_admin_app(proxy, ready), access_log=None)
@@ -99,6 +94,13 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
             runners.append(admin)
             await web.TCPSite(admin, config.admin_host, config.admin_port).start()
             admin_port = _bound_port(admin)
+        # handler_cancellation: a client that disconnects cancels its handler at once, so an
+        # idle stream notices and its upstream pump starts the orphan clock.
+        runner = web.AppRunner(build_proxy_app(proxy), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+        port = _bound_port(runner)
     except BaseException:
         for r in runners:
             await r.cleanup()
