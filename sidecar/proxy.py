@@ -560,6 +560,7 @@ class Proxy:
             # The pump gave up earlier (e.g. a long outage): a client is back, try again.
             stream.ended = False
             stream.end_reason = ""
+            stream.finished.clear()
             stream.pump = spawn(self._pump(stream, None), name=f"pump-{stream.stream_id}")
         return await self._write_stream(
             request,

@@ -9,9 +9,10 @@ Invariants the parser keeps:
 1. Line endings are normalized per chunk with `bytes.replace`: CRLF and lone CR become LF. A CR
    that ends a chunk ends its line at once (a live stream may pause right there); a LF that
    starts the next chunk is then dropped, because it was the second half of a CRLF.
-2. After normalization an event block is whatever lies between two `\\n\\n`. Only complete
-   blocks are parsed; the unterminated tail waits in `_parts` and never contains `\\n\\n`,
-   never starts with LF and ends with at most one LF.
+2. After normalization an event block ends at `\\n\\n`. Each chunk is cut once, after its
+   last complete block, and everything before the cut is decoded and parsed in one pass;
+   the unterminated tail waits in `_parts` and never contains `\\n\\n`, never starts with
+   LF and ends with at most one LF.
 3. One leading UTF-8 BOM is removed at stream start, even when split across chunks; a BOM
    anywhere else is data.
 4. Blocks are decoded as strict UTF-8. LF and CR never occur inside a multi-byte UTF-8
@@ -237,7 +238,7 @@ class SSEParser:
         return error
 
     def _parse_blocks(self, region: bytes) -> list[SSEEvent | SSEError]:
-        """Parse complete blocks: `region` ends where the last block's blank line begins."""
+        """Parse complete blocks: `region` stops just before the `\\n\\n` ending the last one."""
         if len(region) <= self._max:
             # Fast path: no block can be too large, and one decode call for all blocks is
             # cheaper than one per block. A decode error sends us to the exact path, which

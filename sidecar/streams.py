@@ -79,6 +79,8 @@ class LiveStream:
     legacy_session: str | None = None
     """The upstream's session name in a legacy `endpoint` URL, for log lines."""
     signal: Signal = field(default_factory=Signal)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the stream ends; cleared if a returning client revives it."""
     ended: bool = False
     end_reason: str = ""
     clients: int = 0
@@ -99,6 +101,7 @@ class LiveStream:
             self.ended = True
             self.end_reason = reason
             self.idle_since = time.monotonic()
+            self.finished.set()
             self.signal.notify()
 
     def attach(self) -> None:

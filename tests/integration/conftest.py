@@ -77,7 +77,7 @@ async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
 
 
 @pytest.fixture
-async def numbered_upstream() -> AsyncIterator[Callable[..., Any]]:
+def numbered_upstream() -> Callable[..., Any]:
     """In-process numbered upstream: `async with numbered_upstream(**flags) as url`."""
 
     @asynccontextmanager
@@ -85,7 +85,7 @@ async def numbered_upstream() -> AsyncIterator[Callable[..., Any]]:
         async with serve_app(make_app(**flags)) as url:
             yield url
 
-    yield start
+    return start
 
 
 @pytest.fixture

@@ -54,8 +54,8 @@ async def test_demo_runs_serves_survives_a_server_kill_and_stops_on_ctrl_c() -> 
 
         got: list[float] = []
 
-        async def on_progress(p: float, total: float | None, message: str | None) -> None:
-            got.append(p)
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            got.append(progress)
 
         async with Client(url, mode="legacy") as client:
             result = await client.call_tool(

@@ -313,15 +313,14 @@ async def test_slow_client_keeps_memory_bounded(
         ).encode()
         writer.write(head + body)
         await writer.drain()
-        # Never read. Wait until the sidecar has pulled the whole upstream stream.
-        stream = None
-        for _ in range(500):
-            streams = list(sidecar.proxy.registry.streams.values())
-            if streams and streams[0].tracker.seq >= 3001:
-                stream = streams[0]
-                break
-            await asyncio.sleep(0.02)
-        assert stream is not None, "upstream was not drained while the client stalled"
+        # Never read. The sidecar still pulls the whole upstream stream.
+        async with asyncio.timeout(20):
+            # A condition polled under a deadline: nothing signals "the request arrived".
+            while not sidecar.proxy.registry.streams:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            (stream,) = sidecar.proxy.registry.streams.values()
+            await stream.finished.wait()
+        assert stream.tracker.seq == 3001
         assert stream.tracker.buffered_bytes <= 256 * 1024
         # Another client is served meanwhile.
         async with http.post(base + MCP, json=count_call(3, rid=8), headers=headers) as resp:
@@ -424,8 +423,8 @@ async def _stream_of_60_with_client_gone_after_3(
     async with http.post(base + MCP, json=count_call(60, interval_ms=1), headers=headers) as resp:
         first = await collect(resp, limit=3)
     async with asyncio.timeout(10):
-        while not all(s.ended for s in sidecar.proxy.registry.streams.values()):
-            await asyncio.sleep(0.01)
+        for stream in list(sidecar.proxy.registry.streams.values()):
+            await stream.finished.wait()
     return base, headers, first, sidecar
 
 
