@@ -442,6 +442,7 @@ class Proxy:
                     position += len(got)
                     async with asyncio.timeout(write_timeout):
                         await out.write(b"".join(got) if len(got) > 1 else got[0])
+                    stream.sent(position)
                     self.metrics.events_out.inc(len(got))
                     continue
                 if stream.ended:
@@ -685,6 +686,15 @@ class Proxy:
                             pending.discard(rid)
                         if not pending and stream.expects_responses:
                             stream.complete = True
+                    if stream.backlogged():
+                        # Checked per event: one chunk can hold a whole buffer's worth.
+                        metrics.events_in.inc(delivered)
+                        delivered = 0
+                        policy.progress()
+                        stream.publish()
+                        metrics.upstream_paused.inc()
+                        while stream.backlogged():
+                            await stream.room.wait()
                 if delivered:
                     metrics.events_in.inc(delivered)
                     policy.progress()
@@ -694,7 +704,8 @@ class Proxy:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             log.info("stream %s: upstream broke: %s", stream.stream_id, exc or type(exc).__name__)
             return Outcome.FAILED
-        parser.close()
+        finally:
+            parser.close()  # an unterminated event is dropped; a `retry:` line still counts
         return Outcome.CLOSED
 
     def _fail(self, stream: LiveStream, reason: str) -> None:

@@ -79,6 +79,11 @@ class LiveStream:
     legacy_session: str | None = None
     """The upstream's session name in a legacy `endpoint` URL, for log lines."""
     signal: Signal = field(default_factory=Signal)
+    """Notified when events arrive or the stream ends (writers wait on it)."""
+    room: Signal = field(default_factory=Signal)
+    """Notified when a writer sent more (a paused pump waits on it)."""
+    sent_seq: int = 0
+    """The furthest any client writer got; the pump never runs too far ahead of it."""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the stream ends; cleared if a returning client revives it."""
     ended: bool = False
@@ -103,6 +108,22 @@ class LiveStream:
             self.idle_since = time.monotonic()
             self.finished.set()
             self.signal.notify()
+
+    def sent(self, seq: int) -> None:
+        """A writer handed events up to `seq` to its client: the pump may read on."""
+        if seq > self.sent_seq:
+            self.sent_seq = seq
+            self.room.notify()
+
+    def backlogged(self) -> bool:
+        """Too much is unsent: pause reading the upstream (TCP backpressure to the server)
+        instead of evicting events no client has been sent. Half the buffer stays free as
+        slack for events written to a connection that then broke."""
+        tracker = self.tracker
+        limits = tracker.limits
+        if tracker.seq - self.sent_seq >= max(1, limits.replay_max_events // 2):
+            return True
+        return tracker.unsent_bytes(self.sent_seq) >= max(1, limits.replay_max_bytes // 2)
 
     def attach(self) -> None:
         self.clients += 1

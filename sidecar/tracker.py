@@ -92,11 +92,13 @@ class StreamTracker:
         "_buffer",
         "_buffer_bytes",
         "_buffer_head",
+        "_cumulative",
         "_index",
         "_index_head",
         "_limits",
         "_seen",
         "_seen_order",
+        "_total_bytes",
         "duplicates",
         "epoch",
         "last_upstream_event_id",
@@ -125,6 +127,9 @@ class StreamTracker:
         self._buffer: list[bytes] = []
         self._buffer_bytes = 0
         self._buffer_head = seq + 1
+        self._total_bytes = 0
+        # _cumulative[i]: bytes ever delivered up to and including buffer entry i.
+        self._cumulative: list[int] = []
         # Upstream cursor after each seq, _index_head .. seq (reaches further than the buffer).
         self._index: deque[str] = deque()
         self._index_head = seq + 1
@@ -164,6 +169,8 @@ class StreamTracker:
         buffer = self._buffer
         buffer.append(payload)
         self._buffer_bytes += len(payload)
+        self._total_bytes += len(payload)
+        self._cumulative.append(self._total_bytes)
         drop = max(0, len(buffer) - limits.replay_max_events)
         freed = sum(len(p) for p in buffer[:drop])
         while self._buffer_bytes - freed > limits.replay_max_bytes and drop < len(buffer):
@@ -171,6 +178,7 @@ class StreamTracker:
             drop += 1
         if drop:
             del buffer[:drop]
+            del self._cumulative[:drop]
             self._buffer_bytes -= freed
             self._buffer_head += drop
         self._index.append(upstream_cursor)
@@ -206,5 +214,20 @@ class StreamTracker:
         return None
 
     @property
+    def limits(self) -> TrackerLimits:
+        return self._limits
+
+    @property
     def buffered_bytes(self) -> int:
         return self._buffer_bytes
+
+    def unsent_bytes(self, sent_seq: int) -> int:
+        """Bytes of the buffered events after `sent_seq` (what clients have not been sent).
+
+        Counts only what the buffer still holds: anything older was evicted already. O(1)."""
+        start = max(sent_seq + 1, self._buffer_head)
+        if start > self.seq:
+            return 0
+        offset = start - self._buffer_head
+        before = self._cumulative[offset - 1] if offset else self._total_bytes - self._buffer_bytes
+        return self._total_bytes - before

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.integration.conftest import SidecarFactory, serve_app
+from tests.support.numbered_upstream import parse_sse
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.sse_client import Received, collect, events
 
@@ -294,39 +296,72 @@ async def test_oversized_upstream_event_ends_stream_cleanly(
     assert "65536" in err["error"]["message"]
 
 
-async def test_slow_client_keeps_memory_bounded(
+def dechunk(raw: bytes) -> tuple[bytes, bytes]:
+    """Split a raw HTTP/1.1 response into (head, de-chunked body)."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    body = bytearray()
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        body += rest[:size]
+        rest = rest[size + 2 :]
+    return head, bytes(body)
+
+
+async def test_slow_client_gets_backpressure_not_loss(
     sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
 ) -> None:
-    """A client that stops reading: the upstream is still drained into a bounded buffer and
-    other clients keep being served."""
-    async with numbered_upstream(interval_ms=0, oversized=2000) as up:
-        sidecar = await sidecar_factory(up, tracker=_limits(replay_max_bytes=256 * 1024))
+    """A client that stops reading: the sidecar stops reading the upstream once half its
+    bounded buffer is unsent (memory stays bounded), serves other clients meanwhile, and
+    when the client reads again it gets every event, once, in order."""
+    limit = 256 * 1024
+    n = 40_000  # ~6 MB: more than the kernel's socket buffers can hide
+    async with numbered_upstream(interval_ms=0) as up:
+        sidecar = await sidecar_factory(up, tracker=_limits(replay_max_bytes=limit))
         base = f"http://127.0.0.1:{sidecar.port}"
         sid = await initialize(http, base)
         headers = {**HEADERS, "Mcp-Session-Id": sid}
-        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-        body = json.dumps(count_call(3000, interval_ms=0)).encode()
-        head = (
-            f"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            + "\r\n"
-        ).encode()
-        writer.write(head + body)
+        metrics = sidecar.proxy.metrics
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # no autotuning
+        sock.connect(("127.0.0.1", sidecar.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = json.dumps(count_call(n, interval_ms=0)).encode()
+        writer.write(
+            (
+                f"POST /mcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                + "\r\n"
+            ).encode()
+            + body
+        )
         await writer.drain()
-        # Never read. The sidecar still pulls the whole upstream stream.
-        async with asyncio.timeout(20):
-            # A condition polled under a deadline: nothing signals "the request arrived".
-            while not sidecar.proxy.registry.streams:  # noqa: ASYNC110
+        # Not reading. The pump must pause instead of evicting unsent events.
+        async with asyncio.timeout(30):
+            while metrics.upstream_paused._value.get() < 1:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-            (stream,) = sidecar.proxy.registry.streams.values()
-            await stream.finished.wait()
-        assert stream.tracker.seq == 3001
-        assert stream.tracker.buffered_bytes <= 256 * 1024
+        (stream,) = sidecar.proxy.registry.streams.values()
+        assert not stream.ended
+        assert stream.tracker.buffered_bytes <= limit
         # Another client is served meanwhile.
-        async with http.post(base + MCP, json=count_call(3, rid=8), headers=headers) as resp:
-            assert progress_numbers(await collect(resp)) == [1, 2, 3]
-        writer.transport.abort()
-        del reader
+        async with http.post(base + MCP, json=count_call(3, rid=8), headers=headers) as r:
+            assert progress_numbers(await collect(r)) == [1, 2, 3]
+        async with asyncio.timeout(60):
+            raw = await reader.read()
+        writer.close()
+        head, sse = dechunk(raw)
+        assert head.startswith(b"HTTP/1.1 200")
+        got = [
+            Received(e.id, e.event or "message", e.data.decode()) for e in parse_sse(sse) if e.data
+        ]
+        assert progress_numbers(got) == list(range(1, n + 1))
+        assert len(final_results(got)) == 1
+        assert stream.tracker.buffered_bytes <= limit
+        assert metrics.slow_clients._value.get() == 0
 
 
 def _limits(**kw: int) -> Any:
@@ -421,10 +456,12 @@ async def _stream_of_60_with_client_gone_after_3(
     sid = await initialize(http, base)
     headers = {**HEADERS, "Mcp-Session-Id": sid}
     async with http.post(base + MCP, json=count_call(60, interval_ms=1), headers=headers) as resp:
-        first = await collect(resp, limit=3)
-    async with asyncio.timeout(10):
-        for stream in list(sidecar.proxy.registry.streams.values()):
+        # Everything is written into this connection (socket buffers hold it all) before the
+        # client has read more than 3 events and the connection dies.
+        (stream,) = sidecar.proxy.registry.streams.values()
+        async with asyncio.timeout(10):
             await stream.finished.wait()
+        first = await collect(resp, limit=3)
     return base, headers, first, sidecar
 
 

@@ -148,3 +148,14 @@ def test_resumed_tracker_continues_sequence_in_a_new_epoch() -> None:
 def test_bad_limits_rejected(kw: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="must be"):
         TrackerLimits(**kw)
+
+
+def test_unsent_bytes_after_a_position() -> None:
+    t = tracker(replay_max_events=4)
+    sizes = [len(p) for p in (t.accept(ev(n, "y" * n)) for n in range(1, 7)) if p is not None]
+    assert t.unsent_bytes(6) == 0
+    assert t.unsent_bytes(5) == sizes[5]
+    assert t.unsent_bytes(3) == sum(sizes[3:])
+    # Positions older than the buffer count what the buffer still holds.
+    assert t.unsent_bytes(0) == sum(sizes[2:])
+    assert t.unsent_bytes(2) == sum(sizes[2:])
