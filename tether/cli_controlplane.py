@@ -1,21 +1,310 @@
-"""`tether control-plane` and `tether sessions`: built by the control-plane work (issue 3)."""
+"""`tether control-plane` (run the control plane) and `tether sessions` (inspect it).
+
+    tether control-plane --listen HOST:PORT --store sqlite:///PATH | etcd://HOST:PORT[,...]
+    tether sessions list|get ID|watch|delete ID --control-plane HOST:PORT [-o table|json]
+
+`-o json` prints the protobuf JSON mapping of the response, as grpcurl prints it: `list` one
+ListSessionsResponse (all pages merged unless `--page-token` asks for one page), `get` a
+Session, `delete` a DeleteSessionResponse, `watch` one SessionEvent object per line.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from tether.api.v1 import sessions_pb2 as pb
+from tether.api.v1 import sessions_pb2_grpc as pb_grpc
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_CONTROL_PLANE = os.environ.get("TETHER_CONTROL_PLANE", DEFAULT_LISTEN)
+RPC_TIMEOUT = 10.0
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    print(f"tether {args.command}: not available in this build yet")
-    return 2
+# --- tether control-plane -------------------------------------------------------------------
+
+
+def _run_control_plane(args: argparse.Namespace) -> int:
+    from controlplane.config import (
+        DEFAULT_STORE_URL,
+        ControlPlaneConfig,
+        StoreUrlError,
+        parse_store_url,
+    )
+    from controlplane.server import serve
+    from controlplane.store.protocol import StoreError
+
+    try:
+        store = parse_store_url(args.store or DEFAULT_STORE_URL)
+    except StoreUrlError as e:
+        print(f"tether control-plane: --store: {e}", file=sys.stderr)
+        return 2
+    if args.session_ttl <= 0 or args.flush_interval < 0 or args.shutdown_grace < 0:
+        print("tether control-plane: durations must not be negative", file=sys.stderr)
+        return 2
+    config = ControlPlaneConfig(
+        listen=args.listen,
+        store=store,
+        session_ttl=args.session_ttl,
+        flush_interval=args.flush_interval,
+        shutdown_grace=args.shutdown_grace,
+    )
+    try:
+        asyncio.run(serve(config))
+    except (OSError, StoreError) as e:
+        print(f"tether control-plane: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_control_plane_parser(sub: Any) -> None:
-    p = sub.add_parser("control-plane", help="run the control plane (gRPC)")
-    p.set_defaults(run=_not_yet)
+    p = sub.add_parser(
+        "control-plane",
+        help="run the control plane (gRPC)",
+        description="Persist session records reported by sidecars and serve them over gRPC "
+        "(tether.v1.SessionService, health checking and reflection).",
+    )
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"gRPC address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] "
+        "(default: sqlite:///tether-sessions.db in the working directory)",
+    )
+    p.add_argument(
+        "--session-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="expire sessions not reported for this long (default 3600)",
+    )
+    p.add_argument(
+        "--flush-interval",
+        type=float,
+        default=0.05,
+        metavar="SECONDS",
+        help="coalesce reports for this long between store writes (default 0.05)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="time in-flight calls get on SIGTERM/SIGINT (default 5)",
+    )
+    p.set_defaults(run=_run_control_plane)
+
+
+# --- tether sessions ------------------------------------------------------------------------
+
+
+def _when(ts: Any) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    moment = datetime.fromtimestamp(ts.seconds, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+_SESSION_HEADER = ["SESSION", "OWNER", "EPOCH", "STREAMS", "UPSTREAM", "UPDATED", "EXPIRES"]
+
+
+def _session_row(s: pb.Session) -> list[str]:
+    return [
+        s.session_id,
+        s.owner,
+        str(s.owner_epoch),
+        str(len(s.streams)),
+        s.upstream_address,
+        _when(s.updated_at),
+        _when(s.expires_at),
+    ]
+
+
+def _print_session(s: pb.Session, out: TextIO) -> None:
+    fields = [
+        ("Session", s.session_id),
+        ("Upstream session", s.upstream_session_id),
+        ("Upstream address", s.upstream_address),
+        ("Owner", f"{s.owner} (epoch {s.owner_epoch})"),
+        ("Protocol version", s.protocol_version or "-"),
+        ("Initialize request", f"{len(s.initialize_request)} bytes"),
+        ("Created", _when(s.created_at)),
+        ("Updated", _when(s.updated_at)),
+        ("Expires", _when(s.expires_at)),
+    ]
+    for name, value in fields:
+        out.write(f"{name + ':':<20} {value}\n")
+    if s.streams:
+        out.write("\n")
+        rows = [["STREAM", "SEQ", "EPOCH", "LAST EVENT ID", "UPSTREAM EVENT ID"]]
+        rows += [
+            [p.stream_id, str(p.seq), str(p.owner_epoch), p.last_event_id, p.upstream_event_id]
+            for p in s.streams
+        ]
+        _table(rows, out)
+
+
+def _json(msg: Message, *, one_line: bool = False) -> str:
+    return json_format.MessageToJson(msg, indent=None if one_line else 2)
+
+
+_EVENT_NAMES = {
+    pb.SESSION_EVENT_TYPE_PUT: "PUT",
+    pb.SESSION_EVENT_TYPE_DELETE: "DELETE",
+    pb.SESSION_EVENT_TYPE_EXPIRE: "EXPIRE",
+    pb.SESSION_EVENT_TYPE_SYNCED: "SYNCED",
+}
+
+
+async def _list(stub: Any, args: argparse.Namespace, out: TextIO) -> None:
+    request = pb.ListSessionsRequest(
+        page_size=args.page_size, page_token=args.page_token or "", owner=args.owner or ""
+    )
+    merged = pb.ListSessionsResponse()
+    while True:
+        page = await stub.ListSessions(request, timeout=RPC_TIMEOUT)
+        merged.sessions.extend(page.sessions)
+        if args.page_token or not page.next_page_token:
+            merged.next_page_token = page.next_page_token if args.page_token else ""
+            break
+        request.page_token = page.next_page_token
+    if args.output == "json":
+        out.write(_json(merged) + "\n")
+        return
+    if not merged.sessions:
+        out.write("no sessions\n")
+        return
+    _table([_SESSION_HEADER, *(_session_row(s) for s in merged.sessions)], out)
+    if merged.next_page_token:
+        out.write(f"next page: --page-token {merged.next_page_token}\n")
+
+
+async def _get(stub: Any, args: argparse.Namespace, out: TextIO) -> None:
+    s = await stub.GetSession(pb.GetSessionRequest(session_id=args.id), timeout=RPC_TIMEOUT)
+    if args.output == "json":
+        out.write(_json(s) + "\n")
+    else:
+        _print_session(s, out)
+
+
+async def _delete(stub: Any, args: argparse.Namespace, out: TextIO) -> None:
+    reply = await stub.DeleteSession(
+        pb.DeleteSessionRequest(session_id=args.id), timeout=RPC_TIMEOUT
+    )
+    if args.output == "json":
+        out.write(_json(reply) + "\n")
+    else:
+        out.write(f"deleted session {reply.session.session_id}\n")
+
+
+async def _watch(stub: Any, args: argparse.Namespace, out: TextIO) -> None:
+    call = stub.WatchSessions(pb.WatchSessionsRequest(owner=args.owner or ""))
+    header_done = False
+    async for ev in call:
+        if args.output == "json":
+            out.write(_json(ev, one_line=True) + "\n")
+        else:
+            if not header_done:
+                out.write("EVENT   SESSION  OWNER  EPOCH  STREAMS\n")
+                header_done = True
+            kind = _EVENT_NAMES.get(ev.type, str(ev.type))
+            if ev.type == pb.SESSION_EVENT_TYPE_SYNCED:
+                out.write("-- synced: changes follow --\n")
+            else:
+                s = ev.session
+                out.write(
+                    f"{kind:<7} {ev.session_id}  {s.owner or '-'}  {s.owner_epoch}"
+                    f"  {len(s.streams)}\n"
+                )
+        out.flush()
+
+
+Command = Callable[[Any, argparse.Namespace, TextIO], Coroutine[Any, Any, None]]
+
+
+async def _call_control_plane(command: Command, args: argparse.Namespace) -> int:
+    async with grpc.aio.insecure_channel(args.control_plane) as channel:
+        stub = pb_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            await command(stub, args, sys.stdout)
+        except grpc.aio.AioRpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _sessions_runner(command: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return asyncio.run(_call_control_plane(command, args))
+
+    return run
+
+
+def _add_connection_flags(p: argparse.ArgumentParser, *, leaf: bool) -> None:
+    # On `sessions` and on each subcommand, so both `tether sessions -o json list` and
+    # `tether sessions list -o json` work; a subcommand's flag only counts if given.
+    p.add_argument(
+        "--control-plane",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS if leaf else DEFAULT_CONTROL_PLANE,
+        help=f"control plane address (default $TETHER_CONTROL_PLANE or {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default=argparse.SUPPRESS if leaf else "table",
+        help="table (default) or json: the protobuf JSON mapping, as grpcurl prints it",
+    )
 
 
 def add_sessions_parser(sub: Any) -> None:
-    p = sub.add_parser("sessions", help="list, get, watch or delete sessions")
-    p.set_defaults(run=_not_yet)
+    p = sub.add_parser(
+        "sessions",
+        help="list, get, watch or delete sessions",
+        description="Inspect the sessions a control plane holds.",
+    )
+    _add_connection_flags(p, leaf=False)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    ls = actions.add_parser("list", help="list sessions (all pages)")
+    ls.add_argument("--owner", help="only sessions owned by this sidecar")
+    ls.add_argument("--page-size", type=int, default=0, help="sessions per request")
+    ls.add_argument("--page-token", help="print only the page this token starts")
+    ls.set_defaults(run=_sessions_runner(_list))
+
+    get = actions.add_parser("get", help="show one session")
+    get.add_argument("id", metavar="ID")
+    get.set_defaults(run=_sessions_runner(_get))
+
+    watch = actions.add_parser("watch", help="print every session, then every change")
+    watch.add_argument("--owner", help="only sessions owned by this sidecar")
+    watch.set_defaults(run=_sessions_runner(_watch))
+
+    delete = actions.add_parser("delete", help="delete one session")
+    delete.add_argument("id", metavar="ID")
+    delete.set_defaults(run=_sessions_runner(_delete))
+
+    for leaf in (ls, get, watch, delete):
+        _add_connection_flags(leaf, leaf=True)

@@ -1,0 +1,195 @@
+"""Coalescing of reported writes into few store writes, and the acknowledgements they earn.
+
+Sidecars may report every event; the store must not see every event. Between two flushes,
+`PendingWrites` keeps per (session, stream, epoch) only the greatest position (upserts, rare,
+are kept in order), so a flush writes each stream at most once whatever the event rate.
+`WriteBatcher` is the thin async loop around it: the first write after an idle period is
+flushed at once; while a flush runs, new writes gather for the next one, and flushes are at
+least `flush_interval` apart. Every submitter of a flush awaits the same future, resolved
+with the store's results (or its error) once the flush is durable.
+
+`acknowledge` turns a batch and those results into the batch's rejections: pure, so the
+fencing and unknown-session outcomes are tested without a store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+
+from controlplane.records import upsert_epoch
+from controlplane.store.protocol import SessionStore
+from tether import tasks
+from tether.model import (
+    BatchAck,
+    Rejection,
+    RejectionReason,
+    ReportBatch,
+    SessionId,
+    SessionRecord,
+    SessionUpsert,
+    SessionWrite,
+    StreamId,
+    StreamUpdate,
+)
+
+log = logging.getLogger(__name__)
+
+FlushResult = Mapping[SessionId, SessionRecord | None]
+
+
+class PendingWrites:
+    """Writes waiting for the next flush, coalesced."""
+
+    def __init__(self) -> None:
+        self._upserts: list[SessionUpsert] = []
+        self._updates: dict[tuple[SessionId, StreamId, int], StreamUpdate] = {}
+        self.received = 0
+        """Writes added since the last `take` (before coalescing)."""
+
+    def add(self, writes: Iterable[SessionWrite]) -> None:
+        for w in writes:
+            self.received += 1
+            if isinstance(w, SessionUpsert):
+                self._upserts.append(w)
+                continue
+            # Keyed by epoch too: an update from a fenced (or never granted) epoch must not
+            # hide a valid one of the current epoch; the store sorts them out.
+            key = (w.session_id, w.position.stream_id, w.position.owner_epoch)
+            old = self._updates.get(key)
+            if old is None or w.position.seq > old.position.seq:
+                self._updates[key] = w
+
+    def __len__(self) -> int:
+        return len(self._upserts) + len(self._updates)
+
+    def take(self) -> list[SessionWrite]:
+        """All pending writes (upserts first), leaving none."""
+        out: list[SessionWrite] = [*self._upserts, *self._updates.values()]
+        self._upserts = []
+        self._updates = {}
+        self.received = 0
+        return out
+
+
+def acknowledge(
+    batch: ReportBatch, results: FlushResult, invalid: Iterable[Rejection] = ()
+) -> BatchAck:
+    """The acknowledgement of `batch` given the records after the flush that included it."""
+    rejections = list(invalid)
+    for u in batch.upserts:
+        rec = results.get(u.session.session_id)
+        if rec is None:
+            rejections.append(
+                Rejection(u.session.session_id, "", RejectionReason.UNKNOWN_SESSION, "not stored")
+            )
+        elif upsert_epoch(u) != rec.owner_epoch:
+            rejections.append(_fenced(rec, "", upsert_epoch(u)))
+    for s in batch.updates:
+        rec = results.get(s.session_id)
+        if rec is None:
+            rejections.append(
+                Rejection(
+                    s.session_id,
+                    s.position.stream_id,
+                    RejectionReason.UNKNOWN_SESSION,
+                    "session not found (never created, deleted or expired); upsert it again",
+                )
+            )
+        elif s.position.owner_epoch != rec.owner_epoch:
+            rejections.append(_fenced(rec, s.position.stream_id, s.position.owner_epoch))
+    return BatchAck(batch.batch_id, tuple(rejections))
+
+
+def _fenced(rec: SessionRecord, stream_id: str, epoch: int) -> Rejection:
+    return Rejection(
+        rec.session_id,
+        stream_id,
+        RejectionReason.FENCED,
+        f"owner epoch {epoch} is not the session's current epoch {rec.owner_epoch}",
+        current_owner=rec.owner,
+        current_owner_epoch=rec.owner_epoch,
+    )
+
+
+class WriteBatcher:
+    """Flushes coalesced writes to a store; `start()` it, `aclose()` it (flushes the rest)."""
+
+    def __init__(self, store: SessionStore, *, flush_interval: float = 0.05) -> None:
+        self._store = store
+        self._interval = flush_interval
+        self._pending = PendingWrites()
+        self._future: asyncio.Future[FlushResult] | None = None
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._flushing = False
+        self.flushes = 0
+        self.writes_received = 0
+        self.writes_flushed = 0
+
+    def start(self) -> None:
+        self._task = tasks.spawn(self._run(), name="control-plane-write-batcher")
+
+    def submit(self, writes: Iterable[SessionWrite]) -> asyncio.Future[FlushResult]:
+        """Queue writes for the next flush; the future resolves when that flush is durable."""
+        if self._closed:
+            raise RuntimeError("write batcher is closed")
+        self._pending.add(writes)
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            # Mark a failure as seen even if every submitter has gone away meanwhile.
+            self._future.add_done_callback(_consume_exception)
+        self._wakeup.set()
+        return self._future
+
+    async def flush(self) -> None:
+        """Write everything pending now (the loop does this on its own)."""
+        future, self._future = self._future, None
+        received = self._pending.received
+        writes = self._pending.take()
+        if future is None:
+            return
+        try:
+            result = await self._store.apply(writes=writes)
+        except Exception as e:
+            log.warning("flushing %d coalesced writes failed: %s", len(writes), e)
+            future.set_exception(e)
+            return
+        self.flushes += 1
+        self.writes_received += received
+        self.writes_flushed += len(writes)
+        future.set_result(result)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            self._flushing = True
+            try:
+                await self.flush()
+            finally:
+                self._flushing = False
+            if self._closed:
+                return
+            if self._interval > 0:
+                # Pacing, not synchronisation: writes arriving meanwhile join the next flush.
+                await asyncio.sleep(self._interval)
+
+    async def aclose(self) -> None:
+        """Stop the loop and flush what is pending; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        task = self._task
+        if task is not None and self._flushing:
+            # Never cancel a store write half-way: let the loop finish it and return.
+            await asyncio.wait([task])
+        await tasks.cancel_and_wait(task)
+        await self.flush()
+
+
+def _consume_exception(future: asyncio.Future[FlushResult]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,140 @@
+"""The pure rules for changing a session record: the same for every store backend.
+
+A store reads a session's current record, calls `apply_writes` or `claim`, and writes the
+result atomically (or nothing when `changed` is false). No I/O here, so the rules are tested
+on their own, exhaustively.
+
+Rules:
+  1. Monotonic: a stream position is replaced only by one with a greater `(owner_epoch, seq)`;
+     a stale or replayed update changes nothing (not even timestamps): idempotent.
+  2. Fencing: a write is applied only if its epoch equals the session's `owner_epoch`. An older
+     epoch is a zombie owner; a newer one was never granted (only `claim` raises the epoch).
+  3. An upsert of a missing session creates it (epoch at least 1). An upsert by the current
+     owner refreshes the metadata and timestamps (it doubles as a liveness heartbeat); an
+     empty `initialize_request` keeps the stored one.
+  4. A stream update of a missing session is skipped (the caller reports UNKNOWN_SESSION).
+  5. Every applied change sets `updated_at = now` and `expires_at = now + ttl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tether.model import (
+    OwnerName,
+    SessionRecord,
+    SessionUpsert,
+    SessionWrite,
+    StreamId,
+    StreamPosition,
+    StreamUpdate,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """The record after the writes (None if the session does not exist) and whether it differs
+    from the stored one (if not, the store writes nothing)."""
+
+    record: SessionRecord | None
+    changed: bool
+
+
+class ClaimRefusedError(Exception):
+    """A claim with `expected_owner_epoch` found the session at another epoch."""
+
+    def __init__(self, current: SessionRecord) -> None:
+        super().__init__(
+            f"session {current.session_id} is at owner epoch {current.owner_epoch} "
+            f"(owner {current.owner})"
+        )
+        self.current = current
+
+
+def _merge_streams(
+    streams: dict[StreamId, StreamPosition], positions: Iterable[StreamPosition], epoch: int
+) -> bool:
+    """Merge positions written under `epoch` into `streams` in place; True if any moved."""
+    moved = False
+    for p in positions:
+        if p.owner_epoch != epoch:
+            continue
+        old = streams.get(p.stream_id)
+        if old is None or p.order > old.order:
+            streams[p.stream_id] = p
+            moved = True
+    return moved
+
+
+def upsert_epoch(upsert: SessionUpsert) -> int:
+    """The epoch an upsert writes under: 0 (unset on the wire) means the first epoch, 1."""
+    return max(upsert.session.owner_epoch, 1)
+
+
+def apply_writes(
+    current: SessionRecord | None,
+    writes: Iterable[SessionWrite],
+    *,
+    now: float,
+    ttl: float,
+) -> MergeResult:
+    """Apply the writes of one session, upserts first, to `current` (None if missing)."""
+    upserts = [w for w in writes if isinstance(w, SessionUpsert)]
+    updates = [w for w in writes if isinstance(w, StreamUpdate)]
+    record = current
+    changed = False
+    streams: dict[StreamId, StreamPosition] = dict(current.streams) if current else {}
+
+    for upsert in upserts:
+        new = upsert.session
+        epoch = upsert_epoch(upsert)
+        if record is None:
+            streams = {}
+            _merge_streams(streams, new.streams.values(), epoch)
+            record = dataclasses.replace(new, owner_epoch=epoch, created_at=now)
+            changed = True
+        elif epoch == record.owner_epoch:
+            _merge_streams(streams, new.streams.values(), record.owner_epoch)
+            record = dataclasses.replace(
+                record,
+                upstream_session_id=new.upstream_session_id,
+                upstream_address=new.upstream_address,
+                owner=new.owner,
+                protocol_version=new.protocol_version,
+                initialize_request=new.initialize_request or record.initialize_request,
+            )
+            changed = True
+
+    if record is not None:
+        positions = [u.position for u in updates]
+        if _merge_streams(streams, positions, record.owner_epoch):
+            changed = True
+
+    if record is None or not changed:
+        return MergeResult(current, False)
+    record = dataclasses.replace(record, streams=streams, updated_at=now, expires_at=now + ttl)
+    return MergeResult(record, True)
+
+
+def claim(
+    current: SessionRecord,
+    *,
+    owner: OwnerName,
+    expected_owner_epoch: int | None,
+    now: float,
+    ttl: float,
+) -> SessionRecord:
+    """Hand `current` to `owner` with the next epoch; raise `ClaimRefusedError` if
+    `expected_owner_epoch` is given and is not the current epoch. Streams are kept: the new
+    owner resumes from them, and its first position (a higher epoch) beats all of them."""
+    if expected_owner_epoch is not None and expected_owner_epoch != current.owner_epoch:
+        raise ClaimRefusedError(current)
+    return dataclasses.replace(
+        current,
+        owner=owner,
+        owner_epoch=current.owner_epoch + 1,
+        updated_at=now,
+        expires_at=now + ttl,
+    )

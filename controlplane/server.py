@@ -1,0 +1,120 @@
+"""The control-plane process: a grpc.aio server with the session service, gRPC health
+checking and server reflection (so `grpcurl` can list and call everything).
+
+`start_control_plane` returns a running instance (tests bind port 0 and read `.port`);
+`serve` runs one until SIGTERM or SIGINT. Shutdown order, so that nothing acknowledged is lost
+and nothing hangs:
+  1. health reports NOT_SERVING (load balancers stop sending new streams);
+  2. report streams stop reading, acknowledge what they read, end with UNAVAILABLE (the
+     sidecars reconnect to another replica and resend what is unacknowledged); watches end;
+  3. `server.stop(grace)`: in-flight unary calls finish within the grace period;
+  4. the write batcher flushes what is pending; the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from controlplane.batcher import WriteBatcher
+from controlplane.config import ControlPlaneConfig, open_store
+from controlplane.service import SessionService
+from controlplane.store.protocol import SessionStore
+from tether.api.v1 import sessions_pb2, sessions_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
+
+
+@dataclass
+class RunningControlPlane:
+    config: ControlPlaneConfig
+    server: grpc.aio.Server
+    port: int
+    store: SessionStore
+    batcher: WriteBatcher
+    service: SessionService
+    health: AsyncHealthServicer
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rpartition(":")[0] or "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "[::]", "") else host
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully (see the module docstring); idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.shutdown_grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.service.begin_shutdown()
+        await self.server.stop(grace)
+        await self.batcher.aclose()
+        await self.store.aclose()
+        log.info("control plane stopped")
+
+
+async def start_control_plane(
+    config: ControlPlaneConfig, *, store: SessionStore | None = None
+) -> RunningControlPlane:
+    """Open the store (unless given one), start serving on `config.listen`."""
+    if store is None:
+        store = await open_store(config.store, session_ttl=config.session_ttl)
+    batcher = WriteBatcher(store, flush_interval=config.flush_interval)
+    server = grpc.aio.server()
+    try:
+        service = SessionService(store, batcher)
+        # The generated module is untyped (protoc writes no annotations for it).
+        sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        health_servicer = AsyncHealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        try:
+            port = server.add_insecure_port(config.listen)
+        except RuntimeError as e:  # grpc reports a failed bind this way
+            raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from e
+        if port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+        batcher.start()
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        await server.stop(None)
+        await batcher.aclose()
+        await store.aclose()
+        raise
+    running = RunningControlPlane(config, server, port, store, batcher, service, health_servicer)
+    log.info("control plane serving on %s (store %s)", running.address, config.store)
+    return running
+
+
+async def serve(config: ControlPlaneConfig) -> None:
+    """Run a control plane until SIGTERM or SIGINT, then stop it gracefully."""
+    running = await start_control_plane(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("signal received: shutting down (grace %.1f s)", config.shutdown_grace)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        await running.stop()

@@ -1,0 +1,275 @@
+"""The gRPC servicer of `tether.v1.SessionService`: a thin loop around the store and the
+write batcher.
+
+Protobuf is converted to `tether.model` at the top of each method and back at the bottom.
+Every bad request gets a clear status and the server keeps serving:
+    INVALID_ARGUMENT     bad id, owner or page token
+    NOT_FOUND            no such session
+    FAILED_PRECONDITION  ClaimSession with an expected_owner_epoch that is no longer current
+    UNAVAILABLE          the store failed, or the control plane is shutting down
+    ABORTED              a watcher fell too far behind (watch again)
+In ReportEvents, per-item problems (bad ids, fenced owner, unknown session) are rejections in
+the acknowledgement, never a failed stream: a sidecar's other sessions keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from controlplane.batcher import FlushResult, WriteBatcher, acknowledge
+from controlplane.store.protocol import (
+    ClaimRefusedError,
+    InvalidPageTokenError,
+    SessionNotFoundError,
+    SessionStore,
+    StoreError,
+    StoreUnavailableError,
+    WatchLaggedError,
+)
+from tether import tasks
+from tether.api import convert
+from tether.api.v1 import sessions_pb2 as pb
+from tether.api.v1 import sessions_pb2_grpc as pb_grpc
+from tether.model import (
+    InvalidIdError,
+    OwnerName,
+    Rejection,
+    RejectionReason,
+    ReportBatch,
+    SessionEvent,
+    SessionEventType,
+    SessionId,
+    SessionWrite,
+    parse_owner,
+    parse_session_id,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_BATCHES_IN_FLIGHT = 256
+"""Unacknowledged batches per ReportEvents stream before the server stops reading it (gRPC
+flow control then slows the sidecar down)."""
+
+WATCH_QUEUE = 1024
+"""Events buffered between the store's watch and a slow WatchSessions client."""
+
+_WatchItem = SessionEvent | StoreError | None
+"""An event, the error that ended the store's watch, or None: the watch is over."""
+
+Context = grpc.aio.ServicerContext[object, object]
+
+_Pending = tuple[ReportBatch, tuple[Rejection, ...], "asyncio.Future[FlushResult] | None"]
+
+
+async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+class SessionService(pb_grpc.SessionServiceServicer):
+    def __init__(self, store: SessionStore, batcher: WriteBatcher) -> None:
+        self._store = store
+        self._batcher = batcher
+        self._stopping = False
+        self._readers: set[asyncio.Task[None]] = set()
+        self._watch_queues: set[asyncio.Queue[_WatchItem]] = set()
+
+    def stopping(self) -> bool:
+        """A method, not an attribute: the flag changes while a handler awaits."""
+        return self._stopping
+
+    def begin_shutdown(self) -> None:
+        """Stop reading reports (acknowledge what was read, then end those streams with
+        UNAVAILABLE) and end every watch, so `server.stop(grace)` is not held up by them."""
+        self._stopping = True
+        for t in self._readers:
+            t.cancel()
+        for q in self._watch_queues:
+            while q.full():
+                q.get_nowait()
+            q.put_nowait(None)
+
+    async def ReportEvents(
+        self, request_iterator: AsyncIterator[pb.ReportEventsRequest], context: Context
+    ) -> AsyncIterator[pb.ReportEventsResponse]:
+        if self.stopping():
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
+        peer = context.peer()
+        in_flight: asyncio.Queue[_Pending | None] = asyncio.Queue(MAX_BATCHES_IN_FLIGHT)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    batch, invalid = convert.batch_from_pb(request)
+                    writes: list[SessionWrite] = [*batch.upserts, *batch.updates]
+                    future = self._batcher.submit(writes) if writes else None
+                    await in_flight.put((batch, invalid, future))
+            except Exception as e:
+                # A sidecar going away mid-stream is routine; it resends what is unacked.
+                log.info("report stream from %s: reading ended: %r", peer, e)
+            finally:
+                # Wake a writer waiting on an empty queue; a full one it drains on its own.
+                if not in_flight.full():
+                    in_flight.put_nowait(None)
+                self._readers.discard(reader)
+
+        reader = tasks.spawn(read(), name=f"report-events-reader {peer}")
+        self._readers.add(reader)
+        try:
+            while True:
+                if reader.done() and in_flight.empty():
+                    break
+                item = await in_flight.get()
+                if item is None:
+                    break
+                batch, invalid, future = item
+                try:
+                    results = await future if future is not None else {}
+                except StoreError as e:
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE, f"store: {e}")
+                except Exception:
+                    log.exception("flushing reports from %s failed", peer)
+                    await _abort(context, grpc.StatusCode.INTERNAL, "flushing reports failed")
+                ack = acknowledge(batch, results, invalid)
+                for r in ack.rejections:
+                    if r.reason is RejectionReason.UNKNOWN_SESSION:
+                        log.warning(
+                            "report from %s for unknown session %s (stream %r): skipped",
+                            peer,
+                            r.session_id,
+                            r.stream_id,
+                        )
+                    elif r.reason is RejectionReason.FENCED:
+                        log.info("fenced report from %s: %s %s", peer, r.session_id, r.detail)
+                yield convert.ack_to_pb(ack)
+        finally:
+            await tasks.cancel_and_wait(reader)
+        if reader.cancelled() and self.stopping():
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
+        sid = await _valid_session_id(request.session_id, context)
+        rec = await _store_call(context, self._store.get(session_id=sid))
+        if rec is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
+        return convert.session_to_pb(rec)
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        if request.page_size < 0:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_size is negative")
+        owner = await _valid_owner(request.owner, context) if request.owner else None
+        try:
+            page = await _store_call(
+                context,
+                self._store.list_page(
+                    owner=owner, page_size=request.page_size, page_token=request.page_token
+                ),
+            )
+        except InvalidPageTokenError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return convert.page_to_pb(page)
+
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Context
+    ) -> pb.DeleteSessionResponse:
+        sid = await _valid_session_id(request.session_id, context)
+        rec = await _store_call(context, self._store.delete(session_id=sid))
+        if rec is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
+        log.info("session %s deleted on request from %s", sid, context.peer())
+        return pb.DeleteSessionResponse(session=convert.session_to_pb(rec))
+
+    async def ClaimSession(
+        self, request: pb.ClaimSessionRequest, context: Context
+    ) -> pb.ClaimSessionResponse:
+        sid = await _valid_session_id(request.session_id, context)
+        owner = await _valid_owner(request.owner, context)
+        expected = request.expected_owner_epoch or None
+        try:
+            rec = await _store_call(
+                context,
+                self._store.claim(session_id=sid, owner=owner, expected_owner_epoch=expected),
+            )
+        except SessionNotFoundError:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
+        except ClaimRefusedError as e:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        log.info("session %s claimed by %s (owner epoch %d)", sid, owner, rec.owner_epoch)
+        return pb.ClaimSessionResponse(session=convert.session_to_pb(rec))
+
+    async def WatchSessions(
+        self, request: pb.WatchSessionsRequest, context: Context
+    ) -> AsyncIterator[pb.SessionEvent]:
+        owner = await _valid_owner(request.owner, context) if request.owner else None
+        if self.stopping():
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
+        # A pump task feeds a queue that `begin_shutdown` can also end: cancelling a grpc.aio
+        # handler task does not end its call, so a watch must be able to finish on its own.
+        queue: asyncio.Queue[_WatchItem] = asyncio.Queue(WATCH_QUEUE)
+
+        async def pump() -> None:
+            try:
+                async with contextlib.aclosing(self._store.watch()) as events:
+                    async for ev in events:
+                        await queue.put(ev)
+                await queue.put(None)
+            except StoreError as e:
+                await queue.put(e)
+
+        pump_task = tasks.spawn(pump(), name=f"watch-pump {context.peer()}")
+        self._watch_queues.add(queue)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    if self.stopping():
+                        await _abort(
+                            context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down"
+                        )
+                    return
+                if isinstance(item, WatchLaggedError):
+                    await _abort(context, grpc.StatusCode.ABORTED, str(item))
+                if isinstance(item, StoreError):
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE, f"store: {item}")
+                # Deletes and expiries of the owner's sessions carry the last record.
+                if (
+                    owner is not None
+                    and item.type is not SessionEventType.SYNCED
+                    and (item.session is None or item.session.owner != owner)
+                ):
+                    continue
+                yield convert.event_to_pb(item)
+        finally:
+            self._watch_queues.discard(queue)
+            await tasks.cancel_and_wait(pump_task)
+
+
+async def _valid_session_id(value: str, context: Context) -> SessionId:
+    try:
+        return parse_session_id(value)
+    except InvalidIdError as e:
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+async def _valid_owner(value: str, context: Context) -> OwnerName:
+    try:
+        return parse_owner(value)
+    except InvalidIdError as e:
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+async def _store_call(context: Context, call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except StoreUnavailableError as e:
+        log.warning("store unavailable: %s", e)
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, f"store: {e}")

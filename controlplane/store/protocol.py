@@ -1,0 +1,136 @@
+"""The `SessionStore` seam: what every store backend promises, and the errors it may raise.
+
+Backends: `controlplane.store.sqlite` (embedded default) and `controlplane.store.etcd`. They
+do not import each other; both share the pure rules in `controlplane.records` and the value
+encoding in `controlplane.store.codec`, and both pass `tests/contract`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Protocol
+
+from controlplane.records import ClaimRefusedError
+from tether.model import (
+    OwnerName,
+    SessionEvent,
+    SessionId,
+    SessionPage,
+    SessionRecord,
+    SessionWrite,
+)
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_SIZE",
+    "ClaimRefusedError",
+    "InvalidPageTokenError",
+    "SessionNotFoundError",
+    "SessionStore",
+    "StoreError",
+    "StoreUnavailableError",
+    "WatchLaggedError",
+]
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+class StoreError(Exception):
+    """Base of the errors a store raises on purpose."""
+
+
+class SessionNotFoundError(StoreError, KeyError):
+    """The session does not exist (never created, deleted or expired)."""
+
+    def __str__(self) -> str:
+        return f"session {self.args[0]} not found"
+
+
+class InvalidPageTokenError(StoreError, ValueError):
+    """A page token that no listing of this store produced."""
+
+
+class StoreUnavailableError(StoreError):
+    """The backend cannot be reached or failed; the operation may be retried."""
+
+
+class WatchLaggedError(StoreError):
+    """A watcher fell too far behind and was dropped; watch again for a fresh snapshot."""
+
+
+class SessionStore(Protocol):
+    """Persistent session records.
+
+    Contract, for every method (all are coroutines except `watch`, an async iterator):
+      * Ids arrive validated (`tether.model.parse_*`); stores use them as keys as they are.
+      * Every write is atomic per session: readers and watchers see a session either before
+        or after a write, never half of it. `apply` is not atomic across sessions.
+      * Writes follow `controlplane.records`: monotonic per stream, fenced by owner epoch,
+        idempotent under replay. A stale write changes nothing, timestamps included.
+      * A session not written for `session_ttl` seconds expires: it disappears and watchers
+        get an EXPIRE event (within a backend-specific delay, documented by the backend).
+      * `StoreUnavailableError` means the backend failed; nothing else is raised for I/O.
+      * `aclose` stops background work, ends open watches and releases the backend.
+    """
+
+    async def apply(
+        self, *, writes: Sequence[SessionWrite]
+    ) -> Mapping[SessionId, SessionRecord | None]:
+        """Apply a batch of writes (any sessions, any order: per session, upserts first).
+
+        Returns, for each session written to, its record after the writes (None if it does
+        not exist: its stream updates were skipped). The caller derives rejections from it.
+        """
+        ...
+
+    async def get(self, *, session_id: SessionId) -> SessionRecord | None:
+        """The session's record, or None."""
+        ...
+
+    async def list_page(
+        self,
+        *,
+        owner: OwnerName | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> SessionPage:
+        """A page of sessions ordered by id, optionally only those of `owner`.
+
+        `page_size` is clamped to 1..MAX_PAGE_SIZE; a token not produced by a previous call
+        raises `InvalidPageTokenError`.
+        """
+        ...
+
+    async def delete(self, *, session_id: SessionId) -> SessionRecord | None:
+        """Delete the session; return its last record, or None if it did not exist.
+        Watchers get a DELETE event."""
+        ...
+
+    async def claim(
+        self,
+        *,
+        session_id: SessionId,
+        owner: OwnerName,
+        expected_owner_epoch: int | None = None,
+    ) -> SessionRecord:
+        """Give the session to `owner` with the next owner epoch, atomically.
+
+        Raises `SessionNotFoundError`, or `ClaimRefusedError` if `expected_owner_epoch` is
+        given and the session is at another epoch. From then on writes with older epochs are
+        refused.
+        """
+        ...
+
+    def watch(self) -> AsyncGenerator[SessionEvent, None]:
+        """Every session as a PUT event, one SYNCED event, then every change in order.
+
+        No change is lost between the snapshot and the changes, and a session is never shown
+        going backwards. Ends when the store closes; raises `WatchLaggedError` if the watcher
+        fell too far behind, `StoreUnavailableError` if the backend failed.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Stop background work and release the backend; idempotent."""
+        ...

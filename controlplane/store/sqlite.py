@@ -1,0 +1,400 @@
+"""The embedded session store: one SQLite file in WAL mode (`sqlite:///path`).
+
+Implements `controlplane.store.protocol.SessionStore` for a single control-plane process:
+
+  * All SQLite work runs on one dedicated thread with one connection, so the event loop never
+    blocks on disk and operations are serialised in submission order.
+  * Every `apply` batch is one `BEGIN IMMEDIATE` transaction: many sessions, one fsync.
+  * Each committed change gets an in-process revision. A watch takes its snapshot on the
+    same thread (so at a known revision) and then drops queued events at or below it, and
+    any event older than one already delivered for the same session: no gap, no regression.
+  * Expiry: a sweeper task deletes sessions whose `expires_at` has passed, every
+    `sweep_interval` seconds, and watchers get EXPIRE events. Until swept, an expired row is
+    already invisible to reads and is treated as missing (and expired) by writes.
+  * Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
+    loss may drop the last transactions (acknowledged batches included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from controlplane import records
+from controlplane.store.codec import (
+    clamp_page_size,
+    decode_page_token,
+    decode_record,
+    encode_page_token,
+    encode_record,
+)
+from controlplane.store.protocol import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    SessionNotFoundError,
+    StoreUnavailableError,
+    WatchLaggedError,
+)
+from tether import tasks
+from tether.model import (
+    OwnerName,
+    SessionEvent,
+    SessionEventType,
+    SessionId,
+    SessionPage,
+    SessionRecord,
+    SessionWrite,
+    write_session_id,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    record BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, session_id);
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteStoreConfig:
+    path: Path
+    session_ttl: float = 3600.0
+    """Seconds without a write after which a session expires."""
+    sweep_interval: float | None = None
+    """Seconds between expiry sweeps; default: a tenth of the TTL, between 0.1 and 30 s.
+    0 disables the sweeper (tests call `sweep()` themselves)."""
+    watch_buffer: int = 10_000
+    """Events a watcher may fall behind by before it is dropped with `WatchLaggedError`."""
+
+    def effective_sweep_interval(self) -> float:
+        if self.sweep_interval is not None:
+            return self.sweep_interval
+        return min(max(self.session_ttl / 10, 0.1), 30.0)
+
+
+_Event = tuple[int, SessionEvent]
+
+
+class _Subscriber:
+    """One watcher's queue of (revision, event), bounded by the config."""
+
+    def __init__(self, limit: int) -> None:
+        self.items: collections.deque[_Event] = collections.deque()
+        self.limit = limit
+        self.wakeup = asyncio.Event()
+        self.lagged = False
+        self.closed = False
+
+    def push(self, item: _Event) -> None:
+        if len(self.items) >= self.limit:
+            self.lagged = True
+        else:
+            self.items.append(item)
+        self.wakeup.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wakeup.set()
+
+
+class _Db:
+    """The SQLite side: used only on the store's thread."""
+
+    def __init__(self, path: Path, ttl: float) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn.executescript(_SCHEMA)
+        self.ttl = ttl
+        self.revision = 0
+
+    def _event(self, events: list[_Event], type_: SessionEventType, rec: SessionRecord) -> None:
+        self.revision += 1
+        events.append((self.revision, SessionEvent(type_, rec.session_id, rec)))
+
+    def _load(self, sid: SessionId, now: float, events: list[_Event]) -> SessionRecord | None:
+        row = self.conn.execute(
+            "SELECT record, expires_at FROM sessions WHERE session_id = ?", (sid,)
+        ).fetchone()
+        if row is None:
+            return None
+        rec = decode_record(row[0])
+        if row[1] <= now:
+            self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+            self._event(events, SessionEventType.EXPIRE, rec)
+            return None
+        return rec
+
+    def _save(self, rec: SessionRecord) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO sessions (session_id, owner, expires_at, record) "
+            "VALUES (?, ?, ?, ?)",
+            (rec.session_id, rec.owner, rec.expires_at, encode_record(rec)),
+        )
+
+    def _transaction(self, body: Callable[[list[_Event]], T]) -> tuple[T, list[_Event]]:
+        events: list[_Event] = []
+        start = self.revision
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(events)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self.revision = start
+            raise
+        self.conn.execute("COMMIT")
+        return result, events
+
+    def apply(
+        self, writes: Sequence[SessionWrite], now: float
+    ) -> tuple[dict[SessionId, SessionRecord | None], list[_Event]]:
+        by_session: dict[SessionId, list[SessionWrite]] = {}
+        for w in writes:
+            by_session.setdefault(write_session_id(w), []).append(w)
+
+        def body(events: list[_Event]) -> dict[SessionId, SessionRecord | None]:
+            out: dict[SessionId, SessionRecord | None] = {}
+            for sid, ws in by_session.items():
+                merged = records.apply_writes(
+                    self._load(sid, now, events), ws, now=now, ttl=self.ttl
+                )
+                if merged.changed and merged.record is not None:
+                    self._save(merged.record)
+                    self._event(events, SessionEventType.PUT, merged.record)
+                out[sid] = merged.record
+            return out
+
+        return self._transaction(body)
+
+    def get(self, sid: SessionId, now: float) -> SessionRecord | None:
+        row = self.conn.execute(
+            "SELECT record FROM sessions WHERE session_id = ? AND expires_at > ?", (sid, now)
+        ).fetchone()
+        return None if row is None else decode_record(row[0])
+
+    def list_page(
+        self, owner: OwnerName | None, after: SessionId | None, limit: int, now: float
+    ) -> list[SessionRecord]:
+        sql = "SELECT record FROM sessions WHERE session_id > ? AND expires_at > ?"
+        params: list[object] = [after or "", now]
+        if owner is not None:
+            sql += " AND owner = ?"
+            params.append(owner)
+        sql += " ORDER BY session_id LIMIT ?"
+        params.append(limit)
+        return [decode_record(r[0]) for r in self.conn.execute(sql, params)]
+
+    def delete(self, sid: SessionId, now: float) -> tuple[SessionRecord | None, list[_Event]]:
+        def body(events: list[_Event]) -> SessionRecord | None:
+            rec = self._load(sid, now, events)
+            if rec is not None:
+                self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+                self._event(events, SessionEventType.DELETE, rec)
+            return rec
+
+        return self._transaction(body)
+
+    def claim(
+        self, sid: SessionId, owner: OwnerName, expected: int | None, now: float
+    ) -> tuple[SessionRecord, list[_Event]]:
+        def body(events: list[_Event]) -> SessionRecord:
+            rec = self._load(sid, now, events)
+            if rec is None:
+                raise SessionNotFoundError(sid)
+            new = records.claim(
+                rec, owner=owner, expected_owner_epoch=expected, now=now, ttl=self.ttl
+            )
+            self._save(new)
+            self._event(events, SessionEventType.PUT, new)
+            return new
+
+        # Not found rolls back an expiry found on the way; the sweeper publishes it later.
+        return self._transaction(body)
+
+    def sweep(self, now: float) -> list[_Event]:
+        def body(events: list[_Event]) -> None:
+            rows = self.conn.execute(
+                "SELECT record FROM sessions WHERE expires_at <= ? ORDER BY expires_at", (now,)
+            ).fetchall()
+            self.conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            for (data,) in rows:
+                self._event(events, SessionEventType.EXPIRE, decode_record(data))
+
+        return self._transaction(body)[1]
+
+    def snapshot(self, now: float) -> tuple[int, list[SessionRecord]]:
+        rows = self.conn.execute(
+            "SELECT record FROM sessions WHERE expires_at > ? ORDER BY session_id", (now,)
+        ).fetchall()
+        return self.revision, [decode_record(r[0]) for r in rows]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SqliteSessionStore:
+    """`SessionStore` on a SQLite file; create with `await SqliteSessionStore.open(config)`."""
+
+    def __init__(
+        self, config: SqliteStoreConfig, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-sqlite")
+        self._db: _Db | None = None
+        self._subscribers: set[_Subscriber] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, config: SqliteStoreConfig, *, clock: Callable[[], float] = time.time
+    ) -> SqliteSessionStore:
+        store = cls(config, clock=clock)
+        try:
+            store._db = await store._run(_Db, config.path, config.session_ttl)
+        except BaseException:
+            store._executor.shutdown(wait=False)
+            raise
+        interval = config.effective_sweep_interval()
+        if interval > 0:
+            store._sweeper = tasks.spawn(store._sweep_loop(interval), name="sqlite-store-sweeper")
+        return store
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        if self._closed:
+            raise StoreUnavailableError("store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as e:
+            raise StoreUnavailableError(f"sqlite: {e}") from e
+
+    @property
+    def _conn(self) -> _Db:
+        if self._db is None:
+            raise StoreUnavailableError("store is not open")
+        return self._db
+
+    def _publish(self, events: list[_Event]) -> None:
+        for item in events:
+            for sub in self._subscribers:
+                sub.push(item)
+
+    async def apply(
+        self, *, writes: Sequence[SessionWrite]
+    ) -> Mapping[SessionId, SessionRecord | None]:
+        if not writes:
+            return {}
+        result, events = await self._run(self._conn.apply, writes, self._clock())
+        self._publish(events)
+        return result
+
+    async def get(self, *, session_id: SessionId) -> SessionRecord | None:
+        return await self._run(self._conn.get, session_id, self._clock())
+
+    async def list_page(
+        self,
+        *,
+        owner: OwnerName | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> SessionPage:
+        after = decode_page_token(page_token)
+        size = clamp_page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        rows = await self._run(self._conn.list_page, owner, after, size + 1, self._clock())
+        if len(rows) > size:
+            rows = rows[:size]
+            return SessionPage(tuple(rows), encode_page_token(rows[-1].session_id))
+        return SessionPage(tuple(rows))
+
+    async def delete(self, *, session_id: SessionId) -> SessionRecord | None:
+        rec, events = await self._run(self._conn.delete, session_id, self._clock())
+        self._publish(events)
+        return rec
+
+    async def claim(
+        self,
+        *,
+        session_id: SessionId,
+        owner: OwnerName,
+        expected_owner_epoch: int | None = None,
+    ) -> SessionRecord:
+        rec, events = await self._run(
+            self._conn.claim, session_id, owner, expected_owner_epoch, self._clock()
+        )
+        self._publish(events)
+        return rec
+
+    async def sweep(self) -> int:
+        """Expire every session past its `expires_at` now; return how many."""
+        events = await self._run(self._conn.sweep, self._clock())
+        self._publish(events)
+        return len(events)
+
+    async def _sweep_loop(self, interval: float) -> None:
+        while True:
+            # Pacing, not synchronisation: expiry is allowed to lag by one interval.
+            await asyncio.sleep(interval)
+            try:
+                expired = await self.sweep()
+            except StoreUnavailableError:
+                log.exception("expiry sweep failed; retrying in %.1f s", interval)
+                continue
+            if expired:
+                log.info("expired %d idle session(s)", expired)
+
+    async def watch(self) -> AsyncGenerator[SessionEvent, None]:
+        sub = _Subscriber(self.config.watch_buffer)
+        self._subscribers.add(sub)
+        try:
+            snapshot_rev, snapshot = await self._run(self._conn.snapshot, self._clock())
+            for rec in snapshot:
+                yield SessionEvent(SessionEventType.PUT, rec.session_id, rec)
+            yield SessionEvent(SessionEventType.SYNCED)
+            delivered: dict[SessionId, int] = {}
+            while True:
+                while not sub.items:
+                    if sub.lagged:
+                        raise WatchLaggedError("watcher fell behind; watch again")
+                    if sub.closed:
+                        return
+                    sub.wakeup.clear()
+                    await sub.wakeup.wait()
+                rev, event = sub.items.popleft()
+                sid = event.session_id
+                if sid is None or rev <= snapshot_rev or rev <= delivered.get(sid, 0):
+                    continue
+                delivered[sid] = rev
+                yield event
+        finally:
+            self._subscribers.discard(sub)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        await tasks.cancel_and_wait(self._sweeper)
+        for sub in self._subscribers:
+            sub.close()
+        db = self._db
+        if db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._closed = True
+        # The thread is idle now (the close ran last), so this does not block.
+        self._executor.shutdown(wait=False)

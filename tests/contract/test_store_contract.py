@@ -1,0 +1,276 @@
+"""The `SessionStore` contract, run against every backend (SQLite and a real etcd).
+
+Each test states one promise of `controlplane.store.protocol.SessionStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from controlplane.store.protocol import (
+    ClaimRefusedError,
+    InvalidPageTokenError,
+    SessionNotFoundError,
+    SessionStore,
+)
+from tests.contract.conftest import StoreHarness
+from tether.model import (
+    OwnerName,
+    SessionEvent,
+    SessionEventType,
+    SessionId,
+    SessionRecord,
+    SessionUpsert,
+    StreamId,
+    StreamPosition,
+    StreamUpdate,
+)
+
+DEADLINE = 10.0
+
+
+def record(sid: str = "s1", *, owner: str = "pod-a", epoch: int = 1, **kw: Any) -> SessionRecord:
+    fields: dict[str, Any] = {
+        "session_id": SessionId(sid),
+        "upstream_session_id": sid,
+        "upstream_address": "http://mcp:8080/mcp",
+        "owner": OwnerName(owner),
+        "owner_epoch": epoch,
+        "protocol_version": "2025-06-18",
+        "initialize_request": b'{"method":"initialize"}',
+    }
+    fields.update(kw)
+    return SessionRecord(**fields)
+
+
+def pos(stream: str, seq: int, epoch: int = 1) -> StreamPosition:
+    return StreamPosition(
+        stream_id=StreamId(stream),
+        last_event_id=f"{stream}.{epoch}.{seq}",
+        upstream_event_id=f"up-{seq}",
+        seq=seq,
+        owner_epoch=epoch,
+    )
+
+
+def update(sid: str, stream: str, seq: int, epoch: int = 1) -> StreamUpdate:
+    return StreamUpdate(SessionId(sid), pos(stream, seq, epoch))
+
+
+async def create(store: SessionStore, sid: str = "s1", **kw: Any) -> SessionRecord:
+    out = await store.apply(writes=[SessionUpsert(record(sid, **kw))])
+    rec = out[SessionId(sid)]
+    assert rec is not None
+    return rec
+
+
+async def next_event(events: AsyncIterator[SessionEvent]) -> SessionEvent:
+    async with asyncio.timeout(DEADLINE):
+        return await anext(events)
+
+
+async def until_synced(events: AsyncIterator[SessionEvent]) -> list[SessionEvent]:
+    seen = []
+    while (ev := await next_event(events)).type is not SessionEventType.SYNCED:
+        seen.append(ev)
+    return seen
+
+
+async def test_upsert_creates_a_session_with_timestamps(store: SessionStore) -> None:
+    rec = await create(store, epoch=0)
+    assert rec.owner_epoch == 1
+    assert rec.created_at > 0
+    assert rec.updated_at == rec.created_at
+    assert rec.expires_at > rec.updated_at
+    got = await store.get(session_id=SessionId("s1"))
+    assert got == rec
+    assert got.initialize_request == b'{"method":"initialize"}'
+
+
+async def test_missing_session_is_none(store: SessionStore) -> None:
+    assert await store.get(session_id=SessionId("nope")) is None
+
+
+async def test_stream_updates_are_monotonic_and_idempotent(store: SessionStore) -> None:
+    await create(store)
+    sid = SessionId("s1")
+    out = await store.apply(writes=[update("s1", "a", 5)])
+    rec = out[sid]
+    assert rec is not None
+    assert rec.streams[StreamId("a")].seq == 5
+    # Lower, equal (a replay) and the same batch again: no-ops, not even timestamps move.
+    for stale in (update("s1", "a", 3), update("s1", "a", 5), update("s1", "a", 5)):
+        again = (await store.apply(writes=[stale]))[sid]
+        assert again == rec
+    assert await store.get(session_id=sid) == rec
+    rec7 = (await store.apply(writes=[update("s1", "a", 7), update("s1", "a", 6)]))[sid]
+    assert rec7 is not None
+    assert rec7.streams[StreamId("a")].seq == 7
+    assert rec7.streams[StreamId("a")].last_event_id == "a.1.7"
+
+
+async def test_one_batch_creates_and_moves_several_sessions(store: SessionStore) -> None:
+    out = await store.apply(
+        writes=[
+            update("s1", "a", 2),
+            SessionUpsert(record("s1", streams={StreamId("b"): pos("b", 1)})),
+            SessionUpsert(record("s2")),
+            update("s2", "x", 9),
+        ]
+    )
+    s1, s2 = out[SessionId("s1")], out[SessionId("s2")]
+    assert s1 is not None
+    assert s2 is not None
+    assert {k: v.seq for k, v in s1.streams.items()} == {"a": 2, "b": 1}
+    assert s2.streams[StreamId("x")].seq == 9
+
+
+async def test_update_of_unknown_session_creates_nothing(store: SessionStore) -> None:
+    out = await store.apply(writes=[update("ghost", "a", 1)])
+    assert out == {SessionId("ghost"): None}
+    assert await store.get(session_id=SessionId("ghost")) is None
+
+
+async def test_claim_fences_the_old_owner(store: SessionStore) -> None:
+    sid = SessionId("s1")
+    await create(store)
+    await store.apply(writes=[update("s1", "a", 10)])
+    claimed = await store.claim(session_id=sid, owner=OwnerName("pod-b"))
+    assert (claimed.owner, claimed.owner_epoch) == ("pod-b", 2)
+    assert claimed.streams[StreamId("a")].seq == 10
+    # The zombie keeps reporting with epoch 1: refused, whatever its seq.
+    zombie = (await store.apply(writes=[update("s1", "a", 99, epoch=1)]))[sid]
+    assert zombie == claimed
+    zombie_meta = SessionUpsert(record("s1", owner="pod-a", epoch=1, upstream_address="x"))
+    assert (await store.apply(writes=[zombie_meta]))[sid] == claimed
+    # The new owner's first event beats everything before it.
+    new = (await store.apply(writes=[update("s1", "a", 1, epoch=2)]))[sid]
+    assert new is not None
+    assert new.streams[StreamId("a")].order == (2, 1)
+    # An epoch nobody granted is refused too.
+    assert (await store.apply(writes=[update("s1", "a", 5, epoch=3)]))[sid] == new
+
+
+async def test_claim_with_expected_epoch_is_compare_and_set(store: SessionStore) -> None:
+    sid = SessionId("s1")
+    await create(store)
+    won = await store.claim(session_id=sid, owner=OwnerName("b"), expected_owner_epoch=1)
+    assert won.owner_epoch == 2
+    with pytest.raises(ClaimRefusedError) as info:
+        await store.claim(session_id=sid, owner=OwnerName("c"), expected_owner_epoch=1)
+    assert info.value.current.owner == "b"
+    with pytest.raises(SessionNotFoundError):
+        await store.claim(session_id=SessionId("nope"), owner=OwnerName("b"))
+
+
+async def test_upsert_by_owner_refreshes_metadata(store: SessionStore) -> None:
+    sid = SessionId("s1")
+    await create(store)
+    new = record("s1", upstream_session_id="s1-reinit", initialize_request=b"")
+    rec = (await store.apply(writes=[SessionUpsert(new)]))[sid]
+    assert rec is not None
+    assert rec.upstream_session_id == "s1-reinit"
+    assert rec.initialize_request == b'{"method":"initialize"}'
+
+
+async def test_delete_returns_the_last_record(store: SessionStore) -> None:
+    rec = await create(store)
+    assert await store.delete(session_id=SessionId("s1")) == rec
+    assert await store.get(session_id=SessionId("s1")) is None
+    assert await store.delete(session_id=SessionId("s1")) is None
+
+
+async def test_list_pages_and_filters_by_owner(store: SessionStore) -> None:
+    for i in range(7):
+        await create(store, f"s{i}", owner="even" if i % 2 == 0 else "odd")
+    ids: list[str] = []
+    token = ""
+    while True:
+        page = await store.list_page(page_size=3, page_token=token)
+        assert len(page.sessions) <= 3
+        ids += [r.session_id for r in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert ids == [f"s{i}" for i in range(7)]
+    evens = await store.list_page(owner=OwnerName("even"), page_size=2)
+    assert [r.session_id for r in evens.sessions] == ["s0", "s2"]
+    rest = await store.list_page(owner=OwnerName("even"), page_token=evens.next_page_token)
+    assert [r.session_id for r in rest.sessions] == ["s4", "s6"]
+    assert rest.next_page_token == ""
+    with pytest.raises(InvalidPageTokenError):
+        await store.list_page(page_token="../../etc")
+
+
+async def test_watch_gives_a_snapshot_then_changes(store: SessionStore) -> None:
+    await create(store, "s1")
+    await create(store, "s2")
+    async with contextlib.aclosing(store.watch()) as events:
+        snapshot = await until_synced(events)
+        assert sorted(e.session_id or "" for e in snapshot) == ["s1", "s2"]
+        assert all(e.type is SessionEventType.PUT for e in snapshot)
+        await store.apply(writes=[update("s1", "a", 1)])
+        ev = await next_event(events)
+        assert (ev.type, ev.session_id) == (SessionEventType.PUT, "s1")
+        assert ev.session is not None
+        assert ev.session.streams[StreamId("a")].seq == 1
+        await store.apply(writes=[update("s1", "a", 1)])  # stale: no event
+        await store.delete(session_id=SessionId("s2"))
+        ev = await next_event(events)
+        assert (ev.type, ev.session_id) == (SessionEventType.DELETE, "s2")
+        assert ev.session is not None
+        assert ev.session.session_id == "s2"
+
+
+async def test_watcher_sees_expiry(harness: StoreHarness) -> None:
+    ttl = 1.0
+    store = await harness.open(session_ttl=ttl)
+    await create(store, "idle")
+    async with contextlib.aclosing(store.watch()) as events:
+        assert [e.session_id for e in await until_synced(events)] == ["idle"]
+        await harness.expire(store, ttl)
+        ev = await next_event(events)
+        assert (ev.type, ev.session_id) == (SessionEventType.EXPIRE, "idle")
+    assert await store.get(session_id=SessionId("idle")) is None
+    # A stream update after expiry finds no session: skipped, not resurrected.
+    assert (await store.apply(writes=[update("idle", "a", 1)]))[SessionId("idle")] is None
+
+
+async def test_concurrent_writers_end_at_the_maximum(store: SessionStore) -> None:
+    sid = SessionId("s1")
+    await create(store)
+    seqs = list(range(1, 51))
+    # Interleave high and low sequence numbers; every writer races every other.
+    order = seqs[::2] + seqs[1::2][::-1]
+    await asyncio.gather(*(store.apply(writes=[update("s1", "a", s)]) for s in order))
+    rec = await store.get(session_id=sid)
+    assert rec is not None
+    assert rec.streams[StreamId("a")].seq == 50
+
+
+async def test_records_survive_reopening(harness: StoreHarness) -> None:
+    first = await harness.open()
+    await create(first)
+    rec = (await first.apply(writes=[update("s1", "a", 3)]))[SessionId("s1")]
+    assert rec is not None
+    await first.aclose()
+    second = await harness.open()
+    assert await second.get(session_id=SessionId("s1")) == rec
+
+
+async def test_record_round_trips_every_field(store: SessionStore) -> None:
+    rec = await create(
+        store,
+        "s.1_~+=:@-x",
+        initialize_request=bytes(range(256)),
+        streams={StreamId("a"): pos("a", 1), StreamId("b"): pos("b", 2)},
+    )
+    got = await store.get(session_id=SessionId("s.1_~+=:@-x"))
+    assert got == rec
+    assert dataclasses.asdict(got)["initialize_request"] == bytes(range(256))

@@ -1,0 +1,136 @@
+"""`tether control-plane` and `tether sessions`: flag parsing, store URLs, and the commands'
+output against a real control plane on port 0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from controlplane.config import EtcdUrl, SqliteUrl, StoreUrlError, parse_store_url
+from controlplane.server import RunningControlPlane
+from tether import cli_controlplane
+from tether.api.v1 import sessions_pb2 as pb
+from tether.api.v1 import sessions_pb2_grpc
+from tether.cli import build_parser
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        ("sqlite:///tether.db", SqliteUrl(Path("tether.db"))),
+        ("sqlite:////var/lib/tether/s.db", SqliteUrl(Path("/var/lib/tether/s.db"))),
+        ("etcd://10.0.0.1:2379", EtcdUrl((("10.0.0.1", 2379),), "/tether")),
+        (
+            "etcd://a:1,b.example:2,[::1]:3/prod/tether/",
+            EtcdUrl((("a", 1), ("b.example", 2), ("::1", 3)), "/prod/tether"),
+        ),
+    ],
+)
+def test_store_urls(url: str, parsed: object) -> None:
+    assert parse_store_url(url) == parsed
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "tether.db",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite:///dir/",
+        "etcd://",
+        "etcd://host",
+        "etcd://host:port",
+        "etcd://host:99999",
+        "etcd://h:1/../x",
+        "etcd://h:1/a b",
+        "redis://h:1",
+    ],
+)
+def test_bad_store_urls_say_why(url: str) -> None:
+    with pytest.raises(StoreUrlError, match=r"etcd|sqlite|port|prefix|host|file|endpoint"):
+        parse_store_url(url)
+
+
+def test_control_plane_flags() -> None:
+    args = build_parser().parse_args(
+        ["control-plane", "--listen", "0.0.0.0:7000", "--store", "etcd://h:1,h:2"]
+    )
+    assert (args.listen, args.store, args.session_ttl) == ("0.0.0.0:7000", "etcd://h:1,h:2", 3600)
+
+
+def test_control_plane_refuses_a_bad_store(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["control-plane", "--store", "mysql://x"])
+    assert args.run(args) == 2
+    assert "unknown scheme" in capsys.readouterr().err
+
+
+async def seed(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = sessions_pb2_grpc.SessionServiceStub(ch)  # type: ignore[no-untyped-call]
+        call = stub.ReportEvents()
+        sessions = [
+            pb.Session(session_id=f"s{i}", owner="pod-a", upstream_address="up:1") for i in range(3)
+        ]
+        pos = pb.StreamPosition(stream_id="st", last_event_id="st.1.4", seq=4, owner_epoch=1)
+        await call.write(
+            pb.ReportEventsRequest(
+                batch_id=1,
+                upserts=[pb.SessionUpsert(session=s) for s in sessions],
+                updates=[pb.StreamUpdate(session_id="s1", position=pos)],
+            )
+        )
+        assert (await call.read()).batch_id == 1
+        await call.done_writing()
+
+
+async def run_sessions(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    args: Any = build_parser().parse_args(["sessions", *argv])
+    command = {"list": cli_controlplane._list, "get": cli_controlplane._get}.get(
+        args.action, cli_controlplane._delete
+    )
+    code = await cli_controlplane._call_control_plane(command, args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_sessions_list_get_delete(
+    control_plane: RunningControlPlane, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await seed(control_plane.address)
+    cp = ["--control-plane", control_plane.address]
+    code, out, _ = await run_sessions(["list", *cp, "--page-size", "2"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["SESSION", "OWNER", "EPOCH"]
+    assert [line.split()[0] for line in lines[1:]] == ["s0", "s1", "s2"]
+
+    code, out, _ = await run_sessions(["-o", "json", "list", *cp], capsys)
+    doc = json.loads(out)
+    assert [s["sessionId"] for s in doc["sessions"]] == ["s0", "s1", "s2"]
+    assert doc["sessions"][1]["streams"][0] == {
+        "streamId": "st",
+        "lastEventId": "st.1.4",
+        "seq": "4",
+        "ownerEpoch": "1",
+    }
+
+    code, out, _ = await run_sessions(["get", "s1", *cp], capsys)
+    assert code == 0
+    assert "st.1.4" in out
+    assert "pod-a (epoch 1)" in out
+
+    code, out, _ = await run_sessions(["delete", "s1", *cp, "-o", "json"], capsys)
+    assert json.loads(out)["session"]["sessionId"] == "s1"
+
+    code, out, err = await run_sessions(["get", "s1", *cp], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith("error: NOT_FOUND")
+
+    code, _, err = await run_sessions(["get", "a/b", *cp], capsys)
+    assert code == 1
+    assert err.startswith("error: INVALID_ARGUMENT")

@@ -1,0 +1,124 @@
+"""The pure rules of `controlplane.records` and `controlplane.batcher`: no store, no loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controlplane.batcher import PendingWrites, acknowledge
+from controlplane.records import ClaimRefusedError, apply_writes, claim
+from tether.model import (
+    OwnerName,
+    RejectionReason,
+    ReportBatch,
+    SessionId,
+    SessionRecord,
+    SessionUpsert,
+    StreamId,
+    StreamPosition,
+    StreamUpdate,
+)
+
+SID = SessionId("s1")
+
+
+def rec(epoch: int = 1) -> SessionRecord:
+    return SessionRecord(SID, "s1", "up:1", OwnerName("pod-a"), epoch)
+
+
+def upd(seq: int, epoch: int = 1, stream: str = "a") -> StreamUpdate:
+    return StreamUpdate(SID, StreamPosition(StreamId(stream), f"{stream}.{seq}", "", seq, epoch))
+
+
+def test_create_then_stale_is_unchanged() -> None:
+    created = apply_writes(None, [SessionUpsert(rec(0)), upd(3)], now=10, ttl=5)
+    assert created.changed
+    assert created.record is not None
+    assert created.record.owner_epoch == 1
+    assert (created.record.created_at, created.record.expires_at) == (10, 15)
+    stale = apply_writes(created.record, [upd(2), upd(3)], now=20, ttl=5)
+    assert not stale.changed
+    assert stale.record is created.record
+
+
+def test_update_without_session_is_skipped() -> None:
+    assert apply_writes(None, [upd(1)], now=1, ttl=1).record is None
+
+
+def test_claim_keeps_streams_and_checks_expected_epoch() -> None:
+    base = apply_writes(None, [SessionUpsert(rec()), upd(9)], now=1, ttl=1).record
+    assert base is not None
+    new = claim(base, owner=OwnerName("b"), expected_owner_epoch=1, now=2, ttl=1)
+    assert (new.owner, new.owner_epoch, new.streams) == ("b", 2, base.streams)
+    with pytest.raises(ClaimRefusedError):
+        claim(new, owner=OwnerName("c"), expected_owner_epoch=1, now=3, ttl=1)
+
+
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(0, 50)), min_size=1, max_size=40))
+def test_any_order_of_updates_ends_at_the_greatest_of_the_current_epoch(
+    updates: list[tuple[int, int]],
+) -> None:
+    """Whatever the order, batching or replay, a stream ends at the greatest seq written under
+    the session's epoch, and never moves backwards on the way."""
+    start = apply_writes(None, [SessionUpsert(rec(epoch=2))], now=0, ttl=1).record
+    assert start is not None
+    record: SessionRecord = start
+    seen = -1
+    for epoch, seq in updates:
+        after = apply_writes(record, [upd(seq, epoch)], now=1, ttl=1).record
+        assert after is not None
+        record = after
+        got = record.streams.get(StreamId("a"))
+        if got is not None:
+            assert got.seq >= seen
+            seen = got.seq
+    valid = [seq for epoch, seq in updates if epoch == 2]
+    final = record.streams.get(StreamId("a"))
+    assert (final.seq if final else None) == (max(valid) if valid else None)
+    # One batch of all of them gives the same result as one at a time.
+    fresh = apply_writes(None, [SessionUpsert(rec(2))], now=0, ttl=1).record
+    batched = apply_writes(fresh, [upd(s, e) for e, s in updates], now=1, ttl=1).record
+    assert batched is not None
+    assert batched.streams == record.streams
+
+
+def test_pending_writes_coalesce_per_stream_and_epoch() -> None:
+    pending = PendingWrites()
+    pending.add([upd(1), upd(5), upd(3), upd(2, epoch=2), upd(1, stream="b")])
+    pending.add([SessionUpsert(rec())])
+    assert pending.received == 6
+    taken = pending.take()
+    assert isinstance(taken[0], SessionUpsert)
+    updates = sorted(
+        (w.position.stream_id, w.position.owner_epoch, w.position.seq)
+        for w in taken
+        if isinstance(w, StreamUpdate)
+    )
+    assert updates == [("a", 1, 5), ("a", 2, 2), ("b", 1, 1)]
+    assert pending.take() == []
+
+
+def test_acknowledge_reports_fenced_and_unknown() -> None:
+    current = dataclasses.replace(rec(epoch=2), owner=OwnerName("pod-b"))
+    batch = ReportBatch(
+        4,
+        upserts=(SessionUpsert(rec(1)),),
+        updates=(
+            upd(1, epoch=1),
+            upd(1, epoch=2),
+            StreamUpdate(SessionId("gone"), upd(1).position),
+        ),
+    )
+    ack = acknowledge(batch, {SID: current, SessionId("gone"): None})
+    assert ack.batch_id == 4
+    got = [(r.session_id, r.stream_id, r.reason) for r in ack.rejections]
+    assert got == [
+        ("s1", "", RejectionReason.FENCED),
+        ("s1", "a", RejectionReason.FENCED),
+        ("gone", "a", RejectionReason.UNKNOWN_SESSION),
+    ]
+    assert ack.rejections[0].current_owner == "pod-b"
+    assert ack.rejections[0].current_owner_epoch == 2
