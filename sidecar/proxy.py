@@ -32,8 +32,8 @@ from sidecar.config import SidecarConfig
 from sidecar.metrics import Metrics
 from sidecar.reconnect import GiveUp, Outcome, ReconnectPolicy
 from sidecar.sse import SSEError, SSEEvent, SSEParser, encode_comment, encode_event
-from sidecar.streams import LiveStream, Registry, StreamKind
-from sidecar.tracker import EventId, Gap
+from sidecar.streams import LiveStream, Registry
+from sidecar.tracker import EventId, Gap, StreamKind
 from tether.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("tether.sidecar.proxy")
@@ -545,7 +545,8 @@ class Proxy:
             return error_response(410, f"event id {event_id} is not one this stream delivered")
         catch_up_cursor: str | None = None
         if isinstance(tracker.events_after(event_id.seq), Gap):
-            catch_up_cursor = tracker.upstream_cursor_at(event_id.seq)
+            # The client's own id carries its upstream cursor; the index is the fallback.
+            catch_up_cursor = event_id.upstream or tracker.upstream_cursor_at(event_id.seq)
             if catch_up_cursor is None:
                 log.warning(
                     "resume of %s refused: older than the replay buffer, and the upstream"

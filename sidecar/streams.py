@@ -13,23 +13,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from multidict import CIMultiDict
 
-from sidecar.tracker import StreamId, StreamTracker, TrackerLimits, new_stream_id
+from sidecar.tracker import StreamKind, StreamTracker, TrackerLimits, new_stream_id
+from tether.model import StreamId
 
 log = logging.getLogger("tether.sidecar.streams")
-
-
-class StreamKind(Enum):
-    POST = "post"
-    """The SSE response to one POST; complete once every request in it was answered."""
-    STANDALONE = "standalone"
-    """The GET stream of a Streamable HTTP session; open-ended."""
-    LEGACY = "legacy"
-    """A 2024-11-05 HTTP+SSE stream (`GET /sse`); the session lives as long as it does."""
 
 
 class Signal:
@@ -173,9 +164,9 @@ class Registry:
         upstream_headers: CIMultiDict[str],
         response_headers: CIMultiDict[str],
     ) -> LiveStream:
-        stream_id = new_stream_id()
+        stream_id = new_stream_id(kind)
         while stream_id in self.streams:
-            stream_id = new_stream_id()
+            stream_id = new_stream_id(kind)
         stream = LiveStream(
             tracker=StreamTracker(stream_id, limits=self.limits),
             kind=kind,

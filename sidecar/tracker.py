@@ -1,17 +1,20 @@
 """Per-stream event bookkeeping: client-facing ids, duplicate drops and the replay buffer.
 
 The sidecar, not the upstream, names the events a client sees. Invariants:
-1. A client-facing id is `<stream>.<epoch>.<seq>`: unique across the streams of a session
-   (stream ids are unique per session), it names its stream (so a `Last-Event-ID` alone says
-   which stream to resume) and it stays stable when the upstream restarts (the sequence is
-   ours). A new owner of the session continues with a higher epoch, so ids never collide.
+1. A client-facing id is `<stream>.<epoch>.<seq>[.<cursor>]`: unique across the streams of a
+   session (stream ids are unique per session), it names its stream (so a `Last-Event-ID`
+   alone says which stream to resume) and it stays stable when the upstream restarts (the
+   sequence is ours). A new owner of the session continues with a higher epoch, so ids never
+   collide. `<cursor>` is the upstream's own last-event-id after this event (base64url), so
+   whichever sidecar a client comes back to can resume the upstream exactly where the client
+   is, however far the persisted record lags or leads the client.
 2. `seq` grows by one per delivered event and never goes backwards.
 3. An event whose upstream id is in the dedup window was delivered already and is dropped;
    the window holds the last `dedup_window` upstream ids.
 4. `last_event_id` and `last_upstream_event_id` change only after dedup: they describe what
    was delivered, and they are what the control plane persists.
 5. The replay buffer holds the newest delivered events within `replay_max_events` and
-   `replay_max_bytes`; an id index (seq -> upstream id) reaches further back so an older
+   `replay_max_bytes`; an id index (seq -> upstream cursor) reaches further back so an older
    resume can still be served through the upstream.
 
 Pure: fed parsed events, returns bytes to write; no I/O, no clock.
@@ -19,47 +22,93 @@ Pure: fed parsed events, returns bytes to write; no I/O, no clock.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import secrets
 from collections import deque
 from dataclasses import dataclass
-from typing import NewType
+from enum import Enum
 
 from sidecar.sse import SSEEvent, encode_event
-
-StreamId = NewType("StreamId", str)
+from tether.model import StreamId
 
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,2048}$")
 
 
-def new_stream_id() -> StreamId:
+class StreamKind(Enum):
+    """What a stream is; the first letter of its id, so a new sidecar knows from the id."""
+
+    POST = "p"
+    """The SSE response to one POST; complete once every request in it was answered."""
+    STANDALONE = "g"
+    """The GET stream of a Streamable HTTP session; open-ended."""
+    LEGACY = "l"
+    """A 2024-11-05 HTTP+SSE stream (`GET /sse`); the session lives as long as it does."""
+
+    @classmethod
+    def of(cls, stream_id: str) -> StreamKind | None:
+        try:
+            return cls(stream_id[:1])
+        except ValueError:
+            return None
+
+
+def new_stream_id(kind: StreamKind) -> StreamId:
     """Mint an unguessable stream id (it appears in event ids that clients echo back)."""
-    return StreamId(secrets.token_hex(6))
+    return StreamId(kind.value + secrets.token_hex(6))
 
 
-@dataclass(frozen=True, slots=True, order=True)
+def encode_cursor(cursor: str) -> str:
+    return base64.urlsafe_b64encode(cursor.encode()).rstrip(b"=").decode()
+
+
+def _decode_cursor(text: str) -> str | None:
+    if not _BASE64URL.match(text):
+        return None
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class EventId:
     """A client-facing event id; orders by (epoch, seq) within one stream."""
 
     stream: StreamId
     epoch: int
     seq: int
+    upstream: str = ""
+    """The upstream's last-event-id after this event ("" when the upstream sends none)."""
 
     def __str__(self) -> str:
-        return f"{self.stream}.{self.epoch}.{self.seq}"
+        base = f"{self.stream}.{self.epoch}.{self.seq}"
+        return f"{base}.{encode_cursor(self.upstream)}" if self.upstream else base
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.epoch, self.seq)
 
     @classmethod
     def parse(cls, text: str) -> EventId | None:
-        """Parse an id this sidecar minted; None for anything else (never raises)."""
+        """Parse an id a Tether sidecar minted; None for anything else (never raises)."""
         parts = text.split(".")
-        if len(parts) != 3 or not _STREAM_ID.match(parts[0]):
+        if len(parts) not in (3, 4) or not _STREAM_ID.match(parts[0]):
             return None
         epoch, seq = parts[1], parts[2]
         if not (epoch.isascii() and epoch.isdigit() and seq.isascii() and seq.isdigit()):
             return None
         if len(epoch) > 18 or len(seq) > 18:
             return None
-        return cls(StreamId(parts[0]), int(epoch), int(seq))
+        upstream = ""
+        if len(parts) == 4:
+            decoded = _decode_cursor(parts[3])
+            if not decoded:
+                return None
+            upstream = decoded
+        return cls(StreamId(parts[0]), int(epoch), int(seq), upstream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +142,7 @@ class StreamTracker:
         "_buffer_bytes",
         "_buffer_head",
         "_cumulative",
+        "_cursor_suffix",
         "_index",
         "_index_head",
         "_limits",
@@ -119,6 +169,9 @@ class StreamTracker:
         self.epoch = epoch
         self.seq = seq
         self.last_upstream_event_id = last_upstream_event_id
+        self._cursor_suffix = (
+            f".{encode_cursor(last_upstream_event_id)}" if last_upstream_event_id else ""
+        )
         self.duplicates = 0
         self._limits = limits
         self._seen: set[str] = set()
@@ -136,10 +189,13 @@ class StreamTracker:
 
     @property
     def last_event_id(self) -> EventId | None:
-        return EventId(self.stream_id, self.epoch, self.seq) if self.seq else None
+        if not self.seq:
+            return None
+        return EventId(self.stream_id, self.epoch, self.seq, self.last_upstream_event_id)
 
     def event_id(self, seq: int) -> EventId:
-        return EventId(self.stream_id, self.epoch, seq)
+        """The id of delivered event `seq` (with its upstream cursor while the index has it)."""
+        return EventId(self.stream_id, self.epoch, seq, self.upstream_cursor_at(seq) or "")
 
     def accept(self, event: SSEEvent) -> bytes | None:
         """Record `event` and return its client-facing bytes, or None for a duplicate."""
@@ -153,16 +209,22 @@ class StreamTracker:
             if len(self._seen_order) > self._limits.dedup_window:
                 self._seen.discard(self._seen_order.popleft())
         self.seq += 1
-        self.last_upstream_event_id = event.last_event_id
+        cursor = event.last_event_id
+        if cursor != self.last_upstream_event_id:
+            self.last_upstream_event_id = cursor
+            self._cursor_suffix = f".{encode_cursor(cursor)}" if cursor else ""
         payload = encode_event(
-            data=event.data, id=f"{self.stream_id}.{self.epoch}.{self.seq}", event=event.event
+            data=event.data,
+            id=f"{self.stream_id}.{self.epoch}.{self.seq}{self._cursor_suffix}",
+            event=event.event,
         )
-        self._remember(payload, event.last_event_id)
+        self._remember(payload, cursor)
         return payload
 
     def priming_event(self) -> bytes:
         """An empty event carrying the current id: lets a client resume before any event."""
-        return encode_event(data="", id=str(self.event_id(self.seq)))
+        current = EventId(self.stream_id, self.epoch, self.seq, self.last_upstream_event_id)
+        return encode_event(data="", id=str(current))
 
     def _remember(self, payload: bytes, upstream_cursor: str) -> None:
         limits = self._limits

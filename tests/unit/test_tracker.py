@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from sidecar.sse import SSEEvent, SSEParser
-from sidecar.tracker import EventId, Gap, StreamId, StreamTracker, TrackerLimits
+from sidecar.tracker import (
+    EventId,
+    Gap,
+    StreamKind,
+    StreamTracker,
+    TrackerLimits,
+    new_stream_id,
+)
+from tether.model import StreamId
 
 S = StreamId("abc")
 
@@ -28,13 +36,37 @@ def test_event_ids_roundtrip_and_order() -> None:
     a = EventId(S, 1, 9)
     assert str(a) == "abc.1.9"
     assert EventId.parse("abc.1.9") == a
-    assert EventId(S, 1, 10) > a
-    assert EventId(S, 2, 1) > EventId(S, 1, 999)
+    assert EventId(S, 1, 10).order > a.order
+    assert EventId(S, 2, 1).order > EventId(S, 1, 999).order
+
+
+@pytest.mark.parametrize("cursor", ["2:45", "count.3.7.WzEsInQiXQ/12", "ünï cödé", "a.b.c", "="])
+def test_event_ids_carry_the_upstream_cursor(cursor: str) -> None:
+    eid = EventId(S, 3, 17, cursor)
+    text = str(eid)
+    assert text.startswith("abc.3.17.")
+    assert text.count(".") == 3
+    assert EventId.parse(text) == eid
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "abc", "abc.1", "abc.1.x", "abc.-1.2", "a/b.1.2", "abc.1.2.3", "2:3", "abc.1.²", "x" * 70],
+    [
+        "",
+        "abc",
+        "abc.1",
+        "abc.1.x",
+        "abc.-1.2",
+        "a/b.1.2",
+        "abc.1.2.3.4",
+        "abc.1.2.!!",
+        "abc.1.2.",
+        "abc.1.2.gA",  # not UTF-8 once decoded
+        "2:3",
+        "abc.1.²",
+        "x" * 70,
+        "abc.1.2." + "A" * 5000,
+    ],
 )
 def test_foreign_ids_do_not_parse(text: str) -> None:
     assert EventId.parse(text) is None
@@ -45,9 +77,9 @@ def test_accept_assigns_sequence_and_rewrites_ids() -> None:
     out = [t.accept(ev(n)) for n in (1, 2, 3)]
     assert all(o is not None for o in out)
     parsed = parse_all([o for o in out if o is not None])
-    assert [e.id for e in parsed] == ["abc.1.1", "abc.1.2", "abc.1.3"]
+    assert [e.id for e in parsed] == [str(EventId(S, 1, n, f"u{n}")) for n in (1, 2, 3)]
     assert [e.data for e in parsed] == ["payload 1", "payload 2", "payload 3"]
-    assert t.last_event_id == EventId(S, 1, 3)
+    assert t.last_event_id == EventId(S, 1, 3, "u3")
     assert t.last_upstream_event_id == "u3"
 
 
@@ -124,17 +156,38 @@ def test_priming_event_names_the_current_position() -> None:
     assert primed.data == ""
     t.accept(ev(1))
     (primed,) = parse_all([t.priming_event()])
-    assert primed.id == "abc.1.1"
+    assert primed.id is not None
+    assert EventId.parse(primed.id) == EventId(S, 1, 1, "u1")
+
+
+def test_events_without_upstream_ids_get_plain_ids() -> None:
+    t = tracker()
+    out = t.accept(ev(None, "x"))
+    assert out is not None
+    (parsed,) = parse_all([out])
+    assert parsed.id == "abc.1.1"
 
 
 def test_resumed_tracker_continues_sequence_in_a_new_epoch() -> None:
     t = StreamTracker(S, limits=TrackerLimits(), epoch=2, seq=41, last_upstream_event_id="u41")
+    (primed,) = parse_all([t.priming_event()])
+    assert primed.id is not None
+    assert EventId.parse(primed.id) == EventId(S, 2, 41, "u41")
     out = t.accept(ev(42))
     assert out is not None
     (parsed,) = parse_all([out])
-    assert parsed.id == "abc.2.42"
+    assert parsed.id is not None
+    assert EventId.parse(parsed.id) == EventId(S, 2, 42, "u42")
     assert isinstance(t.events_after(40), Gap)
     assert t.events_after(41) == [out]
+
+
+@pytest.mark.parametrize("kind", list(StreamKind))
+def test_stream_ids_name_their_kind(kind: StreamKind) -> None:
+    sid = new_stream_id(kind)
+    assert StreamKind.of(sid) is kind
+    assert EventId.parse(f"{sid}.1.1") is not None
+    assert StreamKind.of("zzz") is None
 
 
 @pytest.mark.parametrize(
