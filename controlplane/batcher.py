@@ -142,7 +142,9 @@ class WriteBatcher:
             # Mark a failure as seen even if every submitter has gone away meanwhile.
             self._future.add_done_callback(_consume_exception)
         self._wakeup.set()
-        return self._future
+        # Each caller gets its own view: a caller cancelled while waiting (a sidecar that
+        # went away) must not cancel the flush every other caller is waiting for.
+        return asyncio.shield(self._future)
 
     async def flush(self) -> None:
         """Write everything pending now (the loop does this on its own)."""
@@ -155,12 +157,14 @@ class WriteBatcher:
             result = await self._store.apply(writes=writes)
         except Exception as e:
             log.warning("flushing %d coalesced writes failed: %s", len(writes), e)
-            future.set_exception(e)
+            if not future.done():
+                future.set_exception(e)
             return
         self.flushes += 1
         self.writes_received += received
         self.writes_flushed += len(writes)
-        future.set_result(result)
+        if not future.done():
+            future.set_result(result)
 
     async def _run(self) -> None:
         while True:
