@@ -92,7 +92,9 @@ class ReconnectPolicy:
         self._failures += 1
         if self._failures > cfg.max_attempts:
             return GiveUp(f"{cfg.max_attempts} reconnect attempts failed")
-        ceiling = min(cfg.max_delay, cfg.initial_delay * cfg.multiplier ** (self._failures - 1))
+        # The exponent is capped so a long outage (huge max_attempts) cannot overflow a float.
+        exponent = min(self._failures - 1, 64)
+        ceiling = min(cfg.max_delay, cfg.initial_delay * cfg.multiplier**exponent)
         delay = self._rng.uniform(0, ceiling)
         if hint is not None:
             delay = max(delay, hint)

@@ -94,3 +94,11 @@ def test_polling_is_bounded_by_the_outage_clock_too() -> None:
 def test_bad_config_is_rejected(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="reconnect"):
         ReconnectConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_a_very_long_outage_does_not_overflow() -> None:
+    p = policy(initial_delay=0.1, max_delay=2.0, max_attempts=5000, max_elapsed=1e9)
+    for i in range(3000):
+        d = p.next(Outcome.FAILED, now=float(i), retry_ms=None)
+        assert isinstance(d, Retry)
+        assert d.delay <= 2.0
