@@ -3,7 +3,6 @@ leak check (as in tests/integration)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -15,22 +14,7 @@ from controlplane.store.etcd import EtcdSessionStore, EtcdStoreConfig
 from controlplane.store.protocol import SessionStore
 from controlplane.store.sqlite import SqliteSessionStore, SqliteStoreConfig
 from tests.support.etcd import EtcdCluster, etcd_available, start_etcd
-
-
-@pytest.fixture(autouse=True)
-async def _no_leaked_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves tasks running: leaked tasks hide shutdown bugs."""
-    before = asyncio.all_tasks()
-    yield
-    current = asyncio.current_task()
-    leaked = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
-    if leaked:
-        # grpc finishes cancelled calls in tasks of its own: give those a moment to end.
-        await asyncio.wait(leaked, timeout=2.0)
-        leaked = [t for t in leaked if not t.done()]
-    for t in leaked:
-        t.cancel()
-    assert not leaked, f"test leaked tasks: {[t.get_name() for t in leaked]}"
+from tests.support.leaks import _no_leaked_tasks  # noqa: F401 - autouse fixture
 
 
 @pytest.fixture(scope="session")

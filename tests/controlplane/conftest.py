@@ -3,7 +3,6 @@ a fake clock, a channel and stub to it, and a task leak check."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,25 +13,10 @@ from controlplane.config import ControlPlaneConfig, SqliteUrl
 from controlplane.server import RunningControlPlane, start_control_plane
 from controlplane.store.sqlite import SqliteSessionStore, SqliteStoreConfig
 from tests.contract.conftest import FakeClock
+from tests.support.leaks import _no_leaked_tasks  # noqa: F401 - autouse fixture
 from tether.api.v1 import sessions_pb2_grpc
 
 TTL = 60.0
-
-
-@pytest.fixture(autouse=True)
-async def _no_leaked_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves tasks running: leaked tasks hide shutdown bugs."""
-    before = asyncio.all_tasks()
-    yield
-    current = asyncio.current_task()
-    leaked = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
-    if leaked:
-        # grpc finishes cancelled calls in tasks of its own: give those a moment to end.
-        await asyncio.wait(leaked, timeout=2.0)
-        leaked = [t for t in leaked if not t.done()]
-    for t in leaked:
-        t.cancel()
-    assert not leaked, f"test leaked tasks: {[t.get_name() for t in leaked]}"
 
 
 @pytest.fixture

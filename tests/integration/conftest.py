@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,25 +14,9 @@ from aiohttp import web
 
 from sidecar.app import RunningSidecar, start_sidecar
 from sidecar.config import SidecarConfig
+from tests.support.leaks import _no_leaked_tasks  # noqa: F401 - autouse fixture
 from tests.support.numbered_upstream import make_app
 from tests.support.procs import ProcessPool
-
-
-@pytest.fixture(autouse=True)
-async def _no_leaked_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves tasks running: leaked tasks hide shutdown bugs."""
-    before = asyncio.all_tasks()
-    yield
-    current = asyncio.current_task()
-    leaked = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
-    if leaked:
-        # Give cancellations that are already in flight a few loop turns to finish.
-        for _ in range(5):
-            await asyncio.sleep(0)
-        leaked = [t for t in leaked if not t.done()]
-    for t in leaked:
-        t.cancel()
-    assert not leaked, f"test leaked tasks: {[t.get_name() for t in leaked]}"
 
 
 @asynccontextmanager
