@@ -158,8 +158,8 @@ def build_mcp_server() -> MCPServer[Any]:
     return app
 
 
-def transport_security(host: str, allowed_hosts: Sequence[str]) -> TransportSecuritySettings | None:
-    """DNS-rebinding settings for `host` with extra `allowed_hosts` (`*` turns the check off).
+def transport_security(allowed_hosts: Sequence[str]) -> TransportSecuritySettings | None:
+    """DNS-rebinding settings accepting extra `allowed_hosts` (`*` turns the check off).
 
     With no extras this returns None, the SDK default: checking on for a loopback bind (Host
     must be `127.0.0.1:*`, `localhost:*` or `[::1]:*`), off otherwise. Behind a Kubernetes
@@ -192,7 +192,7 @@ def build_app(
     defaults.
     """
     mcp = build_mcp_server()
-    security = transport_security(host, allowed_hosts)
+    security = transport_security(allowed_hosts)
     if transport == "sse":
         return mcp.sse_app(transport_security=security, host=host)
     return mcp.streamable_http_app(

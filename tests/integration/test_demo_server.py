@@ -6,8 +6,10 @@ Also pins the facts the sidecar relies on: the event store's id format and repla
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,18 @@ def progress_of(events: list[RawEvent]) -> list[int]:
     ]
 
 
+async def read_through_response(resp: aiohttp.ClientResponse, *, rpc_id: int) -> list[RawEvent]:
+    """Events with data, up to and including the JSON-RPC response to `rpc_id`."""
+    events: list[RawEvent] = []
+    async with asyncio.timeout(10):
+        while True:
+            [event] = await read_sse(resp, max_events=1)
+            if event.data:
+                events.append(event)
+                if event.json().get("id") == rpc_id:
+                    return events
+
+
 async def test_event_store_resumes_a_dropped_post_stream(procs: ProcessPool) -> None:
     _, port = await start_demo(procs, "--retry-interval-ms", "500")
     url = f"http://127.0.0.1:{port}/mcp"
@@ -171,7 +185,8 @@ async def test_event_store_resumes_a_dropped_post_stream(procs: ProcessPool) -> 
         resume = {**headers(session_id), "Last-Event-ID": first[-1].id or ""}
         async with http.get(url, headers=resume) as resp:
             assert resp.status == 200
-            rest = [e for e in await read_sse(resp) if e.data]
+            # The SDK keeps a resumed stream open after the final response: read up to it.
+            rest = await read_through_response(resp, rpc_id=7)
         assert progress_of(rest) == [3, 4, 5, 6]
         final = rest[-1].json()
         assert final["id"] == 7
@@ -263,3 +278,34 @@ async def test_memory_event_store_ids_survive_colons_in_stream_ids() -> None:
     assert await store.replay_events_after(first, replay) == "x:y"
     assert replay.ks() == [2]
     assert json.loads(replay.sent[0].message.model_dump_json())["params"] == {"k": 2}
+
+
+async def test_sigterm_with_open_streams_still_exits_cleanly(procs: ProcessPool) -> None:
+    proc, port = await start_demo(procs)
+    url = f"http://127.0.0.1:{port}/mcp"
+    async with aiohttp.ClientSession() as http:
+        session_id = await open_session(http, url)
+        async with http.get(url, headers=headers(session_id)) as standalone:
+            # No priming event on the standalone stream (only on POST streams), so nothing
+            # to read: being connected is enough.
+            assert standalone.status == 200
+            proc.kill(signal.SIGTERM)
+            # uvicorn cancels streams still open after its grace period, then the process ends.
+            assert await proc.wait_exit(timeout=10) == 0
+
+
+async def test_without_event_store_streams_carry_no_ids(procs: ProcessPool) -> None:
+    _, port = await start_demo(procs, "--no-event-store")
+    url = f"http://127.0.0.1:{port}/mcp"
+    async with aiohttp.ClientSession() as http:
+        session_id = await open_session(http, url)
+        call = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "count", "arguments": {"n": 2, "interval_ms": 1}},
+        }
+        async with http.post(url, json=call, headers=headers(session_id)) as resp:
+            body = await resp.read()
+    assert b"id:" not in body.replace(b'"id":', b"")
+    assert b"counted 2" in body

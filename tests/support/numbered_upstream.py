@@ -254,8 +254,8 @@ class _Handler:
                 _jsonrpc_error(None, -32600, "Batches unsupported"), status=400
             )
         method, rpc_id = msg.get("method"), msg.get("id")
-        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
-        assert isinstance(params, dict)
+        raw_params = msg.get("params")
+        params: JsonObject = raw_params if isinstance(raw_params, dict) else {}
 
         if method == "initialize":
             headers = {}
@@ -279,9 +279,11 @@ class _Handler:
         if method == "tools/call" and params.get("name") == "count":
             return await self._call_count(request, rpc_id, params, headers)
         if method == "tools/list":
-            return await self._reply(request, {"jsonrpc": "2.0", "id": rpc_id, "result": _TOOLS})
+            reply = {"jsonrpc": "2.0", "id": rpc_id, "result": _TOOLS}
+            return await self._reply(request, reply, headers)
         if method == "ping":
-            return await self._reply(request, {"jsonrpc": "2.0", "id": rpc_id, "result": {}})
+            reply = {"jsonrpc": "2.0", "id": rpc_id, "result": {}}
+            return await self._reply(request, reply, headers)
         return await self._reply(
             request, _jsonrpc_error(rpc_id, -32601, f"Method not found: {method}"), headers
         )
@@ -508,6 +510,8 @@ def parse_sse(body: bytes) -> list[RawEvent]:
     events: list[RawEvent] = []
     block: list[bytes] = []
     for line in body.replace(b"\r\n", b"\n").split(b"\n"):
+        if line.startswith(b":"):
+            continue  # a comment, such as a keep-alive ping
         if line:
             block.append(line)
         elif block:
@@ -525,6 +529,8 @@ async def read_sse(response: ClientResponse, max_events: int | None = None) -> l
         if not line:
             break
         line = line.rstrip(b"\n").rstrip(b"\r")
+        if line.startswith(b":"):
+            continue  # a comment, such as a keep-alive ping
         if line:
             block.append(line)
         elif block:
