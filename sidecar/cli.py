@@ -24,6 +24,13 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
     )
     if args.control_plane:
         parse_hostport(args.control_plane, what="--control-plane")
+    if args.owner:
+        from tether.model import InvalidIdError, parse_owner
+
+        try:
+            parse_owner(args.owner)
+        except InvalidIdError as exc:
+            raise ConfigError(f"--owner: {exc}") from exc
     try:
         return SidecarConfig(
             listen_host=host,
@@ -32,6 +39,8 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             admin_host=admin_host,
             admin_port=admin_port,
             control_plane=args.control_plane,
+            owner=args.owner,
+            report_interval=args.report_interval,
             max_event_bytes=args.max_event_bytes,
             max_request_body_bytes=args.max_body_bytes,
             tracker=TrackerLimits(
@@ -66,6 +75,10 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--upstream", required=True, metavar="URL", help="MCP server base URL")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="/healthz, /readyz, /metrics")
     p.add_argument("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
+    p.add_argument("--owner", help="this sidecar's name in the control plane ($POD_NAME)")
+    p.add_argument(
+        "--report-interval", type=float, default=0.05, help="seconds between position reports"
+    )
     p.add_argument("--max-event-bytes", type=int, default=1 << 20, help="largest SSE event")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
     p.add_argument("--dedup-window", type=int, default=1024, help="upstream ids remembered")

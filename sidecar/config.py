@@ -32,6 +32,10 @@ class SidecarConfig:
     admin_host: str | None = None
     admin_port: int | None = None
     control_plane: str | None = None
+    owner: str | None = None
+    """This sidecar's name in the control plane (default: $POD_NAME, else host-pid)."""
+    report_interval: float = 0.05
+    """How often stream positions are flushed to the control plane (coalesced per stream)."""
     max_event_bytes: int = 1 << 20
     max_request_body_bytes: int = 4 << 20
     tracker: TrackerLimits = field(default_factory=TrackerLimits)
@@ -60,6 +64,7 @@ class SidecarConfig:
             "connect_timeout",
             "heartbeat_interval",
             "client_write_timeout",
+            "report_interval",
             "orphan_timeout",
             "stream_linger",
         ):

@@ -28,6 +28,9 @@ class Metrics:
         self.resumes = counter("client_resumes", "Client resumes served with Last-Event-ID")
         self.resume_failures = counter("client_resume_failures", "Client resumes refused")
         self.slow_clients = counter("slow_clients_dropped", "Clients dropped behind the buffer")
+        self.reinitializations = counter(
+            "upstream_reinitializations", "Sessions re-initialized after the upstream lost them"
+        )
         self.upstream_paused = counter(
             "upstream_paused", "Times an upstream read paused until clients caught up"
         )

@@ -29,11 +29,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import SidecarConfig
+from sidecar.continuity import Continuity, default_owner, session_lost
 from sidecar.metrics import Metrics
 from sidecar.reconnect import GiveUp, Outcome, ReconnectPolicy
 from sidecar.sse import SSEError, SSEEvent, SSEParser, encode_comment, encode_event
-from sidecar.streams import LiveStream, Registry
-from sidecar.tracker import EventId, Gap, StreamKind
+from sidecar.streams import LiveStream, Registry, Session
+from sidecar.tracker import EventId, Gap, StreamKind, StreamTracker
+from tether.model import OwnerName, parse_owner
 from tether.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("tether.sidecar.proxy")
@@ -44,6 +46,7 @@ LAST_EVENT_ID = "Last-Event-ID"
 SSE_TYPE = "text/event-stream"
 # First revision whose clients expect a priming event (an id with empty data) on SSE streams.
 PRIMING_SINCE = "2025-11-25"
+SESSION_LOST = "session lost"
 
 _HOP_BY_HOP = frozenset(
     h.lower()
@@ -168,6 +171,14 @@ class Proxy:
         self.config = config
         self.metrics = metrics
         self.registry = Registry(config.tracker)
+        owner: OwnerName = parse_owner(config.owner) if config.owner else default_owner()
+        self.continuity = Continuity(
+            registry=self.registry,
+            upstream=config.upstream,
+            control_plane=config.control_plane,
+            owner=owner,
+            report_interval=config.report_interval,
+        )
         self._client: aiohttp.ClientSession | None = None
         self._janitor: asyncio.Task[None] | None = None
         self._base = config.upstream_base
@@ -185,12 +196,17 @@ class Proxy:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         self._janitor = spawn(self._sweep_forever(), name="sidecar-janitor")
+        await self.continuity.start()
 
     async def stop(self) -> None:
-        pumps = [s.pump for s in self.registry.streams.values()]
-        for stream in list(self.registry.streams.values()):
+        """Stop the pumps, flush the final positions to the control plane, close."""
+        streams = list(self.registry.streams.values())
+        for stream in streams:
             stream.end("sidecar shutting down")
-        await cancel_and_wait(self._janitor, *pumps)
+        await cancel_and_wait(self._janitor, *(s.pump for s in streams))
+        for stream in streams:
+            self.continuity.report_position(stream)
+        await self.continuity.stop()
         if self._client is not None:
             await self._client.close()
 
@@ -216,20 +232,30 @@ class Proxy:
     # -- entry point ---------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        client_session = request.headers.get(SESSION_HEADER)
+        # A session this sidecar does not know may live on in the control plane.
+        sess = await self.continuity.adopt(client_session) if client_session else None
         if request.method == "GET":
             last_id = request.headers.get(LAST_EVENT_ID)
             if last_id is not None:
                 event_id = EventId.parse(last_id)
                 if event_id is not None:
-                    return await self._resume(request, event_id)
+                    return await self._resume(request, event_id, sess)
 
         declared = request.content_length
         if declared is not None and declared > self.config.max_request_body_bytes:
             return self._too_large()
         body_parts: list[bytes] = []
         headers = upstream_request_headers(request)
+        if sess is not None and sess.upstream_session_id != client_session:
+            headers[SESSION_HEADER] = sess.upstream_session_id
         try:
             resp = await self._send(request, headers, body_parts)
+            if sess is not None and request.method != "DELETE" and resp.status in (400, 404):
+                retried = await self._after_session_lost(request, sess, resp, headers, body_parts)
+                if isinstance(retried, web.Response):
+                    return retried
+                resp = retried
         except BodyTooLargeError:
             return self._too_large()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -238,6 +264,50 @@ class Proxy:
             return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
         # _relay owns `resp` from here: it releases it, or hands it to a stream's pump.
         return await self._relay(request, resp, headers, b"".join(body_parts))
+
+    async def _after_session_lost(
+        self,
+        request: web.Request,
+        sess: Session,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        body_parts: list[bytes],
+    ) -> aiohttp.ClientResponse | web.Response:
+        """The upstream answered 400/404 on a known session: if it lost the session,
+        re-initialize it and send the request once more (the upstream did not process it)."""
+        try:
+            body = await resp.content.read(1 << 16)
+        finally:
+            resp.release()
+        lost_id = headers.get(SESSION_HEADER, sess.session_id)
+        if session_lost(resp.status, body) and await self.continuity.reinitialize(
+            self.client, sess, base_url=self._base, headers=headers, lost_upstream_id=lost_id
+        ):
+            self.metrics.reinitializations.inc()
+            headers[SESSION_HEADER] = sess.upstream_session_id
+            data = b"".join(body_parts) if request.body_exists else None
+            return await self.client.request(
+                request.method,
+                self._base + request.path_qs,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+            )
+        return web.Response(
+            status=resp.status,
+            body=body,
+            headers=self._client_headers(resp, sess.session_id, keep_length=False),
+        )
+
+    def _client_headers(
+        self, resp: aiohttp.ClientResponse, client_session: str | None, *, keep_length: bool
+    ) -> CIMultiDict[str]:
+        """Response headers for the client: hop-by-hop dropped, the upstream's session id
+        mapped back to the one the client knows."""
+        out = downstream_headers(resp.headers, keep_length=keep_length)
+        if client_session is not None and SESSION_HEADER in out:
+            out[SESSION_HEADER] = client_session
+        return out
 
     def _too_large(self) -> web.Response:
         limit = self.config.max_request_body_bytes
@@ -303,7 +373,7 @@ class Proxy:
             resp.release()
             raise
         if stream_kind is None:
-            return await self._pipe(request, resp)
+            return await self._pipe(request, resp, client_session)
         return await self._open_stream(
             request, resp=resp, headers=headers, kind=stream_kind, session_id=session_id, ids=ids
         )
@@ -334,14 +404,22 @@ class Proxy:
                 sess = self.registry.session(session_id)
                 sess.initialize_request = body
                 sess.protocol_version = requested_version
+                sess.init_path = request.path_qs
+        if session_id and resp.status < 300 and request.method != "DELETE":
+            # A session the upstream accepts: make sure the control plane knows it.
+            sess = self.registry.session(session_id)
+            if not sess.reported:
+                self.continuity.report_session(sess)
         return ids
 
-    async def _pipe(self, request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _pipe(
+        self, request: web.Request, resp: aiohttp.ClientResponse, client_session: str | None
+    ) -> web.StreamResponse:
         """Pass a response through untouched, chunk by chunk, as it arrives."""
         out = web.StreamResponse(
             status=resp.status,
             reason=resp.reason,
-            headers=downstream_headers(resp.headers, keep_length=True),
+            headers=self._client_headers(resp, client_session, keep_length=True),
         )
         try:
             await out.prepare(request)
@@ -368,14 +446,15 @@ class Proxy:
         for name in ("Content-Type", "Content-Length"):
             reconnect_headers.popall(name, None)
         if session_id is not None:
-            reconnect_headers[SESSION_HEADER] = session_id
+            # The upstream's name for the session (they differ after a re-initialize).
+            reconnect_headers[SESSION_HEADER] = headers.get(SESSION_HEADER) or session_id
         reconnect_headers["Accept"] = SSE_TYPE
         stream = self.registry.new_stream(
             kind=kind,
             session_id=session_id,
             upstream_path=request.path_qs,
             upstream_headers=reconnect_headers,
-            response_headers=downstream_headers(resp.headers, keep_length=False),
+            response_headers=self._client_headers(resp, session_id, keep_length=False),
         )
         stream.pending_request_ids = ids
         stream.expects_responses = bool(ids)
@@ -527,8 +606,17 @@ class Proxy:
 
     # -- resume --------------------------------------------------------------------------
 
-    async def _resume(self, request: web.Request, event_id: EventId) -> web.StreamResponse:
+    async def _resume(
+        self, request: web.Request, event_id: EventId, sess: Session | None
+    ) -> web.StreamResponse:
         stream = self.registry.streams.get(event_id.stream)
+        if stream is None and sess is not None:
+            adopted = self._adopt_stream(request, sess, event_id)
+            if adopted is not None:
+                self.metrics.resumes.inc()
+                return await self._write_stream(
+                    request, adopted, after_seq=event_id.seq, priming=False
+                )
         if stream is None:
             log.warning("resume of unknown stream %s refused", event_id.stream)
             self.metrics.resume_failures.inc()
@@ -572,15 +660,73 @@ class Proxy:
             catch_up_cursor=catch_up_cursor,
         )
 
+    def _adopt_stream(
+        self, request: web.Request, sess: Session, event_id: EventId
+    ) -> LiveStream | None:
+        """Take over a stream another sidecar served: resume its upstream right after the
+        client's own position and go on numbering under this sidecar's epoch."""
+        kind = StreamKind.of(event_id.stream)
+        if kind not in (StreamKind.POST, StreamKind.STANDALONE):
+            return None
+        persisted = sess.persisted_streams.get(event_id.stream)
+        if persisted is None:
+            log.warning(
+                "resume of %s refused: session %s has no such stream", event_id, sess.session_id
+            )
+            return None
+        cursor = event_id.upstream
+        if not cursor and persisted.order == event_id.order:
+            cursor = persisted.upstream_event_id
+        if not cursor:
+            log.warning("resume of %s refused: the upstream gave no id to resume from", event_id)
+            return None
+        headers = upstream_request_headers(request)
+        headers[SESSION_HEADER] = sess.upstream_session_id
+        headers["Accept"] = SSE_TYPE
+        tracker = StreamTracker(
+            event_id.stream,
+            limits=self.config.tracker,
+            epoch=max(sess.owner_epoch, event_id.epoch),
+            seq=event_id.seq,
+            last_upstream_event_id=cursor,
+        )
+        stream = self.registry.new_stream(
+            kind=kind,
+            session_id=sess.session_id,
+            upstream_path=request.path_qs,
+            upstream_headers=headers,
+            response_headers=CIMultiDict(
+                {"Content-Type": SSE_TYPE, SESSION_HEADER: sess.session_id}
+            ),
+            tracker=tracker,
+        )
+        if kind is StreamKind.STANDALONE:
+            sess.standalone = stream.stream_id
+        stream.pump = spawn(
+            self._pump(stream, None, resume_now=True), name=f"pump-{stream.stream_id}"
+        )
+        log.info(
+            "stream %s adopted at %s; resuming the upstream after %r", kind.name, event_id, cursor
+        )
+        return stream
+
     async def _forget_session(self, session_id: str) -> None:
         streams = self.registry.drop_session(session_id)
         for s in streams:
             s.end("session deleted")
         await cancel_and_wait(*(s.pump for s in streams))
+        self.continuity.forget(session_id)
+        spawn(self.continuity.delete_remote(session_id), name=f"delete-{session_id[:16]}")
 
     # -- upstream pump -------------------------------------------------------------------
 
-    async def _pump(self, stream: LiveStream, resp: aiohttp.ClientResponse | None) -> None:
+    async def _pump(
+        self,
+        stream: LiveStream,
+        resp: aiohttp.ClientResponse | None,
+        *,
+        resume_now: bool = False,
+    ) -> None:
         """Read the upstream into the tracker; reconnect with Last-Event-ID until complete."""
         loop = asyncio.get_running_loop()
         policy = ReconnectPolicy(self.config.reconnect)
@@ -607,21 +753,30 @@ class Proxy:
                     if (
                         outcome is Outcome.CLOSED
                         and stream.kind is StreamKind.POST
-                        and not (stream.expects_responses)
+                        and not stream.expects_responses
+                        and parser.retry is None
                     ):
+                        # A clean end with no `retry:` (not polling) completes a POST stream
+                        # whose request ids are unknown (e.g. adopted from another sidecar).
                         stream.complete = True
                         stream.end("complete")
                         return
                 if not cursor:
                     self._fail(stream, "upstream stream broke and it gave no event id to resume")
                     return
-                decision = policy.next(outcome, now=loop.time(), retry_ms=retry_ms)
-                if isinstance(decision, GiveUp):
-                    self._fail(stream, f"gave up reconnecting: {decision.reason}")
-                    return
-                await asyncio.sleep(decision.delay)
+                if resume_now:
+                    resume_now = False
+                else:
+                    decision = policy.next(outcome, now=loop.time(), retry_ms=retry_ms)
+                    if isinstance(decision, GiveUp):
+                        self._fail(stream, f"gave up reconnecting: {decision.reason}")
+                        return
+                    await asyncio.sleep(decision.delay)
                 self.metrics.reconnects.inc()
                 resp, outcome, fatal = await self._reconnect(stream, cursor)
+                if fatal == SESSION_LOST:
+                    resp, fatal = await self._recover_session(stream)
+                    cursor = ""
                 if fatal:
                     self._fail(stream, fatal)
                     return
@@ -629,13 +784,38 @@ class Proxy:
             if resp is not None:
                 resp.release()
             stream.end("stopped")
+            self.continuity.report_position(stream)
+
+    async def _recover_session(
+        self, stream: LiveStream
+    ) -> tuple[aiohttp.ClientResponse | None, str]:
+        """The upstream lost the session: re-initialize it; a GET stream starts afresh on the
+        new upstream session, a POST stream's request died with the old one."""
+        sess = self.registry.sessions.get(stream.session_id or "")
+        lost_id = stream.upstream_headers.get(SESSION_HEADER, "")
+        if sess is None or not await self.continuity.reinitialize(
+            self.client,
+            sess,
+            base_url=self._base,
+            headers=stream.upstream_headers,
+            lost_upstream_id=lost_id,
+        ):
+            return None, "the upstream lost the session and it could not be re-initialized"
+        self.metrics.reinitializations.inc()
+        stream.upstream_headers[SESSION_HEADER] = sess.upstream_session_id
+        if stream.kind is not StreamKind.STANDALONE:
+            return None, "the upstream restarted and lost this request; please retry it"
+        resp, _, fatal = await self._reconnect(stream, "")
+        return resp, fatal or ("" if resp is not None else "the new upstream session refused GET")
 
     async def _reconnect(
         self, stream: LiveStream, cursor: str
     ) -> tuple[aiohttp.ClientResponse | None, Outcome, str]:
-        """GET the stream again with Last-Event-ID; (response, outcome, fatal reason)."""
+        """GET the stream again (with Last-Event-ID when there is a cursor);
+        returns (response, outcome, fatal reason or SESSION_LOST)."""
         headers = CIMultiDict(stream.upstream_headers)
-        headers[LAST_EVENT_ID] = cursor
+        if cursor:
+            headers[LAST_EVENT_ID] = cursor
         try:
             resp = await self.client.get(
                 self._base + stream.upstream_path, headers=headers, allow_redirects=False
@@ -644,11 +824,16 @@ class Proxy:
             log.info("stream %s: reconnect failed: %s", stream.stream_id, exc)
             return None, Outcome.FAILED, ""
         if resp.status == 200 and resp.headers.get("Content-Type", "").startswith(SSE_TYPE):
-            log.info("stream %s: resumed upstream after %s", stream.stream_id, cursor)
+            log.info("stream %s: resumed upstream after %r", stream.stream_id, cursor)
             return resp, Outcome.FAILED, ""
-        resp.release()
-        if resp.status in (400, 404) and stream.session_id is not None:
-            return None, Outcome.FAILED, f"upstream lost the session ({resp.status})"
+        try:
+            body = await resp.content.read(1 << 16)
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        finally:
+            resp.release()
+        if stream.session_id is not None and session_lost(resp.status, body):
+            return None, Outcome.FAILED, SESSION_LOST
         if resp.status == 405:
             return None, Outcome.FAILED, "upstream does not support resuming streams (405)"
         log.info("stream %s: reconnect answered %d", stream.stream_id, resp.status)
@@ -665,6 +850,7 @@ class Proxy:
         tracker = stream.tracker
         pending = stream.pending_request_ids
         legacy = stream.kind is StreamKind.LEGACY
+        post_ids_unknown = stream.kind is StreamKind.POST and not stream.expects_responses
         metrics = self.metrics
         try:
             async for chunk in resp.content.iter_any():
@@ -687,6 +873,11 @@ class Proxy:
                             pending.discard(rid)
                         if not pending and stream.expects_responses:
                             stream.complete = True
+                    elif post_ids_unknown and answered_ids(item.data):
+                        # Request ids unknown (adopted stream, unparseable body): a POST
+                        # stream carries its request's answer last. Resumed SDK streams never
+                        # close by themselves, so this is the only end we will see.
+                        stream.complete = True
                     if stream.backlogged():
                         # Checked per event: one chunk can hold a whole buffer's worth.
                         metrics.events_in.inc(delivered)
@@ -700,6 +891,7 @@ class Proxy:
                     metrics.events_in.inc(delivered)
                     policy.progress()
                     stream.publish()
+                    self.continuity.report_position(stream)  # O(1); never awaits
                 if stream.complete or parser.failed is not None:
                     return Outcome.CLOSED
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:

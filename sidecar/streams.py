@@ -18,7 +18,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from sidecar.tracker import StreamKind, StreamTracker, TrackerLimits, new_stream_id
-from tether.model import StreamId
+from tether.model import StreamId, StreamPosition
 
 log = logging.getLogger("tether.sidecar.streams")
 
@@ -136,6 +136,14 @@ class Session:
     streams: dict[StreamId, LiveStream] = field(default_factory=dict)
     standalone: StreamId | None = None
     last_active: float = field(default_factory=time.monotonic)
+    owner_epoch: int = 1
+    """This sidecar's fencing token for the session (raised when it adopts the session)."""
+    init_path: str = "/mcp"
+    """Where the `initialize` request went; a re-initialize posts there again."""
+    reported: bool = False
+    """The control plane has (or is being sent) this session's record."""
+    persisted_streams: dict[StreamId, StreamPosition] = field(default_factory=dict)
+    """Stream positions from the control plane when the session was adopted."""
 
 
 class Registry:
@@ -163,21 +171,27 @@ class Registry:
         upstream_path: str,
         upstream_headers: CIMultiDict[str],
         response_headers: CIMultiDict[str],
+        tracker: StreamTracker | None = None,
     ) -> LiveStream:
-        stream_id = new_stream_id(kind)
-        while stream_id in self.streams:
+        """Register a stream; a fresh id is minted unless an (adopted) tracker is given."""
+        if tracker is None:
             stream_id = new_stream_id(kind)
+            while stream_id in self.streams:
+                stream_id = new_stream_id(kind)
+            sess = self.sessions.get(session_id) if session_id is not None else None
+            epoch = sess.owner_epoch if sess is not None else 1
+            tracker = StreamTracker(stream_id, limits=self.limits, epoch=epoch)
         stream = LiveStream(
-            tracker=StreamTracker(stream_id, limits=self.limits),
+            tracker=tracker,
             kind=kind,
             session_id=session_id,
             upstream_path=upstream_path,
             upstream_headers=upstream_headers,
             response_headers=response_headers,
         )
-        self.streams[stream_id] = stream
+        self.streams[tracker.stream_id] = stream
         if session_id is not None:
-            self.session(session_id).streams[stream_id] = stream
+            self.session(session_id).streams[tracker.stream_id] = stream
         return stream
 
     def remove_stream(self, stream: LiveStream) -> None:

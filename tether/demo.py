@@ -13,8 +13,11 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
+from controlplane.config import ControlPlaneConfig, SqliteUrl
+from controlplane.server import RunningControlPlane, start_control_plane
 from sidecar.app import start_sidecar
 from sidecar.config import SidecarConfig
 from tether.tasks import cancel_and_wait, spawn
@@ -101,7 +104,12 @@ async def run_demo(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     sidecar = None
+    control_plane: RunningControlPlane | None = None
     try:
+        db: Path = args.db
+        control_plane = await start_control_plane(
+            ControlPlaneConfig(listen=f"127.0.0.1:{args.control_plane_port}", store=SqliteUrl(db))
+        )
         started = spawn(server.started.wait(), name="demo-wait-server")
         await asyncio.wait([started, supervisor], return_when=asyncio.FIRST_COMPLETED)
         if supervisor.done():
@@ -113,6 +121,8 @@ async def run_demo(args: argparse.Namespace) -> int:
                 upstream=f"http://127.0.0.1:{mcp_port}",
                 admin_host=host,
                 admin_port=args.admin_port,
+                control_plane=control_plane.address,
+                owner="demo-sidecar",
             )
         )
         url = f"http://{host}:{sidecar.port}/mcp"
@@ -124,6 +134,7 @@ Tether demo is running.
   MCP endpoint, through the sidecar:  {url}
   Sidecar health and metrics:         http://{host}:{sidecar.admin_port}/metrics
   Example MCP server, direct:         http://127.0.0.1:{mcp_port}/mcp   (pid {pid})
+  Control plane (gRPC, SQLite {db.name}): {control_plane.address}
 
 Try it:
   python -m tether.demo_client {url} --n 50
@@ -131,7 +142,10 @@ Try it:
   Point any MCP client at {url}
       (Streamable HTTP; the server has tools count, echo, add, server_info).
   kill -9 {pid}
-      kills the MCP server; the demo restarts it.
+      kills the MCP server mid-stream; the demo restarts it (without its memory) and the
+      sidecar re-initializes the session, so the client carries on.
+  tether sessions list --control-plane {control_plane.address}
+      shows the sessions the control plane keeps (also: get ID, watch, delete ID).
 
 Ctrl-C stops everything.
 """,
@@ -142,12 +156,15 @@ Ctrl-C stops everything.
     finally:
         if sidecar is not None:
             await sidecar.stop()
+        if control_plane is not None:
+            await control_plane.stop()
         await server.stop()
         await cancel_and_wait(supervisor)
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
+    args.db = Path(args.db).resolve()
     try:
         return asyncio.run(run_demo(args))
     except OSError as exc:
@@ -161,4 +178,12 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8930, help="sidecar port (default 8930; 0 = any)")
     p.add_argument("--admin-port", type=int, default=8932, help="sidecar admin port (default 8932)")
     p.add_argument("--mcp-port", type=int, default=8931, help="example MCP server port (0 = any)")
+    p.add_argument(
+        "--control-plane-port", type=int, default=8933, help="control plane port (0 = any)"
+    )
+    p.add_argument(
+        "--db",
+        default="tether-demo.db",
+        help="SQLite file of the control plane (default %(default)s)",
+    )
     p.set_defaults(run=_run)

@@ -1,0 +1,215 @@
+"""Sessions outlive sidecars and upstream restarts: the control plane's reason to exist.
+
+Real processes: sidecars (`tether sidecar --control-plane`), the numbered upstream, the
+official SDK server; a real control plane over a SQLite file or a real etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import mcp_types
+import pytest
+from mcp import Client
+
+from controlplane.config import ControlPlaneConfig, EtcdUrl, SqliteUrl, parse_store_url
+from controlplane.server import RunningControlPlane, start_control_plane
+from sidecar.tracker import EventId
+from tests.integration.conftest import SidecarFactory
+from tests.integration.test_proxy import HEADERS, MCP, count_call, final_results, initialize
+from tests.integration.test_proxy import progress_numbers as progress
+from tests.support.etcd import etcd_available, start_etcd
+from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
+from tests.support.sse_client import Received, events
+from tether.api.client import SessionClient
+from tether.model import SessionId
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
+async def control_plane(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[RunningControlPlane]:
+    if request.param == "sqlite":
+        store: SqliteUrl | EtcdUrl = SqliteUrl(tmp_path / "sessions.db")
+        cluster = None
+    else:
+        if not etcd_available():
+            pytest.skip("etcd binary not installed (Debian etcd-server)")
+        cluster = await asyncio.to_thread(start_etcd, tmp_path / "etcd")
+        parsed = parse_store_url(cluster.url)
+        assert isinstance(parsed, EtcdUrl)
+        store = parsed
+    running = await start_control_plane(ControlPlaneConfig(listen="127.0.0.1:0", store=store))
+    try:
+        yield running
+    finally:
+        await running.stop()
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+
+
+def sidecar_argv(port: int, upstream: str, control_plane: str, owner: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tether.cli",
+        "sidecar",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        upstream,
+        "--control-plane",
+        control_plane,
+        "--owner",
+        owner,
+    ]
+
+
+async def test_new_sidecar_resumes_a_stream_after_the_old_one_is_killed(
+    procs: ProcessPool, control_plane: RunningControlPlane, http: aiohttp.ClientSession
+) -> None:
+    """Client streams through sidecar A; A is SIGKILLed; B starts on the same address with
+    the same control plane; the client reconnects with Last-Event-ID and gets every event
+    exactly once, in order."""
+    up_port = free_port()
+    await procs.start(
+        python_module("tests.support.numbered_upstream", "--port", up_port),
+        name="upstream",
+        ready_port=up_port,
+    )
+    upstream = f"http://127.0.0.1:{up_port}"
+    port = free_port()
+    sidecar_a = await procs.start(
+        sidecar_argv(port, upstream, control_plane.address, "sidecar-a"),
+        name="sidecar-a",
+        ready_port=port,
+    )
+    base = f"http://127.0.0.1:{port}"
+    sid = await initialize(http, base)
+    headers = {**HEADERS, "Mcp-Session-Id": sid}
+    n = 150
+    got: list[Received] = []
+    async with http.post(base + MCP, json=count_call(n, interval_ms=10), headers=headers) as resp:
+        try:
+            async for ev in events(resp):
+                got.append(ev)
+                if len(got) == 40:
+                    sidecar_a.kill(signal.SIGKILL)
+        except aiohttp.ClientPayloadError:
+            pass  # the connection died with sidecar A
+    assert 40 <= len(got) < n
+    await sidecar_a.wait_exit()
+
+    sidecar_b = await procs.start(
+        sidecar_argv(port, upstream, control_plane.address, "sidecar-b"),
+        name="sidecar-b",
+        ready_port=port,
+    )
+    last = got[-1].id
+    assert last is not None
+    async with http.get(
+        base + MCP,
+        headers={**headers, "Accept": "text/event-stream", "Last-Event-ID": last},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        got += [ev async for ev in events(resp)]
+    assert progress(got) == list(range(1, n + 1))
+    assert len(final_results(got)) == 1
+    ids = [EventId.parse(e.id or "") for e in got]
+    assert all(i is not None for i in ids)
+    assert len({str(i) for i in ids}) == len(ids)
+    orders = [i.order for i in ids if i is not None]
+    assert orders == sorted(orders)
+
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        record = await SessionClient(channel).get_session(SessionId(sid))
+    assert record is not None
+    assert record.owner == "sidecar-b"
+    assert record.owner_epoch == 2
+    assert sidecar_b.running
+
+
+async def test_stale_owner_is_fenced_after_a_claim(
+    sidecar_factory: SidecarFactory,
+    control_plane: RunningControlPlane,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Sidecar B takes a session over while A still runs: A's updates are refused from then
+    on and A stops serving the session (a zombie must not write)."""
+    async with numbered_upstream(interval_ms=2) as up:
+        a = await sidecar_factory(up, control_plane=control_plane.address, owner="a")
+        b = await sidecar_factory(up, control_plane=control_plane.address, owner="b")
+        sid = await initialize(http, f"http://127.0.0.1:{a.port}")
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        assert a.proxy.continuity.reporter is not None
+        await a.proxy.continuity.reporter.flushed()
+        # B adopts the session on its first request.
+        async with http.post(
+            f"http://127.0.0.1:{b.port}{MCP}", json=count_call(3), headers=headers
+        ) as resp:
+            assert progress([e async for e in events(resp)]) == [1, 2, 3]
+        assert b.proxy.continuity.adoptions == 1
+        # A keeps streaming the session: its reports are now fenced.
+        async with http.post(
+            f"http://127.0.0.1:{a.port}{MCP}", json=count_call(3, rid=9), headers=headers
+        ) as resp:
+            await resp.read()
+        await a.proxy.continuity.reporter.flushed()
+        assert sid in a.proxy.continuity.fenced_sessions
+        assert sid not in a.proxy.registry.sessions
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        record = await SessionClient(channel).get_session(SessionId(sid))
+    assert record is not None
+    assert (record.owner, record.owner_epoch) == ("b", 2)
+
+
+def text_of(result: mcp_types.CallToolResult) -> str:
+    assert not result.is_error, result
+    [content] = result.content
+    assert isinstance(content, mcp_types.TextContent)
+    return content.text
+
+
+async def test_upstream_restart_without_persistence_is_invisible_to_the_client(
+    procs: ProcessPool, sidecar_factory: SidecarFactory
+) -> None:
+    """The SDK server (no event store) is SIGKILLed and restarted: it has forgotten the
+    session; the sidecar re-initializes it with the stored initialize request and the SDK
+    client carries on with the same session."""
+    port = free_port()
+    server: ManagedProcess = await procs.start(
+        python_module("tether.demo_server", "--port", port, "--no-event-store"),
+        name="mcp-server",
+        ready_port=port,
+    )
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
+    async with Client(f"http://127.0.0.1:{sidecar.port}/mcp", mode="legacy") as client:
+        assert text_of(await client.call_tool("echo", {"text": "before"})) == "before"
+        (sess,) = sidecar.proxy.registry.sessions.values()
+        first_upstream = sess.upstream_session_id
+        await server.restart()
+        assert text_of(await client.call_tool("echo", {"text": "after"})) == "after"
+        got: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            got.append(progress)
+
+        result = await client.call_tool(
+            "count", {"n": 5, "interval_ms": 5}, progress_callback=on_progress
+        )
+        assert text_of(result) == "counted 5"
+        assert got == [1.0, 2.0, 3.0, 4.0, 5.0]
+        (same,) = sidecar.proxy.registry.sessions.values()
+        assert same is sess
+        assert sess.upstream_session_id != first_upstream
+    assert sidecar.proxy.metrics.reinitializations._value.get() >= 1
