@@ -733,6 +733,7 @@ class Proxy:
         cursor = stream.tracker.last_upstream_event_id
         retry_ms: int | None = None
         outcome = Outcome.FAILED
+        reopened_logged = False
         try:
             while True:
                 if resp is not None:
@@ -762,8 +763,19 @@ class Proxy:
                         stream.end("complete")
                         return
                 if not cursor:
-                    self._fail(stream, "upstream stream broke and it gave no event id to resume")
-                    return
+                    if stream.kind is not StreamKind.STANDALONE:
+                        self._fail(
+                            stream, "upstream stream broke and it gave no event id to resume"
+                        )
+                        return
+                    # A GET stream can be opened afresh, as a client would: the client's
+                    # connection stays, only events sent during the gap (if any) are missed.
+                    if not reopened_logged:
+                        log.info(
+                            "stream %s: upstream GET stream has no ids; reopening it afresh",
+                            stream.stream_id,
+                        )
+                        reopened_logged = True
                 if resume_now:
                     resume_now = False
                 else:

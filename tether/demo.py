@@ -137,13 +137,15 @@ Tether demo is running.
   Control plane (gRPC, SQLite {db.name}): {control_plane.address}
 
 Try it:
-  python -m tether.demo_client {url} --n 50
-      calls the `count` tool, which streams one progress notification every 200 ms.
+  python -m tether.demo_client {url} --n 50 --calls 3
+      calls the `count` tool 3 times in one session; each call streams a progress
+      notification every 200 ms.
   Point any MCP client at {url}
       (Streamable HTTP; the server has tools count, echo, add, server_info).
   kill -9 {pid}
-      kills the MCP server mid-stream; the demo restarts it (without its memory) and the
-      sidecar re-initializes the session, so the client carries on.
+      kills the MCP server mid-call. The demo restarts it, without its memory; the sidecar
+      re-initializes the session, so the client keeps its session: the call that was in
+      flight ends with a clear error, the next call works.
   tether sessions list --control-plane {control_plane.address}
       shows the sessions the control plane keeps (also: get ID, watch, delete ID).
 

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 from mcp import Client
@@ -26,7 +27,9 @@ async def read_banner(proc: asyncio.subprocess.Process) -> str:
                 return "".join(lines)
 
 
-async def test_demo_runs_serves_survives_a_server_kill_and_stops_on_ctrl_c() -> None:
+async def test_demo_runs_serves_survives_a_server_kill_and_stops_on_ctrl_c(
+    tmp_path: Path,
+) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -38,6 +41,10 @@ async def test_demo_runs_serves_survives_a_server_kill_and_stops_on_ctrl_c() -> 
         "0",
         "--mcp-port",
         "0",
+        "--control-plane-port",
+        "0",
+        "--db",
+        str(tmp_path / "demo.db"),
         stdout=asyncio.subprocess.PIPE,
     )
     try:

@@ -514,3 +514,35 @@ async def test_resume_older_than_buffer_without_upstream_ids_is_a_clear_410(
 
 
 SSE = "text/event-stream"
+
+
+async def test_standalone_stream_without_ids_is_reopened_afresh(
+    sidecar_factory: SidecarFactory, procs: ProcessPool, http: aiohttp.ClientSession
+) -> None:
+    """An upstream whose GET stream carries no ids cannot be resumed, but it can be opened
+    again, as a client would: the client's connection stays and events keep coming."""
+    port = free_port()
+    argv = python_module(
+        "tests.support.numbered_upstream", "--port", port, "--interval-ms", 5, "--no-ids"
+    )
+    upstream = await procs.start(argv, name="numbered", ready_port=port)
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{sidecar.port}"
+    sid = await initialize(http, base)
+    got: list[Received] = []
+    async with http.get(
+        base + MCP, headers={**HEADERS, "Mcp-Session-Id": sid, "Accept": SSE}
+    ) as resp:
+        async for ev in events(resp):
+            got.append(ev)
+            if len(got) == 10:
+                upstream.kill()
+                await upstream.wait_exit()
+                await upstream.start(ready_port=port)
+            if len(got) == 25:
+                break
+    numbers = [e.json()["params"]["data"]["k"] for e in got]
+    assert numbers[:10] == list(range(1, 11))
+    assert numbers[10] == 1  # a new upstream stream: it starts over
+    seqs = [seq for _, _, seq in positions(got)]
+    assert seqs == list(range(1, 26))  # one client-facing stream throughout
