@@ -867,6 +867,7 @@ class Proxy:
         try:
             async for chunk in resp.content.iter_any():
                 delivered = 0
+                seq_mark, bytes_mark = stream.backlog_marks()
                 for parsed in parser.feed(chunk):
                     if isinstance(parsed, SSEError):
                         log.error("stream %s: %s", stream.stream_id, parsed.message)
@@ -890,8 +891,10 @@ class Proxy:
                         # stream carries its request's answer last. Resumed SDK streams never
                         # close by themselves, so this is the only end we will see.
                         stream.complete = True
-                    if stream.backlogged():
-                        # Checked per event: one chunk can hold a whole buffer's worth.
+                    # Checked per event (one chunk can hold a whole buffer's worth), cheaply.
+                    if (
+                        tracker.seq >= seq_mark or tracker.total_bytes >= bytes_mark
+                    ) and stream.backlogged():
                         metrics.events_in.inc(delivered)
                         delivered = 0
                         policy.progress()
@@ -899,6 +902,8 @@ class Proxy:
                         metrics.upstream_paused.inc()
                         while stream.backlogged():
                             await stream.room.wait()
+                    if tracker.seq >= seq_mark or tracker.total_bytes >= bytes_mark:
+                        seq_mark, bytes_mark = stream.backlog_marks()
                 if delivered:
                     metrics.events_in.inc(delivered)
                     policy.progress()

@@ -116,6 +116,18 @@ class LiveStream:
             return True
         return tracker.unsent_bytes(self.sent_seq) >= max(1, limits.replay_max_bytes // 2)
 
+    def backlog_marks(self) -> tuple[int, int]:
+        """(seq, total bytes) past which `backlogged()` may be true: the pump compares two
+        ints per event and calls the exact check only when one is crossed. `sent_seq` only
+        grows, so marks computed earlier are conservative."""
+        tracker = self.tracker
+        limits = tracker.limits
+        sent_total = tracker.total_bytes - tracker.unsent_bytes(self.sent_seq)
+        return (
+            self.sent_seq + max(1, limits.replay_max_events // 2),
+            sent_total + max(1, limits.replay_max_bytes // 2),
+        )
+
     def attach(self) -> None:
         self.clients += 1
 

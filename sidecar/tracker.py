@@ -14,8 +14,8 @@ The sidecar, not the upstream, names the events a client sees. Invariants:
 4. `last_event_id` and `last_upstream_event_id` change only after dedup: they describe what
    was delivered, and they are what the control plane persists.
 5. The replay buffer holds the newest delivered events within `replay_max_events` and
-   `replay_max_bytes`; an id index (seq -> upstream cursor) reaches further back so an older
-   resume can still be served through the upstream.
+   `replay_max_bytes` (the newest one always, even if larger); an id index (seq -> upstream
+   cursor) reaches further back so an older resume can still be served through the upstream.
 
 Pure: fed parsed events, returns bytes to write; no I/O, no clock.
 """
@@ -34,7 +34,8 @@ from sidecar.sse import SSEEvent, encode_event
 from tether.model import StreamId
 
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,2048}$")
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,4096}$")
+_CURSOR_MAX = 2048
 
 
 class StreamKind(Enum):
@@ -61,14 +62,22 @@ def new_stream_id(kind: StreamKind) -> StreamId:
 
 
 def encode_cursor(cursor: str) -> str:
-    return base64.urlsafe_b64encode(cursor.encode()).rstrip(b"=").decode()
+    """The upstream cursor as it goes into our id: as it is when it is plain printable ASCII
+    (the usual case, and free), else `~` + base64url. Ids split on their first three dots
+    only, so dots inside the cursor are fine; the result is always a valid header value."""
+    if cursor.isascii() and cursor.isprintable() and cursor.strip() == cursor and cursor[0] != "~":
+        return cursor
+    return "~" + base64.urlsafe_b64encode(cursor.encode()).rstrip(b"=").decode()
 
 
 def _decode_cursor(text: str) -> str | None:
-    if not _BASE64URL.match(text):
+    if not text.startswith("~"):
+        ok = text.isascii() and text.isprintable() and text.strip() == text
+        return text if ok and len(text) <= _CURSOR_MAX else None
+    if not _BASE64URL.match(text[1:]):
         return None
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        return base64.urlsafe_b64decode(text[1:] + "=" * (-(len(text) - 1) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
 
@@ -94,7 +103,7 @@ class EventId:
     @classmethod
     def parse(cls, text: str) -> EventId | None:
         """Parse an id a Tether sidecar minted; None for anything else (never raises)."""
-        parts = text.split(".")
+        parts = text.split(".", 3)
         if len(parts) not in (3, 4) or not _STREAM_ID.match(parts[0]):
             return None
         epoch, seq = parts[1], parts[2]
@@ -213,11 +222,19 @@ class StreamTracker:
         if cursor != self.last_upstream_event_id:
             self.last_upstream_event_id = cursor
             self._cursor_suffix = f".{encode_cursor(cursor)}" if cursor else ""
-        payload = encode_event(
-            data=event.data,
-            id=f"{self.stream_id}.{self.epoch}.{self.seq}{self._cursor_suffix}",
-            event=event.event,
-        )
+        data = event.data
+        if event.event == "message" and "\n" not in data and "\r" not in data:
+            # The common case, without the general encoder's checks and splitting.
+            payload = (
+                f"id: {self.stream_id}.{self.epoch}.{self.seq}{self._cursor_suffix}\n"
+                f"data: {data}\n\n"
+            ).encode()
+        else:
+            payload = encode_event(
+                data=data,
+                id=f"{self.stream_id}.{self.epoch}.{self.seq}{self._cursor_suffix}",
+                event=event.event,
+            )
         self._remember(payload, cursor)
         return payload
 
@@ -233,14 +250,24 @@ class StreamTracker:
         self._buffer_bytes += len(payload)
         self._total_bytes += len(payload)
         self._cumulative.append(self._total_bytes)
-        drop = max(0, len(buffer) - limits.replay_max_events)
-        freed = sum(len(p) for p in buffer[:drop])
-        while self._buffer_bytes - freed > limits.replay_max_bytes and drop < len(buffer):
-            freed += len(buffer[drop])
-            drop += 1
-        if drop:
+        if len(buffer) > limits.replay_max_events or self._buffer_bytes > limits.replay_max_bytes:
+            # Evict in bulk, down to 7/8 of both limits: one memmove per many events instead
+            # of one per event. The limits stay maxima.
+            keep_events = limits.replay_max_events - limits.replay_max_events // 8
+            keep_bytes = limits.replay_max_bytes - limits.replay_max_bytes // 8
+            drop = max(0, len(buffer) - keep_events)
+            cumulative = self._cumulative
+            base = self._total_bytes - self._buffer_bytes  # bytes before the buffer's head
+            # Bytes kept after dropping `drop` events: total - cumulative[drop - 1].
+            # The newest event always stays, however large: its writer has yet to send it.
+            while (
+                drop < len(buffer) - 1
+                and self._total_bytes - (cumulative[drop - 1] if drop else base) > keep_bytes
+            ):
+                drop += 1
+            freed = (cumulative[drop - 1] - base) if drop else 0
             del buffer[:drop]
-            del self._cumulative[:drop]
+            del cumulative[:drop]
             self._buffer_bytes -= freed
             self._buffer_head += drop
         self._index.append(upstream_cursor)
@@ -278,6 +305,11 @@ class StreamTracker:
     @property
     def limits(self) -> TrackerLimits:
         return self._limits
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every event ever delivered on this stream."""
+        return self._total_bytes
 
     @property
     def buffered_bytes(self) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.sse import SSEEvent, SSEParser
 from sidecar.tracker import (
@@ -40,12 +42,26 @@ def test_event_ids_roundtrip_and_order() -> None:
     assert EventId(S, 2, 1).order > EventId(S, 1, 999).order
 
 
-@pytest.mark.parametrize("cursor", ["2:45", "count.3.7.WzEsInQiXQ/12", "ünï cödé", "a.b.c", "="])
-def test_event_ids_carry_the_upstream_cursor(cursor: str) -> None:
+@pytest.mark.parametrize(
+    ("cursor", "raw"),
+    [
+        ("2:45", True),
+        ("count.3.7.WzEsInQiXQ/12", True),  # dots inside the cursor are fine
+        ("a.b.c", True),
+        ("=", True),
+        ("ünï cödé", False),  # not ASCII: base64url
+        (" padded ", False),  # a header would lose the spaces
+        ("~tilde", False),  # the base64 marker itself
+        ("tab\there", False),
+    ],
+)
+def test_event_ids_carry_the_upstream_cursor(cursor: str, raw: bool) -> None:
     eid = EventId(S, 3, 17, cursor)
     text = str(eid)
     assert text.startswith("abc.3.17.")
-    assert text.count(".") == 3
+    assert (text == f"abc.3.17.{cursor}") is raw
+    assert text.isascii()
+    assert text.isprintable()
     assert EventId.parse(text) == eid
 
 
@@ -58,14 +74,16 @@ def test_event_ids_carry_the_upstream_cursor(cursor: str) -> None:
         "abc.1.x",
         "abc.-1.2",
         "a/b.1.2",
-        "abc.1.2.3.4",
-        "abc.1.2.!!",
         "abc.1.2.",
-        "abc.1.2.gA",  # not UTF-8 once decoded
+        "abc.1.2.~!!",  # bad base64
+        "abc.1.2.~gA",  # not UTF-8 once decoded
+        "abc.1.2. lead",
+        "abc.1.2.ctl\x01",
         "2:3",
         "abc.1.²",
         "x" * 70,
         "abc.1.2." + "A" * 5000,
+        "abc.1.2.~" + "A" * 5000,
     ],
 )
 def test_foreign_ids_do_not_parse(text: str) -> None:
@@ -212,3 +230,53 @@ def test_unsent_bytes_after_a_position() -> None:
     # Positions older than the buffer count what the buffer still holds.
     assert t.unsent_bytes(0) == sum(sizes[2:])
     assert t.unsent_bytes(2) == sum(sizes[2:])
+
+
+@given(st.text(min_size=1, max_size=60).filter(lambda t: not {"\n", "\r", "\x00"} & set(t)))
+@settings(max_examples=300, deadline=None)
+def test_any_upstream_cursor_round_trips_through_our_id(cursor: str) -> None:
+    eid = EventId(S, 2, 5, cursor)
+    text = str(eid)
+    assert text.isascii()
+    assert text.isprintable()
+    assert EventId.parse(text) == eid
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=300),
+    max_events=st.integers(min_value=1, max_value=40),
+    max_bytes=st.integers(min_value=1, max_value=4000),
+)
+@settings(max_examples=200, deadline=None)
+def test_replay_buffer_matches_a_simple_model(
+    sizes: list[int], max_events: int, max_bytes: int
+) -> None:
+    """Against a list of every payload: the buffer is a suffix of it, within both limits,
+    replay after any position returns exactly the right payloads, and unsent bytes agree."""
+    t = StreamTracker(
+        S,
+        limits=TrackerLimits(
+            replay_max_events=max_events, replay_max_bytes=max_bytes, index_max_events=max_events
+        ),
+    )
+    every: list[bytes] = []
+    for n, size in enumerate(sizes, start=1):
+        out = t.accept(SSEEvent(data="x" * size + str(n)))
+        assert out is not None
+        every.append(out)
+        kept = t.events_after(0)
+        if isinstance(kept, Gap):
+            kept = t.events_after(kept.oldest_seq - 1)
+        assert isinstance(kept, list)
+        assert len(kept) <= max_events
+        assert kept[-1] == out  # the newest event is always replayable
+        assert t.buffered_bytes <= max_bytes or len(kept) == 1
+        assert kept == every[len(every) - len(kept) :]
+        assert t.buffered_bytes == sum(map(len, kept))
+        for after in range(n + 1):
+            got = t.events_after(after)
+            if isinstance(got, Gap):
+                assert after < n - len(kept)
+            else:
+                assert got == every[after:]
+                assert t.unsent_bytes(after) == sum(map(len, every[after:]))
