@@ -41,6 +41,9 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             control_plane=args.control_plane,
             owner=args.owner,
             report_interval=args.report_interval,
+            allowed_origins=tuple(args.allowed_origin),
+            max_streams=args.max_streams,
+            session_binding=args.session_binding,
             max_event_bytes=args.max_event_bytes,
             max_request_body_bytes=args.max_body_bytes,
             tracker=TrackerLimits(
@@ -78,6 +81,21 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--owner", help="this sidecar's name in the control plane ($POD_NAME)")
     p.add_argument(
         "--report-interval", type=float, default=0.05, help="seconds between position reports"
+    )
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="browser origin allowed to call (repeatable; https://host[:port], http://host:*, "
+        "or *); default: loopback origins only",
+    )
+    p.add_argument("--max-streams", type=int, default=10_000, help="concurrent SSE responses")
+    p.add_argument(
+        "--no-session-binding",
+        dest="session_binding",
+        action="store_false",
+        help="do not tie a session to the credential (Authorization) that created it",
     )
     p.add_argument("--max-event-bytes", type=int, default=1 << 20, help="largest SSE event")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from sidecar.guard import OriginPolicy
 from sidecar.reconnect import ReconnectConfig
 from sidecar.tracker import TrackerLimits
 
@@ -50,6 +51,13 @@ class SidecarConfig:
     stream_linger: float = 300.0
     """How long a finished stream stays replayable for a client that comes back."""
     session_idle_timeout: float = 3600.0
+    max_streams: int = 10_000
+    """Concurrent SSE responses; more are answered 503 with Retry-After."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call (`https://app.example`, `http://localhost:*`, `*`).
+    Empty: loopback origins only. Requests without an Origin header are not browsers."""
+    session_binding: bool = True
+    """Refuse a session to any credential but the one that created it."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.upstream)
@@ -57,6 +65,12 @@ class SidecarConfig:
             raise ConfigError(f"--upstream: expected an http(s) URL, got {self.upstream!r}")
         if parts.query or parts.fragment:
             raise ConfigError("--upstream: the base URL must not have a query or fragment")
+        try:
+            OriginPolicy(self.allowed_origins)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.max_streams < 1:
+            raise ConfigError("max_streams must be at least 1")
         for name in ("max_event_bytes", "max_request_body_bytes"):
             if getattr(self, name) < 1024:
                 raise ConfigError(f"{name} must be at least 1024 bytes")

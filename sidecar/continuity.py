@@ -142,6 +142,7 @@ class Continuity:
             owner_epoch=sess.owner_epoch,
             protocol_version=sess.protocol_version or "",
             initialize_request=sess.initialize_request or b"",
+            credential_fingerprint=sess.credential_fingerprint or "",
         )
 
     def report_session(self, sess: Session) -> None:
@@ -245,6 +246,7 @@ class Continuity:
             sess.initialize_request = record.initialize_request or None
             sess.owner_epoch = record.owner_epoch
             sess.persisted_streams = dict(record.streams)
+            sess.credential_fingerprint = record.credential_fingerprint
             sess.reported = True
             self.fenced_sessions.discard(session_id)
             self.adoptions += 1

@@ -34,6 +34,12 @@ class Metrics:
         self.upstream_paused = counter(
             "upstream_paused", "Times an upstream read paused until clients caught up"
         )
+        self.refused = Counter(
+            "tether_sidecar_refused",
+            "Requests refused, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.live_streams = Gauge("tether_sidecar_streams", "Streams in memory", registry=r)
         self.sessions = Gauge("tether_sidecar_sessions", "Sessions in memory", registry=r)
         self.buffered_bytes = Gauge(

@@ -30,6 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import SidecarConfig
 from sidecar.continuity import Continuity, default_owner, session_lost
+from sidecar.guard import OriginPolicy, fingerprint
 from sidecar.metrics import Metrics
 from sidecar.reconnect import GiveUp, Outcome, ReconnectPolicy
 from sidecar.sse import SSEError, SSEEvent, SSEParser, encode_comment, encode_event
@@ -183,6 +184,9 @@ class Proxy:
         self._janitor: asyncio.Task[None] | None = None
         self._base = config.upstream_base
         self._base_parts = urlsplit(self._base)
+        self.origins = OriginPolicy(config.allowed_origins)
+        self.active_streams = 0
+        """SSE responses being written to clients now (bounded by `max_streams`)."""
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -232,9 +236,24 @@ class Proxy:
     # -- entry point ---------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.origins.allows(origin):
+            log.warning("%s %s: origin %r refused", request.method, request.path, origin[:200])
+            self.metrics.refused.labels("origin").inc()
+            return error_response(403, f"origin {origin[:200]!r} is not allowed")
+        if request.method in ("GET", "POST") and self.active_streams >= self.config.max_streams:
+            self.metrics.refused.labels("too_many_streams").inc()
+            log.warning(
+                "refusing %s %s: %d streams open", request.method, request.path, self.active_streams
+            )
+            busy = error_response(503, "too many open streams; retry shortly")
+            busy.headers["Retry-After"] = "1"
+            return busy
         client_session = request.headers.get(SESSION_HEADER)
         # A session this sidecar does not know may live on in the control plane.
         sess = await self.continuity.adopt(client_session) if client_session else None
+        if sess is not None and not self._credential_matches(request, sess):
+            return error_response(404, "session not found")
         if request.method == "GET":
             last_id = request.headers.get(LAST_EVENT_ID)
             if last_id is not None:
@@ -264,6 +283,25 @@ class Proxy:
             return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
         # _relay owns `resp` from here: it releases it, or hands it to a stream's pump.
         return await self._relay(request, resp, headers, b"".join(body_parts))
+
+    def _credential_matches(self, request: web.Request, sess: Session) -> bool:
+        """A session belongs to the credential that created it; first sight records it."""
+        if not self.config.session_binding:
+            return True
+        presented = fingerprint(request.headers.get("Authorization"))
+        if sess.credential_fingerprint is None:
+            sess.credential_fingerprint = presented
+            return True
+        if sess.credential_fingerprint == presented:
+            return True
+        log.warning(
+            "%s %s: session %s refused to another credential",
+            request.method,
+            request.path,
+            sess.session_id,
+        )
+        self.metrics.refused.labels("credential").inc()
+        return False
 
     async def _after_session_lost(
         self,
@@ -405,9 +443,12 @@ class Proxy:
                 sess.initialize_request = body
                 sess.protocol_version = requested_version
                 sess.init_path = request.path_qs
+                sess.credential_fingerprint = fingerprint(request.headers.get("Authorization"))
         if session_id and resp.status < 300 and request.method != "DELETE":
             # A session the upstream accepts: make sure the control plane knows it.
             sess = self.registry.session(session_id)
+            if sess.credential_fingerprint is None:
+                sess.credential_fingerprint = fingerprint(request.headers.get("Authorization"))
             if not sess.reported:
                 self.continuity.report_session(sess)
         return ids
@@ -421,6 +462,8 @@ class Proxy:
             reason=resp.reason,
             headers=self._client_headers(resp, client_session, keep_length=True),
         )
+        sse = resp.headers.get("Content-Type", "").startswith(SSE_TYPE)
+        self.active_streams += sse
         try:
             await out.prepare(request)
             async for chunk in resp.content.iter_any():
@@ -430,6 +473,7 @@ class Proxy:
             log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
         finally:
             resp.release()
+            self.active_streams -= sse
         return out
 
     async def _open_stream(
@@ -491,6 +535,7 @@ class Proxy:
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"
         stream.attach()
+        self.active_streams += 1
         tracker = stream.tracker
         position = after_seq
         write_timeout = self.config.client_write_timeout
@@ -538,6 +583,7 @@ class Proxy:
             log.info("stream %s: client went away (%s)", stream.stream_id, type(exc).__name__)
         finally:
             stream.detach()
+            self.active_streams -= 1
         return out
 
     async def _catch_up(

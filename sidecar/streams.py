@@ -155,6 +155,9 @@ class Session:
     reported: bool = False
     """The control plane has (or is being sent) this session's record."""
     persisted_streams: dict[StreamId, StreamPosition] = field(default_factory=dict)
+    credential_fingerprint: str | None = None
+    """SHA-256 of the Authorization header that created the session ("" for none); None
+    until the sidecar has seen it."""
     """Stream positions from the control plane when the session was adopted."""
 
 

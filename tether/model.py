@@ -101,6 +101,8 @@ class SessionRecord:
     protocol_version: str = ""
     initialize_request: bytes = b""
     """The client's `initialize` request body (JSON bytes)."""
+    credential_fingerprint: str = ""
+    """SHA-256 (hex) of the Authorization header that created the session; "" if none."""
     streams: Mapping[StreamId, StreamPosition] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0

@@ -36,6 +36,7 @@ def encode_record(record: SessionRecord) -> bytes:
         "owner_epoch": record.owner_epoch,
         "protocol_version": record.protocol_version,
         "initialize_request": base64.b64encode(record.initialize_request).decode("ascii"),
+        "credential_fingerprint": record.credential_fingerprint,
         "streams": [
             [p.stream_id, p.last_event_id, p.upstream_event_id, p.seq, p.owner_epoch]
             for p in sorted(record.streams.values(), key=lambda p: p.stream_id)
@@ -70,6 +71,8 @@ def decode_record(data: bytes | str) -> SessionRecord:
         owner_epoch=int(doc["owner_epoch"]),
         protocol_version=doc["protocol_version"],
         initialize_request=base64.b64decode(doc["initialize_request"]),
+        # Absent in records written before the field existed.
+        credential_fingerprint=doc.get("credential_fingerprint", ""),
         streams=streams,
         created_at=float(doc["created_at"]),
         updated_at=float(doc["updated_at"]),

@@ -269,8 +269,10 @@ async def test_record_round_trips_every_field(store: SessionStore) -> None:
         store,
         "s.1_~+=:@-x",
         initialize_request=bytes(range(256)),
+        credential_fingerprint="ab" * 32,
         streams={StreamId("a"): pos("a", 1), StreamId("b"): pos("b", 2)},
     )
     got = await store.get(session_id=SessionId("s.1_~+=:@-x"))
     assert got == rec
+    assert rec.credential_fingerprint == "ab" * 32
     assert dataclasses.asdict(got)["initialize_request"] == bytes(range(256))

@@ -78,6 +78,7 @@ records = st.builds(
     owner_epoch=st.integers(0, 2**64 - 1),
     protocol_version=st.text(max_size=10),
     initialize_request=st.binary(max_size=50),
+    credential_fingerprint=st.text(alphabet="0123456789abcdef", max_size=64),
     streams=st.lists(positions, max_size=4).map(SessionRecord.streams_of),
     created_at=times,
     updated_at=times,

@@ -73,6 +73,7 @@ def session_to_pb(rec: SessionRecord) -> pb.Session:
         owner_epoch=rec.owner_epoch,
         protocol_version=rec.protocol_version,
         initialize_request=rec.initialize_request,
+        credential_fingerprint=rec.credential_fingerprint,
         streams=[position_to_pb(p) for _, p in sorted(rec.streams.items())],
     )
     _ts_to_pb(rec.created_at, msg.created_at)
@@ -92,6 +93,7 @@ def session_from_pb(msg: pb.Session) -> SessionRecord:
         owner_epoch=msg.owner_epoch,
         protocol_version=msg.protocol_version,
         initialize_request=msg.initialize_request,
+        credential_fingerprint=msg.credential_fingerprint,
         streams=SessionRecord.streams_of(position_from_pb(p) for p in msg.streams),
         created_at=_ts_from_pb(msg, "created_at"),
         updated_at=_ts_from_pb(msg, "updated_at"),

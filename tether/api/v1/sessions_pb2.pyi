@@ -50,7 +50,7 @@ class StreamPosition(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., last_event_id: _Optional[str] = ..., upstream_event_id: _Optional[str] = ..., seq: _Optional[int] = ..., owner_epoch: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "upstream_session_id", "upstream_address", "owner", "owner_epoch", "protocol_version", "initialize_request", "streams", "created_at", "updated_at", "expires_at")
+    __slots__ = ("session_id", "upstream_session_id", "upstream_address", "owner", "owner_epoch", "protocol_version", "initialize_request", "streams", "created_at", "updated_at", "expires_at", "credential_fingerprint")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     upstream_session_id: str
     upstream_address: str
@@ -73,7 +74,8 @@ class Session(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., upstream_session_id: _Optional[str] = ..., upstream_address: _Optional[str] = ..., owner: _Optional[str] = ..., owner_epoch: _Optional[int] = ..., protocol_version: _Optional[str] = ..., initialize_request: _Optional[bytes] = ..., streams: _Optional[_Iterable[_Union[StreamPosition, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    credential_fingerprint: str
+    def __init__(self, session_id: _Optional[str] = ..., upstream_session_id: _Optional[str] = ..., upstream_address: _Optional[str] = ..., owner: _Optional[str] = ..., owner_epoch: _Optional[int] = ..., protocol_version: _Optional[str] = ..., initialize_request: _Optional[bytes] = ..., streams: _Optional[_Iterable[_Union[StreamPosition, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credential_fingerprint: _Optional[str] = ...) -> None: ...
 
 class SessionUpsert(_message.Message):
     __slots__ = ("session",)
