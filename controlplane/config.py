@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from controlplane.store.protocol import SessionStore
+from tether.grpc_security import ServerSecurity
 
 DEFAULT_SQLITE_PATH = "tether-sessions.db"
 DEFAULT_STORE_URL = f"sqlite:///{DEFAULT_SQLITE_PATH}"
@@ -84,7 +85,13 @@ def parse_store_url(url: str) -> StoreUrl:
     raise StoreUrlError(f"{url!r}: unknown scheme; {_EXPECTED}")
 
 
-async def open_store(url: StoreUrl, *, session_ttl: float) -> SessionStore:
+async def open_store(
+    url: StoreUrl,
+    *,
+    session_ttl: float,
+    etcd_username: str | None = None,
+    etcd_password: str | None = None,
+) -> SessionStore:
     """Open the store a URL names (imports only the backend it needs)."""
     if isinstance(url, SqliteUrl):
         from controlplane.store.sqlite import SqliteSessionStore, SqliteStoreConfig
@@ -95,7 +102,13 @@ async def open_store(url: StoreUrl, *, session_ttl: float) -> SessionStore:
     from controlplane.store.etcd import EtcdSessionStore, EtcdStoreConfig
 
     return await EtcdSessionStore.open(
-        EtcdStoreConfig(endpoints=url.endpoints, prefix=url.prefix, session_ttl=session_ttl)
+        EtcdStoreConfig(
+            endpoints=url.endpoints,
+            prefix=url.prefix,
+            session_ttl=session_ttl,
+            username=etcd_username,
+            password=etcd_password,
+        )
     )
 
 
@@ -111,3 +124,7 @@ class ControlPlaneConfig:
     """Seconds between store flushes of coalesced reports."""
     shutdown_grace: float = 5.0
     """Seconds in-flight RPCs get to finish on SIGTERM/SIGINT."""
+    security: ServerSecurity | None = None
+    """TLS, mutual TLS and a bearer token on the gRPC port (plaintext when None)."""
+    etcd_username: str | None = None
+    etcd_password: str | None = None

@@ -29,6 +29,7 @@ from controlplane.config import ControlPlaneConfig, open_store
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
 from tether.api.v1 import sessions_pb2, sessions_pb2_grpc
+from tether.grpc_security import add_port, server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,14 @@ async def start_control_plane(
 ) -> RunningControlPlane:
     """Open the store (unless given one), start serving on `config.listen`."""
     if store is None:
-        store = await open_store(config.store, session_ttl=config.session_ttl)
+        store = await open_store(
+            config.store,
+            session_ttl=config.session_ttl,
+            etcd_username=config.etcd_username,
+            etcd_password=config.etcd_password,
+        )
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=server_interceptors(config.security))
     try:
         service = SessionService(store, batcher)
         # The generated module is untyped (protoc writes no annotations for it).
@@ -84,7 +90,7 @@ async def start_control_plane(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         try:
-            port = server.add_insecure_port(config.listen)
+            port = add_port(server, config.listen, config.security)
         except RuntimeError as e:  # grpc reports a failed bind this way
             raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from e
         if port == 0:

@@ -11,6 +11,7 @@ from typing import Any
 from sidecar.config import ConfigError, SidecarConfig, parse_hostport
 from sidecar.reconnect import ReconnectConfig
 from sidecar.tracker import TrackerLimits
+from tether.grpc_security import add_client_security_flags, client_security
 
 log = logging.getLogger("tether.sidecar")
 
@@ -41,6 +42,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             control_plane=args.control_plane,
             owner=args.owner,
             report_interval=args.report_interval,
+            control_plane_security=client_security(args),
             allowed_origins=tuple(args.allowed_origin),
             max_streams=args.max_streams,
             session_binding=args.session_binding,
@@ -56,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
                 max_attempts=args.reconnect_attempts, max_elapsed=args.reconnect_max_seconds
             ),
         )
-    except ValueError as exc:
+    except ValueError as exc:  # includes SecurityConfigError
         raise ConfigError(str(exc)) from exc
 
 
@@ -78,6 +80,7 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--upstream", required=True, metavar="URL", help="MCP server base URL")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="/healthz, /readyz, /metrics")
     p.add_argument("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
+    add_client_security_flags(p)
     p.add_argument("--owner", help="this sidecar's name in the control plane ($POD_NAME)")
     p.add_argument(
         "--report-interval", type=float, default=0.05, help="seconds between position reports"

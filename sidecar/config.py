@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from sidecar.guard import OriginPolicy
 from sidecar.reconnect import ReconnectConfig
 from sidecar.tracker import TrackerLimits
+from tether.grpc_security import ClientSecurity
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,8 @@ class SidecarConfig:
     control_plane: str | None = None
     owner: str | None = None
     """This sidecar's name in the control plane (default: $POD_NAME, else host-pid)."""
+    control_plane_security: ClientSecurity | None = None
+    """TLS, mutual TLS and bearer token towards the control plane (plaintext when None)."""
     report_interval: float = 0.05
     """How often stream positions are flushed to the control plane (coalesced per stream)."""
     max_event_bytes: int = 1 << 20

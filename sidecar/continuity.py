@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 from sidecar.reporter import Reporter, ReporterConfig
 from sidecar.streams import LiveStream, Registry, Session
 from tether.api.client import ClaimLostError, SessionGoneError
+from tether.grpc_security import ClientSecurity
 from tether.model import (
     InvalidIdError,
     OwnerName,
@@ -95,6 +96,7 @@ class Continuity:
         registry: Registry,
         upstream: str,
         control_plane: str | None,
+        security: ClientSecurity | None = None,
         owner: OwnerName,
         report_interval: float,
     ) -> None:
@@ -104,7 +106,12 @@ class Continuity:
         self.reporter: Reporter | None = None
         if control_plane:
             self.reporter = Reporter(
-                ReporterConfig(target=control_plane, owner=owner, interval=report_interval),
+                ReporterConfig(
+                    target=control_plane,
+                    owner=owner,
+                    interval=report_interval,
+                    security=security,
+                ),
                 on_fenced=self._fenced,
             )
         self._locks: dict[str, asyncio.Lock] = {}

@@ -177,6 +177,7 @@ class Proxy:
             registry=self.registry,
             upstream=config.upstream,
             control_plane=config.control_plane,
+            security=config.control_plane_security,
             owner=owner,
             report_interval=config.report_interval,
         )

@@ -37,6 +37,7 @@ import grpc
 
 from tether import tasks
 from tether.api.client import ReportStream, SessionClient
+from tether.grpc_security import ClientSecurity, open_channel
 from tether.model import (
     BatchAck,
     OwnerName,
@@ -88,6 +89,8 @@ class ReporterConfig:
     session that has waited longest are dropped with a warning."""
     reconnect_initial: float = 0.2
     reconnect_max: float = 5.0
+    security: ClientSecurity | None = None
+    """TLS, mutual TLS and bearer token towards the control plane (plaintext when None)."""
 
     def __post_init__(self) -> None:
         if self.interval < 0:
@@ -694,8 +697,8 @@ class Reporter:
         that is down (the task keeps trying)."""
         if self._channel is not None or self._closed:
             raise RuntimeError("a reporter starts once")
-        self._channel = grpc.aio.insecure_channel(
-            self.config.target, options=_channel_options(self.config)
+        self._channel = open_channel(
+            self.config.target, self.config.security, options=_channel_options(self.config)
         )
         self._client = SessionClient(self._channel)
         self._task = tasks.spawn(self._run(), name=f"tether-reporter {self.config.target}")

@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
@@ -24,6 +25,13 @@ from google.protobuf.message import Message
 
 from tether.api.v1 import sessions_pb2 as pb
 from tether.api.v1 import sessions_pb2_grpc as pb_grpc
+from tether.grpc_security import (
+    SecurityConfigError,
+    ServerSecurity,
+    add_client_security_flags,
+    client_security,
+    open_channel,
+)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_CONTROL_PLANE = os.environ.get("TETHER_CONTROL_PLANE", DEFAULT_LISTEN)
@@ -31,6 +39,15 @@ RPC_TIMEOUT = 10.0
 
 
 # --- tether control-plane -------------------------------------------------------------------
+
+
+def _read_secret(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise SecurityConfigError(f"{what}: cannot read {path}: {e.strerror}") from e
 
 
 def _run_control_plane(args: argparse.Namespace) -> int:
@@ -51,16 +68,33 @@ def _run_control_plane(args: argparse.Namespace) -> int:
     if args.session_ttl <= 0 or args.flush_interval < 0 or args.shutdown_grace < 0:
         print("tether control-plane: durations must not be negative", file=sys.stderr)
         return 2
+    try:
+        security = ServerSecurity(
+            cert=args.tls_cert,
+            key=args.tls_key,
+            client_ca=args.tls_client_ca,
+            token_file=args.auth_token_file,
+        )
+        etcd_password = _read_secret(args.etcd_password_file, "--etcd-password-file")
+    except SecurityConfigError as e:
+        print(f"tether control-plane: {e}", file=sys.stderr)
+        return 2
+    if (args.etcd_user is None) != (etcd_password is None):
+        print("tether control-plane: --etcd-user needs --etcd-password-file", file=sys.stderr)
+        return 2
     config = ControlPlaneConfig(
         listen=args.listen,
         store=store,
         session_ttl=args.session_ttl,
         flush_interval=args.flush_interval,
         shutdown_grace=args.shutdown_grace,
+        security=security,
+        etcd_username=args.etcd_user,
+        etcd_password=etcd_password,
     )
     try:
         asyncio.run(serve(config))
-    except (OSError, StoreError) as e:
+    except (OSError, StoreError, SecurityConfigError) as e:
         print(f"tether control-plane: {e}", file=sys.stderr)
         return 1
     return 0
@@ -107,6 +141,22 @@ def add_control_plane_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="time in-flight calls get on SIGTERM/SIGINT (default 5)",
     )
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        metavar="FILE",
+        help="require 'authorization: Bearer <token>' (token in FILE) on every call but health",
+    )
+    p.add_argument("--etcd-user", help="etcd user, when the cluster has authentication on")
+    p.add_argument("--etcd-password-file", type=Path, metavar="FILE", help="its password")
     p.set_defaults(run=_run_control_plane)
 
 
@@ -244,7 +294,12 @@ Command = Callable[[Any, argparse.Namespace, TextIO], Coroutine[Any, Any, None]]
 
 
 async def _call_control_plane(command: Command, args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.control_plane) as channel:
+    try:
+        channel = open_channel(args.control_plane, client_security(args))
+    except SecurityConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    async with channel:
         stub = pb_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             await command(stub, args, sys.stdout)
@@ -277,6 +332,7 @@ def _add_connection_flags(p: argparse.ArgumentParser, *, leaf: bool) -> None:
         default=argparse.SUPPRESS if leaf else "table",
         help="table (default) or json: the protobuf JSON mapping, as grpcurl prints it",
     )
+    add_client_security_flags(p, leaf=leaf)
 
 
 def add_sessions_parser(sub: Any) -> None:

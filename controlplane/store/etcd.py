@@ -87,6 +87,9 @@ class EtcdStoreConfig:
     """Seconds before one etcd request fails."""
     max_concurrency: int = 64
     """Sessions of one `apply` batch written in parallel."""
+    username: str | None = None
+    """etcd user (with `password`) when the cluster has authentication enabled."""
+    password: str | None = None
 
     def effective_granularity(self) -> float:
         if self.lease_granularity is not None:
@@ -197,7 +200,13 @@ class EtcdSessionStore:
     ) -> EtcdSessionStore:
         endpoints = await asyncio.to_thread(resolve_endpoints, config.endpoints)
         host, port = grpc_target(endpoints)
-        client = aetcd.Client(host=host, port=port, timeout=config.timeout)
+        client = aetcd.Client(
+            host=host,
+            port=port,
+            timeout=config.timeout,
+            username=config.username,
+            password=config.password,
+        )
         store = cls(config, client, clock=clock)
         try:
             await store._call(client.connect)

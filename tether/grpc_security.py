@@ -1,0 +1,258 @@
+"""TLS, mutual TLS and bearer tokens on the control plane's gRPC port.
+
+One place for both ends, so the sidecar, the `tether sessions` CLI and the control plane agree:
+- TLS: the server presents `cert`/`key`; clients verify it against `ca`.
+- Mutual TLS: the server also requires a client certificate signed by `client_ca`; clients
+  present `cert`/`key`.
+- Bearer token: the server requires `authorization: Bearer <token>` on every call except gRPC
+  health checks (Kubernetes probes carry no token); clients send it. Tokens are read from
+  files so they never appear in a process list. Compared in constant time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+if TYPE_CHECKING:  # generic in the type stubs only; not subscriptable at run time
+    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+    _StreamStream = grpc.aio.StreamStreamClientInterceptor[Any, Any]
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor
+    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor
+    _StreamStream = grpc.aio.StreamStreamClientInterceptor
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+log = logging.getLogger("tether.grpc_security")
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class SecurityConfigError(ValueError):
+    """A TLS or token setting is unusable; the message names it."""
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
+
+
+def _token(path: Path | None, what: str) -> str | None:
+    raw = _read(path, what)
+    if raw is None:
+        return None
+    token = raw.decode(errors="replace").strip()
+    if not token or any(c in token for c in "\r\n"):
+        raise SecurityConfigError(f"{what}: {path} must hold one non-empty line")
+    return token
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    """How a client (sidecar, CLI) talks to the control plane."""
+
+    ca: Path | None = None
+    """CA that signed the control plane's certificate; setting it (or `cert`) enables TLS."""
+    cert: Path | None = None
+    """Client certificate for mutual TLS (with `key`)."""
+    key: Path | None = None
+    token_file: Path | None = None
+    """File holding the bearer token to send."""
+    server_name: str | None = None
+    """Name to check the server certificate against, if not the host in the address."""
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise SecurityConfigError("a client certificate needs both --*-cert and --*-key")
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None or self.cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSecurity:
+    """What the control plane requires of its callers."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    """Require client certificates signed by this CA (mutual TLS)."""
+    token_file: Path | None = None
+    """Require `authorization: Bearer <token>` with the token in this file."""
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise SecurityConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.client_ca is not None and self.cert is None:
+            raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+
+class _TokenMetadata:
+    """Adds the bearer token to a call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def with_token(self, details: Any) -> Any:
+        metadata = list(details.metadata or ())
+        metadata.append(self._header)
+        return details._replace(metadata=grpc.aio.Metadata(*metadata))
+
+
+# grpc.aio files each interceptor object under the first kind it is an instance of, so each
+# call shape needs an object of its own.
+class _UnaryUnaryToken(_TokenMetadata, _UnaryUnary):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self.with_token(details), request)
+
+
+class _UnaryStreamToken(_TokenMetadata, _UnaryStream):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self.with_token(details), request)
+
+
+class _StreamStreamToken(_TokenMetadata, _StreamStream):
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self.with_token(details), request_iterator)
+
+
+def _token_interceptors(token: str) -> list[Any]:
+    return [_UnaryUnaryToken(token), _UnaryStreamToken(token), _StreamStreamToken(token)]
+
+
+def open_channel(
+    target: str,
+    security: ClientSecurity | None,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to `target` with the given security (plaintext when None)."""
+    security = security or ClientSecurity()
+    opts = list(options)
+    interceptors: list[Any] = []  # the stubs type this list loosely
+    token = _token(security.token_file, "--control-plane-token-file")
+    if token is not None:
+        if not security.tls:
+            log.warning("sending a bearer token to %s over plaintext gRPC", target)
+        interceptors.extend(_token_interceptors(token))
+    if not security.tls:
+        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(security.ca, "--control-plane-ca"),
+        private_key=_read(security.key, "--control-plane-key"),
+        certificate_chain=_read(security.cert, "--control-plane-cert"),
+    )
+    if security.server_name:
+        opts.append(("grpc.ssl_target_name_override", security.server_name))
+    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
+
+
+class TokenAuthInterceptor(_ServerInterceptor):
+    """Refuses calls without the right bearer token (UNAUTHENTICATED); health is exempt."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        details: Any,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        presented = dict(details.invocation_metadata or ()).get("authorization", "")
+        if isinstance(presented, bytes):
+            presented = presented.decode(errors="replace")
+        if hmac.compare_digest(presented.encode(), self._expected):
+            return handler
+        return _refusal(handler)
+
+
+def _refusal(handler: Any) -> Any:
+    """A handler of the same shape as `handler` that fails with UNAUTHENTICATED."""
+
+    async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(deny, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny, **kw)
+    return grpc.stream_stream_rpc_method_handler(deny, **kw)
+
+
+def server_interceptors(security: ServerSecurity | None) -> list[_ServerInterceptor]:
+    token = _token(security.token_file, "--auth-token-file") if security else None
+    return [TokenAuthInterceptor(token)] if token else []
+
+
+def add_port(server: grpc.aio.Server, listen: str, security: ServerSecurity | None) -> int:
+    """Bind `listen` with TLS (and mutual TLS) when configured; returns the bound port."""
+    if security is None or security.cert is None:
+        return int(server.add_insecure_port(listen))
+    key = _read(security.key, "--tls-key")
+    cert = _read(security.cert, "--tls-cert")
+    assert key is not None  # checked in ServerSecurity
+    assert cert is not None
+    client_ca = _read(security.client_ca, "--tls-client-ca")
+    creds = grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return int(server.add_secure_port(listen, creds))
+
+
+# --- command-line flags of a control-plane client (tether sidecar, tether sessions) ---
+
+
+def client_security(args: argparse.Namespace) -> ClientSecurity:
+    """The `--control-plane-*` TLS and token flags (shared with `tether sidecar`)."""
+    return ClientSecurity(
+        ca=args.control_plane_ca,
+        cert=args.control_plane_cert,
+        key=args.control_plane_key,
+        token_file=args.control_plane_token_file,
+        server_name=args.control_plane_server_name,
+    )
+
+
+def add_client_security_flags(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
+    """TLS, mutual TLS and token flags of a control-plane client."""
+    default = argparse.SUPPRESS if leaf else None
+    for flag, help_text in (
+        ("--control-plane-ca", "verify the control plane's TLS certificate with this CA (PEM)"),
+        ("--control-plane-cert", "client certificate for mutual TLS (PEM)"),
+        ("--control-plane-key", "private key of --control-plane-cert (PEM)"),
+        ("--control-plane-token-file", "send 'authorization: Bearer <token>' (token in FILE)"),
+    ):
+        p.add_argument(flag, type=Path, default=default, metavar="FILE", help=help_text)
+    p.add_argument(
+        "--control-plane-server-name",
+        default=default,
+        metavar="NAME",
+        help="name the control plane's certificate must carry, if not its host",
+    )
