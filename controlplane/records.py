@@ -104,8 +104,7 @@ def apply_writes(
                 owner=new.owner,
                 protocol_version=new.protocol_version,
                 initialize_request=new.initialize_request or record.initialize_request,
-                credential_fingerprint=new.credential_fingerprint
-                or record.credential_fingerprint,
+                credential_fingerprint=new.credential_fingerprint or record.credential_fingerprint,
             )
             changed = True
 
