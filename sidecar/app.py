@@ -64,7 +64,11 @@ class RunningSidecar:
     ready: asyncio.Event
 
     async def stop(self) -> None:
+        """Graceful: not ready, streams ended (clients resume elsewhere), listeners closed,
+        final positions flushed. Ending the streams first matters: aiohttp's cleanup waits for
+        handlers, and a streaming handler only returns once its stream ends."""
         self.ready.clear()
+        await self.proxy.drain()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.proxy.stop()

@@ -203,6 +203,14 @@ class Proxy:
         self._janitor = spawn(self._sweep_forever(), name="sidecar-janitor")
         await self.continuity.start()
 
+    async def drain(self) -> None:
+        """End every stream cleanly, without failing its open requests: writers flush what
+        they have and close, so clients reconnect (with Last-Event-ID) to another sidecar."""
+        streams = list(self.registry.streams.values())
+        for stream in streams:
+            stream.end("sidecar shutting down")
+        await cancel_and_wait(*(s.pump for s in streams))
+
     async def stop(self) -> None:
         """Stop the pumps, flush the final positions to the control plane, close."""
         streams = list(self.registry.streams.values())

@@ -135,3 +135,34 @@ async def test_sidecar_command_serves_and_stops_on_sigterm(
             assert "Mcp-Session-Id" in resp.headers
         proc.kill(signal.SIGTERM)
         assert await proc.wait_exit(10) == 0
+
+
+async def test_sigterm_with_open_streams_ends_them_cleanly_and_exits(
+    procs: ProcessPool, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """Kubernetes sends SIGTERM: the sidecar ends its client streams at once (no error for
+    the open request: the client resumes elsewhere with Last-Event-ID) and exits."""
+    async with numbered_upstream(interval_ms=20) as up:
+        port = free_port()
+        argv = [sys.executable, "-m", "tether.cli", "sidecar"]
+        argv += ["--listen", f"127.0.0.1:{port}", "--upstream", up]
+        proc = await procs.start(argv, name="sidecar", ready_port=port)
+        base = f"http://127.0.0.1:{port}"
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+        async with http.post(base + "/mcp", json=init) as resp:
+            sid = resp.headers["Mcp-Session-Id"]
+        call = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "count", "arguments": {"n": 10_000, "interval_ms": 20}},
+        }
+        headers = {"Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+        async with http.post(base + "/mcp", json=call, headers=headers) as resp:
+            await resp.content.readline()  # the stream is open
+            proc.kill(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                body = await resp.content.read()
+        assert b"tether: stream ended: sidecar shutting down" in body
+        assert b'"error"' not in body
+        assert await proc.wait_exit(10) == 0
