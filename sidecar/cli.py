@@ -11,6 +11,7 @@ from typing import Any
 from sidecar.config import ConfigError, SidecarConfig, parse_hostport
 from sidecar.reconnect import ReconnectConfig
 from sidecar.tracker import TrackerLimits
+from tether.envflags import apply_env_defaults
 from tether.grpc_security import add_client_security_flags, client_security
 
 log = logging.getLogger("tether.sidecar")
@@ -109,4 +110,5 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument(
         "--reconnect-max-seconds", type=float, default=60.0, help="longest upstream outage"
     )
+    apply_env_defaults(p)  # every flag above can also be set as TETHER_<FLAG>
     p.set_defaults(run=_run)

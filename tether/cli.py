@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from tether import __version__
+from tether.envflags import apply_env_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (default: INFO)",
     )
+    apply_env_defaults(parser)  # TETHER_LOG_LEVEL
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from sidecar.cli import add_sidecar_parser

@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 from tether.api.v1 import sessions_pb2 as pb
 from tether.api.v1 import sessions_pb2_grpc as pb_grpc
+from tether.envflags import apply_env_defaults
 from tether.grpc_security import (
     SecurityConfigError,
     ServerSecurity,
@@ -157,6 +158,7 @@ def add_control_plane_parser(sub: Any) -> None:
     )
     p.add_argument("--etcd-user", help="etcd user, when the cluster has authentication on")
     p.add_argument("--etcd-password-file", type=Path, metavar="FILE", help="its password")
+    apply_env_defaults(p)  # every flag above can also be set as TETHER_<FLAG>
     p.set_defaults(run=_run_control_plane)
 
 

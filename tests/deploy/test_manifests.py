@@ -1,0 +1,345 @@
+"""deploy/ renders with `kubectl kustomize`, every object is valid for Kubernetes 1.29 and
+1.37 (strict: unknown fields fail), and the rendered objects keep the conventions the README
+promises: probes, requests and limits, a locked-down securityContext, Tether as a native
+sidecar, flags and variables the real CLI accepts."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from controlplane.config import EtcdUrl, SqliteUrl, parse_store_url
+from sidecar.cli import config_from_args
+from sidecar.reconnect import Outcome, ReconnectPolicy, Retry
+from tests.deploy.render import (
+    DEPLOY,
+    KUBERNETES_VERSIONS,
+    OVERLAYS,
+    REPO_ROOT,
+    Obj,
+    all_containers,
+    container_env,
+    find,
+    kubectl,
+    pod_spec,
+    render,
+    validate,
+    workloads,
+)
+from tether import demo_server
+from tether.cli import build_parser
+
+pytestmark = pytest.mark.skipif(
+    kubectl() is None, reason="kubectl is not installed (it renders the kustomize overlays)"
+)
+
+KIND_OVERLAYS = REPO_ROOT / "tests" / "kind" / "overlays"
+CLIENT_LABEL = "tether.dev/control-plane-client"
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Obj]]:
+    return {name: render(DEPLOY / "overlays" / name) for name in OVERLAYS}
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest, rendered: dict[str, list[Obj]]) -> list[Obj]:
+    objects: list[Obj] = rendered[request.param]
+    return objects
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_object_is_valid_for_kubernetes(overlay: list[Obj], version: str) -> None:
+    assert overlay
+    for obj in overlay:
+        validate(obj, version)
+
+
+def test_the_validator_rejects_what_it_should(rendered: dict[str, list[Obj]]) -> None:
+    """Guard against a vacuous check: broken copies of real objects must fail."""
+    deployment = find(rendered["dev"], "Deployment", "mcp-example")
+    validate(deployment, "1.29.0")  # a native sidecar is accepted
+
+    typo = copy.deepcopy(deployment)
+    pod_spec(typo)["containers"][0]["resource"] = pod_spec(typo)["containers"][0]["resources"]
+    validate(typo, "1.29.0", strict=False)  # only strict mode catches unknown fields
+    with pytest.raises(ValueError, match="'resource' was unexpected"):
+        validate(typo, "1.29.0")
+
+    wrong_type = copy.deepcopy(deployment)
+    wrong_type["spec"]["replicas"] = "two"
+    with pytest.raises(ValueError, match="is not of type 'integer'"):
+        validate(wrong_type, "1.29.0")
+
+    bad_port = copy.deepcopy(deployment)
+    pod_spec(bad_port)["initContainers"][0]["ports"][0]["containerPort"] = "http"
+    with pytest.raises(ValueError, match="Deployment/mcp-example"):
+        validate(bad_port, "1.37.0")
+
+
+def test_kind_test_overlays_render_and_validate() -> None:
+    for directory in sorted(p for p in KIND_OVERLAYS.iterdir() if p.is_dir()):
+        for obj in render(directory):
+            validate(obj, KUBERNETES_VERSIONS[0])
+
+
+# --- conventions ----------------------------------------------------------------------------
+
+
+def test_every_container_is_locked_down_and_bounded(overlay: list[Obj]) -> None:
+    for workload in workloads(overlay):
+        spec = pod_spec(workload)
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        pod_security = spec.get("securityContext", {})
+        assert pod_security.get("runAsNonRoot") is True, where
+        assert pod_security.get("runAsUser", 0) != 0, where
+        assert pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        assert spec.get("automountServiceAccountToken") is False, where
+        for c in all_containers(workload):
+            name = f"{where} container {c['name']}"
+            security = c.get("securityContext", {})
+            assert security.get("allowPrivilegeEscalation") is False, name
+            assert security.get("readOnlyRootFilesystem") is True, name
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], name
+            assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True, name
+            assert not security.get("privileged", False), name
+            for bound in ("requests", "limits"):
+                assert set(c.get("resources", {}).get(bound, {})) >= {"cpu", "memory"}, name
+            image = c["image"]
+            assert ":" in image.rsplit("/", 1)[-1], f"{name}: image {image} has no tag"
+            assert not image.endswith(":latest"), name
+
+
+def test_every_long_running_container_has_probes(overlay: list[Obj]) -> None:
+    for workload in workloads(overlay):
+        spec = pod_spec(workload)
+        sidecars = [c for c in spec.get("initContainers", []) if c.get("restartPolicy")]
+        for c in [*sidecars, *spec["containers"]]:
+            name = f"{workload['metadata']['name']}/{c['name']}"
+            assert "readinessProbe" in c, name
+            assert "livenessProbe" in c, name
+
+
+def test_control_plane_probes_grpc_health_and_has_a_budget(overlay: list[Obj]) -> None:
+    deployment = find(overlay, "Deployment", "tether-control-plane")
+    (container,) = pod_spec(deployment)["containers"]
+    assert container["args"] == ["control-plane"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051}, probe
+    env = container_env(overlay, container)
+    assert env["TETHER_LISTEN"] == "0.0.0.0:50051"
+    service = find(overlay, "Service", "tether-control-plane")
+    assert [p["port"] for p in service["spec"]["ports"]] == [50051]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    budget = find(overlay, "PodDisruptionBudget", "tether-control-plane")
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": budget["spec"]["selector"]}
+
+
+def test_tether_runs_as_a_native_sidecar_of_the_mcp_server(overlay: list[Obj]) -> None:
+    deployment = find(overlay, "Deployment", "mcp-example")
+    spec = pod_spec(deployment)
+    (sidecar,) = spec["initContainers"]
+    assert sidecar["name"] == "tether-sidecar"
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["args"] == ["sidecar"]
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports == {"http": 8080, "admin": 9090}
+    # Health on the admin port, never on the proxied one; startup gates the MCP server.
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    env = container_env(overlay, sidecar)
+    assert env["POD_NAME"] == "<metadata.name>"
+    assert env["TETHER_UPSTREAM"] == "http://127.0.0.1:3000"
+    assert env["TETHER_ADMIN_LISTEN"] == "0.0.0.0:9090"
+    assert env["TETHER_CONTROL_PLANE"] == "tether-control-plane:50051"
+    (server,) = spec["containers"]
+    assert server["command"] == ["python", "-m", "tether.demo_server"]
+    # Clients reach the sidecar's port, not the server's.
+    service = find(overlay, "Service", "mcp-example")
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http", "admin"}
+
+
+def test_network_policy_admits_only_sidecars_and_the_cli(overlay: list[Obj]) -> None:
+    policy = find(overlay, "NetworkPolicy", "tether-control-plane")
+    deployment = find(overlay, "Deployment", "tether-control-plane")
+    assert policy["spec"]["podSelector"] == deployment["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert peer["podSelector"] == {"matchLabels": {CLIENT_LABEL: "true"}}
+    # Every pod that is configured to reach the control plane carries the label.
+    for workload in workloads(overlay):
+        for c in all_containers(workload):
+            if "TETHER_CONTROL_PLANE" in container_env(overlay, c):
+                labels = workload["spec"]["template"]["metadata"]["labels"]
+                assert labels.get(CLIENT_LABEL) == "true", workload["metadata"]["name"]
+
+
+def test_sidecar_outlasts_its_pod_termination(
+    overlay: list[Obj], clean_environ: pytest.MonkeyPatch
+) -> None:
+    """When the pod is deleted, Kubernetes stops the MCP server first and the native sidecar
+    only after it: the sidecar must not give up on the vanished upstream (which ends the
+    client's requests with an error) before the grace period ends and it is stopped (which
+    drops the connection, so the client resumes on another pod). Drive the real reconnect
+    policy with the configured budget over many seeds of its jitter."""
+    deployment = find(overlay, "Deployment", "mcp-example")
+    grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+    (sidecar,) = pod_spec(deployment)["initContainers"]
+    for key, value in container_env(overlay, sidecar).items():
+        clean_environ.setenv(key, value)
+    reconnect = config_from_args(build_parser().parse_args(sidecar["args"])).reconnect
+    for seed in range(200):
+        policy = ReconnectPolicy(reconnect, rng=random.Random(seed))
+        now = 0.0
+        while isinstance(decision := policy.next(Outcome.FAILED, now=now, retry_ms=None), Retry):
+            now += decision.delay
+        assert now > 2 * grace, f"seed {seed}: gave up after {now:.1f}s (grace {grace}s)"
+
+
+# --- the settings are ones the real CLI accepts ---------------------------------------------
+
+
+def _subcommand(name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser: argparse.ArgumentParser = sub.choices[name]
+    return parser
+
+
+def _variables(command: str) -> set[str]:
+    return {
+        "TETHER_" + a.dest.upper()
+        for a in _subcommand(command)._actions
+        if a.option_strings and a.dest != "help"
+    }
+
+
+@pytest.fixture
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in list(os.environ):
+        if key.startswith("TETHER_") or key == "POD_NAME":
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_tether_containers_use_real_flags_and_variables(
+    overlay: list[Obj], clean_environ: pytest.MonkeyPatch
+) -> None:
+    """Parse each container's command line with the real parsers, in the environment the
+    container gets, and check every TETHER_ variable names an option of its subcommand."""
+    seen: set[str] = set()
+    for workload in workloads(overlay):
+        for c in all_containers(workload):
+            if not c["image"].startswith("tether:"):
+                continue
+            env = container_env(overlay, c)
+            if "command" in c:  # the example MCP server, from the same image
+                assert c["command"] == ["python", "-m", "tether.demo_server"]
+                args = demo_server.build_parser().parse_args(c["args"])
+                assert (args.host, args.port) == ("0.0.0.0", 3000)
+                seen.add("demo_server")
+                continue
+            command = c["args"][0]
+            unknown = {k for k in env if k.startswith("TETHER_")} - _variables(command)
+            assert not unknown, f"{c['name']}: no such option of `tether {command}`: {unknown}"
+            with clean_environ.context() as patch:
+                for key, value in env.items():
+                    patch.setenv(key, value)
+                parsed = build_parser().parse_args(c["args"])
+                if command == "sidecar":
+                    config = config_from_args(parsed)
+                    assert config.listen_port == 8080
+                    assert config.admin_port == 9090
+                elif command == "control-plane":
+                    assert parsed.store, "every overlay chooses a store"
+                    parse_store_url(parsed.store)
+                else:
+                    pytest.fail(f"unexpected command {command!r}")
+            seen.add(command)
+    assert seen == {"sidecar", "control-plane", "demo_server"}
+
+
+# --- per overlay ----------------------------------------------------------------------------
+
+
+def _control_plane_store(objects: list[Obj]) -> str:
+    (container,) = pod_spec(find(objects, "Deployment", "tether-control-plane"))["containers"]
+    return container_env(objects, container)["TETHER_STORE"]
+
+
+def test_dev_runs_one_control_plane_on_sqlite_in_a_writable_volume(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    objects = rendered["dev"]
+    deployment = find(objects, "Deployment", "tether-control-plane")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    store = parse_store_url(_control_plane_store(objects))
+    assert isinstance(store, SqliteUrl)
+    (container,) = pod_spec(deployment)["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume_name = mounts[str(store.path.parent)]
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert set(volumes[volume_name]) & {"emptyDir", "persistentVolumeClaim"}
+    assert not [o for o in objects if o["kind"] == "StatefulSet"]
+    example = find(objects, "Deployment", "mcp-example")
+    for c in all_containers(deployment) + all_containers(example):
+        assert c["image"] == "tether:dev"
+
+
+def test_prod_runs_two_control_planes_on_a_three_member_etcd(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    objects = rendered["prod"]
+    assert find(objects, "Deployment", "tether-control-plane")["spec"]["replicas"] == 2
+    etcd = find(objects, "StatefulSet", "etcd")
+    assert etcd["spec"]["replicas"] == 3
+    assert etcd["spec"]["podManagementPolicy"] == "Parallel"
+    headless = find(objects, "Service", etcd["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    store = parse_store_url(_control_plane_store(objects))
+    assert isinstance(store, EtcdUrl)
+    members = {f"etcd-{i}.{headless['metadata']['name']}" for i in range(3)}
+    assert {host for host, _ in store.endpoints} == members
+    assert {port for _, port in store.endpoints} == {2379}
+    assert find(objects, "PodDisruptionBudget", "etcd")["spec"]["maxUnavailable"] == 1
+
+
+def test_prod_mounts_the_tls_secret_and_encrypts_etcd_peers(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    objects = rendered["prod"]
+    deployment = find(objects, "Deployment", "tether-control-plane")
+    (container,) = pod_spec(deployment)["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["tls"]["mountPath"] == "/etc/tether/tls"
+    assert mounts["tls"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "tether-control-plane-tls"
+    (etcd,) = pod_spec(find(objects, "StatefulSet", "etcd"))["containers"]
+    args = etcd["args"]
+    assert "--peer-auto-tls" in args
+    peer_urls = [a for a in args if a.startswith(("--listen-peer-urls", "--initial-"))]
+    assert all("http://" not in a for a in peer_urls), peer_urls
+
+
+def test_external_etcd_brings_no_etcd_of_its_own(rendered: dict[str, list[Obj]]) -> None:
+    objects = rendered["external-etcd"]
+    assert not [o for o in objects if o["kind"] == "StatefulSet"]
+    assert isinstance(parse_store_url(_control_plane_store(objects)), EtcdUrl)
+
+
+def test_overlays_share_the_base(rendered: dict[str, list[Obj]]) -> None:
+    for name, objects in rendered.items():
+        namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
+        assert namespaces == {"tether"}, name
+        assert Path(DEPLOY / "overlays" / name / "kustomization.yaml").is_file()

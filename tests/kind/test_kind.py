@@ -1,0 +1,173 @@
+"""Tether on a real Kubernetes cluster (kind): the dev overlay as a user applies it, an MCP
+client through the sidecar, and the MCP server's pod deleted mid-stream.
+
+Skipped, with the reason, where kind, kubectl or a Docker engine is missing (see conftest.py
+for the one command that runs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from tests.kind.conftest import HERE, MCP_URL, REPO_ROOT, SKIP_REASON, Cluster
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or ""),
+    # Building the image and creating the cluster happen in the first test's setup.
+    pytest.mark.timeout(1800),
+]
+
+NUMBERED_UPSTREAM = REPO_ROOT / "tests" / "support" / "numbered_upstream.py"
+
+
+class Progress:
+    """Every progress notification the client saw, in order, and a signal per arrival."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+        self.arrived = asyncio.Event()
+
+    async def __call__(self, progress: float, total: float | None, message: str | None) -> None:
+        self.seen.append(progress)
+        self.arrived.set()
+
+    async def wait_for(self, count: int, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.seen) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+def text_of(result: Any) -> str:
+    (content,) = result.content
+    text: str = content.text
+    return text
+
+
+async def wait_until_served(timeout: float = 120) -> None:
+    """The node port answers once kube-proxy has the endpoints: a bounded retry."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                async with Client(MCP_URL, mode="legacy") as client:
+                    await client.list_tools()
+                return
+            except Exception:  # connection refused/reset while endpoints settle
+                await asyncio.sleep(1)
+
+
+async def kubectl(cluster: Cluster, *args: str) -> str:
+    return await asyncio.to_thread(cluster.kubectl, *args)
+
+
+async def test_sdk_client_through_the_sidecar(kind_cluster: Cluster) -> None:
+    await wait_until_served()
+    progress = Progress()
+    async with Client(MCP_URL, mode="legacy") as client:
+        result = await client.call_tool(
+            "count", {"n": 5, "interval_ms": 50}, progress_callback=progress
+        )
+    assert text_of(result) == "counted 5"
+    assert progress.seen == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+async def stream_owner(cluster: Cluster) -> dict[str, Any]:
+    """The session being streamed: owned by a running pod, with a stream, the newest."""
+    pods = set(
+        (
+            await kubectl(
+                cluster,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=mcp-example",
+                "--field-selector=status.phase=Running",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            )
+        ).split()
+    )
+    listing = json.loads(
+        await kubectl(
+            cluster,
+            "exec",
+            "deployment/tether-control-plane",
+            "--",
+            "tether",
+            "sessions",
+            "list",
+            "-o",
+            "json",
+            "--control-plane",
+            "127.0.0.1:50051",
+        )
+    )
+    live = [s for s in listing.get("sessions", []) if s.get("owner") in pods]
+    assert live, f"no session owned by a running pod {pods}: {listing}"
+
+    def streaming_and_recent(s: dict[str, Any]) -> tuple[int, datetime]:
+        return len(s.get("streams", [])), datetime.fromisoformat(s["updatedAt"])
+
+    newest: dict[str, Any] = max(live, key=streaming_and_recent)
+    return newest
+
+
+async def test_mcp_server_pod_deleted_mid_stream_loses_nothing(kind_cluster: Cluster) -> None:
+    """The SDK client calls `count`; after 10 progress notifications the pod whose sidecar
+    owns the session is deleted. The client resumes through the Service, the other pod's
+    sidecar claims the session, and every notification arrives exactly once, in order."""
+    configmap = await kubectl(
+        kind_cluster,
+        "create",
+        "configmap",
+        "numbered-upstream",
+        f"--from-file={NUMBERED_UPSTREAM}",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    )
+    await asyncio.to_thread(kind_cluster.kubectl, "apply", "-f", "-", stdin=configmap)
+    await asyncio.to_thread(kind_cluster.apply, HERE / "overlays" / "resume")
+    await asyncio.to_thread(kind_cluster.wait_rollouts)
+    await wait_until_served()
+
+    n = 60
+    progress = Progress()
+    async with Client(MCP_URL, mode="legacy") as client:
+        call = asyncio.ensure_future(
+            client.call_tool("count", {"n": n, "interval_ms": 100}, progress_callback=progress)
+        )
+        await progress.wait_for(10, timeout=60)
+        session = await stream_owner(kind_cluster)
+        doomed = session["owner"]
+        await kubectl(kind_cluster, "delete", "pod", doomed, "--wait=false")
+        result = await asyncio.wait_for(call, 180)
+        # Read the record before leaving: the client deletes its session on the way out.
+        record = json.loads(
+            await kubectl(
+                kind_cluster,
+                "exec",
+                "deployment/tether-control-plane",
+                "--",
+                "tether",
+                "sessions",
+                "get",
+                session["sessionId"],
+                "-o",
+                "json",
+                "--control-plane",
+                "127.0.0.1:50051",
+            )
+        )
+
+    assert text_of(result) == f"counted {n}"
+    assert progress.seen == [float(i) for i in range(1, n + 1)], "lost or repeated progress"
+    assert record["owner"] != doomed, "another pod's sidecar claimed the session"
+    assert int(record["ownerEpoch"]) > int(session.get("ownerEpoch", 1))
