@@ -4,12 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v etcd >/dev/null 2>&1; then
+if ! command -v etcd >/dev/null 2>&1 || ! command -v nginx >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
-    # The package starts a system etcd on 2379; tests start their own on free ports.
-    $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
+    # etcd for the store tests, nginx for the benchmark harness's smoke test.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server nginx-light >/dev/null
+    # The packages may start system services on 2379 and 80; tests start their own.
+    $SUDO systemctl disable --now etcd nginx >/dev/null 2>&1 || true
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -1,0 +1,63 @@
+"""The benchmark harness at tiny sizes, so that it cannot rot. No timing is asserted.
+
+One `python -m bench --smoke` run covers every figure group (200 events per stream, 20 idle
+streams, 100 control-plane updates, 3 resumes). The harness fails loudly (non-zero exit)
+when a stream does not deliver all its events, so its exit status and the printed tables are
+what is checked. The nginx path needs Debian's `nginx-light` (or `nginx`): without it, that
+part alone is left out of the run and its test is skipped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.procs import find_nginx
+from tests.support.etcd import etcd_available
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+HAVE_NGINX = find_nginx() is not None
+
+
+@pytest.fixture(scope="module")
+def report() -> str:
+    args = [sys.executable, "-m", "bench", "--smoke"]
+    args += [] if HAVE_NGINX else ["--no-nginx"]
+    args += [] if etcd_available() else ["--no-etcd"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def section(report: str, title: str) -> str:
+    assert f"### {title}" in report, report
+    return report.split(f"### {title}", 1)[1].split("###", 1)[0]
+
+
+def test_every_figure_group_prints_its_table(report: str) -> None:
+    throughput = section(report, "Throughput, one stream")
+    assert "| 256 B | direct |" in throughput
+    assert "| 4096 B | sidecar |" in throughput
+    assert "| sidecar |" in section(report, "Latency at 1,000 events/s")
+    assert "| 20 (20) | sidecar |" in section(report, "Concurrent idle SSE streams")
+    assert "| sqlite | 100 |" in section(report, "Control plane: 100 streams")
+    assert "| 3 |" in section(report, "Resume through a new sidecar")
+    assert "| resume p99 ≤ 50 ms |" in section(report, "Targets")
+    assert "Command: `python -m bench --smoke" in report
+
+
+def test_every_idle_stream_delivered(report: str) -> None:
+    idle = section(report, "Concurrent idle SSE streams")
+    assert "| 20/20 |" in idle
+
+
+@pytest.mark.skipif(not HAVE_NGINX, reason="nginx is not installed (apt-get install nginx-light)")
+def test_nginx_path(report: str) -> None:
+    assert "| 256 B | nginx |" in section(report, "Throughput, one stream")
+    assert "| nginx |" in section(report, "Latency at 1,000 events/s")
+    assert "| 20 (20) | nginx |" in section(report, "Concurrent idle SSE streams")
