@@ -152,9 +152,12 @@ class StreamTracker:
         "_buffer_head",
         "_cumulative",
         "_cursor_suffix",
+        "_dedup_window",
+        "_id_prefix",
         "_index",
-        "_index_head",
         "_limits",
+        "_max_bytes",
+        "_max_events",
         "_seen",
         "_seen_order",
         "_total_bytes",
@@ -192,9 +195,13 @@ class StreamTracker:
         self._total_bytes = 0
         # _cumulative[i]: bytes ever delivered up to and including buffer entry i.
         self._cumulative: list[int] = []
-        # Upstream cursor after each seq, _index_head .. seq (reaches further than the buffer).
-        self._index: deque[str] = deque()
-        self._index_head = seq + 1
+        # Upstream cursor after each of the last seqs (reaches further than the buffer).
+        self._index: deque[str] = deque(maxlen=limits.index_max_events)
+        # Hot-path constants.
+        self._id_prefix = f"id: {stream_id}.{epoch}."
+        self._dedup_window = limits.dedup_window
+        self._max_events = limits.replay_max_events
+        self._max_bytes = limits.replay_max_bytes
 
     @property
     def last_event_id(self) -> EventId | None:
@@ -214,10 +221,11 @@ class StreamTracker:
                 self.duplicates += 1
                 return None
             self._seen.add(upstream_id)
-            self._seen_order.append(upstream_id)
-            if len(self._seen_order) > self._limits.dedup_window:
-                self._seen.discard(self._seen_order.popleft())
-        self.seq += 1
+            seen_order = self._seen_order
+            seen_order.append(upstream_id)
+            if len(seen_order) > self._dedup_window:
+                self._seen.discard(seen_order.popleft())
+        self.seq = seq = self.seq + 1
         cursor = event.last_event_id
         if cursor != self.last_upstream_event_id:
             self.last_upstream_event_id = cursor
@@ -225,17 +233,22 @@ class StreamTracker:
         data = event.data
         if event.event == "message" and "\n" not in data and "\r" not in data:
             # The common case, without the general encoder's checks and splitting.
-            payload = (
-                f"id: {self.stream_id}.{self.epoch}.{self.seq}{self._cursor_suffix}\n"
-                f"data: {data}\n\n"
-            ).encode()
+            payload = f"{self._id_prefix}{seq}{self._cursor_suffix}\ndata: {data}\n\n".encode()
         else:
             payload = encode_event(
                 data=data,
-                id=f"{self.stream_id}.{self.epoch}.{self.seq}{self._cursor_suffix}",
+                id=f"{self.stream_id}.{self.epoch}.{seq}{self._cursor_suffix}",
                 event=event.event,
             )
-        self._remember(payload, cursor)
+        # Remember it (the hot half of it here; eviction is rare and bulk).
+        size = len(payload)
+        self._buffer.append(payload)
+        self._buffer_bytes += size
+        self._total_bytes += size
+        self._cumulative.append(self._total_bytes)
+        self._index.append(cursor)  # a bounded deque: the oldest falls out by itself
+        if len(self._buffer) > self._max_events or self._buffer_bytes > self._max_bytes:
+            self._evict()
         return payload
 
     def priming_event(self) -> bytes:
@@ -243,37 +256,28 @@ class StreamTracker:
         current = EventId(self.stream_id, self.epoch, self.seq, self.last_upstream_event_id)
         return encode_event(data="", id=str(current))
 
-    def _remember(self, payload: bytes, upstream_cursor: str) -> None:
+    def _evict(self) -> None:
+        """Evict in bulk, down to 7/8 of both limits: one memmove per many events instead of
+        one per event. The limits stay maxima; the newest event always stays, however large:
+        its writer has yet to send it."""
         limits = self._limits
         buffer = self._buffer
-        buffer.append(payload)
-        self._buffer_bytes += len(payload)
-        self._total_bytes += len(payload)
-        self._cumulative.append(self._total_bytes)
-        if len(buffer) > limits.replay_max_events or self._buffer_bytes > limits.replay_max_bytes:
-            # Evict in bulk, down to 7/8 of both limits: one memmove per many events instead
-            # of one per event. The limits stay maxima.
-            keep_events = limits.replay_max_events - limits.replay_max_events // 8
-            keep_bytes = limits.replay_max_bytes - limits.replay_max_bytes // 8
-            drop = max(0, len(buffer) - keep_events)
-            cumulative = self._cumulative
-            base = self._total_bytes - self._buffer_bytes  # bytes before the buffer's head
-            # Bytes kept after dropping `drop` events: total - cumulative[drop - 1].
-            # The newest event always stays, however large: its writer has yet to send it.
-            while (
-                drop < len(buffer) - 1
-                and self._total_bytes - (cumulative[drop - 1] if drop else base) > keep_bytes
-            ):
-                drop += 1
-            freed = (cumulative[drop - 1] - base) if drop else 0
-            del buffer[:drop]
-            del cumulative[:drop]
-            self._buffer_bytes -= freed
-            self._buffer_head += drop
-        self._index.append(upstream_cursor)
-        if len(self._index) > limits.index_max_events:
-            self._index.popleft()
-            self._index_head += 1
+        keep_events = limits.replay_max_events - limits.replay_max_events // 8
+        keep_bytes = limits.replay_max_bytes - limits.replay_max_bytes // 8
+        drop = max(0, len(buffer) - keep_events)
+        cumulative = self._cumulative
+        base = self._total_bytes - self._buffer_bytes  # bytes before the buffer's head
+        # Bytes kept after dropping `drop` events: total - cumulative[drop - 1].
+        while (
+            drop < len(buffer) - 1
+            and self._total_bytes - (cumulative[drop - 1] if drop else base) > keep_bytes
+        ):
+            drop += 1
+        freed = (cumulative[drop - 1] - base) if drop else 0
+        del buffer[:drop]
+        del cumulative[:drop]
+        self._buffer_bytes -= freed
+        self._buffer_head += drop
 
     def events_after(self, seq: int) -> list[bytes] | Gap:
         """Payloads of every event after `seq` (possibly none), or a Gap if some were evicted."""
@@ -290,16 +294,18 @@ class StreamTracker:
 
         `seq == 0` (nothing delivered) has no upstream cursor.
         """
-        if seq < self._index_head or seq > self.seq:
+        index_head = self.seq - len(self._index) + 1
+        if seq < index_head or seq > self.seq:
             return None
-        cursor = self._index[seq - self._index_head]
+        cursor = self._index[seq - index_head]
         return cursor or None
 
     def seq_for_upstream_id(self, upstream_id: str) -> int | None:
         """Which delivered event carried `upstream_id`, if the index still reaches it."""
+        index_head = self.seq - len(self._index) + 1
         for i in range(len(self._index) - 1, -1, -1):
             if self._index[i] == upstream_id:
-                return self._index_head + i
+                return index_head + i
         return None
 
     @property
