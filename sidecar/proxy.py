@@ -923,41 +923,46 @@ class Proxy:
             async for chunk in resp.content.iter_any():
                 delivered = 0
                 seq_mark, bytes_mark = stream.backlog_marks()
+                total = tracker.total_bytes
                 for parsed in parser.feed(chunk):
                     if isinstance(parsed, SSEError):
                         log.error("stream %s: %s", stream.stream_id, parsed.message)
                         break
-                    if not parsed.data:
+                    data = parsed.data
+                    if not data:
                         continue  # priming or keep-alive event: a cursor, nothing to deliver
                     item = parsed
                     if legacy and item.event == "endpoint":
                         item = self._rewrite_endpoint(stream, item, str(resp.url))
-                    if tracker.accept(item) is None:
+                    out = tracker.accept(item)
+                    if out is None:
                         metrics.duplicates.inc()
                         continue
                     delivered += 1
-                    if pending:
-                        for rid in answered_ids(item.data):
-                            pending.discard(rid)
-                        if not pending and stream.expects_responses:
+                    total += len(out)
+                    # Cheap pre-check first: only a response carries "result" or "error".
+                    if (pending or post_ids_unknown) and ('"result"' in data or '"error"' in data):
+                        if pending:
+                            for rid in answered_ids(data):
+                                pending.discard(rid)
+                            if not pending and stream.expects_responses:
+                                stream.complete = True
+                        elif answered_ids(data):
+                            # Request ids unknown (adopted stream, unparseable body): a POST
+                            # stream carries its request's answer last. Resumed SDK streams
+                            # never close by themselves, so this is the only end we will see.
                             stream.complete = True
-                    elif post_ids_unknown and answered_ids(item.data):
-                        # Request ids unknown (adopted stream, unparseable body): a POST
-                        # stream carries its request's answer last. Resumed SDK streams never
-                        # close by themselves, so this is the only end we will see.
-                        stream.complete = True
-                    # Checked per event (one chunk can hold a whole buffer's worth), cheaply.
-                    if (
-                        tracker.seq >= seq_mark or tracker.total_bytes >= bytes_mark
-                    ) and stream.backlogged():
-                        metrics.events_in.inc(delivered)
-                        delivered = 0
-                        policy.progress()
-                        stream.publish()
-                        metrics.upstream_paused.inc()
-                        while stream.backlogged():
-                            await stream.room.wait()
-                    if tracker.seq >= seq_mark or tracker.total_bytes >= bytes_mark:
+                    # Checked per event (one chunk can hold a whole buffer's worth), cheaply:
+                    # two int comparisons, the exact check only once a mark is crossed.
+                    if tracker.seq >= seq_mark or total >= bytes_mark:
+                        if stream.backlogged():
+                            metrics.events_in.inc(delivered)
+                            delivered = 0
+                            policy.progress()
+                            stream.publish()
+                            metrics.upstream_paused.inc()
+                            while stream.backlogged():
+                                await stream.room.wait()
                         seq_mark, bytes_mark = stream.backlog_marks()
                 if delivered:
                     metrics.events_in.inc(delivered)
