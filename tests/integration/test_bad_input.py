@@ -133,3 +133,54 @@ async def test_slowloris_clients_do_not_stop_the_sidecar(
         finally:
             for w in writers:
                 w.transport.abort()
+
+
+async def test_malformed_http_gets_400_and_the_sidecar_keeps_serving(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async with numbered_upstream() as up:
+        sidecar = await sidecar_factory(up)
+        for junk in (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n",  # TLS to plaintext
+            b"GET /mcp HTTP/9.9\r\n\r\n",
+            b"POST /mcp HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+            b"GET /mcp HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+            writer.write(junk)
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            assert status[:7] == b"HTTP/1." and status.split(b" ")[1] == b"400", (junk, status)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        await initialize(http, base)
+
+
+@pytest.mark.parametrize(
+    "session_id", ["../../etc/passwd", "a" * 5000, "spaces in id", "ünï", ".dot"]
+)
+async def test_invalid_session_ids_are_survived_and_never_stored(
+    sidecar_factory: SidecarFactory,
+    control_plane: RunningControlPlane,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+    session_id: str,
+) -> None:
+    """A session id the control plane would refuse as a key: the sidecar forwards the
+    request (the upstream decides), reports nothing for it, and keeps serving."""
+    async with numbered_upstream(strict_sessions=True) as up:
+        sidecar = await sidecar_factory(up, control_plane=control_plane.address, owner="s")
+        base = f"http://127.0.0.1:{sidecar.port}"
+        headers = {**HEADERS, "Mcp-Session-Id": session_id}
+        try:
+            async with http.post(base + MCP, json=count_call(2), headers=headers) as resp:
+                assert resp.status == 404  # the (strict) upstream does not know it
+        except ValueError:
+            pytest.skip("the HTTP client refuses to send this header value")
+        sid = await initialize(http, base)
+        reporter = sidecar.proxy.continuity.reporter
+        assert reporter is not None
+        await asyncio.wait_for(reporter.flushed(), 10)
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        page = await SessionClient(channel).list_sessions(timeout=5)
+    assert [s.session_id for s in page.sessions] == [sid]
