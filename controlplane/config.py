@@ -91,6 +91,7 @@ async def open_store(
     session_ttl: float,
     etcd_username: str | None = None,
     etcd_password: str | None = None,
+    etcd_tls: EtcdTls | None = None,
 ) -> SessionStore:
     """Open the store a URL names (imports only the backend it needs)."""
     if isinstance(url, SqliteUrl):
@@ -108,8 +109,22 @@ async def open_store(
             session_ttl=session_ttl,
             username=etcd_username,
             password=etcd_password,
+            tls_ca=etcd_tls.ca if etcd_tls else None,
+            tls_cert=etcd_tls.cert if etcd_tls else None,
+            tls_key=etcd_tls.key if etcd_tls else None,
+            tls_server_name=etcd_tls.server_name if etcd_tls else None,
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """Client TLS towards etcd: PEM bytes, read once at start-up."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +143,4 @@ class ControlPlaneConfig:
     """TLS, mutual TLS and a bearer token on the gRPC port (plaintext when None)."""
     etcd_username: str | None = None
     etcd_password: str | None = None
+    etcd_tls: EtcdTls | None = None

@@ -77,6 +77,7 @@ async def start_control_plane(
             session_ttl=config.session_ttl,
             etcd_username=config.etcd_username,
             etcd_password=config.etcd_password,
+            etcd_tls=config.etcd_tls,
         )
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
     server = grpc.aio.server(interceptors=server_interceptors(config.security))

@@ -42,6 +42,29 @@ RPC_TIMEOUT = 10.0
 # --- tether control-plane -------------------------------------------------------------------
 
 
+def _etcd_tls(args: argparse.Namespace) -> Any:
+    """The --etcd-ca/-cert/-key flags as an `EtcdTls`, or None for plaintext."""
+    from controlplane.config import EtcdTls
+
+    if (args.etcd_cert is None) != (args.etcd_key is None):
+        raise SecurityConfigError("--etcd-cert needs --etcd-key (and the other way round)")
+    if args.etcd_ca is None and args.etcd_cert is None:
+        return None
+    files = {"--etcd-ca": args.etcd_ca, "--etcd-cert": args.etcd_cert, "--etcd-key": args.etcd_key}
+    pem: dict[str, bytes | None] = {}
+    for flag, path in files.items():
+        try:
+            pem[flag] = path.read_bytes() if path is not None else None
+        except OSError as e:
+            raise SecurityConfigError(f"{flag}: cannot read {path}: {e.strerror}") from e
+    return EtcdTls(
+        ca=pem["--etcd-ca"],
+        cert=pem["--etcd-cert"],
+        key=pem["--etcd-key"],
+        server_name=args.etcd_server_name,
+    )
+
+
 def _read_secret(path: Path | None, what: str) -> str | None:
     if path is None:
         return None
@@ -77,6 +100,7 @@ def _run_control_plane(args: argparse.Namespace) -> int:
             token_file=args.auth_token_file,
         )
         etcd_password = _read_secret(args.etcd_password_file, "--etcd-password-file")
+        etcd_tls = _etcd_tls(args)
     except SecurityConfigError as e:
         print(f"tether control-plane: {e}", file=sys.stderr)
         return 2
@@ -92,6 +116,7 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         security=security,
         etcd_username=args.etcd_user,
         etcd_password=etcd_password,
+        etcd_tls=etcd_tls,
     )
     try:
         asyncio.run(serve(config))
@@ -158,6 +183,12 @@ def add_control_plane_parser(sub: Any) -> None:
     )
     p.add_argument("--etcd-user", help="etcd user, when the cluster has authentication on")
     p.add_argument("--etcd-password-file", type=Path, metavar="FILE", help="its password")
+    p.add_argument(
+        "--etcd-ca", type=Path, metavar="PEM", help="talk TLS to etcd; verify with this CA"
+    )
+    p.add_argument("--etcd-cert", type=Path, metavar="PEM", help="client certificate for etcd")
+    p.add_argument("--etcd-key", type=Path, metavar="PEM", help="private key of --etcd-cert")
+    p.add_argument("--etcd-server-name", metavar="NAME", help="name etcd's certificate carries")
     apply_env_defaults(p)  # every flag above can also be set as TETHER_<FLAG>
     p.set_defaults(run=_run_control_plane)
 

@@ -90,6 +90,14 @@ class EtcdStoreConfig:
     username: str | None = None
     """etcd user (with `password`) when the cluster has authentication enabled."""
     password: str | None = None
+    tls_ca: bytes | None = None
+    """PEM of the CA that signed etcd's client certificate: setting it (or a client
+    certificate) switches the connection to TLS."""
+    tls_cert: bytes | None = None
+    """Client certificate (PEM) for etcd's --client-cert-auth, with `tls_key`."""
+    tls_key: bytes | None = None
+    tls_server_name: str | None = None
+    """Name etcd's certificate must carry, if not the address connected to."""
 
     def effective_granularity(self) -> float:
         if self.lease_granularity is not None:
@@ -200,13 +208,27 @@ class EtcdSessionStore:
     ) -> EtcdSessionStore:
         endpoints = await asyncio.to_thread(resolve_endpoints, config.endpoints)
         host, port = grpc_target(endpoints)
-        client = aetcd.Client(
-            host=host,
-            port=port,
-            timeout=config.timeout,
-            username=config.username,
-            password=config.password,
-        )
+        kwargs: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "timeout": config.timeout,
+            "username": config.username,
+            "password": config.password,
+        }
+        client: aetcd.Client
+        if config.tls_ca is not None or config.tls_cert is not None:
+            from controlplane.store.etcd_tls import TlsEtcdClient
+
+            if config.tls_server_name:
+                kwargs["options"] = {"grpc.ssl_target_name_override": config.tls_server_name}
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=config.tls_ca,
+                private_key=config.tls_key,
+                certificate_chain=config.tls_cert,
+            )
+            client = TlsEtcdClient(credentials=credentials, **kwargs)
+        else:
+            client = aetcd.Client(**kwargs)
         store = cls(config, client, clock=clock)
         try:
             await store._call(client.connect)

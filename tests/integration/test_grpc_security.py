@@ -15,15 +15,23 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controlplane.config import ControlPlaneConfig, EtcdUrl, SqliteUrl, parse_store_url
+from controlplane.config import (
+    ControlPlaneConfig,
+    EtcdTls,
+    EtcdUrl,
+    SqliteUrl,
+    parse_store_url,
+)
 from controlplane.server import RunningControlPlane, start_control_plane
+from controlplane.store.protocol import StoreError
 from tests.integration.conftest import SidecarFactory
 from tests.integration.test_proxy import initialize
 from tests.support.certs import CertificateAuthority, Pair
 from tests.support.etcd import etcd_available, start_etcd
+from tests.support.procs import free_port
 from tether.api.client import SessionClient
 from tether.grpc_security import ClientSecurity, ServerSecurity, open_channel
-from tether.model import SessionEventType, SessionId
+from tether.model import OwnerName, SessionEventType, SessionId, SessionRecord, SessionUpsert
 
 
 @dataclass
@@ -236,3 +244,89 @@ async def test_control_plane_on_etcd_with_authentication(tmp_path: Path) -> None
             await cp.stop()
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+@pytest.mark.etcd
+async def test_control_plane_on_etcd_over_mutual_tls(pki: Pki, tmp_path: Path) -> None:
+    """etcd serving clients over TLS with client-certificate auth: the store connects with
+    the right certificate and is refused without one."""
+    if not etcd_available():
+        pytest.skip("etcd binary not installed (Debian etcd-server)")
+    etcd_server = pki.ca.issue("etcd", server=True)
+    client_port, peer_port = free_port(), free_port()
+    url = f"https://127.0.0.1:{client_port}"
+    peer = f"http://127.0.0.1:{peer_port}"
+    log = (tmp_path / "etcd.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        "etcd",
+        f"--data-dir={tmp_path / 'etcd-data'}",
+        f"--listen-client-urls={url}",
+        f"--advertise-client-urls={url}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=default={peer}",
+        f"--cert-file={etcd_server.cert}",
+        f"--key-file={etcd_server.key}",
+        f"--trusted-ca-file={pki.ca.pair.cert}",
+        "--client-cert-auth",
+        "--log-level=warn",
+        "--logger=zap",
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        store = parse_store_url(f"etcd://127.0.0.1:{client_port}/tls-test")
+        assert isinstance(store, EtcdUrl)
+        tls = EtcdTls(
+            ca=pki.ca.pair.cert.read_bytes(),
+            cert=pki.client.cert.read_bytes(),
+            key=pki.client.key.read_bytes(),
+        )
+        cp = await start_control_plane(
+            ControlPlaneConfig(listen="127.0.0.1:0", store=store, etcd_tls=tls)
+        )
+        try:
+            async with asyncio.timeout(20):
+                while True:  # a fresh etcd takes a moment to elect itself and serve
+                    try:
+                        await cp.store.apply(writes=[SessionUpsert(sample_record("over-tls"))])
+                        break
+                    except StoreError:
+                        await asyncio.sleep(0.2)
+            assert await cp.store.get(session_id=SessionId("over-tls")) is not None
+            async with grpc.aio.insecure_channel(cp.address) as ch:
+                page = await SessionClient(ch).list_sessions(timeout=5)
+            assert [r.session_id for r in page.sessions] == ["over-tls"]
+        finally:
+            await cp.stop()
+        # Without a client certificate the same etcd refuses the connection.
+        no_cert = EtcdTls(ca=pki.ca.pair.cert.read_bytes())
+        refused = ""
+        try:
+            bad = await start_control_plane(
+                ControlPlaneConfig(listen="127.0.0.1:0", store=store, etcd_tls=no_cert)
+            )
+        except (OSError, StoreError) as exc:
+            refused = str(exc) or type(exc).__name__
+        else:
+            try:
+                await bad.store.get(session_id=SessionId("over-tls"))
+            except StoreError as exc:
+                refused = str(exc) or type(exc).__name__
+            finally:
+                await bad.stop()
+        assert refused
+    finally:
+        proc.kill()
+        await proc.wait()
+        log.close()
+
+
+def sample_record(sid: str) -> SessionRecord:
+    return SessionRecord(
+        session_id=SessionId(sid),
+        upstream_session_id=sid,
+        upstream_address="http://127.0.0.1:1",
+        owner=OwnerName("a"),
+        owner_epoch=1,
+    )
