@@ -1,0 +1,172 @@
+"""A three-member etcd cluster (Debian etcd, loopback ports) behind the control plane
+(`--store etcd://` with all three endpoints); the leader is SIGKILLed mid-stream. The client
+is not disturbed, the remaining two members elect a leader, and the control plane keeps
+persisting positions through the other endpoints.
+
+Leadership is first moved to the member the control plane's channel uses (its first endpoint),
+so the kill costs both an election and an endpoint failover: the hardest case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane.config import ControlPlaneConfig, EtcdUrl, parse_store_url
+from controlplane.server import RunningControlPlane, start_control_plane
+from sidecar.tracker import EventId
+from tests.integration.conftest import SidecarFactory
+from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
+from tests.support.chaos import (
+    DEADLINE_S,
+    POLL_S,
+    ChaosRow,
+    ChaosTable,
+    PositionWatcher,
+    StreamConsumer,
+    assert_exactly_once,
+    poll_persisted,
+)
+from tests.support.etcd import EtcdCluster, EtcdMember, etcd_available, start_etcd
+
+pytestmark = [pytest.mark.slow, pytest.mark.etcd, pytest.mark.timeout(40)]
+
+
+def _post(member: EtcdMember, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """etcd's HTTP gateway (JSON over the v3 API)."""
+    request = urllib.request.Request(
+        f"http://{member.endpoint}{path}", data=json.dumps(body).encode(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=2) as resp:
+        out: dict[str, Any] = json.loads(resp.read())
+        return out
+
+
+def member_ids(cluster: EtcdCluster) -> dict[str, str]:
+    return {
+        m.name: _post(m, "/v3/maintenance/status", {})["header"]["member_id"]
+        for m in cluster.members
+    }
+
+
+def leader_of(members: list[EtcdMember], ids: dict[str, str]) -> EtcdMember | None:
+    """The member every live member agrees is the leader, or None (an election is on)."""
+    seen = {_post(m, "/v3/maintenance/status", {}).get("leader", "0") for m in members}
+    if len(seen) != 1:
+        return None
+    (leader_id,) = seen
+    return next((m for m in members if ids[m.name] == leader_id), None)
+
+
+async def wait_leader(members: list[EtcdMember], ids: dict[str, str]) -> EtcdMember:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while True:
+        leader = await asyncio.to_thread(leader_of, members, ids)
+        if leader is not None:
+            return leader
+        assert loop.time() < deadline, "no etcd leader elected"
+        await asyncio.sleep(POLL_S)
+
+
+@dataclass
+class EtcdControlPlane:
+    cluster: EtcdCluster
+    running: RunningControlPlane
+
+
+@pytest.fixture
+async def etcd_control_plane(tmp_path: Path) -> AsyncIterator[EtcdControlPlane]:
+    """A three-member cluster and an in-process control plane given all three endpoints."""
+    if not etcd_available():
+        pytest.skip("etcd binary not installed (Debian etcd-server)")
+    cluster = await asyncio.to_thread(start_etcd, tmp_path / "etcd", members=3)
+    try:
+        store = parse_store_url(f"{cluster.url}/chaos-{uuid.uuid4().hex[:8]}")
+        assert isinstance(store, EtcdUrl)
+        running = await start_control_plane(ControlPlaneConfig(listen="127.0.0.1:0", store=store))
+        try:
+            yield EtcdControlPlane(cluster, running)
+        finally:
+            await running.stop()
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_etcd_leader_killed_mid_stream(
+    etcd_control_plane: EtcdControlPlane,
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+    chaos_table: ChaosTable,
+) -> None:
+    """recover_s: from the kill to the store holding a position the client received after
+    the kill (a write that needed the new leader)."""
+    cluster = etcd_control_plane.cluster
+    ids = await asyncio.to_thread(member_ids, cluster)
+    first = cluster.members[0]
+    leader = await wait_leader(cluster.members, ids)
+    if leader is not first:
+        await asyncio.to_thread(
+            _post, leader, "/v3/maintenance/transfer-leadership", {"targetID": ids[first.name]}
+        )
+        leader = await wait_leader(cluster.members, ids)
+    assert leader is first
+    address = etcd_control_plane.running.address
+    n = 200
+    async with numbered_upstream(interval_ms=10) as upstream:
+        sidecar = await sidecar_factory(upstream, control_plane=address, owner="chaos")
+        base = f"http://127.0.0.1:{sidecar.port}"
+        async with PositionWatcher(address) as watcher:
+            sid = await initialize(http, base)
+            headers = {**HEADERS, "Mcp-Session-Id": sid}
+            client = StreamConsumer()
+            client.start(
+                lambda: http.post(base + MCP, json=count_call(n, interval_ms=10), headers=headers)
+            )
+            try:
+                await client.wait_count(30)
+                reached = EventId.parse(client.last_id)
+                assert reached is not None
+                await watcher.wait_position(sid, reached)
+                assert leader.process is not None
+                leader.process.kill()  # SIGKILL
+                await asyncio.to_thread(leader.process.wait)
+                killed = time.monotonic()
+                assert await client.wait_new_event(timeout=DEADLINE_S)
+                after = EventId.parse(client.last_id)
+                assert after is not None
+                await poll_persisted(address, sid, after, watcher=watcher, exact=False)
+                recovered = time.monotonic() - killed
+                survivors = [m for m in cluster.members if m is not leader]
+                new_leader = await wait_leader(survivors, ids)
+                assert new_leader is not leader
+                await client.finished()
+            finally:
+                await client.aclose()
+            got = assert_exactly_once(client.received, n=n)
+            last = EventId.parse(client.last_id)
+            assert last is not None
+            await poll_persisted(address, sid, last, watcher=watcher)
+            await watcher.wait_position(sid, last)
+            watcher.assert_never_backwards()
+    chaos_table.add(
+        ChaosRow(
+            "etcd leader SIGKILL (3 members)",
+            got.sent,
+            got.received,
+            got.lost,
+            got.duplicated,
+            recovered,
+        )
+    )
