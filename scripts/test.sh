@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v etcd >/dev/null 2>&1 || ! command -v nginx >/dev/null 2>&1; then
+if ! command -v etcd >/dev/null 2>&1 || ! command -v nginx >/dev/null 2>&1 \
+    || ! command -v ip >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
     # etcd for the store tests, nginx for the benchmark harness's smoke test.
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server nginx-light >/dev/null
+    # iproute2 for the chaos suite's network namespaces.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server nginx-light iproute2 >/dev/null
     # The packages may start system services on 2379 and 80; tests start their own.
     $SUDO systemctl disable --now etcd nginx >/dev/null 2>&1 || true
 fi

@@ -46,6 +46,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             control_plane_security=client_security(args),
             allowed_origins=tuple(args.allowed_origin),
             max_streams=args.max_streams,
+            upstream_dead_after=args.upstream_dead_after,
             session_binding=args.session_binding,
             max_event_bytes=args.max_event_bytes,
             max_request_body_bytes=args.max_body_bytes,
@@ -100,6 +101,14 @@ def add_sidecar_parser(sub: Any) -> None:
         dest="session_binding",
         action="store_false",
         help="do not tie a session to the credential (Authorization) that created it",
+    )
+    p.add_argument(
+        "--upstream-dead-after",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="declare a silent upstream connection dead after this long, if its peer does not "
+        "answer TCP keepalive probes (default 10)",
     )
     p.add_argument("--max-event-bytes", type=int, default=1 << 20, help="largest SSE event")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")

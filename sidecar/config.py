@@ -45,6 +45,10 @@ class SidecarConfig:
     tracker: TrackerLimits = field(default_factory=TrackerLimits)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     connect_timeout: float = 10.0
+    upstream_dead_after: float = 10.0
+    """An upstream connection that stays silent this long, and whose peer does not answer TCP
+    keepalive probes, is declared dead (then the stream is resumed). Idle but live streams
+    are unaffected: the peer's kernel answers the probes."""
     heartbeat_interval: float = 15.0
     """Idle client streams get an SSE comment this often, so dead clients are noticed."""
     client_write_timeout: float = 60.0
@@ -77,6 +81,8 @@ class SidecarConfig:
         for name in ("max_event_bytes", "max_request_body_bytes"):
             if getattr(self, name) < 1024:
                 raise ConfigError(f"{name} must be at least 1024 bytes")
+        if self.upstream_dead_after < 2:
+            raise ConfigError("upstream_dead_after must be at least 2 seconds")
         for name in (
             "connect_timeout",
             "heartbeat_interval",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -67,6 +68,30 @@ _HOP_BY_HOP = frozenset(
 # compress over the pod's loopback for the sidecar to decompress; Last-Event-ID is answered here.
 _NOT_UPSTREAM = _HOP_BY_HOP | {"host", "accept-encoding", "last-event-id", "content-length"}
 _NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length"}
+
+
+def keepalive_socket(addr_info: Any, *, dead_after: float) -> socket.socket:
+    """An upstream socket that notices a dead peer on its own.
+
+    The sidecar mostly only reads from the upstream, so a peer that vanished without a reset
+    (a network cut, a pod replaced) would never be noticed. TCP keepalive probes after half of
+    `dead_after` of silence, three probes over the other half, find it; TCP_USER_TIMEOUT bounds
+    unacknowledged sends the same way. A live but idle peer answers the probes."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(dead_after / 2))
+    interval = max(1, int(dead_after / 6))
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", int(dead_after * 1000)),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has them all; others keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return sock
 
 
 class BodyTooLargeError(Exception):
@@ -192,8 +217,13 @@ class Proxy:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        dead_after = self.config.upstream_dead_after
         self._client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            connector=aiohttp.TCPConnector(
+                limit=0,
+                enable_cleanup_closed=True,
+                socket_factory=lambda info: keepalive_socket(info, dead_after=dead_after),
+            ),
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=self.config.connect_timeout, sock_read=None
             ),
