@@ -632,12 +632,8 @@ class Proxy:
         their original client-facing ids; returns the seq where the buffer takes over, or None
         if the upstream could not supply them."""
         tracker = stream.tracker
-        headers = CIMultiDict(stream.upstream_headers)
-        headers[LAST_EVENT_ID] = cursor
         try:
-            resp = await self.client.get(
-                self._base + stream.upstream_path, headers=headers, allow_redirects=False
-            )
+            resp = await self._get_stream(stream, cursor)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("stream %s: catch-up request failed: %s", stream.stream_id, exc)
             return None
@@ -905,18 +901,23 @@ class Proxy:
         resp, _, fatal = await self._reconnect(stream, "")
         return resp, fatal or ("" if resp is not None else "the new upstream session refused GET")
 
+    async def _get_stream(self, stream: LiveStream, cursor: str) -> aiohttp.ClientResponse:
+        """GET the stream's upstream path with its session's headers, resuming after `cursor`
+        when there is one (the upstream's own Last-Event-ID)."""
+        headers = CIMultiDict(stream.upstream_headers)
+        if cursor:
+            headers[LAST_EVENT_ID] = cursor
+        return await self.client.get(
+            self._base + stream.upstream_path, headers=headers, allow_redirects=False
+        )
+
     async def _reconnect(
         self, stream: LiveStream, cursor: str
     ) -> tuple[aiohttp.ClientResponse | None, Outcome, str]:
         """GET the stream again (with Last-Event-ID when there is a cursor);
         returns (response, outcome, fatal reason or SESSION_LOST)."""
-        headers = CIMultiDict(stream.upstream_headers)
-        if cursor:
-            headers[LAST_EVENT_ID] = cursor
         try:
-            resp = await self.client.get(
-                self._base + stream.upstream_path, headers=headers, allow_redirects=False
-            )
+            resp = await self._get_stream(stream, cursor)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.info("stream %s: reconnect failed: %s", stream.stream_id, exc)
             return None, Outcome.FAILED, ""
