@@ -20,8 +20,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
+# TETHER_MYPYC=0 builds pure Python (no compiler needed).
+ARG TETHER_MYPYC=1
+# Python's headers ship with the official image; a Debian-python base needs python3-dev.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && { [ -f "$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+      || apt-get install -y --no-install-recommends python3-dev; } \
  && rm -rf /var/lib/apt/lists/*
 # Build tools live in a venv of their own; the runtime venv gets only the wheel.
 RUN python -m venv /opt/build \
@@ -32,7 +37,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY tether ./tether
 COPY sidecar ./sidecar
 COPY controlplane ./controlplane
-RUN TETHER_MYPYC=1 /opt/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
+RUN TETHER_MYPYC=${TETHER_MYPYC} /opt/build/bin/pip wheel --no-build-isolation --no-deps \
+        --wheel-dir /wheels . \
  && /opt/tether/bin/pip install /wheels/*.whl \
  && /opt/tether/bin/python -m pip uninstall -q -y pip setuptools \
  && /opt/tether/bin/python -m compileall -q /opt/tether
