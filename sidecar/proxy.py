@@ -288,6 +288,8 @@ class Proxy:
             busy = error_response(503, "too many open streams; retry shortly")
             busy.headers["Retry-After"] = "1"
             return busy
+        if request.method == "POST" and not self._legacy_post_allowed(request):
+            return error_response(404, "session not found")
         client_session = request.headers.get(SESSION_HEADER)
         # A session this sidecar does not know may live on in the control plane.
         sess = await self.continuity.adopt(client_session) if client_session else None
@@ -341,6 +343,27 @@ class Proxy:
         )
         self.metrics.refused.labels("credential").inc()
         return False
+
+    def _legacy_credential_matches(self, request: web.Request, stream: LiveStream) -> bool:
+        """A legacy stream belongs to the credential of the GET /sse that opened it."""
+        if not self.config.session_binding or stream.credential_fingerprint is None:
+            return True
+        if stream.credential_fingerprint == fingerprint(request.headers.get("Authorization")):
+            return True
+        log.warning(
+            "%s %s: legacy session %s refused to another credential",
+            request.method,
+            request.path,
+            stream.legacy_session,
+        )
+        self.metrics.refused.labels("credential").inc()
+        return False
+
+    def _legacy_post_allowed(self, request: web.Request) -> bool:
+        """A POST to a legacy session's endpoint (`...?session_id=X`) needs its credential."""
+        name = request.query.get("session_id") or request.query.get("sessionId")
+        stream = self.registry.legacy_sessions.get(name) if name else None
+        return stream is None or self._legacy_credential_matches(request, stream)
 
     async def _after_session_lost(
         self,
@@ -541,6 +564,8 @@ class Proxy:
         )
         stream.pending_request_ids = ids
         stream.expects_responses = bool(ids)
+        if kind is StreamKind.LEGACY:
+            stream.credential_fingerprint = fingerprint(request.headers.get("Authorization"))
         # The pump owns the upstream response from here on.
         stream.pump = spawn(self._pump(stream, resp), name=f"pump-{stream.stream_id}")
         self.metrics.streams_opened.inc()
@@ -707,6 +732,8 @@ class Proxy:
         client_session = request.headers.get(SESSION_HEADER)
         if stream.session_id is not None and client_session != stream.session_id:
             log.warning("resume of stream %s with the wrong session refused", event_id.stream)
+            return error_response(404, "no such session for that event id")
+        if not self._legacy_credential_matches(request, stream):
             return error_response(404, "no such session for that event id")
         tracker = stream.tracker
         if event_id.epoch != tracker.epoch or event_id.seq > tracker.seq:
@@ -1036,6 +1063,8 @@ class Proxy:
         query = parse_qs(target.query)
         names = query.get("session_id") or query.get("sessionId")
         stream.legacy_session = names[0] if names else None
+        if stream.legacy_session:
+            self.registry.legacy_sessions[stream.legacy_session] = stream
         return SSEEvent(
             data=rewritten, event=event.event, id=event.id, last_event_id=event.last_event_id
         )

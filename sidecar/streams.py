@@ -68,7 +68,9 @@ class LiveStream:
     """The POST's request ids are known, so completion is "every id answered"."""
     complete: bool = False
     legacy_session: str | None = None
-    """The upstream's session name in a legacy `endpoint` URL, for log lines."""
+    """The upstream's session name in a legacy `endpoint` URL."""
+    credential_fingerprint: str | None = None
+    """For a legacy stream (it has no Mcp-Session-Id): the credential that opened it."""
     signal: Signal = field(default_factory=Signal)
     """Notified when events arrive or the stream ends (writers wait on it)."""
     room: Signal = field(default_factory=Signal)
@@ -168,6 +170,8 @@ class Registry:
         self.limits = limits
         self.sessions: dict[str, Session] = {}
         self.streams: dict[StreamId, LiveStream] = {}
+        self.legacy_sessions: dict[str, LiveStream] = {}
+        """Legacy (HTTP+SSE) session name -> the stream that carries it."""
         self.on_stream_removed: Callable[[LiveStream], None] | None = None
 
     def session(self, session_id: str) -> Session:
@@ -211,6 +215,8 @@ class Registry:
 
     def remove_stream(self, stream: LiveStream) -> None:
         self.streams.pop(stream.stream_id, None)
+        if stream.legacy_session and self.legacy_sessions.get(stream.legacy_session) is stream:
+            del self.legacy_sessions[stream.legacy_session]
         if stream.session_id is not None:
             sess = self.sessions.get(stream.session_id)
             if sess is not None:

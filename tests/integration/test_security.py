@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from controlplane.config import ControlPlaneConfig, SqliteUrl
 from controlplane.server import start_control_plane
-from tests.integration.conftest import SidecarFactory
+from tests.integration.conftest import SidecarFactory, serve_app
 from tests.integration.test_proxy import HEADERS, MCP, count_call, progress_numbers
 from tests.support.sse_client import collect
 
@@ -145,3 +146,52 @@ async def test_huge_headers_get_a_clear_error_and_the_sidecar_keeps_serving(
             f"http://127.0.0.1:{sidecar.port}{MCP}", json=INIT, headers=HEADERS
         ) as r:
             assert r.status == 200
+
+
+async def test_a_legacy_sse_session_belongs_to_its_credential_too(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """2024-11-05 HTTP+SSE: POSTs to the session's endpoint and resumes of its stream are
+    refused to any credential but the one that opened GET /sse."""
+    posted: list[str] = []
+    release = asyncio.Event()
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"event: endpoint\ndata: /messages/?session_id=abc\n\n")
+        await resp.write(b'event: message\ndata: {"jsonrpc":"2.0","method":"x"}\n\n')
+        await release.wait()  # the stream stays open, as a legacy session's does
+        return resp
+
+    async def message(request: web.Request) -> web.Response:
+        posted.append(request.headers.get("Authorization", ""))
+        return web.Response(status=202, text="Accepted")
+
+    app = web.Application()
+    app.router.add_get("/sse", sse)
+    app.router.add_post("/messages/", message)
+    async with serve_app(app) as up:
+        sidecar = await sidecar_factory(up)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        alice = {"Authorization": "Bearer alice"}
+        mallory = {"Authorization": "Bearer mallory"}
+        stream = await http.get(base + "/sse", headers={**alice, "Accept": "text/event-stream"})
+        try:
+            got = await collect(stream, limit=2)
+            assert got[0].data == "/messages/?session_id=abc"
+            async with http.post(base + "/messages/?session_id=abc", json={}, headers=mallory) as r:
+                assert r.status == 404
+            async with http.post(base + "/messages/?session_id=abc", json={}) as r:
+                assert r.status == 404  # no credential is another credential
+            async with http.post(base + "/messages/?session_id=abc", json={}, headers=alice) as r:
+                assert r.status == 202
+            last = got[-1].id
+            assert last is not None
+            resume = {"Accept": "text/event-stream", "Last-Event-ID": last}
+            async with http.get(base + "/sse", headers={**mallory, **resume}) as r:
+                assert r.status == 404
+        finally:
+            stream.close()
+            release.set()
+    assert posted == ["Bearer alice"]
