@@ -47,6 +47,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             allowed_origins=tuple(args.allowed_origin),
             max_streams=args.max_streams,
             upstream_dead_after=args.upstream_dead_after,
+            client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
             max_event_bytes=args.max_event_bytes,
             max_request_body_bytes=args.max_body_bytes,
@@ -101,6 +102,14 @@ def add_sidecar_parser(sub: Any) -> None:
         dest="session_binding",
         action="store_false",
         help="do not tie a session to the credential (Authorization) that created it",
+    )
+    p.add_argument(
+        "--client-retry-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="retry: sent to clients with each stream's first event, how long they wait before "
+        "reconnecting (default: the client's own, 1 s for the official SDK, which tries twice)",
     )
     p.add_argument(
         "--upstream-dead-after",

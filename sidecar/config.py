@@ -49,6 +49,9 @@ class SidecarConfig:
     """An upstream connection that stays silent this long, and whose peer does not answer TCP
     keepalive probes, is declared dead (then the stream is resumed). Idle but live streams
     are unaffected: the peer's kernel answers the probes."""
+    client_retry_ms: int | None = None
+    """`retry:` sent to clients on priming events: how long they wait before reconnecting
+    (None: the client's default, 1 s for the official SDK, which tries twice)."""
     heartbeat_interval: float = 15.0
     """Idle client streams get an SSE comment this often, so dead clients are noticed."""
     client_write_timeout: float = 60.0
@@ -76,6 +79,8 @@ class SidecarConfig:
             OriginPolicy(self.allowed_origins)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        if self.client_retry_ms is not None and not 0 <= self.client_retry_ms <= 3_600_000:
+            raise ConfigError("client_retry_ms must be between 0 and 3600000")
         if self.max_streams < 1:
             raise ConfigError("max_streams must be at least 1")
         for name in ("max_event_bytes", "max_request_body_bytes"):

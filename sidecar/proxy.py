@@ -606,7 +606,7 @@ class Proxy:
         try:
             await out.prepare(request)
             if priming:
-                await out.write(tracker.priming_event())
+                await out.write(tracker.priming_event(self.config.client_retry_ms))
             if catch_up_cursor is not None:
                 caught_up = await self._catch_up(out, stream, position, catch_up_cursor)
                 if caught_up is None:

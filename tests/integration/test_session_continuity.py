@@ -213,3 +213,46 @@ async def test_upstream_restart_without_persistence_is_invisible_to_the_client(
         assert same is sess
         assert sess.upstream_session_id != first_upstream
     assert sidecar.proxy.metrics.reinitializations._value.get() >= 1
+
+
+async def test_sdk_client_survives_its_sidecar_being_killed(
+    procs: ProcessPool, control_plane: RunningControlPlane
+) -> None:
+    """As a user would see it: the official SDK client in the middle of a tool call, its
+    sidecar SIGKILLed and a new one started at the same address; the call completes with
+    every progress notification exactly once, in order."""
+    up_port, port = free_port(), free_port()
+    await procs.start(
+        python_module("tether.demo_server", "--port", up_port, "--log-level", "WARNING"),
+        name="mcp-server",
+        ready_port=up_port,
+    )
+    upstream = f"http://127.0.0.1:{up_port}"
+    sidecar_a = await procs.start(
+        sidecar_argv(port, upstream, control_plane.address, "sidecar-a"),
+        name="sidecar-a",
+        ready_port=port,
+    )
+    got: list[float] = []
+    first_ten = asyncio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        got.append(progress)
+        if len(got) == 10:
+            first_ten.set()
+
+    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+        call = asyncio.ensure_future(
+            client.call_tool("count", {"n": 40, "interval_ms": 50}, progress_callback=on_progress)
+        )
+        await asyncio.wait_for(first_ten.wait(), 20)
+        sidecar_a.kill(signal.SIGKILL)
+        await sidecar_a.wait_exit()
+        await procs.start(
+            sidecar_argv(port, upstream, control_plane.address, "sidecar-b"),
+            name="sidecar-b",
+            ready_port=port,
+        )
+        result = await asyncio.wait_for(call, 30)
+    assert text_of(result) == "counted 40"
+    assert got == [float(i) for i in range(1, 41)]

@@ -280,3 +280,9 @@ def test_replay_buffer_matches_a_simple_model(
             else:
                 assert got == every[after:]
                 assert t.unsent_bytes(after) == sum(map(len, every[after:]))
+
+
+def test_priming_event_can_carry_a_retry_hint() -> None:
+    (primed,) = parse_all([tracker().priming_event(2500)])
+    assert primed.retry == 2500
+    assert primed.data == ""
