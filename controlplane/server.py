@@ -106,7 +106,14 @@ async def start_control_plane(
         await store.aclose()
         raise
     running = RunningControlPlane(config, server, port, store, batcher, service, health_servicer)
-    log.info("control plane serving on %s (store %s)", running.address, config.store)
+    # `address` is where a local client connects; the bind address may be wider (0.0.0.0).
+    log.info(
+        "control plane serving on %s (bound to %s:%d, store %s)",
+        running.address,
+        config.listen.rpartition(":")[0],
+        port,
+        config.store,
+    )
     return running
 
 
