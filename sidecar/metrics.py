@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
+    from sidecar.reporter import Reporter
     from sidecar.streams import Registry
+
+
+class ReporterCollector:
+    """The reporter's own counters, read at scrape time (it keeps plain ints so that the
+    event path never touches a metrics library)."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self._reporter = reporter
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._reporter.stats
+        for name, value, doc in (
+            ("reports_sent", stats.items_sent, "Updates and upserts sent to the control plane"),
+            ("reports_acked", stats.acked, "Reported items the control plane made durable"),
+            ("reports_rejected", stats.rejected, "Reported items the control plane rejected"),
+            ("reports_dropped", stats.dropped, "Reported items given up unsent"),
+            ("sessions_fenced", stats.fenced, "Sessions another sidecar took over"),
+            ("report_reconnects", stats.reconnects, "Report streams reopened"),
+        ):
+            yield CounterMetricFamily(f"tether_sidecar_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            "tether_sidecar_reports_pending",
+            "Reported items not yet acknowledged",
+            value=self._reporter.pending,
+        )
+        yield GaugeMetricFamily(
+            "tether_sidecar_control_plane_connected",
+            "1 when a report stream to the control plane is open",
+            value=1 if self._reporter.connected else 0,
+        )
+
+    def describe(self) -> list[Metric]:
+        return []  # collected only at scrape time
 
 
 class Metrics:
@@ -45,6 +81,9 @@ class Metrics:
         self.buffered_bytes = Gauge(
             "tether_sidecar_replay_buffer_bytes", "Bytes held in replay buffers", registry=r
         )
+
+    def watch_reporter(self, reporter: Reporter) -> None:
+        self.registry.register(ReporterCollector(reporter))
 
     def refresh(self, registry: Registry) -> None:
         """Update the gauges (called by the janitor, off the event path)."""

@@ -211,6 +211,8 @@ class Proxy:
         self._base = config.upstream_base
         self._base_parts = urlsplit(self._base)
         self.origins = OriginPolicy(config.allowed_origins)
+        if self.continuity.reporter is not None:
+            metrics.watch_reporter(self.continuity.reporter)
         self.active_streams = 0
         """SSE responses being written to clients now (bounded by `max_streams`)."""
 

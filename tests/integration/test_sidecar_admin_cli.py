@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from controlplane.config import ControlPlaneConfig, SqliteUrl
+from controlplane.server import start_control_plane
 from tests.integration.conftest import SidecarFactory, serve_app
 from tests.support.procs import ProcessPool, free_port
 
@@ -166,3 +169,35 @@ async def test_sigterm_with_open_streams_ends_them_cleanly_and_exits(
         assert b"tether: stream ended: sidecar shutting down" in body
         assert b'"error"' not in body
         assert await proc.wait_exit(10) == 0
+
+
+async def test_metrics_show_how_reporting_to_the_control_plane_goes(
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    cp = await start_control_plane(
+        ControlPlaneConfig(listen="127.0.0.1:0", store=SqliteUrl(tmp_path / "s.db"))
+    )
+    try:
+        async with numbered_upstream() as up:
+            sidecar = await sidecar_factory(up, control_plane=cp.address, owner="m")
+            body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+            async with http.post(f"http://127.0.0.1:{sidecar.port}/mcp", json=body) as resp:
+                assert resp.status == 200
+            reporter = sidecar.proxy.continuity.reporter
+            assert reporter is not None
+            await asyncio.wait_for(reporter.flushed(), 10)
+            async with http.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics") as resp:
+                text = await resp.text()
+    finally:
+        await cp.stop()
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("tether_sidecar_") and " " in line
+    }
+    assert values["tether_sidecar_reports_acked_total"] >= 1
+    assert values["tether_sidecar_reports_pending"] == 0
+    assert values["tether_sidecar_control_plane_connected"] == 1
