@@ -978,43 +978,52 @@ class Proxy:
         pending = stream.pending_request_ids
         legacy = stream.kind is StreamKind.LEGACY
         post_ids_unknown = stream.kind is StreamKind.POST and not stream.expects_responses
+        watch_answers = bool(pending) or post_ids_unknown
         metrics = self.metrics
         try:
             async for chunk in resp.content.iter_any():
                 delivered = 0
                 seq_mark, bytes_mark = stream.backlog_marks()
-                total = tracker.total_bytes
-                for parsed in parser.feed(chunk):
-                    if isinstance(parsed, SSEError):
-                        log.error("stream %s: %s", stream.stream_id, parsed.message)
-                        break
-                    data = parsed.data
-                    if not data:
-                        continue  # priming or keep-alive event: a cursor, nothing to deliver
-                    item = parsed
-                    if legacy and item.event == "endpoint":
-                        item = self._rewrite_endpoint(stream, item, str(resp.url))
-                    out = tracker.accept(item)
-                    if out is None:
-                        metrics.duplicates.inc()
-                        continue
-                    delivered += 1
-                    total += len(out)
-                    # Cheap pre-check first: only a response carries "result" or "error".
-                    if (pending or post_ids_unknown) and ('"result"' in data or '"error"' in data):
+                items = parser.feed(chunk)
+                if legacy:
+                    url = str(resp.url)
+                    items = [
+                        self._rewrite_endpoint(stream, it, url)
+                        if isinstance(it, SSEEvent) and it.event == "endpoint" and it.data
+                        else it
+                        for it in items
+                    ]
+                i, end = 0, len(items)
+                while i < end:
+                    duplicates = tracker.duplicates
+                    i, got, answers = tracker.accept_run(
+                        items,
+                        i,
+                        seq_mark=seq_mark,
+                        bytes_mark=bytes_mark,
+                        watch_answers=watch_answers,
+                    )
+                    delivered += got
+                    if tracker.duplicates != duplicates:
+                        metrics.duplicates.inc(tracker.duplicates - duplicates)
+                    for data in answers:
                         if pending:
                             for rid in answered_ids(data):
                                 pending.discard(rid)
                             if not pending and stream.expects_responses:
                                 stream.complete = True
-                        elif answered_ids(data):
+                        elif post_ids_unknown and answered_ids(data):
                             # Request ids unknown (adopted stream, unparseable body): a POST
                             # stream carries its request's answer last. Resumed SDK streams
                             # never close by themselves, so this is the only end we will see.
                             stream.complete = True
-                    # Checked per event (one chunk can hold a whole buffer's worth), cheaply:
-                    # two int comparisons, the exact check only once a mark is crossed.
-                    if tracker.seq >= seq_mark or total >= bytes_mark:
+                    error = items[i] if i < end else None
+                    if isinstance(error, SSEError):
+                        log.error("stream %s: %s", stream.stream_id, error.message)
+                        break
+                    # Checked per event inside the run (one chunk can hold a whole buffer's
+                    # worth); the exact check only once a mark is crossed.
+                    if tracker.seq >= seq_mark or tracker.total_bytes >= bytes_mark:
                         if stream.backlogged():
                             metrics.events_in.inc(delivered)
                             delivered = 0

@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
-from sidecar.sse import SSEEvent, encode_event
+from sidecar.sse import SSEError, SSEEvent, encode_event
 from tether.model import StreamId
 
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -250,6 +250,41 @@ class StreamTracker:
         if len(self._buffer) > self._max_events or self._buffer_bytes > self._max_bytes:
             self._evict()
         return payload
+
+    def accept_run(
+        self,
+        items: list[SSEEvent | SSEError],
+        start: int,
+        *,
+        seq_mark: int,
+        bytes_mark: int,
+        watch_answers: bool,
+    ) -> tuple[int, int, list[str]]:
+        """Accept `items[start:]` in one call (the pump's per-event loop, here so that the
+        compiled build runs it in C). Stops at the end, at an SSEError (left unconsumed), or
+        once `seq >= seq_mark` or `total_bytes >= bytes_mark` (the caller checks
+        backpressure). Returns (index of the first item not consumed, events delivered, data
+        of delivered events that may be JSON-RPC answers, collected when `watch_answers`)."""
+        delivered = 0
+        answers: list[str] = []
+        i = start
+        end = len(items)
+        while i < end:
+            item = items[i]
+            if isinstance(item, SSEError):
+                break
+            i += 1
+            data = item.data
+            if not data:
+                continue  # priming or keep-alive event: a cursor, nothing to deliver
+            if self.accept(item) is None:
+                continue
+            delivered += 1
+            if watch_answers and ('"result"' in data or '"error"' in data):
+                answers.append(data)
+            if self.seq >= seq_mark or self._total_bytes >= bytes_mark:
+                break
+        return i, delivered, answers
 
     def priming_event(self, retry_ms: int | None = None) -> bytes:
         """An empty event carrying the current id: lets a client resume before any event.
