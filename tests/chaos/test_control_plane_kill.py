@@ -15,14 +15,13 @@ import pytest
 
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory
-from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
 from tests.support.chaos import (
     ChaosRow,
     ChaosTable,
     PositionWatcher,
-    StreamConsumer,
     assert_exactly_once,
     poll_persisted,
+    start_count_stream,
 )
 from tests.support.procs import ProcessPool, free_port
 
@@ -64,12 +63,7 @@ async def test_control_plane_killed_sidecar_keeps_serving(
         sidecar = await sidecar_factory(upstream, control_plane=cp_address, owner="chaos")
         base = f"http://127.0.0.1:{sidecar.port}"
         async with PositionWatcher(cp_address) as watcher:
-            sid = await initialize(http, base)
-            headers = {**HEADERS, "Mcp-Session-Id": sid}
-            client = StreamConsumer()
-            client.start(
-                lambda: http.post(base + MCP, json=count_call(n, interval_ms=10), headers=headers)
-            )
+            sid, _headers, client = await start_count_stream(http, base, n=n, interval_ms=10)
             try:
                 await client.wait_count(20)
                 reached = EventId.parse(client.last_id)

@@ -26,16 +26,15 @@ from controlplane.config import ControlPlaneConfig, EtcdUrl, parse_store_url
 from controlplane.server import RunningControlPlane, start_control_plane
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory
-from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
 from tests.support.chaos import (
     DEADLINE_S,
     POLL_S,
     ChaosRow,
     ChaosTable,
     PositionWatcher,
-    StreamConsumer,
     assert_exactly_once,
     poll_persisted,
+    start_count_stream,
 )
 from tests.support.etcd import EtcdCluster, EtcdMember, etcd_available, start_etcd
 
@@ -128,12 +127,7 @@ async def test_etcd_leader_killed_mid_stream(
         sidecar = await sidecar_factory(upstream, control_plane=address, owner="chaos")
         base = f"http://127.0.0.1:{sidecar.port}"
         async with PositionWatcher(address) as watcher:
-            sid = await initialize(http, base)
-            headers = {**HEADERS, "Mcp-Session-Id": sid}
-            client = StreamConsumer()
-            client.start(
-                lambda: http.post(base + MCP, json=count_call(n, interval_ms=10), headers=headers)
-            )
+            sid, _headers, client = await start_count_stream(http, base, n=n, interval_ms=10)
             try:
                 await client.wait_count(30)
                 reached = EventId.parse(client.last_id)

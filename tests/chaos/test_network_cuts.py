@@ -32,6 +32,7 @@ from tests.support.chaos import (
     StreamConsumer,
     assert_exactly_once,
     poll_persisted,
+    start_count_stream,
 )
 from tests.support.netns import PodNetwork, netns_unavailable_reason
 from tests.support.procs import python_module
@@ -104,12 +105,7 @@ async def test_netns_cut_sidecar_upstream_and_heal(
     base, cp_address = await start_pods(pods)
     n = 300
     async with PositionWatcher(cp_address) as watcher:
-        sid = await initialize(http, base)
-        headers = {**HEADERS, "Mcp-Session-Id": sid}
-        client = StreamConsumer()
-        client.start(
-            lambda: http.post(base + MCP, json=count_call(n, interval_ms=5), headers=headers)
-        )
+        sid, _headers, client = await start_count_stream(http, base, n=n, interval_ms=5)
         try:
             await client.wait_count(40)
             await pods.cut("sidecar", "upstream")
@@ -147,12 +143,7 @@ async def test_netns_upstream_pod_replaced_during_cut(
     base, cp_address = await start_pods(pods)
     n = 300
     async with PositionWatcher(cp_address) as watcher:
-        sid = await initialize(http, base)
-        headers = {**HEADERS, "Mcp-Session-Id": sid}
-        client = StreamConsumer()
-        client.start(
-            lambda: http.post(base + MCP, json=count_call(n, interval_ms=5), headers=headers)
-        )
+        sid, _headers, client = await start_count_stream(http, base, n=n, interval_ms=5)
         try:
             await client.wait_count(40)
             await pods.cut("sidecar", "upstream")
@@ -210,12 +201,7 @@ async def test_netns_cut_sidecar_control_plane_and_heal(
     base, cp_address = await start_pods(pods)
     n = 200
     async with PositionWatcher(cp_address) as watcher:
-        sid = await initialize(http, base)
-        headers = {**HEADERS, "Mcp-Session-Id": sid}
-        client = StreamConsumer()
-        client.start(
-            lambda: http.post(base + MCP, json=count_call(n, interval_ms=10), headers=headers)
-        )
+        sid, _headers, client = await start_count_stream(http, base, n=n, interval_ms=10)
         try:
             recovered = await _partition_control_plane(
                 client,
@@ -256,12 +242,7 @@ async def test_netns_control_plane_pod_replaced_during_cut(
     base, cp_address = await start_pods(pods)
     n = 200
     async with PositionWatcher(cp_address) as watcher:
-        sid = await initialize(http, base)
-        headers = {**HEADERS, "Mcp-Session-Id": sid}
-        client = StreamConsumer()
-        client.start(
-            lambda: http.post(base + MCP, json=count_call(n, interval_ms=10), headers=headers)
-        )
+        sid, _headers, client = await start_count_stream(http, base, n=n, interval_ms=10)
         (cp,) = (p for p in pods.processes if p.name == "control-plane")
 
         async def cut() -> None:
@@ -403,12 +384,7 @@ async def test_loopback_cut_sidecar_control_plane_and_heal(
         base = f"http://127.0.0.1:{sidecar.port}"
         # The watcher talks to the control plane directly, not through the cut.
         async with PositionWatcher(control_plane.address) as watcher:
-            sid = await initialize(http, base)
-            headers = {**HEADERS, "Mcp-Session-Id": sid}
-            client = StreamConsumer()
-            client.start(
-                lambda: http.post(base + MCP, json=count_call(n, interval_ms=10), headers=headers)
-            )
+            sid, _headers, client = await start_count_stream(http, base, n=n, interval_ms=10)
 
             async def cut() -> None:
                 relay.partition()

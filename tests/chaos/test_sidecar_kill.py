@@ -13,15 +13,15 @@ import pytest
 
 from controlplane.server import RunningControlPlane
 from sidecar.tracker import EventId
-from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
+from tests.integration.test_proxy import MCP
 from tests.integration.test_session_continuity import sidecar_argv
 from tests.support.chaos import (
     ChaosRow,
     ChaosTable,
     PositionWatcher,
-    StreamConsumer,
     assert_exactly_once,
     poll_persisted,
+    start_count_stream,
 )
 from tests.support.procs import ProcessPool, free_port
 
@@ -43,12 +43,7 @@ async def test_sidecar_killed_new_sidecar_resumes(
         argv_a = sidecar_argv(port, upstream, control_plane.address, "sidecar-a")
         sidecar_a = await procs.start(argv_a, name="sidecar-a", ready_port=port)
         async with PositionWatcher(control_plane.address) as watcher:
-            sid = await initialize(http, base)
-            headers = {**HEADERS, "Mcp-Session-Id": sid}
-            client = StreamConsumer()
-            client.start(
-                lambda: http.post(base + MCP, json=count_call(n, interval_ms=5), headers=headers)
-            )
+            sid, headers, client = await start_count_stream(http, base, n=n, interval_ms=5)
             try:
                 await client.wait_count(40)
                 sidecar_a.kill(signal.SIGKILL)

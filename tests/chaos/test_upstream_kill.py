@@ -29,6 +29,7 @@ from tests.support.chaos import (
     poll_persisted,
     progress_of,
     results_of,
+    start_count_stream,
 )
 from tests.support.procs import ProcessPool, free_port, python_module
 
@@ -52,12 +53,7 @@ async def test_upstream_killed_and_restarted_with_event_store(
     base = f"http://127.0.0.1:{sidecar.port}"
     n = 120
     async with PositionWatcher(control_plane.address) as watcher:
-        sid = await initialize(http, base)
-        headers = {**HEADERS, "Mcp-Session-Id": sid}
-        client = StreamConsumer()
-        client.start(
-            lambda: http.post(base + MCP, json=count_call(n, interval_ms=5), headers=headers)
-        )
+        sid, _headers, client = await start_count_stream(http, base, n=n, interval_ms=5)
         try:
             await client.wait_count(40)
             upstream.kill()

@@ -30,6 +30,7 @@ import aiohttp
 import grpc
 
 from sidecar.tracker import EventId
+from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
 from tests.support.relay import Relay
 from tests.support.sse_client import Received, events
 from tether.api.client import SessionClient
@@ -491,3 +492,17 @@ class LoopbackPartition(Relay):
             writer.transport.abort()
             return
         await super()._accept(reader, writer)
+
+
+async def start_count_stream(
+    http: aiohttp.ClientSession, base: str, *, n: int, interval_ms: int
+) -> tuple[str, dict[str, str], StreamConsumer]:
+    """Open a session through `base` and start reading a `count` tool call of `n` events in
+    the background; returns the session id, its request headers and the consumer."""
+    sid = await initialize(http, base)
+    headers = {**HEADERS, "Mcp-Session-Id": sid}
+    client = StreamConsumer()
+    client.start(
+        lambda: http.post(base + MCP, json=count_call(n, interval_ms=interval_ms), headers=headers)
+    )
+    return sid, headers, client
