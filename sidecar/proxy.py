@@ -245,11 +245,9 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop the pumps, flush the final positions to the control plane, close."""
-        streams = list(self.registry.streams.values())
-        for stream in streams:
-            stream.end("sidecar shutting down")
-        await cancel_and_wait(self._janitor, *(s.pump for s in streams))
-        for stream in streams:
+        await self.drain()
+        await cancel_and_wait(self._janitor)
+        for stream in self.registry.streams.values():
             self.continuity.report_position(stream)
         await self.continuity.stop()
         if self._client is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,11 +111,8 @@ class LiveStream:
         """Too much is unsent: pause reading the upstream (TCP backpressure to the server)
         instead of evicting events no client has been sent. Half the buffer stays free as
         slack for events written to a connection that then broke."""
-        tracker = self.tracker
-        limits = tracker.limits
-        if tracker.seq - self.sent_seq >= max(1, limits.replay_max_events // 2):
-            return True
-        return tracker.unsent_bytes(self.sent_seq) >= max(1, limits.replay_max_bytes // 2)
+        seq_mark, bytes_mark = self.backlog_marks()
+        return self.tracker.seq >= seq_mark or self.tracker.total_bytes >= bytes_mark
 
     def backlog_marks(self) -> tuple[int, int]:
         """(seq, total bytes) past which `backlogged()` may be true: the pump compares two
@@ -172,7 +168,6 @@ class Registry:
         self.streams: dict[StreamId, LiveStream] = {}
         self.legacy_sessions: dict[str, LiveStream] = {}
         """Legacy (HTTP+SSE) session name -> the stream that carries it."""
-        self.on_stream_removed: Callable[[LiveStream], None] | None = None
 
     def session(self, session_id: str) -> Session:
         sess = self.sessions.get(session_id)
@@ -223,8 +218,6 @@ class Registry:
                 sess.streams.pop(stream.stream_id, None)
                 if sess.standalone == stream.stream_id:
                     sess.standalone = None
-        if self.on_stream_removed is not None:
-            self.on_stream_removed(stream)
 
     def drop_session(self, session_id: str) -> list[LiveStream]:
         """Forget a session (DELETE or expiry); returns its streams so callers stop them."""
