@@ -32,6 +32,7 @@ from tether.grpc_security import (
     add_client_security_flags,
     client_security,
     open_channel,
+    read_file,
 )
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -50,28 +51,17 @@ def _etcd_tls(args: argparse.Namespace) -> Any:
         raise SecurityConfigError("--etcd-cert needs --etcd-key (and the other way round)")
     if args.etcd_ca is None and args.etcd_cert is None:
         return None
-    files = {"--etcd-ca": args.etcd_ca, "--etcd-cert": args.etcd_cert, "--etcd-key": args.etcd_key}
-    pem: dict[str, bytes | None] = {}
-    for flag, path in files.items():
-        try:
-            pem[flag] = path.read_bytes() if path is not None else None
-        except OSError as e:
-            raise SecurityConfigError(f"{flag}: cannot read {path}: {e.strerror}") from e
     return EtcdTls(
-        ca=pem["--etcd-ca"],
-        cert=pem["--etcd-cert"],
-        key=pem["--etcd-key"],
+        ca=read_file(args.etcd_ca, "--etcd-ca"),
+        cert=read_file(args.etcd_cert, "--etcd-cert"),
+        key=read_file(args.etcd_key, "--etcd-key"),
         server_name=args.etcd_server_name,
     )
 
 
 def _read_secret(path: Path | None, what: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text().strip()
-    except OSError as e:
-        raise SecurityConfigError(f"{what}: cannot read {path}: {e.strerror}") from e
+    raw = read_file(path, what)
+    return None if raw is None else raw.decode().strip()
 
 
 def _run_control_plane(args: argparse.Namespace) -> int:

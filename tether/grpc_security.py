@@ -41,7 +41,8 @@ class SecurityConfigError(ValueError):
     """A TLS or token setting is unusable; the message names it."""
 
 
-def _read(path: Path | None, what: str) -> bytes | None:
+def read_file(path: Path | None, what: str) -> bytes | None:
+    """The bytes of `path` (None for None); a clear SecurityConfigError naming `what`."""
     if path is None:
         return None
     try:
@@ -51,7 +52,7 @@ def _read(path: Path | None, what: str) -> bytes | None:
 
 
 def _token(path: Path | None, what: str) -> str | None:
-    raw = _read(path, what)
+    raw = read_file(path, what)
     if raw is None:
         return None
     token = raw.decode(errors="replace").strip()
@@ -154,9 +155,9 @@ def open_channel(
     if not security.tls:
         return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
     creds = grpc.ssl_channel_credentials(
-        root_certificates=_read(security.ca, "--control-plane-ca"),
-        private_key=_read(security.key, "--control-plane-key"),
-        certificate_chain=_read(security.cert, "--control-plane-cert"),
+        root_certificates=read_file(security.ca, "--control-plane-ca"),
+        private_key=read_file(security.key, "--control-plane-key"),
+        certificate_chain=read_file(security.cert, "--control-plane-cert"),
     )
     if security.server_name:
         opts.append(("grpc.ssl_target_name_override", security.server_name))
@@ -213,11 +214,11 @@ def add_port(server: grpc.aio.Server, listen: str, security: ServerSecurity | No
     """Bind `listen` with TLS (and mutual TLS) when configured; returns the bound port."""
     if security is None or security.cert is None:
         return int(server.add_insecure_port(listen))
-    key = _read(security.key, "--tls-key")
-    cert = _read(security.cert, "--tls-cert")
+    key = read_file(security.key, "--tls-key")
+    cert = read_file(security.cert, "--tls-cert")
     assert key is not None  # checked in ServerSecurity
     assert cert is not None
-    client_ca = _read(security.client_ca, "--tls-client-ca")
+    client_ca = read_file(security.client_ca, "--tls-client-ca")
     creds = grpc.ssl_server_credentials(
         [(key, cert)],
         root_certificates=client_ca,
