@@ -102,12 +102,24 @@ class MemoryEventStore(EventStore):
         stream = self._streams.get(stream_id)
         if stream is None or last_seq < stream.evicted_through:
             return None
-        # Snapshot first: the callback awaits, and new events may be stored meanwhile (the
-        # transport delivers those live once replay has returned).
-        later = [(seq, msg) for seq, msg in stream.events if seq > last_seq and msg is not None]
-        for seq, msg in later:
-            assert msg is not None
-            await send_callback(EventMessage(msg, f"{stream_id}:{seq}"))
+        # Replay in rounds until caught up, never from one snapshot: each callback awaits the
+        # client, and an event stored meanwhile is not delivered live either (the transport only
+        # registers the stream for live delivery once this returns), so a snapshot would lose
+        # it. No await between the last empty round and the return.
+        sent = last_seq
+        while True:
+            stream = self._streams.get(stream_id)
+            if stream is None or sent < stream.evicted_through:
+                # Evicted while we replayed: raising makes the transport close the stream, so
+                # the client resumes from what it got and learns it cannot go on (None above).
+                raise LookupError(f"events of {stream_id} after {sent} were evicted mid-replay")
+            later = [(seq, msg) for seq, msg in stream.events if seq > sent]
+            if not later:
+                break
+            for seq, msg in later:
+                sent = seq
+                if msg is not None:
+                    await send_callback(EventMessage(msg, f"{stream_id}:{seq}"))
         return stream_id
 
     @property

@@ -270,6 +270,44 @@ async def test_memory_event_store_refuses_what_it_cannot_replay_completely() -> 
     assert replay.ks() == [3, 4, 5]
 
 
+async def test_memory_event_store_replays_events_stored_while_it_replays() -> None:
+    """The SDK transport registers a resumed stream for live delivery only after the replay
+    returns, so an event stored during the replay (the client is slow, the tool keeps going)
+    must be part of the replay. A snapshot taken up front lost it (seen in CI)."""
+    store = MemoryEventStore()
+    first = await store.store_event("a", note(1))
+    await store.store_event("a", note(2))
+    replay = Replay()
+    stored_meanwhile = iter((3, 4))
+
+    async def slow_client(event: EventMessage) -> None:
+        await replay(event)
+        k = next(stored_meanwhile, None)
+        if k is not None:
+            await store.store_event("a", note(k))
+            await store.store_event("b", note(100 + k))  # another stream: not replayed
+
+    assert await store.replay_events_after(first, slow_client) == "a"
+    assert replay.ks() == [2, 3, 4]
+
+
+async def test_memory_event_store_fails_a_replay_that_eviction_overtook() -> None:
+    """Eviction racing a replay must not yield a silently incomplete one."""
+    store = MemoryEventStore(max_events=3)
+    first = await store.store_event("a", note(1))
+    await store.store_event("a", note(2))
+    replay = Replay()
+
+    async def slow_client(event: EventMessage) -> None:
+        await replay(event)
+        for k in range(10, 14):  # pushes a:2's successors out before they are replayed
+            await store.store_event("a", note(k))
+
+    with pytest.raises(LookupError, match="evicted mid-replay"):
+        await store.replay_events_after(first, slow_client)
+    assert replay.ks() == [2]
+
+
 async def test_memory_event_store_ids_survive_colons_in_stream_ids() -> None:
     store = MemoryEventStore()
     first = await store.store_event("x:y", note(1))
