@@ -132,7 +132,7 @@ class Env:
         )
         return self.start("control-plane", argv, self.cp_port)
 
-    def start_sidecar(self, name: str, port: int) -> Child:
+    def start_sidecar(self, name: str, port: int, event_loop: str = "asyncio") -> Child:
         argv = python_module(
             "tether.cli",
             "--log-level",
@@ -146,6 +146,8 @@ class Env:
             f"127.0.0.1:{self.cp_port}",
             "--owner",
             name,
+            "--event-loop",
+            event_loop,
         )
         return self.start(name, argv, port)
 
@@ -163,6 +165,9 @@ class Env:
 
 
 # --- figure group: paths (throughput, latency) ----------------------------------------------
+
+
+SIDECAR_UVLOOP = "sidecar (uvloop)"
 
 
 @dataclass
@@ -217,7 +222,7 @@ async def measure_paths(
                 procs = {"generator": gen}
                 if p.proxy is not None:
                     procs[p.name] = p.proxy
-                if p.name == "sidecar":
+                if p.name.startswith("sidecar"):
                     procs["control plane"] = cp
                 before = cpu_snapshot(env, procs)
                 got = await client.read_post_stream(
@@ -834,6 +839,7 @@ class Options:
     plot_path: Path | None
     json_path: Path | None
     profile: bool
+    compare_loops: bool = False
 
 
 async def run(opts: Options, log: Callable[[str], None]) -> Results:
@@ -890,6 +896,12 @@ async def _paths(
     port = free_port()
     side = env.start_sidecar("sidecar", port)
     paths.append(Path_("sidecar", port, side))
+    if opts.compare_loops:
+        # The same sidecar on uvloop: what the event loop is worth on this path.
+        other = free_port()
+        paths.append(
+            Path_(SIDECAR_UVLOOP, other, env.start_sidecar("sidecar-uvloop", other, "uvloop"))
+        )
     res.throughput, res.latency = await measure_paths(env, sizes, paths, log)
     if opts.profile:
         events = sizes.throughput_events[256]
@@ -940,6 +952,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-nginx", action="store_true", help="leave the nginx path out")
     p.add_argument("--no-etcd", action="store_true", help="control plane on SQLite only")
     p.add_argument("--profile", action="store_true", help="py-spy the sidecar (256 B load)")
+    p.add_argument(
+        "--compare-loops",
+        action="store_true",
+        help="also measure the sidecar on uvloop (paths group; needs uvloop installed)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="write the PNG here")
     p.add_argument("--json", type=Path, default=None, help="write the raw figures here")
     args = p.parse_args(argv)
@@ -951,6 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_path=args.plot,
         json_path=args.json,
         profile=args.profile,
+        compare_loops=args.compare_loops,
     )
 
     started = time.monotonic()
