@@ -982,7 +982,7 @@ class Proxy:
             async for chunk in resp.content.iter_any():
                 delivered = 0
                 seq_mark, bytes_mark = stream.backlog_marks()
-                items = parser.feed(chunk)
+                items = parser.feed_runs(chunk)
                 if legacy:
                     url = str(resp.url)
                     items = [

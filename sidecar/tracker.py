@@ -26,16 +26,21 @@ import base64
 import binascii
 import re
 import secrets
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
+from itertools import accumulate, compress, islice, repeat
+from operator import not_
 
-from sidecar.sse import SSEError, SSEEvent, encode_event
+from sidecar.sse import SSEError, SSEEvent, SSERun, encode_event
 from tether.model import StreamId
 
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,4096}$")
 _CURSOR_MAX = 2048
+# How an MCP notification's data line starts (as the SDKs serialize it): not an answer.
+_NOTE_LINE = b'data: {"jsonrpc":"2.0","method":"notifications/'
 
 
 class StreamKind(Enum):
@@ -154,6 +159,7 @@ class StreamTracker:
         "_cursor_suffix",
         "_dedup_window",
         "_id_prefix",
+        "_id_prefix_bytes",
         "_index",
         "_limits",
         "_max_bytes",
@@ -187,7 +193,8 @@ class StreamTracker:
         self.duplicates = 0
         self._limits = limits
         self._seen: set[str] = set()
-        self._seen_order: deque[str] = deque()
+        # The window's ids, oldest first; at its maxlen, appending drops the oldest.
+        self._seen_order: deque[str] = deque(maxlen=limits.dedup_window)
         # Replay buffer: payloads of seqs _buffer_head .. seq, oldest first.
         self._buffer: list[bytes] = []
         self._buffer_bytes = 0
@@ -199,6 +206,7 @@ class StreamTracker:
         self._index: deque[str] = deque(maxlen=limits.index_max_events)
         # Hot-path constants.
         self._id_prefix = f"id: {stream_id}.{epoch}."
+        self._id_prefix_bytes = self._id_prefix.encode().replace(b"%", b"%%")
         self._dedup_window = limits.dedup_window
         self._max_events = limits.replay_max_events
         self._max_bytes = limits.replay_max_bytes
@@ -220,11 +228,11 @@ class StreamTracker:
             if upstream_id in self._seen:
                 self.duplicates += 1
                 return None
-            self._seen.add(upstream_id)
             seen_order = self._seen_order
+            if len(seen_order) == self._dedup_window:
+                self._seen.discard(seen_order[0])  # the append below drops it from the order
+            self._seen.add(upstream_id)
             seen_order.append(upstream_id)
-            if len(seen_order) > self._dedup_window:
-                self._seen.discard(seen_order.popleft())
         self.seq = seq = self.seq + 1
         cursor = event.last_event_id
         if cursor != self.last_upstream_event_id:
@@ -253,7 +261,7 @@ class StreamTracker:
 
     def accept_run(
         self,
-        items: list[SSEEvent | SSEError],
+        items: list[SSEEvent | SSEError | SSERun],
         start: int,
         *,
         seq_mark: int,
@@ -264,7 +272,11 @@ class StreamTracker:
         compiled build runs it in C). Stops at the end, at an SSEError (left unconsumed), or
         once `seq >= seq_mark` or `total_bytes >= bytes_mark` (the caller checks
         backpressure). Returns (index of the first item not consumed, events delivered, data
-        of delivered events that may be JSON-RPC answers, collected when `watch_answers`)."""
+        of delivered events that may be JSON-RPC answers, collected when `watch_answers`).
+
+        An `SSERun` may be taken in part (at a mark): its `start` moves on and the returned
+        index stays on it. One the bulk path cannot take (a duplicate id, a cursor that needs
+        encoding) is replaced in `items` by its events, which then go one by one."""
         delivered = 0
         answers: list[str] = []
         i = start
@@ -273,6 +285,18 @@ class StreamTracker:
             item = items[i]
             if isinstance(item, SSEError):
                 break
+            if isinstance(item, SSERun):
+                got = self._accept_bulk(item, seq_mark, bytes_mark, watch_answers, answers)
+                if got < 0:
+                    items[i : i + 1] = item.events()
+                    end = len(items)
+                    continue
+                delivered += got
+                if len(item) == 0:
+                    i += 1
+                if self.seq >= seq_mark or self._total_bytes >= bytes_mark:
+                    break
+                continue
             i += 1
             data = item.data
             if not data:
@@ -285,6 +309,100 @@ class StreamTracker:
             if self.seq >= seq_mark or self._total_bytes >= bytes_mark:
                 break
         return i, delivered, answers
+
+    def _accept_bulk(
+        self,
+        run: SSERun,
+        seq_mark: int,
+        bytes_mark: int,
+        watch_answers: bool,
+        answers: list[str],
+    ) -> int:
+        """Take a prefix of `run` up to the marks with list and bytes operations only (each a
+        C loop); the same effect as `accept` on each of its events. Returns how many events
+        were taken, or -1 when the run must go event by event instead."""
+        first = run.start
+        k = min(len(run), max(1, seq_mark - self.seq))
+        data_lines = run.data_lines[first : first + k]
+        seq = self.seq
+        seqs = range(seq + 1, seq + k + 1)
+        ids = run.ids
+        if ids is not None:
+            assert run.id_lines is not None
+            taken = ids[first : first + k]
+            joined = "\n".join(taken)
+            # Cursors go into our ids as they are only if each is printable ASCII without
+            # surrounding spaces or a leading "~" (see `encode_cursor`); else one by one.
+            if not (
+                joined.isascii()
+                and joined.replace("\n", "").isprintable()
+                and joined[:1] not in (" ", "~")
+                and joined[-1:] != " "
+                and "\n " not in joined
+                and " \n" not in joined
+                and "\n~" not in joined
+            ):
+                return -1
+            seen = self._seen
+            if not seen.isdisjoint(taken) or len(set(taken)) != k:
+                return -1  # a duplicate: dropped (and counted) on the event path
+            fmt = self._id_prefix_bytes + b"%d.%b\n%b\n\n"
+            id_lines = run.id_lines[first : first + k]
+            payloads = list(map(fmt.__mod__, zip(seqs, id_lines, data_lines, strict=True)))
+        else:
+            cursor = run.last_event_id  # every event's: the blocks have no id line
+            if cursor != self.last_upstream_event_id:
+                self.last_upstream_event_id = cursor
+                self._cursor_suffix = f".{encode_cursor(cursor)}" if cursor else ""
+            suffix = self._cursor_suffix.encode().replace(b"%", b"%%")
+            fmt = self._id_prefix_bytes + b"%d" + suffix + b"\n%b\n\n"
+            payloads = list(map(fmt.__mod__, zip(seqs, data_lines, strict=True)))
+        total = self._total_bytes
+        cumulative = list(accumulate(map(len, payloads), initial=total))
+        if cumulative[-1] >= bytes_mark and k > 1:
+            # Stop at the event that crosses the bytes mark, as the event path would.
+            cut = max(1, bisect_left(cumulative, bytes_mark, 1))
+            if cut < k:
+                k = cut
+                del payloads[k:]
+                del cumulative[k + 1 :]
+                del data_lines[k:]
+                if ids is not None:
+                    del taken[k:]
+        del cumulative[0]
+        # Commit: from here on nothing can fail.
+        run.start = first + k
+        if ids is not None:
+            window = self._dedup_window
+            order = self._seen_order
+            overflow = len(order) + k - window
+            if overflow > 0:  # the ids the extend below pushes out of the window
+                seen.difference_update(islice(order, min(overflow, len(order))))
+            seen.update(taken[-window:])
+            order.extend(taken)
+            self._index.extend(taken)
+            cursor = taken[-1]
+            if cursor != self.last_upstream_event_id:
+                self.last_upstream_event_id = cursor
+                self._cursor_suffix = f".{cursor}"
+        else:
+            self._index.extend(repeat(self.last_upstream_event_id, k))
+        self.seq = seq + k
+        self._buffer.extend(payloads)
+        self._cumulative.extend(cumulative)
+        added = cumulative[-1] - total
+        self._buffer_bytes += added
+        self._total_bytes = cumulative[-1]
+        if watch_answers:
+            # MCP notifications, most of what streams carry, are never answers: look into
+            # the other lines only (the filter runs in C).
+            notes = map(bytes.startswith, data_lines, repeat(_NOTE_LINE))
+            for line in compress(data_lines, map(not_, notes)):
+                if b'"result"' in line or b'"error"' in line:
+                    answers.append(line[6:].decode("utf-8"))
+        if len(self._buffer) > self._max_events or self._buffer_bytes > self._max_bytes:
+            self._evict()
+        return k
 
     def priming_event(self, retry_ms: int | None = None) -> bytes:
         """An empty event carrying the current id: lets a client resume before any event.

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.sse import SSEError, SSEEvent, SSEParser, encode_comment, encode_event
+from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun, encode_comment, encode_event
 
 Result = list[SSEEvent | SSEError]
 BOM = b"\xef\xbb\xbf"
@@ -42,6 +42,24 @@ def run(
         out.extend(parser.feed(chunk))
     out.extend(parser.close())
     return out, parser.last_event_id, parser.retry, parser.failed
+
+
+def run_with_runs(
+    chunks: Iterable[bytes], max_event_bytes: int = 1 << 20
+) -> tuple[Result, str, int | None, SSEError | None, int]:
+    """As `run`, through `feed_runs`, with runs expanded; the last item counts the runs."""
+    parser = SSEParser(max_event_bytes=max_event_bytes)
+    out: Result = []
+    runs = 0
+    for chunk in chunks:
+        for item in parser.feed_runs(chunk):
+            if isinstance(item, SSERun):
+                runs += 1
+                out.extend(item.events())
+            else:
+                out.append(item)
+    out.extend(parser.close())
+    return out, parser.last_event_id, parser.retry, parser.failed, runs
 
 
 def split_at(raw: bytes, cuts: Iterable[int]) -> list[bytes]:
@@ -530,6 +548,87 @@ def test_well_formed_events_take_the_fast_path_and_agree(
     expected, last_event_id, retry = reference_parse(raw)
     assert len(expected) == len(events)
     assert run([raw]) == (expected, last_event_id, retry, None)
+
+
+@st.composite
+def plain_streams(draw: st.DrawFn) -> bytes:
+    """Streams of the plain blocks runs are made of, some with a near miss that must not be
+    taken for one: an empty or NUL id, empty data, another event type, a second data line, a
+    comment, another field order, no space after the colon."""
+    line_end = draw(st.sampled_from(["\n", "\r\n"]))
+    fields = draw(st.sampled_from([["data"], ["id", "data"], ["id", "event", "data"]]))
+    shape = draw(st.permutations(fields))
+    blocks = []
+    for k in range(draw(st.integers(0, 8))):
+        lines = []
+        for field in shape:
+            if field == "id":
+                lines.append(f"id: {k}")
+            elif field == "event":
+                lines.append("event: message")
+            else:
+                lines.append("data: " + draw(st.sampled_from(['{"result":1}', "x", "é", "a b"])))
+        if not draw(st.integers(0, 7)):
+            lines = draw(
+                st.sampled_from(
+                    [
+                        [f"id: {k}", "data:x"],
+                        ["id: ", "data: x"],
+                        ["id: a\x00b", "data: x"],
+                        ["id:  spaced ", "data: x"],
+                        ["id: ~t", "data: x"],
+                        ["data: "],
+                        ["event: other", "data: x"],
+                        ["data: x", "data: y"],
+                        [": comment", "data: x"],
+                        ["data: x", f"id: {k}"],
+                        [],
+                    ]
+                )
+            )
+        blocks.append("".join(line + line_end for line in lines) + line_end)
+    return "".join(blocks).encode()
+
+
+@PROPERTY_SETTINGS
+@given(streams_and_chunkings())
+def test_runs_expand_to_exactly_the_events(case: tuple[bytes, list[bytes]]) -> None:
+    _, chunks = case
+    assert run_with_runs(chunks)[:4] == run(chunks)
+
+
+@PROPERTY_SETTINGS
+@given(plain_streams(), st.lists(st.integers(0, 400), max_size=8))
+def test_plain_streams_come_as_runs_that_expand_to_exactly_the_events(
+    raw: bytes, cuts: list[int]
+) -> None:
+    chunks = split_at(raw, [c for c in cuts if c <= len(raw)])
+    expected = run([raw])
+    assert run_with_runs([raw])[:4] == expected
+    assert run_with_runs(chunks)[:4] == expected
+
+
+def test_uniform_plain_blocks_are_one_run() -> None:
+    sdk = b"".join(b"id: s:%d\r\nevent: message\r\ndata: {}\r\n\r\n" % k for k in range(5))
+    parser = SSEParser()
+    (item,) = parser.feed_runs(sdk)
+    assert isinstance(item, SSERun)
+    assert item.ids == [f"s:{k}" for k in range(5)]
+    assert len(item) == 5
+    assert item.id_lines == [b"s:%d" % k for k in range(5)]
+    assert item.data_lines == [b"data: {}"] * 5
+    assert parser.last_event_id == "s:4"
+    # Without ids, each event carries the last-event-ID from before the run.
+    (item,) = parser.feed_runs(b'data: {"result":{}}\n\ndata: 2\n\n')
+    assert isinstance(item, SSERun)
+    assert item.ids is None
+    assert item.events() == [
+        SSEEvent('{"result":{}}', "message", None, "s:4"),
+        SSEEvent("2", "message", None, "s:4"),
+    ]
+    item.start = 1  # a consumer took the first one
+    assert len(item) == 1
+    assert item.events() == [SSEEvent("2", "message", None, "s:4")]
 
 
 def _assert_well_shaped(out: Sequence[SSEEvent | SSEError], failed: SSEError | None) -> None:

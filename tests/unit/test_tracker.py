@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.sse import SSEEvent, SSEParser
+from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun
 from sidecar.tracker import (
     EventId,
     Gap,
@@ -286,3 +288,116 @@ def test_priming_event_can_carry_a_retry_hint() -> None:
     (primed,) = parse_all([tracker().priming_event(2500)])
     assert primed.retry == 2500
     assert primed.data == ""
+
+
+# --- the bulk path (SSERun) against the event path --------------------------------------------
+
+_CURSORS = st.sampled_from(["1", "2", "3", "a:7", "x.y", " sp", "sp ", "~t", "ü", "", "%d"])
+
+
+@st.composite
+def relayed_streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    """Plain streams with repeated ids (duplicates), cursors that need encoding, id-less
+    stretches and an occasional odd block, cut into chunks."""
+    blocks = []
+    shape_has_id = draw(st.booleans())
+    for _ in range(draw(st.integers(0, 40))):
+        data = draw(
+            st.sampled_from(
+                [
+                    "x",
+                    '{"result":{}}',
+                    '{"id":1,"error":{}}',
+                    "é" * 30,
+                    '{"jsonrpc":"2.0","method":"notifications/progress","params":{}}',
+                    '{"jsonrpc":"2.0","id":2,"result":{}}',
+                ]
+            )
+        )
+        lines = [f"data: {data}"]
+        if shape_has_id and draw(st.integers(0, 9)):
+            lines.insert(0, f"id: {draw(_CURSORS)}")
+        if not draw(st.integers(0, 15)):
+            lines = [draw(st.sampled_from(["data: ", "id: 9", ": c", "retry: 5"]))]
+        blocks.append("\n".join(lines) + "\n\n")
+    raw = "".join(blocks).encode()
+    cuts = sorted(draw(st.lists(st.integers(0, len(raw)), max_size=6)))
+    return raw, cuts
+
+
+def relay(
+    raw: bytes, cuts: list[int], runs: bool, limits: TrackerLimits, marks: list[tuple[int, int]]
+) -> tuple[list[tuple[int, int, bytes]], list[str], tuple[object, ...]]:
+    """Feed the chunks through a parser and `accept_run` as the pump does, with the marks
+    given (seq, bytes ahead of the tracker) standing in for backpressure. Returns what each
+    call produced: (seq, total bytes, the payloads it added); the answers; the end state."""
+    parser = SSEParser()
+    t = StreamTracker(S, limits=limits, last_upstream_event_id="start")
+    calls: list[tuple[int, int, bytes]] = []
+    answers: list[str] = []
+    points = [0, *cuts, len(raw)]
+    m = 0
+    for a, b in itertools.pairwise(points):
+        items: list[SSEEvent | SSEError | SSERun] = (
+            parser.feed_runs(raw[a:b]) if runs else list(parser.feed(raw[a:b]))
+        )
+        i = 0
+        while i < len(items) and not isinstance(items[i], SSEError):
+            before = t.seq
+            seq_ahead, bytes_ahead = marks[m % len(marks)]
+            m += 1
+            i, _, got = t.accept_run(
+                items,
+                i,
+                seq_mark=t.seq + seq_ahead,
+                bytes_mark=t.total_bytes + bytes_ahead,
+                watch_answers=True,
+            )
+            answers += got
+            added = t.events_after(before)
+            assert not isinstance(added, Gap)
+            calls.append((t.seq, t.total_bytes, b"".join(added)))
+    cursors = [t.upstream_cursor_at(s) for s in range(1, t.seq + 1)]
+    state = (t.seq, t.last_upstream_event_id, t.duplicates, str(t.last_event_id), cursors)
+    return calls, answers, state
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    relayed_streams(),
+    st.lists(st.tuples(st.integers(1, 8), st.integers(1, 600)), min_size=1, max_size=4),
+    st.integers(1, 6),
+)
+def test_bulk_path_delivers_exactly_what_the_event_path_does(
+    case: tuple[bytes, list[int]], marks: list[tuple[int, int]], window: int
+) -> None:
+    """Same payloads, ids, cursors, duplicate drops and answers, and each call stops at the
+    same event (the marks), whether events come one by one or as runs."""
+    raw, cuts = case
+    limits = TrackerLimits(dedup_window=window, replay_max_events=10_000, replay_max_bytes=1 << 24)
+    events = relay(raw, cuts, False, limits, marks)
+    bulk = relay(raw, cuts, True, limits, marks)
+    assert bulk == events
+
+
+def test_bulk_path_is_taken_for_plain_events_and_keeps_the_buffer_bounded() -> None:
+    limits = TrackerLimits(dedup_window=4, replay_max_events=64, replay_max_bytes=1 << 20)
+    t = StreamTracker(S, limits=limits)
+    parser = SSEParser()
+    items = parser.feed_runs(b"".join(b"id: %d\ndata: e%d\n\n" % (k, k) for k in range(1, 201)))
+    assert len(items) == 1
+    assert isinstance(items[0], SSERun)
+    far = 1 << 30
+    i, delivered, _ = t.accept_run(items, 0, seq_mark=far, bytes_mark=far, watch_answers=False)
+    assert (i, delivered, t.seq) == (1, 200, 200)
+    assert len(items) == 1  # taken in bulk, not expanded into events
+    assert t.events_after(199) == [b"id: abc.1.200.200\ndata: e200\n\n"]
+    tail = t.events_after(200 - 56)
+    assert isinstance(tail, list)
+    assert len(tail) == 56  # evicted down to 7/8 of 64
+    assert t.buffered_bytes == sum(map(len, tail))
+    assert isinstance(t.events_after(100), Gap)
+    # The dedup window holds the last 4 ids: 197 is a duplicate, 196 is not any more.
+    more = parser.feed_runs(b"id: 197\ndata: again\n\nid: 196\ndata: again\n\n")
+    t.accept_run(more, 0, seq_mark=far, bytes_mark=far, watch_answers=False)
+    assert (t.duplicates, t.seq, t.last_upstream_event_id) == (1, 201, "196")
