@@ -81,7 +81,7 @@ class SSERun:
     A consumer may take a prefix and leave the rest: `start` counts events already taken.
     """
 
-    __slots__ = ("data_lines", "id_lines", "ids", "last_event_id", "start")
+    __slots__ = ("data_lines", "id_lines", "ids", "last_event_id", "notifications", "start")
 
     def __init__(
         self,
@@ -89,6 +89,7 @@ class SSERun:
         ids: list[str] | None,
         id_lines: list[bytes] | None,
         last_event_id: str,
+        notifications: bool = False,
     ) -> None:
         self.data_lines = data_lines
         """Each event's `data: ...` line, without its LF."""
@@ -98,6 +99,8 @@ class SSERun:
         """The same ids as UTF-8 bytes (for writing them without re-encoding)."""
         self.last_event_id = last_event_id
         """The last-event-ID buffer before the run (every event's, when there are no ids)."""
+        self.notifications = notifications
+        """Every event is an MCP notification (`NOTIFICATION_DATA` prefix): none is an answer."""
         self.start = 0
 
     def __len__(self) -> int:
@@ -120,6 +123,9 @@ Item = SSEEvent | SSEError | SSERun
 """What `feed_runs()` returns items of."""
 
 _DATA_LINE: Final = b"data: "
+NOTIFICATION_DATA: Final = b'data: {"jsonrpc":"2.0","method":"notifications/'
+"""How the data line of an MCP notification starts, as the SDKs serialize it. A JSON-RPC
+message with a method is a request or a notification, never an answer."""
 _ID_LINE: Final = b"id: "
 _EVENT_MESSAGE: Final = b"event: message"
 
@@ -311,12 +317,17 @@ class SSEParser:
             # Fast path: no block can be too large, and one decode call for all blocks is
             # cheaper than one per block. A decode error sends us to the exact path, which
             # finds the bad block and keeps the events before it.
+            ascii_only = region.isascii()  # valid UTF-8 already: no str needed for a run
+            if runs and ascii_only:
+                run = self._as_run(region)
+                if run is not None:
+                    return [run]
             try:
                 text = region.decode("utf-8")
             except UnicodeDecodeError:
                 pass
             else:
-                if runs:
+                if runs and not ascii_only:
                     run = self._as_run(region)
                     if run is not None:
                         return [run]
@@ -354,14 +365,17 @@ class SSEParser:
         if lines[period - 1 :: period].count(b"") != n:
             return None
         data_lines: list[bytes] | None = None
+        notifications = False
         id_column: list[bytes] | None = None
         events = 0
         for c in range(period - 1):
             column = lines[c::period]
             first = column[0]
             if first.startswith(_DATA_LINE) and data_lines is None:
-                # Checks the first bytes of each line only (a scan of whole lines costs more).
-                if not all(map(bytes.startswith, column, repeat(_DATA_LINE))):
+                # The first bytes of each line only (a scan of whole lines costs more), and
+                # in one pass when every line is an MCP notification, the common case.
+                notifications = sum(map(bytes.startswith, column, repeat(NOTIFICATION_DATA))) == n
+                if not notifications and not all(map(bytes.startswith, column, repeat(_DATA_LINE))):
                     return None  # another field in this column
                 if _DATA_LINE in column:
                     return None  # an empty data line: an empty event, the event path's
@@ -386,7 +400,7 @@ class SSEParser:
             id_lines = joined[4:].split(b"\nid: ")
             ids = joined[4:].decode("utf-8").split("\nid: ")
             self._last_event_id = ids[-1]
-        return SSERun(data_lines, ids, id_lines, last_event_id)
+        return SSERun(data_lines, ids, id_lines, last_event_id, notifications)
 
     def _parse_text(self, text: str) -> list[Item]:
         """Run the WHATWG line rules over whole blocks; the last one's blank line is implied.

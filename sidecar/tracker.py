@@ -33,14 +33,12 @@ from enum import Enum
 from itertools import accumulate, compress, islice, repeat
 from operator import not_
 
-from sidecar.sse import SSEError, SSEEvent, SSERun, encode_event
+from sidecar.sse import NOTIFICATION_DATA, SSEError, SSEEvent, SSERun, encode_event
 from tether.model import StreamId
 
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,4096}$")
 _CURSOR_MAX = 2048
-# How an MCP notification's data line starts (as the SDKs serialize it): not an answer.
-_NOTE_LINE = b'data: {"jsonrpc":"2.0","method":"notifications/'
 
 
 class StreamKind(Enum):
@@ -393,10 +391,10 @@ class StreamTracker:
         added = cumulative[-1] - total
         self._buffer_bytes += added
         self._total_bytes = cumulative[-1]
-        if watch_answers:
+        if watch_answers and not run.notifications:
             # MCP notifications, most of what streams carry, are never answers: look into
             # the other lines only (the filter runs in C).
-            notes = map(bytes.startswith, data_lines, repeat(_NOTE_LINE))
+            notes = map(bytes.startswith, data_lines, repeat(NOTIFICATION_DATA))
             for line in compress(data_lines, map(not_, notes)):
                 if b'"result"' in line or b'"error"' in line:
                     answers.append(line[6:].decode("utf-8"))

@@ -617,6 +617,11 @@ def test_uniform_plain_blocks_are_one_run() -> None:
     assert len(item) == 5
     assert item.id_lines == [b"s:%d" % k for k in range(5)]
     assert item.data_lines == [b"data: {}"] * 5
+    assert not item.notifications
+    note = b'data: {"jsonrpc":"2.0","method":"notifications/progress","params":{}}\n\n'
+    (notes,) = SSEParser().feed_runs(note * 3)
+    assert isinstance(notes, SSERun)
+    assert notes.notifications  # the tracker need not look for answers in these
     assert parser.last_event_id == "s:4"
     # Without ids, each event carries the last-event-ID from before the run.
     (item,) = parser.feed_runs(b'data: {"result":{}}\n\ndata: 2\n\n')
