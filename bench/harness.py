@@ -151,10 +151,16 @@ class Env:
         )
         return self.start(name, argv, port)
 
-    def start_nginx(self, port: int, connections: int) -> Child:
+    def start_nginx(self, port: int, connections: int, buffer_size: str | None = None) -> Child:
         assert self.nginx_binary is not None
         conf_dir = self.tmp / f"nginx-{port}"
-        conf = nginx_config(conf_dir, listen=port, upstream=self.gen_port, connections=connections)
+        conf = nginx_config(
+            conf_dir,
+            listen=port,
+            upstream=self.gen_port,
+            connections=connections,
+            buffer_size=buffer_size,
+        )
         return self.start(
             f"nginx-{port}", [self.nginx_binary, "-p", str(conf_dir), "-c", str(conf)], port
         )
@@ -168,6 +174,7 @@ class Env:
 
 
 SIDECAR_UVLOOP = "sidecar (uvloop)"
+NGINX_TUNED = "nginx (proxy_buffer_size 64k)"
 
 
 @dataclass
@@ -840,6 +847,7 @@ class Options:
     json_path: Path | None
     profile: bool
     compare_loops: bool = False
+    tuned_nginx: bool = False
 
 
 async def run(opts: Options, log: Callable[[str], None]) -> Results:
@@ -893,6 +901,10 @@ async def _paths(
     if env.nginx_binary is not None:
         port = free_port()
         paths.append(Path_("nginx", port, env.start_nginx(port, connections=1024)))
+        if opts.tuned_nginx:
+            port = free_port()
+            tuned = env.start_nginx(port, connections=1024, buffer_size="64k")
+            paths.append(Path_(NGINX_TUNED, port, tuned))
     port = free_port()
     side = env.start_sidecar("sidecar", port)
     paths.append(Path_("sidecar", port, side))
@@ -953,6 +965,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-etcd", action="store_true", help="control plane on SQLite only")
     p.add_argument("--profile", action="store_true", help="py-spy the sidecar (256 B load)")
     p.add_argument(
+        "--tuned-nginx",
+        action="store_true",
+        help="also measure nginx with proxy_buffer_size 64k (paths group)",
+    )
+    p.add_argument(
         "--compare-loops",
         action="store_true",
         help="also measure the sidecar on uvloop (paths group; needs uvloop installed)",
@@ -969,6 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_path=args.json,
         profile=args.profile,
         compare_loops=args.compare_loops,
+        tuned_nginx=args.tuned_nginx,
     )
 
     started = time.monotonic()

@@ -130,8 +130,19 @@ NGINX_MISSING = (
 )
 
 
-def nginx_config(tmp: Path, *, listen: int, upstream: int, connections: int) -> Path:
-    """A minimal reverse proxy for SSE: one process, no buffering, no access log."""
+def nginx_config(
+    tmp: Path, *, listen: int, upstream: int, connections: int, buffer_size: str | None = None
+) -> Path:
+    """A minimal reverse proxy for SSE: one process, no buffering, no access log.
+    `buffer_size` sets `proxy_buffer_size` (how much nginx reads from upstream at once; one
+    memory page by default)."""
+    tuned = (
+        f"\n            proxy_buffer_size {buffer_size};"
+        f"\n            proxy_buffers 4 {buffer_size};"
+        f"\n            proxy_busy_buffers_size {buffer_size};"
+        if buffer_size
+        else ""
+    )
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / sub).mkdir(parents=True, exist_ok=True)
     conf = tmp / "nginx.conf"
@@ -158,7 +169,7 @@ http {{
             proxy_set_header Connection "";
             proxy_buffering off;
             proxy_cache off;
-            proxy_read_timeout 1h;
+            proxy_read_timeout 1h;{tuned}
         }}
     }}
 }}
