@@ -800,7 +800,7 @@ def plot(res: Results, path: Path) -> str:
     ax.bar([x - 0.2 for x in xs], [x.p50_us for x in res.latency], 0.4, label="p50")
     ax.bar([x + 0.2 for x in xs], [x.p99_us for x in res.latency], 0.4, label="p99")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(names)
+    ax.set_xticklabels([n.replace(" (", "\n(") for n in names], fontsize=8)
     ax.set_ylabel("µs, receive - stamp")
     ax.set_title(f"Latency at {RATE:,.0f} events/s")
     ax.legend()

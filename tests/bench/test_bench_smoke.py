@@ -27,7 +27,7 @@ HAVE_NGINX = find_nginx() is not None
 @pytest.fixture(scope="module")
 def report() -> str:
     args = [sys.executable, "-m", "bench", "--smoke"]
-    args += [] if HAVE_NGINX else ["--no-nginx"]
+    args += ["--tuned-nginx"] if HAVE_NGINX else ["--no-nginx"]
     args += [] if etcd_available() else ["--no-etcd"]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -59,5 +59,6 @@ def test_every_idle_stream_delivered(report: str) -> None:
 @pytest.mark.skipif(not HAVE_NGINX, reason="nginx is not installed (apt-get install nginx-light)")
 def test_nginx_path(report: str) -> None:
     assert "| 256 B | nginx |" in section(report, "Throughput, one stream")
+    assert "| 4096 B | nginx (proxy_buffer_size 64k) |" in section(report, "Throughput, one stream")
     assert "| nginx |" in section(report, "Latency at 1,000 events/s")
     assert "| 20 (20) | nginx |" in section(report, "Concurrent idle SSE streams")
