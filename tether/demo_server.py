@@ -9,6 +9,10 @@ drops can be resumed with `Last-Event-ID` while the process lives. Event ids are
 `"{stream_id}:{seq}"` with one `seq` counter for the whole store, so ids are unique and
 increasing, and the stream of an id is everything before its last colon.
 
+The SDK hands one store to every session and names streams by request id ("7" in any session,
+"_GET_stream" for every GET stream), so the store keeps each session's streams apart itself:
+`scope_events_by_session` (ASGI middleware) tells it which session a call belongs to.
+
 Run it with `python -m tether.demo_server --port 8931`; see `--help` for the flags.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -40,6 +45,7 @@ from mcp.server.streamable_http import (
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import JSONRPCMessage
 from starlette.applications import Starlette
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("tether.demo_server")
 
@@ -63,6 +69,57 @@ class _Stream:
     evicted_through: int = 0
 
 
+@dataclass
+class _SessionScope:
+    """Which session the store calls of one request (and of the session's own tasks) are for:
+    the `Mcp-Session-Id` of the request, or for the request that opens a session, the one its
+    response names (filled in when the response starts; the session's message router runs
+    in a copy of that request's context and sees the same object)."""
+
+    session_id: str | None = None
+
+
+_SCOPE: contextvars.ContextVar[_SessionScope | None] = contextvars.ContextVar(
+    "tether_demo_session_scope", default=None
+)
+_SESSION_HEADER = b"mcp-session-id"
+
+
+def scope_events_by_session(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: run each HTTP request with its session scope set (see _SessionScope)."""
+
+    async def scoped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == _SESSION_HEADER), None)
+        holder = _SessionScope(header.decode("latin-1") if header is not None else None)
+
+        async def learn_session(message: Message) -> None:
+            if message["type"] == "http.response.start" and holder.session_id is None:
+                for key, value in message.get("headers", ()):
+                    if key.lower() == _SESSION_HEADER:
+                        holder.session_id = value.decode("latin-1")
+            await send(message)
+
+        token = _SCOPE.set(holder)
+        try:
+            await app(scope, receive, send if header is not None else learn_session)
+        finally:
+            _SCOPE.reset(token)
+
+    return scoped
+
+
+def _current_session() -> str | None:
+    holder = _SCOPE.get()
+    return holder.session_id if holder is not None else None
+
+
+_StreamKey = tuple[str | None, StreamId]
+"""(session id, the SDK's stream id): the SDK's stream ids repeat across sessions."""
+
+
 class MemoryEventStore(EventStore):
     """A bounded in-memory `EventStore`: resumable while the process lives.
 
@@ -78,15 +135,16 @@ class MemoryEventStore(EventStore):
             raise ValueError("max_events must be at least 1")
         self.max_events = max_events
         self._seq = 0
-        self._streams: dict[StreamId, _Stream] = {}
+        self._streams: dict[_StreamKey, _Stream] = {}
         # Stream of every retained event in storage order, for global oldest-first eviction.
-        self._order: deque[StreamId] = deque()
+        self._order: deque[_StreamKey] = deque()
 
     async def store_event(self, stream_id: StreamId, message: JSONRPCMessage | None) -> EventId:
         """Append `message` (None = priming event) to `stream_id` and return its event id."""
         self._seq += 1
-        self._streams.setdefault(stream_id, _Stream()).events.append((self._seq, message))
-        self._order.append(stream_id)
+        key = (_current_session(), stream_id)
+        self._streams.setdefault(key, _Stream()).events.append((self._seq, message))
+        self._order.append(key)
         if len(self._order) > self.max_events:
             self._evict_oldest()
         return f"{stream_id}:{self._seq}"
@@ -99,7 +157,8 @@ class MemoryEventStore(EventStore):
         if not sep or not seq_text.isdigit():
             return None
         last_seq = int(seq_text)
-        stream = self._streams.get(stream_id)
+        key = (_current_session(), stream_id)  # another session's id finds nothing of its
+        stream = self._streams.get(key)
         if stream is None or last_seq < stream.evicted_through:
             return None
         # Replay in rounds until caught up, never from one snapshot: each callback awaits the
@@ -108,7 +167,7 @@ class MemoryEventStore(EventStore):
         # it. No await between the last empty round and the return.
         sent = last_seq
         while True:
-            stream = self._streams.get(stream_id)
+            stream = self._streams.get(key)
             if stream is None or sent < stream.evicted_through:
                 # Evicted while we replayed: raising makes the transport close the stream, so
                 # the client resumes from what it got and learns it cannot go on (None above).
@@ -129,12 +188,12 @@ class MemoryEventStore(EventStore):
         return len(self._order)
 
     def _evict_oldest(self) -> None:
-        stream_id = self._order.popleft()
-        stream = self._streams[stream_id]
+        key = self._order.popleft()
+        stream = self._streams[key]
         seq, _ = stream.events.popleft()
         stream.evicted_through = seq
         if not stream.events:
-            del self._streams[stream_id]
+            del self._streams[key]
 
 
 def build_mcp_server() -> MCPServer[Any]:
@@ -207,12 +266,14 @@ def build_app(
     security = transport_security(allowed_hosts)
     if transport == "sse":
         return mcp.sse_app(transport_security=security, host=host)
-    return mcp.streamable_http_app(
+    app = mcp.streamable_http_app(
         event_store=MemoryEventStore(max_events) if event_store else None,
         retry_interval=retry_interval_ms,
         transport_security=security,
         host=host,
     )
+    app.add_middleware(scope_events_by_session)
+    return app
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -7,6 +7,7 @@ Also pins the facts the sidecar relies on: the event store's id format and repla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -191,6 +192,67 @@ async def test_event_store_resumes_a_dropped_post_stream(procs: ProcessPool) -> 
         final = rest[-1].json()
         assert final["id"] == 7
         assert final["result"]["content"][0]["text"] == "counted 6"
+
+
+async def test_event_store_never_replays_another_sessions_events(procs: ProcessPool) -> None:
+    """The SDK gives every session's transport the same store and names streams by request id
+    ("7" in both sessions here, "_GET_stream" for every GET stream), so a store keyed by
+    stream id alone replays one session's events into another's resume (other MCP SDKs have
+    had the same advisory). Both sessions below drop the same-named stream mid-call."""
+    _, port = await start_demo(procs, "--retry-interval-ms", "500")
+    url = f"http://127.0.0.1:{port}/mcp"
+
+    def call(n: int) -> dict[str, Any]:
+        arguments = {"n": n, "interval_ms": 40}
+        return {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "tools/call",
+            "params": {"name": "count", "arguments": arguments, "_meta": {"progressToken": n}},
+        }
+
+    async with aiohttp.ClientSession() as http:
+        a, b = await open_session(http, url), await open_session(http, url)
+        async with (
+            http.post(url, json=call(6), headers=headers(a)) as resp_a,
+            http.post(url, json=call(5), headers=headers(b)) as resp_b,
+        ):
+            first_a = await read_sse(resp_a, max_events=2)  # priming, progress 1
+            await read_sse(resp_b, max_events=2)
+        await asyncio.sleep(0.4)  # both calls go on, and finish, with nobody connected
+        assert progress_of(first_a) == [1]
+
+        resume = {**headers(a), "Last-Event-ID": first_a[-1].id or ""}
+        async with http.get(url, headers=resume) as resp:
+            assert resp.status == 200
+            rest = await read_through_response(resp, rpc_id=7)
+        assert progress_of(rest) == [2, 3, 4, 5, 6]
+        assert {e.json()["params"]["progressToken"] for e in rest[:-1]} == {6}
+        assert rest[-1].json()["result"]["content"][0]["text"] == "counted 6"
+
+        # Session B presenting A's event id gets nothing of A's.
+        stolen = {**headers(b), "Last-Event-ID": first_a[-1].id or ""}
+        async with http.get(url, headers=stolen) as resp:
+            events = await read_sse_for(resp, seconds=0.5)
+        assert not any(e.data and b"counted 6" in e.data for e in events)
+        assert all(
+            e.json()["params"]["progressToken"] != 6
+            for e in events
+            if e.data and e.json().get("method")
+        )
+
+
+async def read_sse_for(resp: aiohttp.ClientResponse, *, seconds: float) -> list[RawEvent]:
+    """Whatever events arrive within `seconds` (a resumed SDK stream stays open)."""
+    events: list[RawEvent] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while True:
+                got = await read_sse(resp, max_events=1)
+                if not got:
+                    break
+                events += got
+    return events
 
 
 @pytest.mark.parametrize(
