@@ -367,7 +367,7 @@ class SSEParser:
         data_lines: list[bytes] | None = None
         notifications = False
         id_column: list[bytes] | None = None
-        events = 0
+        event_column = False
         for c in range(period - 1):
             column = lines[c::period]
             first = column[0]
@@ -382,10 +382,10 @@ class SSEParser:
                 data_lines = column
             elif first.startswith(_ID_LINE) and id_column is None:
                 id_column = column
-            elif first == _EVENT_MESSAGE and not events:
+            elif first == _EVENT_MESSAGE and not event_column:
                 if column.count(_EVENT_MESSAGE) != n:
                     return None
-                events = 1
+                event_column = True
             else:
                 return None
         if data_lines is None:
