@@ -19,7 +19,7 @@ from tests.support.chaos import (
     ChaosRow,
     ChaosTable,
     PositionWatcher,
-    assert_exactly_once,
+    assert_delivered_and_persisted,
     poll_persisted,
     start_count_stream,
 )
@@ -84,20 +84,10 @@ async def test_control_plane_killed_sidecar_keeps_serving(
                 await client.finished()
             finally:
                 await client.aclose()
-            got = assert_exactly_once(client.received, n=n)
-            last = EventId.parse(client.last_id)
-            assert last is not None
-            await poll_persisted(cp_address, sid, last, watcher=watcher)
+            got, last, _ = await assert_delivered_and_persisted(
+                client, n=n, address=cp_address, session_id=sid, watcher=watcher
+            )
             await watcher.wait_position(sid, last)
             assert watcher.watches_opened >= 2, "the watch should have been re-opened"
             watcher.assert_never_backwards()
-    chaos_table.add(
-        ChaosRow(
-            "control plane SIGKILL+restart (SQLite)",
-            got.sent,
-            got.received,
-            got.lost,
-            got.duplicated,
-            recovered,
-        )
-    )
+    chaos_table.add(ChaosRow.of("control plane SIGKILL+restart (SQLite)", got, recovered))

@@ -32,7 +32,7 @@ from tests.support.chaos import (
     ChaosRow,
     ChaosTable,
     PositionWatcher,
-    assert_exactly_once,
+    assert_delivered_and_persisted,
     poll_persisted,
     start_count_stream,
 )
@@ -148,19 +148,9 @@ async def test_etcd_leader_killed_mid_stream(
                 await client.finished()
             finally:
                 await client.aclose()
-            got = assert_exactly_once(client.received, n=n)
-            last = EventId.parse(client.last_id)
-            assert last is not None
-            await poll_persisted(address, sid, last, watcher=watcher)
+            got, last, _ = await assert_delivered_and_persisted(
+                client, n=n, address=address, session_id=sid, watcher=watcher
+            )
             await watcher.wait_position(sid, last)
             watcher.assert_never_backwards()
-    chaos_table.add(
-        ChaosRow(
-            "etcd leader SIGKILL (3 members)",
-            got.sent,
-            got.received,
-            got.lost,
-            got.duplicated,
-            recovered,
-        )
-    )
+    chaos_table.add(ChaosRow.of("etcd leader SIGKILL (3 members)", got, recovered))

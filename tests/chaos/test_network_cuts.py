@@ -30,7 +30,7 @@ from tests.support.chaos import (
     LoopbackPartition,
     PositionWatcher,
     StreamConsumer,
-    assert_exactly_once,
+    assert_delivered_and_persisted,
     poll_persisted,
     start_count_stream,
 )
@@ -115,19 +115,15 @@ async def test_netns_cut_sidecar_upstream_and_heal(
             await client.finished()
         finally:
             await client.aclose()
-        got = assert_exactly_once(client.received, n=n)
+        got, _, _ = await assert_delivered_and_persisted(
+            client, n=n, address=cp_address, session_id=sid, watcher=watcher
+        )
         assert client.longest_gap() >= CUT_S / 2, "the cut did not stop the stream"
-        last = EventId.parse(client.last_id)
-        assert last is not None
-        await poll_persisted(cp_address, sid, last, watcher=watcher)
         watcher.assert_never_backwards()
     chaos_table.add(
-        ChaosRow(
+        ChaosRow.of(
             f"netns cut sidecar<->upstream {CUT_S:.0f}s, heal",
-            got.sent,
-            got.received,
-            got.lost,
-            got.duplicated,
+            got,
             client.first_arrival_after(healed),
         )
     )
@@ -175,19 +171,13 @@ async def test_netns_upstream_pod_replaced_during_cut(
             await client.finished()
         finally:
             await client.aclose()
-        got = assert_exactly_once(client.received, n=n)
-        last = EventId.parse(client.last_id)
-        assert last is not None
-        await poll_persisted(cp_address, sid, last, watcher=watcher)
+        got, _, _ = await assert_delivered_and_persisted(
+            client, n=n, address=cp_address, session_id=sid, watcher=watcher
+        )
         watcher.assert_never_backwards()
     chaos_table.add(
-        ChaosRow(
-            "netns upstream pod replaced during cut",
-            got.sent,
-            got.received,
-            got.lost,
-            got.duplicated,
-            client.first_arrival_after(healed),
+        ChaosRow.of(
+            "netns upstream pod replaced during cut", got, client.first_arrival_after(healed)
         )
     )
 
@@ -214,21 +204,11 @@ async def test_netns_cut_sidecar_control_plane_and_heal(
             await client.finished()
         finally:
             await client.aclose()
-        got = assert_exactly_once(client.received, n=n)
-        last = EventId.parse(client.last_id)
-        assert last is not None
-        await poll_persisted(cp_address, sid, last, watcher=watcher)
-        watcher.assert_never_backwards()
-    chaos_table.add(
-        ChaosRow(
-            "netns cut sidecar<->control plane, heal",
-            got.sent,
-            got.received,
-            got.lost,
-            got.duplicated,
-            recovered,
+        got, _, _ = await assert_delivered_and_persisted(
+            client, n=n, address=cp_address, session_id=sid, watcher=watcher
         )
-    )
+        watcher.assert_never_backwards()
+    chaos_table.add(ChaosRow.of("netns cut sidecar<->control plane, heal", got, recovered))
 
 
 async def test_netns_control_plane_pod_replaced_during_cut(
@@ -262,21 +242,11 @@ async def test_netns_control_plane_pod_replaced_during_cut(
             await client.finished()
         finally:
             await client.aclose()
-        got = assert_exactly_once(client.received, n=n)
-        last = EventId.parse(client.last_id)
-        assert last is not None
-        await poll_persisted(cp_address, sid, last, watcher=watcher)
-        watcher.assert_never_backwards()
-    chaos_table.add(
-        ChaosRow(
-            "netns control plane pod replaced during cut",
-            got.sent,
-            got.received,
-            got.lost,
-            got.duplicated,
-            recovered,
+        got, _, _ = await assert_delivered_and_persisted(
+            client, n=n, address=cp_address, session_id=sid, watcher=watcher
         )
-    )
+        watcher.assert_never_backwards()
+    chaos_table.add(ChaosRow.of("netns control plane pod replaced during cut", got, recovered))
 
 
 async def _partition_control_plane(
@@ -348,20 +318,14 @@ async def test_loopback_cut_sidecar_upstream_and_heal(
                     await client.finished()
                 finally:
                     await client.aclose()
-                got = assert_exactly_once(client.received, n=n)
-                last = EventId.parse(client.last_id)
-                assert last is not None
-                await poll_persisted(control_plane.address, sid, last, watcher=watcher)
+                got, _, _ = await assert_delivered_and_persisted(
+                    client, n=n, address=control_plane.address, session_id=sid, watcher=watcher
+                )
                 watcher.assert_never_backwards()
     assert sidecar.proxy.metrics.reconnects._value.get() >= 2
     chaos_table.add(
-        ChaosRow(
-            "loopback cut sidecar<->upstream, heal",
-            got.sent,
-            got.received,
-            got.lost,
-            got.duplicated,
-            client.first_arrival_after(healed),
+        ChaosRow.of(
+            "loopback cut sidecar<->upstream, heal", got, client.first_arrival_after(healed)
         )
     )
 
@@ -399,21 +363,11 @@ async def test_loopback_cut_sidecar_control_plane_and_heal(
                 await client.finished()
             finally:
                 await client.aclose()
-            got = assert_exactly_once(client.received, n=n)
-            last = EventId.parse(client.last_id)
-            assert last is not None
-            await poll_persisted(control_plane.address, sid, last, watcher=watcher)
+            got, _, _ = await assert_delivered_and_persisted(
+                client, n=n, address=control_plane.address, session_id=sid, watcher=watcher
+            )
             watcher.assert_never_backwards()
-    chaos_table.add(
-        ChaosRow(
-            "loopback cut sidecar<->control plane, heal",
-            got.sent,
-            got.received,
-            got.lost,
-            got.duplicated,
-            recovered,
-        )
-    )
+    chaos_table.add(ChaosRow.of("loopback cut sidecar<->control plane, heal", got, recovered))
 
 
 async def _until(condition: Any, *, timeout: float = DEADLINE_S) -> None:

@@ -64,6 +64,11 @@ class ChaosRow:
     when it never recovered (an expected failure)."""
     note: str = ""
 
+    @classmethod
+    def of(cls, scenario: str, got: Delivery, recover_s: float | None) -> ChaosRow:
+        """The row of a scenario whose stream was checked by `assert_exactly_once`."""
+        return cls(scenario, got.sent, got.received, got.lost, got.duplicated, recover_s)
+
 
 @dataclass
 class ChaosTable:
@@ -455,6 +460,18 @@ async def poll_persisted(
                     f"persisted position never reached {target} within {timeout}s (last: {last})"
                 )
             await asyncio.sleep(POLL_S)
+
+
+async def assert_delivered_and_persisted(
+    client: StreamConsumer, *, n: int, address: str, session_id: str, watcher: PositionWatcher
+) -> tuple[Delivery, EventId, StreamPosition]:
+    """The end of a `count n` scenario: the client got the stream whole
+    (`assert_exactly_once`) and the store holds exactly the client's last event."""
+    got = assert_exactly_once(client.received, n=n)
+    last = EventId.parse(client.last_id)
+    assert last is not None
+    persisted = await poll_persisted(address, session_id, last, watcher=watcher)
+    return got, last, persisted
 
 
 # --- loopback partitions -----------------------------------------------------------------------
