@@ -14,10 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sidecar.app import RunningSidecar
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory, serve_app
 from tests.support.numbered_upstream import parse_sse
-from tests.support.procs import ProcessPool, free_port, python_module
+from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
 from tests.support.sse_client import Received, collect, events
 
 MCP = "/mcp"
@@ -380,29 +381,59 @@ def _limits(**kw: int) -> Any:
     return TrackerLimits(**kw)
 
 
+async def through_numbered_upstream(
+    procs: ProcessPool,
+    sidecar_factory: SidecarFactory,
+    http: aiohttp.ClientSession,
+    *flags: str | int,
+) -> tuple[ManagedProcess, int, RunningSidecar, str, str]:
+    """A numbered upstream process (`flags` are its options) behind a sidecar, and a session
+    through it: (upstream, its port, sidecar, the sidecar's base URL, session id)."""
+    port = free_port()
+    argv = python_module("tests.support.numbered_upstream", "--port", port, *flags)
+    upstream = await procs.start(argv, name="numbered", ready_port=port)
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{sidecar.port}"
+    return upstream, port, sidecar, base, await initialize(http, base)
+
+
+async def read_killing_upstream(
+    resp: aiohttp.ClientResponse,
+    upstream: ManagedProcess,
+    *,
+    kill_at: int,
+    restart_port: int | None = None,
+    stop_at: int | None = None,
+) -> list[Received]:
+    """Read `resp`; SIGKILL the upstream once `kill_at` events arrived (and start it again on
+    `restart_port`, if given); stop after `stop_at` events or at the end."""
+    got: list[Received] = []
+    async for ev in events(resp):
+        got.append(ev)
+        if len(got) == kill_at:
+            upstream.kill()
+            if restart_port is not None:
+                await upstream.wait_exit()
+                await upstream.start(ready_port=restart_port)
+        if len(got) == stop_at:
+            break
+    return got
+
+
 @pytest.mark.parametrize("overlap", [0, 3])
 async def test_upstream_killed_mid_stream_and_restarted(
     sidecar_factory: SidecarFactory, procs: ProcessPool, http: aiohttp.ClientSession, overlap: int
 ) -> None:
     """SIGKILL the upstream process mid-stream and restart it: the client's connection stays
     open and it receives 1..N exactly once, in order."""
-    port = free_port()
-    argv = python_module("tests.support.numbered_upstream", "--port", port, "--overlap", overlap)
-    upstream = await procs.start(argv, name="numbered", ready_port=port)
-    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
-    base = f"http://127.0.0.1:{sidecar.port}"
-    sid = await initialize(http, base)
+    upstream, port, sidecar, base, sid = await through_numbered_upstream(
+        procs, sidecar_factory, http, "--overlap", overlap
+    )
     n = 120
-    got: list[Received] = []
     async with http.post(
         base + MCP, json=count_call(n, interval_ms=5), headers={**HEADERS, "Mcp-Session-Id": sid}
     ) as resp:
-        async for ev in events(resp):
-            got.append(ev)
-            if len(got) == 40:
-                upstream.kill()
-                await upstream.wait_exit()
-                await upstream.start(ready_port=port)
+        got = await read_killing_upstream(resp, upstream, kill_at=40, restart_port=port)
     assert progress_numbers(got) == list(range(1, n + 1))
     assert len(final_results(got)) == 1
     assert sidecar.proxy.metrics.reconnects._value.get() >= 1
@@ -413,20 +444,13 @@ async def test_upstream_killed_mid_stream_and_restarted(
 async def test_upstream_without_ids_killed_gives_a_clear_end(
     sidecar_factory: SidecarFactory, procs: ProcessPool, http: aiohttp.ClientSession
 ) -> None:
-    port = free_port()
-    argv = python_module("tests.support.numbered_upstream", "--port", port, "--no-ids")
-    upstream = await procs.start(argv, name="numbered", ready_port=port)
-    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
-    base = f"http://127.0.0.1:{sidecar.port}"
-    sid = await initialize(http, base)
-    got: list[Received] = []
+    upstream, _, _, base, sid = await through_numbered_upstream(
+        procs, sidecar_factory, http, "--no-ids"
+    )
     async with http.post(
         base + MCP, json=count_call(100, interval_ms=5), headers={**HEADERS, "Mcp-Session-Id": sid}
     ) as resp:
-        async for ev in events(resp):
-            got.append(ev)
-            if len(got) == 10:
-                upstream.kill()
+        got = await read_killing_upstream(resp, upstream, kill_at=10)
     assert progress_numbers(got)[:10] == list(range(1, 11))
     (err,) = final_results(got)
     assert err["id"] == 7
@@ -436,24 +460,13 @@ async def test_upstream_without_ids_killed_gives_a_clear_end(
 async def test_standalone_get_stream_survives_upstream_restart(
     sidecar_factory: SidecarFactory, procs: ProcessPool, http: aiohttp.ClientSession
 ) -> None:
-    port = free_port()
-    argv = python_module("tests.support.numbered_upstream", "--port", port, "--interval-ms", 5)
-    upstream = await procs.start(argv, name="numbered", ready_port=port)
-    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
-    base = f"http://127.0.0.1:{sidecar.port}"
-    sid = await initialize(http, base)
-    got: list[Received] = []
+    upstream, port, _, base, sid = await through_numbered_upstream(
+        procs, sidecar_factory, http, "--interval-ms", 5
+    )
     async with http.get(
         base + MCP, headers={**HEADERS, "Mcp-Session-Id": sid, "Accept": "text/event-stream"}
     ) as resp:
-        async for ev in events(resp):
-            got.append(ev)
-            if len(got) == 15:
-                upstream.kill()
-                await upstream.wait_exit()
-                await upstream.start(ready_port=port)
-            if len(got) == 40:
-                break
+        got = await read_killing_upstream(resp, upstream, kill_at=15, restart_port=port, stop_at=40)
     numbers = [e.json()["params"]["data"]["k"] for e in got]
     assert numbers == list(range(1, 41))
 
@@ -521,26 +534,13 @@ async def test_standalone_stream_without_ids_is_reopened_afresh(
 ) -> None:
     """An upstream whose GET stream carries no ids cannot be resumed, but it can be opened
     again, as a client would: the client's connection stays and events keep coming."""
-    port = free_port()
-    argv = python_module(
-        "tests.support.numbered_upstream", "--port", port, "--interval-ms", 5, "--no-ids"
+    upstream, port, _, base, sid = await through_numbered_upstream(
+        procs, sidecar_factory, http, "--interval-ms", 5, "--no-ids"
     )
-    upstream = await procs.start(argv, name="numbered", ready_port=port)
-    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
-    base = f"http://127.0.0.1:{sidecar.port}"
-    sid = await initialize(http, base)
-    got: list[Received] = []
     async with http.get(
         base + MCP, headers={**HEADERS, "Mcp-Session-Id": sid, "Accept": SSE}
     ) as resp:
-        async for ev in events(resp):
-            got.append(ev)
-            if len(got) == 10:
-                upstream.kill()
-                await upstream.wait_exit()
-                await upstream.start(ready_port=port)
-            if len(got) == 25:
-                break
+        got = await read_killing_upstream(resp, upstream, kill_at=10, restart_port=port, stop_at=25)
     numbers = [e.json()["params"]["data"]["k"] for e in got]
     assert numbers[:10] == list(range(1, 11))
     assert numbers[10] == 1  # a new upstream stream: it starts over
