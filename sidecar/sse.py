@@ -317,21 +317,20 @@ class SSEParser:
             # Fast path: no block can be too large, and one decode call for all blocks is
             # cheaper than one per block. A decode error sends us to the exact path, which
             # finds the bad block and keeps the events before it.
-            ascii_only = region.isascii()  # valid UTF-8 already: no str needed for a run
-            if runs and ascii_only:
-                run = self._as_run(region)
-                if run is not None:
-                    return [run]
+            # ASCII is valid UTF-8 already: a run needs no str of it, so decode only to check
+            # other bytes, or for the event path.
+            text = None
             try:
-                text = region.decode("utf-8")
+                if not region.isascii():
+                    text = region.decode("utf-8")
             except UnicodeDecodeError:
                 pass
             else:
-                if runs and not ascii_only:
+                if runs:
                     run = self._as_run(region)
                     if run is not None:
                         return [run]
-                return self._parse_text(text)
+                return self._parse_text(text if text is not None else region.decode("ascii"))
         out: list[Item] = []
         for raw in region.split(b"\n\n"):
             block = raw.strip(b"\n")
