@@ -335,14 +335,7 @@ class Proxy:
             return True
         if sess.credential_fingerprint == presented:
             return True
-        log.warning(
-            "%s %s: session %s refused to another credential",
-            request.method,
-            request.path,
-            sess.session_id,
-        )
-        self.metrics.refused.labels("credential").inc()
-        return False
+        return self._refuse_credential(request, f"session {sess.session_id}")
 
     def _legacy_credential_matches(self, request: web.Request, stream: LiveStream) -> bool:
         """A legacy stream belongs to the credential of the GET /sse that opened it."""
@@ -350,12 +343,11 @@ class Proxy:
             return True
         if stream.credential_fingerprint == fingerprint(request.headers.get("Authorization")):
             return True
-        log.warning(
-            "%s %s: legacy session %s refused to another credential",
-            request.method,
-            request.path,
-            stream.legacy_session,
-        )
+        return self._refuse_credential(request, f"legacy session {stream.legacy_session}")
+
+    def _refuse_credential(self, request: web.Request, what: str) -> bool:
+        """Log and count a request refused for presenting another credential; False."""
+        log.warning("%s %s: %s refused to another credential", request.method, request.path, what)
         self.metrics.refused.labels("credential").inc()
         return False
 
