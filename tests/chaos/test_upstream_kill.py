@@ -32,9 +32,57 @@ from tests.support.chaos import (
     results_of,
     start_count_stream,
 )
-from tests.support.procs import ProcessPool, free_port, python_module
+from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
+from tests.support.sse_client import Received
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(30)]
+
+
+async def _kill_mid_request_then_call_again(
+    http: aiohttp.ClientSession,
+    url: str,
+    *,
+    headers: dict[str, str],
+    server: ManagedProcess,
+    port: int,
+    metrics: Any,
+    first_call: dict[str, Any],
+    second_call: dict[str, Any],
+) -> tuple[list[Received], list[Received], int, float]:
+    """Send `first_call`, SIGKILL `server` after 10 of its events, restart it on `port`, then
+    send `second_call` on the same session. Returns each call's events, how many events the
+    sidecar read from the upstream for the first one, and the seconds from the server
+    listening again to the second call's first event (recover_s)."""
+    client = StreamConsumer()
+    # The upstream may answer other requests as SSE too: count only this stream's events.
+    events_before = int(metrics.events_in._value.get())
+    client.start(lambda: http.post(url, json=first_call, headers=headers))
+    try:
+        await client.wait_count(10)
+        server.kill()
+        await client.finished()
+        sent_before_death = int(metrics.events_in._value.get()) - events_before
+        await server.wait_exit()
+        await server.start(ready_port=port)
+        healed = time.monotonic()
+        first = list(client.received)
+        # The session goes on: the next request on it is served in full.
+        client.start(lambda: http.post(url, json=second_call, headers=headers))
+        await client.finished()
+    finally:
+        await client.aclose()
+    recover_s = client.arrival[len(first)] - healed
+    return first, client.received[len(first) :], sent_before_death, recover_s
+
+
+async def _assert_each_persisted(
+    parts: tuple[list[Received], ...], address: str, sid: str, watcher: PositionWatcher
+) -> None:
+    """The store holds each call's stream at that stream's last event."""
+    for part in parts:
+        last = EventId.parse(part[-1].id or "")
+        assert last is not None
+        await poll_persisted(address, sid, last, watcher=watcher)
 
 
 async def test_upstream_killed_and_restarted_with_event_store(
@@ -99,30 +147,16 @@ async def test_upstream_killed_without_event_store(
     async with PositionWatcher(control_plane.address) as watcher:
         sid = await initialize(http, base)
         headers = {**HEADERS, "Mcp-Session-Id": sid}
-        client = StreamConsumer()
-        events_before = int(metrics.events_in._value.get())
-        client.start(
-            lambda: http.post(base + MCP, json=count_call(100, interval_ms=5), headers=headers)
+        first, second, sent_before_death, recover = await _kill_mid_request_then_call_again(
+            http,
+            base + MCP,
+            headers=headers,
+            server=upstream,
+            port=port,
+            metrics=metrics,
+            first_call=count_call(100, interval_ms=5),
+            second_call=count_call(5, interval_ms=1, rid=8),
         )
-        try:
-            await client.wait_count(10)
-            upstream.kill()
-            await client.finished()
-            sent_before_death = int(metrics.events_in._value.get()) - events_before
-            await upstream.wait_exit()
-            await upstream.start(ready_port=port)
-            healed = time.monotonic()
-            first = list(client.received)
-            # The session goes on: the next request on it is served in full.
-            client.start(
-                lambda: http.post(
-                    base + MCP, json=count_call(5, interval_ms=1, rid=8), headers=headers
-                )
-            )
-            await client.finished()
-        finally:
-            await client.aclose()
-        second = client.received[len(first) :]
 
         progress = progress_of(first)
         assert progress == list(range(1, len(progress) + 1)), "gap or repeat before the error"
@@ -133,14 +167,10 @@ async def test_upstream_killed_without_event_store(
         assert first[-1].json() == error, "the error is not the stream's last event"
         assert_sidecar_ids_in_order(first)
         assert_exactly_once(second, n=5)
-        for part in (first, second):
-            last = EventId.parse(part[-1].id or "")
-            assert last is not None
-            await poll_persisted(control_plane.address, sid, last, watcher=watcher)
+        await _assert_each_persisted((first, second), control_plane.address, sid, watcher)
         watcher.assert_never_backwards()
 
     dups = len(progress) - len(set(progress))
-    recover = client.arrival[len(first)] - healed
     chaos_table.add(
         ChaosRow(
             "upstream SIGKILL+restart, no event store",
@@ -195,24 +225,16 @@ async def test_sdk_server_without_event_store_killed_mid_stream(
         initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
         async with http.post(base + MCP, json=initialized, headers=headers) as resp:
             assert resp.status == 202, await resp.text()
-        client = StreamConsumer()
-        # The SDK answers every request as SSE: count only this stream's events.
-        events_before = int(metrics.events_in._value.get())
-        client.start(lambda: http.post(base + MCP, json=_sdk_call(7, 60, 20), headers=headers))
-        try:
-            await client.wait_count(10)
-            server.kill()
-            await client.finished()
-            sent_before_death = int(metrics.events_in._value.get()) - events_before
-            await server.wait_exit()
-            await server.start(ready_port=port)
-            healed = time.monotonic()
-            first = list(client.received)
-            client.start(lambda: http.post(base + MCP, json=_sdk_call(8, 5, 5), headers=headers))
-            await client.finished()
-        finally:
-            await client.aclose()
-        second = client.received[len(first) :]
+        first, second, sent_before_death, recover = await _kill_mid_request_then_call_again(
+            http,
+            base + MCP,
+            headers=headers,
+            server=server,
+            port=port,
+            metrics=metrics,
+            first_call=_sdk_call(7, 60, 20),
+            second_call=_sdk_call(8, 5, 5),
+        )
 
         progress = progress_of(first)
         assert progress == list(range(1, len(progress) + 1)), "gap or repeat before the error"
@@ -225,10 +247,7 @@ async def test_sdk_server_without_event_store_killed_mid_stream(
         (result,) = results_of(second)
         assert result["result"]["content"][0]["text"] == "counted 5"
         assert metrics.reinitializations._value.get() >= 1
-        for part in (first, second):
-            last = EventId.parse(part[-1].id or "")
-            assert last is not None
-            await poll_persisted(control_plane.address, sid, last, watcher=watcher)
+        await _assert_each_persisted((first, second), control_plane.address, sid, watcher)
         watcher.assert_never_backwards()
 
     d = delivery(first, sent=sent_before_death + 1)
@@ -239,7 +258,7 @@ async def test_sdk_server_without_event_store_killed_mid_stream(
             len(progress),
             d.lost,
             d.duplicated,
-            client.arrival[len(first)] - healed,
+            recover,
             note="open request gets an error; session re-initialized",
         )
     )
