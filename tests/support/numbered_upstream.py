@@ -510,13 +510,7 @@ def parse_sse(body: bytes) -> list[RawEvent]:
     events: list[RawEvent] = []
     block: list[bytes] = []
     for line in body.replace(b"\r\n", b"\n").split(b"\n"):
-        if line.startswith(b":"):
-            continue  # a comment, such as a keep-alive ping
-        if line:
-            block.append(line)
-        elif block:
-            events.append(_event_from_lines(block))
-            block = []
+        _add_line(line, block, events)
     return events
 
 
@@ -528,15 +522,19 @@ async def read_sse(response: ClientResponse, max_events: int | None = None) -> l
         line = await response.content.readline()
         if not line:
             break
-        line = line.rstrip(b"\n").rstrip(b"\r")
-        if line.startswith(b":"):
-            continue  # a comment, such as a keep-alive ping
-        if line:
-            block.append(line)
-        elif block:
-            events.append(_event_from_lines(block))
-            block = []
+        _add_line(line.rstrip(b"\n").rstrip(b"\r"), block, events)
     return events
+
+
+def _add_line(line: bytes, block: list[bytes], events: list[RawEvent]) -> None:
+    """One line (without its ending) into the event being read; a blank line ends it."""
+    if line.startswith(b":"):
+        return  # a comment, such as a keep-alive ping
+    if line:
+        block.append(line)
+    elif block:
+        events.append(_event_from_lines(block))
+        block.clear()
 
 
 def _event_from_lines(lines: list[bytes]) -> RawEvent:
