@@ -184,19 +184,6 @@ async def test_upstream_killed_without_event_store(
     )
 
 
-def _sdk_call(rid: int, n: int, interval_ms: int) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": rid,
-        "method": "tools/call",
-        "params": {
-            "name": "count",
-            "arguments": {"n": n, "interval_ms": interval_ms},
-            "_meta": {"progressToken": f"tok-{rid}"},
-        },
-    }
-
-
 async def test_sdk_server_without_event_store_killed_mid_stream(
     procs: ProcessPool,
     sidecar_factory: SidecarFactory,
@@ -232,8 +219,8 @@ async def test_sdk_server_without_event_store_killed_mid_stream(
             server=server,
             port=port,
             metrics=metrics,
-            first_call=_sdk_call(7, 60, 20),
-            second_call=_sdk_call(8, 5, 5),
+            first_call=count_call(60, interval_ms=20, rid=7, token="tok-7"),
+            second_call=count_call(5, interval_ms=5, rid=8, token="tok-8"),
         )
 
         progress = progress_of(first)

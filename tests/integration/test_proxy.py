@@ -29,7 +29,7 @@ HEADERS = {
 }
 
 
-def count_call(n: int, *, interval_ms: int = 2, rid: int = 7) -> dict[str, Any]:
+def count_call(n: int, *, interval_ms: int = 2, rid: int = 7, token: str = "tok") -> dict[str, Any]:
     return {
         "jsonrpc": "2.0",
         "id": rid,
@@ -37,7 +37,7 @@ def count_call(n: int, *, interval_ms: int = 2, rid: int = 7) -> dict[str, Any]:
         "params": {
             "name": "count",
             "arguments": {"n": n, "interval_ms": interval_ms},
-            "_meta": {"progressToken": "tok"},
+            "_meta": {"progressToken": token},
         },
     }
 
