@@ -45,7 +45,11 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             report_interval=args.report_interval,
             control_plane_security=client_security(args),
             allowed_origins=tuple(args.allowed_origin),
+            allowed_hosts=tuple(args.allowed_host),
+            trusted_proxies=tuple(args.trusted_proxy),
             max_streams=args.max_streams,
+            max_upstream_requests=args.max_upstream_requests,
+            upstream_response_timeout=args.upstream_response_timeout,
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
@@ -99,7 +103,37 @@ def add_sidecar_parser(sub: Any) -> None:
         help="browser origin allowed to call (repeatable; https://host[:port], http://host:*, "
         "or *); default: loopback origins only",
     )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="Host header the proxied port answers (repeatable; name, name:port, *.domain, or "
+        "*); loopback names and the listen address are always allowed; others get 421",
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="peer whose X-Forwarded-* headers are passed on (repeatable); anyone else's are "
+        "replaced by what the sidecar saw",
+    )
     p.add_argument("--max-streams", type=int, default=10_000, help="concurrent SSE responses")
+    p.add_argument(
+        "--max-upstream-requests",
+        type=int,
+        default=1000,
+        help="requests waiting for the upstream's response headers at once; more get 503",
+    )
+    p.add_argument(
+        "--upstream-response-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="longest wait for the upstream's response headers, then 504 (a JSON answer to a "
+        "tool call comes whole, so this also bounds a tool call in JSON mode; default 300)",
+    )
     p.add_argument(
         "--no-session-binding",
         dest="session_binding",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from sidecar.guard import OriginPolicy
+from sidecar.guard import HostPolicy, OriginPolicy, TrustedProxies
 from sidecar.reconnect import ReconnectConfig
 from sidecar.tracker import TrackerLimits
 from tether.grpc_security import ClientSecurity
@@ -68,6 +68,16 @@ class SidecarConfig:
     Empty: loopback origins only. Requests without an Origin header are not browsers."""
     session_binding: bool = True
     """Refuse a session to any credential but the one that created it."""
+    allowed_hosts: tuple[str, ...] = ()
+    """`Host` values the proxied port answers (besides loopback names and the listen address):
+    `name`, `name:port`, `*.domain`, `*`. Others get 421 (DNS rebinding defence)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Peers (CIDRs) whose `X-Forwarded-*` headers are passed on; anyone else's are replaced."""
+    upstream_response_timeout: float = 300.0
+    """Longest wait for the upstream's response headers (a JSON answer to a slow tool call
+    arrives whole, so this bounds a tool call's run time in JSON mode); then 504."""
+    max_upstream_requests: int = 1000
+    """Requests waiting for the upstream's response headers at once; more are answered 503."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.upstream)
@@ -77,12 +87,16 @@ class SidecarConfig:
             raise ConfigError("--upstream: the base URL must not have a query or fragment")
         try:
             OriginPolicy(self.allowed_origins)
+            HostPolicy(self.allowed_hosts, listen_host=self.listen_host)
+            TrustedProxies(self.trusted_proxies)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if self.client_retry_ms is not None and not 0 <= self.client_retry_ms <= 3_600_000:
             raise ConfigError("client_retry_ms must be between 0 and 3600000")
         if self.max_streams < 1:
             raise ConfigError("max_streams must be at least 1")
+        if self.max_upstream_requests < 1:
+            raise ConfigError("max_upstream_requests must be at least 1")
         for name in ("max_event_bytes", "max_request_body_bytes"):
             if getattr(self, name) < 1024:
                 raise ConfigError(f"{name} must be at least 1024 bytes")
@@ -95,6 +109,7 @@ class SidecarConfig:
             "report_interval",
             "orphan_timeout",
             "stream_linger",
+            "upstream_response_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

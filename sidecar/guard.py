@@ -1,8 +1,13 @@
-"""Who may use the proxied port: browser origins, and which credential owns a session.
+"""Who may use the proxied port: host names, browser origins, forwarding peers, and which
+credential owns a session.
 
-Pure functions and a small policy class, no I/O: the proxy applies them at its edge.
+Pure functions and small policy classes, no I/O: the admission stage applies them.
+- Host (DNS rebinding): the sidecar sets `Host` anew for the upstream, which defeats the
+  upstream's own Host check (the MCP SDKs' rebinding defence), so the sidecar checks the
+  client's `Host` against an allow-list itself.
 - Origin (MCP specification, Streamable HTTP security): a browser request whose `Origin` is not
   allowed is refused, which defeats DNS rebinding against a server on a private address.
+- Trusted proxies: only peers in these networks may set `X-Forwarded-*` for the upstream.
 - Session binding: a session remembers the SHA-256 of the `Authorization` header that created
   it (never the header); any other credential is told the session does not exist.
 """
@@ -10,8 +15,12 @@ Pure functions and a small policy class, no I/O: the proxy applies them at its e
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Sequence
 from urllib.parse import urlsplit
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_UNSPECIFIED = frozenset({"", "0.0.0.0", "::"})
 
 LOOPBACK_ORIGINS = (
     "http://localhost:*",
@@ -75,3 +84,82 @@ class OriginPolicy:
             return False
         scheme, host, _ = parsed
         return parsed in self._allowed or (scheme, host, "*") in self._allowed
+
+
+def _split_host(value: str) -> tuple[str, str] | None:
+    """(host, port or "") of a Host header or allow-list entry, lower-cased, without a
+    trailing dot or IPv6 brackets; None if malformed."""
+    value = value.strip().lower()
+    if not value:
+        return None
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    elif value.count(":") > 1:
+        host, port = value, ""  # a bare IPv6 address (allow-list entries only)
+    else:
+        host, _, port = value.partition(":")
+    if port and not (port.isdigit() or port == "*"):
+        return None
+    host = host.rstrip(".")
+    return (host, "" if port == "*" else port) if host else None
+
+
+class HostPolicy:
+    """Allow-list of `Host` header values: `name` or `name:*` (any port), `name:port`,
+    `*.domain` (any sub-domain), or `*` (everything). The loopback names and the listen
+    address (unless it is a wildcard address) are always allowed."""
+
+    def __init__(self, patterns: Sequence[str], *, listen_host: str = "") -> None:
+        self.allow_all = "*" in patterns
+        self._names: set[str] = set()
+        self._exact: set[tuple[str, str]] = set()
+        self._suffixes: list[str] = []
+        defaults = [*LOOPBACK_HOSTS] + ([] if listen_host in _UNSPECIFIED else [listen_host])
+        for p in [*defaults, *patterns]:
+            if p == "*":
+                continue
+            parsed = _split_host(p)
+            if parsed is None:
+                raise ValueError(f"--allowed-host: {p!r} is not a host name like host[:port]")
+            host, port = parsed
+            if host.startswith("*."):
+                self._suffixes.append(host[1:])
+            elif port:
+                self._exact.add((host, port))
+            else:
+                self._names.add(host)
+
+    def allows(self, host_header: str | None) -> bool:
+        if self.allow_all:
+            return True
+        parsed = _split_host(host_header or "")
+        if parsed is None:
+            return False
+        host, port = parsed
+        return (
+            host in self._names
+            or (host, port) in self._exact
+            or any(host.endswith(s) for s in self._suffixes)
+        )
+
+
+class TrustedProxies:
+    """Networks whose peers may set `X-Forwarded-*` (CIDRs or single addresses)."""
+
+    def __init__(self, networks: Sequence[str]) -> None:
+        try:
+            self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        except ValueError as exc:
+            raise ValueError(f"--trusted-proxy: {exc}") from exc
+
+    def trusts(self, peer: str | None) -> bool:
+        if not self._networks or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in n for n in self._networks)

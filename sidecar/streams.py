@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from multidict import CIMultiDict
 
+from sidecar.jsonrpc import RequestId
+from sidecar.reconnect import ReconnectConfig
+from sidecar.stream_core import Rewrite, StreamCore
 from sidecar.tracker import StreamKind, StreamTracker, TrackerLimits, new_stream_id
 from tether.model import StreamId, StreamPosition
 
@@ -50,10 +53,10 @@ class Signal:
 
 @dataclass(eq=False)
 class LiveStream:
-    """One client-facing SSE stream and the upstream connection(s) feeding it."""
+    """One client-facing SSE stream: its `StreamCore` plus the asyncio state around it
+    (wake-ups, the pump task, attached clients)."""
 
-    tracker: StreamTracker
-    kind: StreamKind
+    core: StreamCore
     session_id: str | None
     upstream_path: str
     """Path and query the stream came from; reconnects GET this (Streamable HTTP: the endpoint)."""
@@ -61,11 +64,6 @@ class LiveStream:
     """Request headers to reuse for reconnects (session, auth, protocol version)."""
     response_headers: CIMultiDict[str]
     """Headers for client responses of this stream (content type, session id...)."""
-    pending_request_ids: set[Any] = field(default_factory=set)
-    """JSON-RPC ids of a POST's requests not yet answered on this stream."""
-    expects_responses: bool = False
-    """The POST's request ids are known, so completion is "every id answered"."""
-    complete: bool = False
     legacy_session: str | None = None
     """The upstream's session name in a legacy `endpoint` URL."""
     credential_fingerprint: str | None = None
@@ -74,57 +72,56 @@ class LiveStream:
     """Notified when events arrive or the stream ends (writers wait on it)."""
     room: Signal = field(default_factory=Signal)
     """Notified when a writer sent more (a paused pump waits on it)."""
-    sent_seq: int = 0
-    """The furthest any client writer got; the pump never runs too far ahead of it."""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set when the stream ends; cleared if a returning client revives it."""
-    ended: bool = False
-    end_reason: str = ""
+    """Set when the stream leaves OPEN; cleared if a returning client revives it."""
     clients: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     pump: asyncio.Task[None] | None = None
 
     @property
+    def tracker(self) -> StreamTracker:
+        return self.core.tracker
+
+    @property
+    def kind(self) -> StreamKind:
+        return self.core.kind
+
+    @property
     def stream_id(self) -> StreamId:
-        return self.tracker.stream_id
+        return self.core.tracker.stream_id
+
+    @property
+    def ended(self) -> bool:
+        return self.core.ended
 
     def publish(self) -> None:
         """New events are in the tracker: wake the client writers."""
         self.signal.notify()
 
     def end(self, reason: str) -> None:
-        """No more events will come; writers drain the buffer and close."""
-        if not self.ended:
-            self.ended = True
-            self.end_reason = reason
+        """Stop the stream from outside; writers drain the buffer and close."""
+        self.core.stop(reason)
+        self.settle()
+
+    def settle(self) -> None:
+        """After the core left OPEN: mark the stream finished and wake everyone."""
+        if self.core.ended and not self.finished.is_set():
             self.idle_since = time.monotonic()
             self.finished.set()
             self.signal.notify()
+            self.room.notify()
+
+    def revive(self) -> bool:
+        """A client is back for a failed or stopped stream; True if it is OPEN again."""
+        if not self.core.revive():
+            return False
+        self.finished.clear()
+        return True
 
     def sent(self, seq: int) -> None:
         """A writer handed events up to `seq` to its client: the pump may read on."""
-        if seq > self.sent_seq:
-            self.sent_seq = seq
+        if self.core.sent(seq):
             self.room.notify()
-
-    def backlogged(self) -> bool:
-        """Too much is unsent: pause reading the upstream (TCP backpressure to the server)
-        instead of evicting events no client has been sent. Half the buffer stays free as
-        slack for events written to a connection that then broke."""
-        seq_mark, bytes_mark = self.backlog_marks()
-        return self.tracker.seq >= seq_mark or self.tracker.total_bytes >= bytes_mark
-
-    def backlog_marks(self) -> tuple[int, int]:
-        """(seq, total bytes) past which `backlogged()` may be true: the pump compares two
-        ints per event and calls the exact check only when one is crossed. `sent_seq` only
-        grows, so marks computed earlier are conservative."""
-        tracker = self.tracker
-        limits = tracker.limits
-        sent_total = tracker.total_bytes - tracker.unsent_bytes(self.sent_seq)
-        return (
-            self.sent_seq + max(1, limits.replay_max_events // 2),
-            sent_total + max(1, limits.replay_max_bytes // 2),
-        )
 
     def attach(self) -> None:
         self.clients += 1
@@ -162,8 +159,12 @@ class Session:
 class Registry:
     """All sessions and streams of this sidecar, with the janitor rules that bound them."""
 
-    def __init__(self, limits: TrackerLimits) -> None:
+    def __init__(
+        self, limits: TrackerLimits, *, reconnect: ReconnectConfig, max_event_bytes: int
+    ) -> None:
         self.limits = limits
+        self.reconnect = reconnect
+        self.max_event_bytes = max_event_bytes
         self.sessions: dict[str, Session] = {}
         self.streams: dict[StreamId, LiveStream] = {}
         self.legacy_sessions: dict[str, LiveStream] = {}
@@ -186,6 +187,8 @@ class Registry:
         upstream_headers: CIMultiDict[str],
         response_headers: CIMultiDict[str],
         tracker: StreamTracker | None = None,
+        request_ids: Iterable[RequestId] = (),
+        rewrite: Rewrite | None = None,
     ) -> LiveStream:
         """Register a stream; a fresh id is minted unless an (adopted) tracker is given."""
         if tracker is None:
@@ -195,9 +198,16 @@ class Registry:
             sess = self.sessions.get(session_id) if session_id is not None else None
             epoch = sess.owner_epoch if sess is not None else 1
             tracker = StreamTracker(stream_id, limits=self.limits, epoch=epoch)
+        core = StreamCore(
+            tracker,
+            kind,
+            reconnect=self.reconnect,
+            max_event_bytes=self.max_event_bytes,
+            request_ids=request_ids,
+            rewrite=rewrite,
+        )
         stream = LiveStream(
-            tracker=tracker,
-            kind=kind,
+            core=core,
             session_id=session_id,
             upstream_path=upstream_path,
             upstream_headers=upstream_headers,

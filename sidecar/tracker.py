@@ -16,6 +16,10 @@ The sidecar, not the upstream, names the events a client sees. Invariants:
 5. The replay buffer holds the newest delivered events within `replay_max_events` and
    `replay_max_bytes` (the newest one always, even if larger); an id index (seq -> upstream
    cursor) reaches further back so an older resume can still be served through the upstream.
+6. Every upstream id the tracker accepts round-trips: `EventId.parse(str(id))` gives it back
+   exactly, and it is a valid `Last-Event-ID` header value for the upstream. An id that could
+   not (over `MAX_UPSTREAM_ID_BYTES`, a control character, a space at either end) is refused:
+   `accept_run` stops at it and says why, and the stream fails with that reason.
 
 Pure: fed parsed events, returns bytes to write; no I/O, no clock.
 """
@@ -36,9 +40,34 @@ from operator import not_
 from sidecar.sse import NOTIFICATION_DATA, SSEError, SSEEvent, SSERun, encode_event
 from tether.model import StreamId
 
+MAX_UPSTREAM_ID_BYTES = 2048
+"""Longest upstream event id (UTF-8 bytes) the tracker accepts. Encoded into our id it stays far
+below the 8 KiB header limits of common HTTP stacks (aiohttp, Node, nginx)."""
+
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,4096}$")
-_CURSOR_MAX = 2048
+_BASE64URL = re.compile(rf"^[A-Za-z0-9_-]{{1,{-(-MAX_UPSTREAM_ID_BYTES * 4 // 3)}}}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def unusable_upstream_id(upstream_id: str) -> str | None:
+    """Why an upstream id cannot be carried in our ids and sent back as `Last-Event-ID`;
+    None when it can. HTTP forbids control characters in header values (aiohttp refuses to
+    send them) and receivers strip spaces at either end, so such an id would not come back."""
+    if (
+        upstream_id.isprintable()
+        and len(upstream_id) <= MAX_UPSTREAM_ID_BYTES // 4
+        and upstream_id[:1] != " "
+        and upstream_id[-1:] != " "
+    ):
+        return None  # the common case, decided by C checks alone
+    size = len(upstream_id.encode())
+    if size > MAX_UPSTREAM_ID_BYTES:
+        return f"upstream event id of {size} bytes exceeds {MAX_UPSTREAM_ID_BYTES}"
+    if _CONTROL.search(upstream_id):
+        return f"upstream event id {upstream_id[:64]!r} contains a control character"
+    if upstream_id != upstream_id.strip(" "):
+        return f"upstream event id {upstream_id[:64]!r} starts or ends with a space"
+    return None
 
 
 class StreamKind(Enum):
@@ -74,15 +103,18 @@ def encode_cursor(cursor: str) -> str:
 
 
 def _decode_cursor(text: str) -> str | None:
+    """The upstream cursor in one of our ids; None unless `encode_cursor` could have made it
+    from an id the tracker accepts (so what a client sends back is as safe as what we sent)."""
     if not text.startswith("~"):
         ok = text.isascii() and text.isprintable() and text.strip() == text
-        return text if ok and len(text) <= _CURSOR_MAX else None
+        return text if ok and len(text) <= MAX_UPSTREAM_ID_BYTES else None
     if not _BASE64URL.match(text[1:]):
         return None
     try:
-        return base64.urlsafe_b64decode(text[1:] + "=" * (-(len(text) - 1) % 4)).decode()
+        decoded = base64.urlsafe_b64decode(text[1:] + "=" * (-(len(text) - 1) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
+    return decoded if decoded and unusable_upstream_id(decoded) is None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,21 +297,24 @@ class StreamTracker:
         seq_mark: int,
         bytes_mark: int,
         watch_answers: bool,
-    ) -> tuple[int, int, list[str]]:
-        """Accept `items[start:]` in one call (the pump's per-event loop, here so that the
-        compiled build runs it in C). Stops at the end, at an SSEError (left unconsumed), or
-        once `seq >= seq_mark` or `total_bytes >= bytes_mark` (the caller checks
-        backpressure). Returns (index of the first item not consumed, events delivered, data
-        of delivered events that may be JSON-RPC answers, collected when `watch_answers`).
+    ) -> tuple[int, int, list[str], str | None]:
+        """Accept `items[start:]` in one call (the relay's per-event loop, here so that the
+        compiled build runs it in C). Stops at the end, at an SSEError or an event whose
+        upstream id is unusable (either left unconsumed), or once `seq >= seq_mark` or
+        `total_bytes >= bytes_mark` (the caller checks backpressure). Returns (index of the
+        first item not consumed, events delivered, data of delivered events that may be
+        JSON-RPC answers, collected when `watch_answers`, why the item at the index is
+        refused or None).
 
         An `SSERun` may be taken in part (at a mark): its `start` moves on and the returned
         index stays on it. One the bulk path cannot take (a duplicate id, a cursor that needs
-        encoding) is replaced in `items` by its events, which then go one by one."""
+        encoding) is replaced in `items` by its events, which then go one by one: `items`
+        grows, so callers must compare the index with `len(items)`, never with a length
+        taken before the call."""
         delivered = 0
         answers: list[str] = []
         i = start
-        end = len(items)
-        while i < end:
+        while i < len(items):
             item = items[i]
             if isinstance(item, SSEError):
                 break
@@ -287,7 +322,6 @@ class StreamTracker:
                 got = self._accept_bulk(item, seq_mark, bytes_mark, watch_answers, answers)
                 if got < 0:
                     items[i : i + 1] = item.events()
-                    end = len(items)
                     continue
                 delivered += got
                 if len(item) == 0:
@@ -295,6 +329,11 @@ class StreamTracker:
                 if self.seq >= seq_mark or self._total_bytes >= bytes_mark:
                     break
                 continue
+            upstream_id = item.id
+            if upstream_id:
+                refused = unusable_upstream_id(upstream_id)
+                if refused is not None:
+                    return i, delivered, answers, refused
             i += 1
             data = item.data
             if not data:
@@ -306,7 +345,7 @@ class StreamTracker:
                 answers.append(data)
             if self.seq >= seq_mark or self._total_bytes >= bytes_mark:
                 break
-        return i, delivered, answers
+        return i, delivered, answers, None
 
     def _accept_bulk(
         self,
@@ -341,6 +380,8 @@ class StreamTracker:
                 and "\n~" not in joined
             ):
                 return -1
+            if max(map(len, taken)) > MAX_UPSTREAM_ID_BYTES:
+                return -1  # refused on the event path, with the reason
             seen = self._seen
             if not seen.isdisjoint(taken) or len(set(taken)) != k:
                 return -1  # a duplicate: dropped (and counted) on the event path

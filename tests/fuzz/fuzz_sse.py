@@ -7,20 +7,24 @@ Properties checked on every input, fed in fuzzer-chosen chunks:
 - the SSE parser never raises; it returns events and at most one trailing SSEError, after
   which it stays closed; its pending buffer stays within the event size limit;
 - chunking does not change the result;
-- the bulk path (`feed_runs`, runs through the tracker) delivers exactly what the event path
-  does: the same events, and the same client-facing bytes out of the tracker;
+- the bulk path (runs) relays exactly what the event path does, through the stream core the
+  pump uses, with a client that reads at every pause: the same bytes written, the same end,
+  state, cursor and duplicate drops;
 - client-facing event ids either parse or are refused, never raise, and round-trip.
 """
 
 from __future__ import annotations
 
+import random
 import sys
 
 import atheris
 
 with atheris.instrument_imports():
-    from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun
-    from sidecar.tracker import EventId, StreamTracker, TrackerLimits
+    from sidecar.reconnect import Outcome, ReconnectConfig
+    from sidecar.sse import SSEError, SSEEvent, SSEParser
+    from sidecar.stream_core import Send, StreamCore
+    from sidecar.tracker import EventId, StreamKind, StreamTracker, TrackerLimits
     from tether.model import StreamId
 
 LIMIT = 4096
@@ -42,30 +46,44 @@ def parse(data: bytes, cuts: list[int]) -> list[SSEEvent | SSEError]:
     return out
 
 
-def relay(data: bytes, cuts: list[int], runs: bool) -> tuple[list[SSEEvent | SSEError], bytes]:
-    """Parse (expanding runs) and relay through a tracker, as the pump does."""
-    parser = SSEParser(max_event_bytes=LIMIT)
+def relay(data: bytes, cuts: list[int], bulk: bool) -> tuple[object, ...]:
+    """Relay the chunks through a `StreamCore`, as the pump does (the same calls), with a
+    client that reads at every pause; returns everything observable."""
     tracker = StreamTracker(
         StreamId("p0"),
-        limits=TrackerLimits(dedup_window=8, replay_max_events=1 << 16, replay_max_bytes=1 << 30),
+        limits=TrackerLimits(dedup_window=8, replay_max_events=64, replay_max_bytes=1 << 14),
     )
-    events: list[SSEEvent | SSEError] = []
+    core = StreamCore(
+        tracker,
+        StreamKind.POST,
+        reconnect=ReconnectConfig(),
+        max_event_bytes=LIMIT,
+        request_ids=(1, 2),
+        rng=random.Random(0),  # the reconnect jitter is part of what is compared
+        bulk=bulk,
+    )
+    core.upstream_opened()
+    written: list[bytes] = []
+    position = 0
+
+    def client_turn() -> None:
+        nonlocal position
+        step = core.next_write(position)
+        if isinstance(step, Send):
+            written.append(step.data)
+            position = step.upto
+            core.sent(position)
+
     start = 0
     for cut in [*sorted(cuts), len(data)]:
-        items: list[SSEEvent | SSEError | SSERun] = (
-            parser.feed_runs(data[start:cut]) if runs else list(parser.feed(data[start:cut]))
-        )
+        step = core.relay(data[start:cut])
         start = cut
-        for item in items:
-            events.extend(item.events() if isinstance(item, SSERun) else [item])
-        i = 0
-        while i < len(items) and not isinstance(items[i], SSEError):
-            i, _, _ = tracker.accept_run(
-                items, i, seq_mark=1 << 40, bytes_mark=1 << 40, watch_answers=True
-            )
-    replay = tracker.events_after(0)
-    assert isinstance(replay, list)
-    return events, b"".join(replay)
+        while step.paused:
+            client_turn()
+            step = core.relay()
+    end = core.upstream_ended(Outcome.CLOSED, now=0.0)
+    client_turn()
+    return b"".join(written), end, core.state, core.reason, core.cursor, tracker.duplicates
 
 
 def test_one_input(raw: bytes) -> None:

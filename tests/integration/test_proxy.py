@@ -343,7 +343,7 @@ async def test_slow_client_gets_backpressure_not_loss(
         body = json.dumps(count_call(n, interval_ms=0)).encode()
         writer.write(
             (
-                f"POST /mcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                 f"Content-Length: {len(body)}\r\n"
                 + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
                 + "\r\n"

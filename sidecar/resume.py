@@ -1,0 +1,149 @@
+"""Resume: a client comes back with `Last-Event-ID` naming an id a Tether sidecar minted.
+
+- A stream this sidecar has: replay from the buffer (or first from the upstream, when the id
+  is older than the buffer), then live; a failed or stopped stream is revived for it.
+- A stream of a session this sidecar adopted from another: a new stream with the same id
+  continues under this sidecar's epoch, its upstream resumed right after the client's own
+  position (the id carries the upstream cursor).
+- Anything else: 410 (unknown or too old) or 404 (another session's, another credential's).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.admission import Admission
+from sidecar.config import SidecarConfig
+from sidecar.headers import SESSION_HEADER, SSE_TYPE, error_response, upstream_request_headers
+from sidecar.metrics import Metrics
+from sidecar.pump import Pump
+from sidecar.streams import LiveStream, Registry, Session
+from sidecar.tracker import EventId, Gap, StreamKind, StreamTracker
+from sidecar.writer import Writer
+
+log = logging.getLogger("tether.sidecar.resume")
+
+
+class Resume:
+    def __init__(
+        self,
+        *,
+        config: SidecarConfig,
+        metrics: Metrics,
+        registry: Registry,
+        admission: Admission,
+        pump: Pump,
+        writer: Writer,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.registry = registry
+        self.admission = admission
+        self.pump = pump
+        self.writer = writer
+
+    async def resume(
+        self, request: web.Request, event_id: EventId, sess: Session | None
+    ) -> web.StreamResponse:
+        stream = self.registry.streams.get(event_id.stream)
+        if stream is None and sess is not None:
+            adopted = self._adopt_stream(request, sess, event_id)
+            if adopted is not None:
+                self.metrics.resumes.inc()
+                return await self.writer.write(
+                    request, adopted, after_seq=event_id.seq, priming=False
+                )
+        if stream is None:
+            log.warning("resume of unknown stream %s refused", event_id.stream)
+            self.metrics.resume_failures.inc()
+            return error_response(
+                410, f"event id {event_id} names a stream this sidecar does not know"
+            )
+        client_session = request.headers.get(SESSION_HEADER)
+        if stream.session_id is not None and client_session != stream.session_id:
+            log.warning("resume of stream %s with the wrong session refused", event_id.stream)
+            return error_response(404, "no such session for that event id")
+        if not self.admission.legacy_credential_matches(request, stream):
+            return error_response(404, "no such session for that event id")
+        tracker = stream.tracker
+        if event_id.epoch != tracker.epoch or event_id.seq > tracker.seq:
+            self.metrics.resume_failures.inc()
+            return error_response(410, f"event id {event_id} is not one this stream delivered")
+        catch_up_cursor: str | None = None
+        if isinstance(tracker.events_after(event_id.seq), Gap):
+            # The client's own id carries its upstream cursor; the index is the fallback.
+            catch_up_cursor = event_id.upstream or tracker.upstream_cursor_at(event_id.seq)
+            if catch_up_cursor is None:
+                log.warning(
+                    "resume of %s refused: older than the replay buffer, and the upstream"
+                    " cannot replay it",
+                    event_id,
+                )
+                self.metrics.resume_failures.inc()
+                return error_response(
+                    410, f"event id {event_id} is older than the replay buffer; start a new stream"
+                )
+        self.metrics.resumes.inc()
+        if (stream.pump is None or stream.pump.done()) and stream.revive():
+            # The pump gave up earlier (e.g. a long outage): a client is back, try again.
+            self.pump.start(stream, None)
+        return await self.writer.write(
+            request,
+            stream,
+            after_seq=event_id.seq,
+            priming=False,
+            catch_up_cursor=catch_up_cursor,
+        )
+
+    def _adopt_stream(
+        self, request: web.Request, sess: Session, event_id: EventId
+    ) -> LiveStream | None:
+        """Take over a stream another sidecar served: resume its upstream right after the
+        client's own position and go on numbering under this sidecar's epoch."""
+        kind = StreamKind.of(event_id.stream)
+        if kind not in (StreamKind.POST, StreamKind.STANDALONE):
+            return None
+        persisted = sess.persisted_streams.get(event_id.stream)
+        if persisted is None:
+            log.warning(
+                "resume of %s refused: session %s has no such stream", event_id, sess.session_id
+            )
+            return None
+        cursor = event_id.upstream
+        if not cursor and persisted.order == event_id.order:
+            cursor = persisted.upstream_event_id
+        if not cursor:
+            log.warning("resume of %s refused: the upstream gave no id to resume from", event_id)
+            return None
+        headers = upstream_request_headers(
+            request, trusted_peer=self.admission.trusts_forwarding(request)
+        )
+        headers[SESSION_HEADER] = sess.upstream_session_id
+        headers["Accept"] = SSE_TYPE
+        tracker = StreamTracker(
+            event_id.stream,
+            limits=self.config.tracker,
+            epoch=max(sess.owner_epoch, event_id.epoch),
+            seq=event_id.seq,
+            last_upstream_event_id=cursor,
+        )
+        stream = self.registry.new_stream(
+            kind=kind,
+            session_id=sess.session_id,
+            upstream_path=request.path_qs,
+            upstream_headers=headers,
+            response_headers=CIMultiDict(
+                {"Content-Type": SSE_TYPE, SESSION_HEADER: sess.session_id}
+            ),
+            tracker=tracker,
+        )
+        if kind is StreamKind.STANDALONE:
+            sess.standalone = stream.stream_id
+        self.pump.start(stream, None, resume_now=True)
+        log.info(
+            "stream %s adopted at %s; resuming the upstream after %r", kind.name, event_id, cursor
+        )
+        return stream

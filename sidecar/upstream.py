@@ -1,0 +1,165 @@
+"""The connection to the MCP server: one aiohttp client, bounded waits, counted requests.
+
+Rules:
+1. Every upstream request waits at most `upstream_response_timeout` for its response headers
+   (then `UpstreamTimeoutError`); reading a body is bounded elsewhere (SSE streams may idle
+   for hours, a dead peer is found by TCP keepalive).
+2. `waiting` counts requests waiting for their response headers; admission refuses new
+   requests past `max_upstream_requests`, so a hung upstream cannot pile up requests.
+3. A client body streams through bounded by `max_request_body_bytes` and is kept (up to that
+   bound) so its JSON-RPC ids, and an `initialize`, can be read once it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.config import SidecarConfig
+from sidecar.headers import LAST_EVENT_ID
+
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+"""What a failed upstream exchange raises (UpstreamTimeoutError is a TimeoutError)."""
+
+
+class BodyTooLargeError(Exception):
+    """The client's request body exceeded the configured limit."""
+
+
+class UpstreamTimeoutError(TimeoutError):
+    """The upstream did not answer with response headers in time (rule 1)."""
+
+
+def keepalive_socket(addr_info: Any, *, dead_after: float) -> socket.socket:
+    """An upstream socket that notices a dead peer on its own.
+
+    The sidecar mostly only reads from the upstream, so a peer that vanished without a reset
+    (a network cut, a pod replaced) would never be noticed. TCP keepalive probes after half of
+    `dead_after` of silence, three probes over the other half, find it; TCP_USER_TIMEOUT bounds
+    unacknowledged sends the same way. A live but idle peer answers the probes."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(dead_after / 2))
+    interval = max(1, int(dead_after / 6))
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", int(dead_after * 1000)),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has them all; others keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return sock
+
+
+class Upstream:
+    """The sidecar's client for its one MCP server."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.base = config.upstream_base
+        self.waiting = 0
+        """Requests waiting for response headers now (rule 2)."""
+        self._client: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        dead_after = self.config.upstream_dead_after
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=0,
+                enable_cleanup_closed=True,
+                socket_factory=lambda info: keepalive_socket(info, dead_after=dead_after),
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.config.connect_timeout, sock_read=None
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        assert self._client is not None, "Upstream.start() not called"
+        return self._client
+
+    @property
+    def full(self) -> bool:
+        return self.waiting >= self.config.max_upstream_requests
+
+    async def request(
+        self,
+        method: str,
+        path_qs: str,
+        *,
+        headers: CIMultiDict[str],
+        data: AsyncIterator[bytes] | bytes | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request; returns once the response headers are in (rule 1)."""
+        timeout = self.config.upstream_response_timeout
+        deadline = asyncio.timeout(timeout)
+        self.waiting += 1
+        try:
+            async with deadline:
+                return await self.client.request(
+                    method, self.base + path_qs, headers=headers, data=data, allow_redirects=False
+                )
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise  # aiohttp's own connect timeout
+            raise UpstreamTimeoutError(
+                f"no response headers within {timeout:g} s (--upstream-response-timeout)"
+            ) from exc
+        finally:
+            self.waiting -= 1
+
+    async def forward(
+        self, request: web.Request, headers: CIMultiDict[str], captured: list[bytes]
+    ) -> aiohttp.ClientResponse:
+        """Forward the client's request, streaming its body (rule 3)."""
+        data: AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            data = self._stream_body(request, captured)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        try:
+            return await self.request(request.method, request.path_qs, headers=headers, data=data)
+        except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, BodyTooLargeError) or isinstance(
+                exc.__context__, BodyTooLargeError
+            ):
+                raise BodyTooLargeError from exc
+            raise
+
+    async def get_stream(
+        self, path_qs: str, headers: CIMultiDict[str], cursor: str
+    ) -> aiohttp.ClientResponse:
+        """GET a stream's path with its session's headers, resuming after `cursor` when there
+        is one (the upstream's own Last-Event-ID)."""
+        h = CIMultiDict(headers)
+        if cursor:
+            h[LAST_EVENT_ID] = cursor
+        return await self.request("GET", path_qs, headers=h)
+
+    async def _stream_body(
+        self, request: web.Request, captured: list[bytes]
+    ) -> AsyncIterator[bytes]:
+        total = 0
+        limit = self.config.max_request_body_bytes
+        async for chunk in request.content.iter_any():
+            total += len(chunk)
+            if total > limit:
+                raise BodyTooLargeError
+            captured.append(chunk)
+            yield chunk

@@ -1,0 +1,164 @@
+"""The client writer: a thin asyncio loop that writes what `StreamCore.next_write` says.
+
+One writer per client connection to a stream. It may start behind the replay buffer (a resume
+with an old id): then the missing events are first fetched again from the upstream and written
+under their original ids (`_catch_up`). A slow client is bounded by `client_write_timeout`;
+one that fell behind the buffer is closed so it resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.config import SidecarConfig
+from sidecar.headers import is_sse
+from sidecar.metrics import Metrics
+from sidecar.sse import SSEError, SSEParser, encode_comment, encode_event
+from sidecar.stream_core import Behind, Close, Send
+from sidecar.streams import LiveStream
+from sidecar.tracker import Gap
+from sidecar.upstream import UPSTREAM_ERRORS, Upstream
+
+log = logging.getLogger("tether.sidecar.writer")
+
+KEEPALIVE = b": keepalive\n\n"
+
+
+class Writer:
+    def __init__(self, *, config: SidecarConfig, metrics: Metrics, upstream: Upstream) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.upstream = upstream
+        self.active = 0
+        """SSE responses being written to clients now (bounded by `max_streams`)."""
+
+    async def write(
+        self,
+        request: web.Request,
+        stream: LiveStream,
+        *,
+        after_seq: int,
+        priming: bool,
+        catch_up_cursor: str | None = None,
+    ) -> web.StreamResponse:
+        """Write the stream's events after `after_seq` to the client, then live ones."""
+        out = web.StreamResponse(status=200, headers=stream.response_headers)
+        out.headers["Cache-Control"] = "no-cache"
+        out.headers["X-Accel-Buffering"] = "no"
+        stream.attach()
+        self.active += 1
+        core = stream.core
+        position = after_seq
+        write_timeout = self.config.client_write_timeout
+        try:
+            await out.prepare(request)
+            if priming:
+                await out.write(core.tracker.priming_event(self.config.client_retry_ms))
+            if catch_up_cursor is not None:
+                caught_up = await self._catch_up(out, stream, position, catch_up_cursor)
+                if caught_up is None:
+                    await out.write(encode_comment("tether: could not replay older events"))
+                    await out.write_eof()
+                    return out
+                position = caught_up
+            while True:
+                step = core.next_write(position)
+                if isinstance(step, Send):
+                    async with asyncio.timeout(write_timeout):
+                        await out.write(step.data)
+                    position = step.upto
+                    stream.sent(position)
+                    self.metrics.events_out.inc(step.count)
+                elif isinstance(step, Close):
+                    if step.comment is not None:
+                        await out.write(step.comment)
+                    break
+                elif isinstance(step, Behind):
+                    log.warning(
+                        "stream %s: client fell behind the replay buffer (at %d, oldest %d);"
+                        " closing it so it resumes",
+                        stream.stream_id,
+                        position,
+                        step.oldest_seq,
+                    )
+                    self.metrics.slow_clients.inc()
+                    break
+                elif not await stream.signal.wait(self.config.heartbeat_interval):
+                    async with asyncio.timeout(write_timeout):
+                        await out.write(KEEPALIVE)
+            await out.write_eof()
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("stream %s: client went away (%s)", stream.stream_id, type(exc).__name__)
+        finally:
+            stream.detach()
+            self.active -= 1
+        return out
+
+    async def _catch_up(
+        self, out: web.StreamResponse, stream: LiveStream, after_seq: int, cursor: str
+    ) -> int | None:
+        """Re-fetch events older than the replay buffer from the upstream and write them with
+        their original client-facing ids; returns the seq where the buffer takes over, or None
+        if the upstream could not supply them."""
+        tracker = stream.tracker
+        try:
+            resp = await self.upstream.get_stream(
+                stream.upstream_path, stream.upstream_headers, cursor
+            )
+        except UPSTREAM_ERRORS as exc:
+            log.warning("stream %s: catch-up request failed: %s", stream.stream_id, exc)
+            return None
+        position = after_seq
+        try:
+            if not is_sse(resp.status, resp.headers.get("Content-Type", "")):
+                log.warning("stream %s: catch-up answered %d", stream.stream_id, resp.status)
+                return None
+            parser = SSEParser(max_event_bytes=self.config.max_event_bytes)
+            async for chunk in resp.content.iter_any():
+                batch: list[bytes] = []
+                for item in parser.feed(chunk):
+                    if isinstance(item, SSEError):
+                        log.warning("stream %s: catch-up: %s", stream.stream_id, item.message)
+                        return None
+                    if not item.data:
+                        continue
+                    if not item.id:
+                        log.warning("stream %s: catch-up event has no id", stream.stream_id)
+                        return None
+                    # Usually the next seq; otherwise look the upstream id up in the index.
+                    seq: int | None = position + 1
+                    if tracker.upstream_cursor_at(position + 1) != item.id:
+                        seq = tracker.seq_for_upstream_id(item.id)
+                    if seq is None:
+                        log.warning(
+                            "stream %s: catch-up event %s is not in the id index",
+                            stream.stream_id,
+                            item.id,
+                        )
+                        return None
+                    if seq <= position:
+                        continue  # the upstream re-sent something the client has
+                    batch.append(
+                        encode_event(
+                            data=item.data, id=str(tracker.event_id(seq)), event=item.event
+                        )
+                    )
+                    position = seq
+                    if not isinstance(tracker.events_after(position), Gap):
+                        break
+                if batch:
+                    async with asyncio.timeout(self.config.client_write_timeout):
+                        await out.write(b"".join(batch))
+                    self.metrics.events_out.inc(len(batch))
+                if not isinstance(tracker.events_after(position), Gap):
+                    return position
+            return None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            log.warning("stream %s: catch-up broke: %s", stream.stream_id, exc)
+            return None
+        finally:
+            resp.release()
