@@ -19,7 +19,10 @@ Invariants:
      them first), and a session's upsert never travels in a later batch than its updates.
   5. Fencing: once the control plane answers FENCED for a session, nothing more is reported
      for it until `session()` brings a record with a higher owner epoch than the fenced one.
-  6. Log lines that a flood could repeat (reconnects, drops, rejections) are rate-limited.
+  6. Re-creation: when the control plane answers UNKNOWN_SESSION (it lost the session), the
+     session is sent again as the last record `session()` was given, whole (every field,
+     the credential binding among them), with the greatest position known per stream.
+  7. Log lines that a flood could repeat (reconnects, drops, rejections) are rate-limited.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -159,6 +162,7 @@ def _position_size(p: StreamPosition) -> int:
 def _upsert_size(r: SessionRecord) -> int:
     fixed = len(r.session_id) + len(r.upstream_session_id) + len(r.upstream_address)
     fixed += len(r.owner) + len(r.protocol_version) + len(r.initialize_request)
+    fixed += len(r.credential_fingerprint)
     return 64 + fixed + sum(_position_size(p) for p in r.streams.values())
 
 
@@ -478,19 +482,15 @@ class ReportQueue:
         return False
 
     def _recreated(self, s: _Session) -> SessionRecord:
-        """The session's record with every position given so far, to re-create it."""
+        """The last record given to `session()`, whole, with every position given so far.
+
+        Whole because the control plane keeps only what it is sent: a field left out here
+        (the credential binding, say) would be lost for good, and a sidecar adopting the
+        session next would serve it to anyone.
+        """
         assert s.record is not None
         streams = SessionRecord.streams_of([*s.record.streams.values(), *s.known.values()])
-        return SessionRecord(
-            session_id=s.record.session_id,
-            upstream_session_id=s.record.upstream_session_id,
-            upstream_address=s.record.upstream_address,
-            owner=s.record.owner,
-            owner_epoch=s.record.owner_epoch,
-            protocol_version=s.record.protocol_version,
-            initialize_request=s.record.initialize_request,
-            streams=streams,
-        )
+        return replace(s.record, streams=streams)
 
     def _fence(self, s: _Session, epoch: int, r: Rejection) -> None:
         s.fenced_epoch = max(epoch, s.record.owner_epoch if s.record is not None else 0)
