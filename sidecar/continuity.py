@@ -12,6 +12,20 @@
 
 A control plane that is down or answers garbage degrades to "session unknown": the request is
 forwarded as it is and the sidecar keeps serving.
+
+Invariants (a request's `Mcp-Session-Id` is chosen by the caller, so nothing it names may
+cost unbounded memory or unbounded control-plane calls):
+  1. An id is validated (`parse_session_id`) before anything else: an invalid id creates no
+     state and never reaches the control plane.
+  2. Per-session locks (`KeyedLocks`) exist only while a task holds or awaits them.
+  3. A session the control plane said it does not have is answered "unknown" from memory for
+     `UNKNOWN_SESSION_TTL` seconds, for at most `UNKNOWN_SESSION_CACHE` ids: repeating an
+     unknown id costs one `GetSession` per id per period, whatever the request rate.
+  4. `fenced_sessions` holds at most `FENCED_CACHE` ids for at most `FENCED_TTL` seconds, and
+     lets an id go when the session is adopted again or deleted. It only saves work: the
+     control plane fences a forgotten one's writes again.
+  5. A session that ends here (deleted, expired, fenced) is released in the reporter
+     (`Reporter.forget` or `Reporter.release`), whose per-session state is bounded too.
 """
 
 from __future__ import annotations
@@ -21,7 +35,10 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 
 import aiohttp
 import grpc
@@ -48,6 +65,103 @@ SESSION_HEADER = "Mcp-Session-Id"
 PROTOCOL_HEADER = "MCP-Protocol-Version"
 CONTROL_PLANE_TIMEOUT = 5.0
 MAX_INIT_RESPONSE = 1 << 20
+
+UNKNOWN_SESSION_TTL = 2.0
+"""Seconds an id the control plane does not have is answered "unknown" without asking again
+(0 turns the cache off). Short because a session created on another sidecar just after we
+asked stays unknown here that long; its first request here failed anyway (the report had
+not landed yet), and clients start a new session on 404."""
+UNKNOWN_SESSION_CACHE = 1024
+"""Unknown ids remembered at most (about 400 bytes each); the least recently added go first."""
+FENCED_CACHE = 10_000
+FENCED_TTL = 600.0
+"""Fenced ids remembered at most, and for how long: long enough for the requests that were
+under way when the session was taken over to end."""
+
+
+class RecentIds:
+    """Ids remembered for `ttl` seconds, at most `capacity` of them (the oldest go first).
+
+    For memories whose loss only costs work (a control-plane call, a refused report), so that
+    they can be bounded. `clock` is injectable for tests; expired ids are let go whenever the
+    set is used, so its size is what it holds. Changing `ttl` affects ids added afterwards.
+    """
+
+    def __init__(
+        self, *, capacity: int, ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if capacity < 1 or ttl < 0:
+            raise ValueError("RecentIds needs capacity >= 1 and ttl >= 0")
+        self.capacity = capacity
+        self.ttl = ttl
+        self._clock = clock
+        self._until: OrderedDict[str, float] = OrderedDict()
+        """Id -> when it expires; in expiry order, since every id gets the same ttl."""
+
+    def add(self, key: str) -> None:
+        now = self._clock()
+        self._prune(now)
+        if self.ttl <= 0:
+            return
+        self._until.pop(key, None)
+        self._until[key] = now + self.ttl
+        if len(self._until) > self.capacity:
+            self._until.popitem(last=False)
+
+    def discard(self, key: str) -> None:
+        self._until.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        self._prune(self._clock())
+        return key in self._until
+
+    def __len__(self) -> int:
+        self._prune(self._clock())
+        return len(self._until)
+
+    def _prune(self, now: float) -> None:
+        until = self._until
+        while until and next(iter(until.values())) <= now:
+            until.popitem(last=False)
+
+
+class _Held:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+        """Tasks holding or awaiting `lock`."""
+
+
+class KeyedLocks:
+    """One `asyncio.Lock` per key, existing only while a task holds or awaits it: a key
+    nobody uses costs nothing, however many keys were ever used."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, _Held] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = _Held()
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if held.users == 0:
+                del self._held[key]
+
+    def users(self, key: str) -> int:
+        """Tasks holding or awaiting `key`'s lock."""
+        held = self._held.get(key)
+        return held.users if held is not None else 0
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 def default_owner() -> OwnerName:
@@ -114,10 +228,14 @@ class Continuity:
                 ),
                 on_fenced=self._fenced,
             )
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.locks = KeyedLocks()
+        self.unknown_sessions = RecentIds(capacity=UNKNOWN_SESSION_CACHE, ttl=UNKNOWN_SESSION_TTL)
+        """Ids the control plane recently said it does not have (invariant 3)."""
         self.adoptions = 0
         self.reinitializations = 0
-        self.fenced_sessions: set[str] = set()
+        self.fenced_sessions = RecentIds(capacity=FENCED_CACHE, ttl=FENCED_TTL)
+        """Sessions another sidecar took over: not reported from here (invariant 4)."""
+        registry.session_ended.append(self._session_ended)
 
     async def start(self) -> None:
         if self.reporter is not None:
@@ -126,12 +244,6 @@ class Continuity:
     async def stop(self) -> None:
         if self.reporter is not None:
             await self.reporter.stop()
-
-    def _lock(self, session_id: str) -> asyncio.Lock:
-        lock = self._locks.get(session_id)
-        if lock is None:
-            lock = self._locks[session_id] = asyncio.Lock()
-        return lock
 
     # -- reporting (never awaits) ----------------------------------------------------------
 
@@ -182,7 +294,8 @@ class Continuity:
         )
 
     def forget(self, session_id: str) -> None:
-        """The client deleted the session: forget it here and in the control plane."""
+        """The client deleted the session: forget everything about it here."""
+        self.fenced_sessions.discard(session_id)
         if self.reporter is None:
             return
         try:
@@ -190,6 +303,17 @@ class Continuity:
         except InvalidIdError:
             return
         self.reporter.forget(sid)
+
+    def _session_ended(self, session_id: str) -> None:
+        """The registry let the session go (expired, deleted, fenced): so may the reporter,
+        once what it has of the session is acknowledged."""
+        if self.reporter is None:
+            return
+        try:
+            sid = parse_session_id(session_id)
+        except InvalidIdError:
+            return
+        self.reporter.release(sid)
 
     async def delete_remote(self, session_id: str) -> None:
         if self.reporter is None:
@@ -224,24 +348,33 @@ class Continuity:
         sess = self.registry.sessions.get(session_id)
         if sess is not None or self.reporter is None:
             return sess
-        async with self._lock(session_id):
-            sess = self.registry.sessions.get(session_id)
+        try:
+            sid = parse_session_id(session_id)
+        except InvalidIdError:
+            return None  # no lock, no call, nothing remembered (invariant 1)
+        if sid in self.unknown_sessions:
+            return None
+        async with self.locks.hold(sid):
+            sess = self.registry.sessions.get(sid)
             if sess is not None:
                 return sess
-            try:
-                sid = parse_session_id(session_id)
-            except InvalidIdError:
-                return None
+            if sid in self.unknown_sessions:
+                return None  # answered while this request waited for the lock
             client = self.reporter.client
             try:
                 record = await client.get_session(sid, timeout=CONTROL_PLANE_TIMEOUT)
                 if record is None:
+                    self.unknown_sessions.add(sid)
                     return None
                 if record.owner != self.owner:
                     record = await client.claim_session(
                         sid, owner=self.owner, timeout=CONTROL_PLANE_TIMEOUT
                     )
-            except (SessionGoneError, ClaimLostError) as exc:
+            except SessionGoneError as exc:
+                self.unknown_sessions.add(sid)
+                log.warning("session %s: could not claim it: %s", session_id, exc)
+                return None
+            except ClaimLostError as exc:
                 log.warning("session %s: could not claim it: %s", session_id, exc)
                 return None
             except (grpc.aio.AioRpcError, ValueError) as exc:
@@ -254,8 +387,10 @@ class Continuity:
             sess.owner_epoch = record.owner_epoch
             sess.persisted_streams = dict(record.streams)
             sess.credential_fingerprint = record.credential_fingerprint
-            sess.reported = True
             self.fenced_sessions.discard(session_id)
+            # The reporter gets the whole record (to re-create the session should the control
+            # plane lose it) at the new epoch, which lifts a fence it may remember from before.
+            self.report_session(sess)
             self.adoptions += 1
             log.info(
                 "session %s adopted from %s at epoch %d (%d streams)",
@@ -279,7 +414,7 @@ class Continuity:
     ) -> bool:
         """Replay the session's `initialize` on the upstream; True once it has a new upstream
         session (possibly made by a concurrent caller)."""
-        async with self._lock(sess.session_id):
+        async with self.locks.hold(sess.session_id):
             if sess.upstream_session_id != lost_upstream_id:
                 return True  # somebody else re-initialized it meanwhile
             body = sess.initialize_request

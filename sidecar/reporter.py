@@ -19,7 +19,20 @@ Invariants:
      them first), and a session's upsert never travels in a later batch than its updates.
   5. Fencing: once the control plane answers FENCED for a session, nothing more is reported
      for it until `session()` brings a record with a higher owner epoch than the fenced one.
-  6. Log lines that a flood could repeat (reconnects, drops, rejections) are rate-limited.
+     The fence is remembered for the last `max_fenced` fenced sessions (oldest forgotten
+     first); a forgotten fence costs a refused write, as the control plane fences on its own.
+  6. Re-creation: when the control plane answers UNKNOWN_SESSION (it lost the session), the
+     session is sent again as the last record `session()` was given, whole (every field,
+     the credential binding among them), with the greatest position known per stream.
+  7. Log lines that a flood could repeat (reconnects, drops, rejections) are rate-limited.
+  8. Per-session state is bounded and freed. A session has an entry while it is live here
+     (from `session()` or `position()` until `release()` or `forget()`) and, after that, only
+     while it has items waiting or in flight: at most live sessions + `max_pending` entries.
+     `forget()` (the session was deleted) frees it at once, items and fence included;
+     `release()` (it ended here: expired, fenced, moved away) once its items are settled,
+     so nothing reported is lost. A fenced session keeps no entry, only its fence (rule 5).
+     What an entry holds (`record`, `known`) is needed only while the session is live here:
+     to re-create it (rule 6) and to refuse positions older than those already given.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -73,6 +86,11 @@ stuck (say, a half-open connection): it is abandoned and its items are sent on a
 
 LOG_PERIOD = 5.0
 """At most one line per kind of repeated trouble in this many seconds."""
+
+MAX_FENCED = 10_000
+"""Fenced sessions whose fence the queue remembers (invariant 5): a sidecar that lost that
+many sessions to others at once is being drained, and each forgotten fence costs only a
+write the control plane refuses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +177,7 @@ def _position_size(p: StreamPosition) -> int:
 def _upsert_size(r: SessionRecord) -> int:
     fixed = len(r.session_id) + len(r.upstream_session_id) + len(r.upstream_address)
     fixed += len(r.owner) + len(r.protocol_version) + len(r.initialize_request)
+    fixed += len(r.credential_fingerprint)
     return 64 + fixed + sum(_position_size(p) for p in r.streams.values())
 
 
@@ -169,7 +188,16 @@ def _update_size(session_id: SessionId, p: StreamPosition) -> int:
 class _Session:
     """What the reporter knows about one session, and what of it waits to be sent."""
 
-    __slots__ = ("fenced_epoch", "first_mark", "known", "record", "session_id", "updates", "upsert")
+    __slots__ = (
+        "first_mark",
+        "in_flight",
+        "known",
+        "record",
+        "released",
+        "session_id",
+        "updates",
+        "upsert",
+    )
 
     def __init__(self, session_id: SessionId) -> None:
         self.session_id = session_id
@@ -177,8 +205,10 @@ class _Session:
         """The latest record given to `session()`: re-sent if the control plane lost it."""
         self.known: dict[StreamId, StreamPosition] = {}
         """The greatest position given per stream (sent or not)."""
-        self.fenced_epoch: int | None = None
-        """Set once fenced: only a record with a higher epoch is reported again."""
+        self.released = False
+        """The session ended here: free the entry once nothing of it is waiting or in flight."""
+        self.in_flight = 0
+        """In-flight batches carrying items of this session."""
         self.upsert: SessionRecord | None = None
         self.updates: dict[StreamId, StreamPosition] = {}
         self.first_mark = 0
@@ -213,10 +243,15 @@ class ReportQueue:
     mark <= m".
     """
 
-    def __init__(self, *, max_pending: int, stats: ReporterStats) -> None:
+    def __init__(
+        self, *, max_pending: int, stats: ReporterStats, max_fenced: int = MAX_FENCED
+    ) -> None:
         self._max_pending = max_pending
+        self._max_fenced = max_fenced
         self.stats = stats
         self._sessions: dict[SessionId, _Session] = {}
+        self._fenced: OrderedDict[SessionId, int] = OrderedDict()
+        """Fenced session -> the epoch it was fenced at; the oldest fence first."""
         # Oldest first. An OrderedDict: popping the front of a plain dict over and over costs
         # a scan of its deleted slots.
         self._waiting: OrderedDict[SessionId, _Session] = OrderedDict()
@@ -232,13 +267,15 @@ class ReportQueue:
         """Queue an upsert of `record`; False if ignored (the session is fenced at a higher
         or equal epoch)."""
         sid = record.session_id
+        fenced = self._fenced.get(sid)
+        if fenced is not None:
+            if record.owner_epoch <= fenced:
+                return False
+            del self._fenced[sid]
         s = self._sessions.get(sid)
         if s is None:
             s = self._sessions[sid] = _Session(sid)
-        elif s.fenced_epoch is not None:
-            if record.owner_epoch <= s.fenced_epoch:
-                return False
-            s.fenced_epoch = None
+        s.released = False
         s.record = record
         if s.upsert is None:
             self._waiting_count += 1
@@ -250,11 +287,12 @@ class ReportQueue:
     def position(self, session_id: SessionId, position: StreamPosition) -> bool:
         """Queue a stream update; False if ignored (fenced session, or not newer than a
         position already given for the stream)."""
+        if session_id in self._fenced:
+            return False
         s = self._sessions.get(session_id)
         if s is None:
             s = self._sessions[session_id] = _Session(session_id)
-        elif s.fenced_epoch is not None:
-            return False
+        s.released = False
         stream = position.stream_id
         known = s.known.get(stream)
         if known is not None and position.order <= known.order:
@@ -268,10 +306,25 @@ class ReportQueue:
         return True
 
     def forget(self, session_id: SessionId) -> None:
-        """Drop the session's waiting items and everything remembered about it."""
+        """Drop the session's waiting items and everything remembered about it (its fence
+        included): it was deleted."""
+        self._fenced.pop(session_id, None)
         s = self._sessions.pop(session_id, None)
         if s is not None and self._waiting.pop(session_id, None) is not None:
             self._clear_waiting(s)
+
+    def release(self, session_id: SessionId) -> None:
+        """The session ended here (not deleted): let its entry go once its items are settled
+        (invariant 8). A later `session()` or `position()` makes it live again."""
+        s = self._sessions.get(session_id)
+        if s is not None:
+            s.released = True
+            self._free_if_done(s)
+
+    def _free_if_done(self, s: _Session) -> None:
+        done = s.released and not s.waiting and not s.in_flight
+        if done and self._sessions.get(s.session_id) is s:
+            del self._sessions[s.session_id]
 
     def _start_waiting(self, s: _Session) -> None:
         if s.session_id not in self._waiting:
@@ -294,6 +347,7 @@ class ReportQueue:
         while self._waiting and self._waiting_count + self._in_flight_count > self._max_pending:
             _, s = self._waiting.popitem(last=False)
             dropped += self._clear_waiting(s)
+            self._free_if_done(s)
         self.stats.dropped += dropped
         held = self._limiter.allow("dropped")
         if held is not None:
@@ -315,6 +369,16 @@ class ReportQueue:
     @property
     def waiting(self) -> int:
         return self._waiting_count
+
+    @property
+    def sessions(self) -> int:
+        """Sessions with an entry (invariant 8 bounds them)."""
+        return len(self._sessions)
+
+    @property
+    def fences(self) -> int:
+        """Fences remembered (at most `max_fenced`)."""
+        return len(self._fenced)
 
     @property
     def batches_in_flight(self) -> int:
@@ -375,8 +439,10 @@ class ReportQueue:
             if taken:
                 sessions[s.session_id] = s
                 marks[s.session_id] = s.first_mark
+                s.in_flight += 1
             if not s.waiting:
                 self._waiting.popitem(last=False)
+                self._free_if_done(s)  # everything it had was too large: dropped
         if not upserts and not updates:
             return None
         batch = ReportBatch(batch_id, tuple(upserts), tuple(updates))
@@ -405,6 +471,8 @@ class ReportQueue:
             raise ReportProtocolError(f"ack for batch {ack.batch_id}, expected {expected}")
         done = self._in_flight.popleft()
         self._in_flight_count -= done.size
+        for s in done.sessions.values():
+            s.in_flight -= 1
         self.stats.acked += max(0, done.size - len(ack.rejections))
         self.stats.rejected += len(ack.rejections)
         fenced: list[tuple[SessionId, Rejection]] = []
@@ -414,6 +482,8 @@ class ReportQueue:
             for r in ack.rejections:
                 if self._rejected(done, r, upserts, updates):
                     fenced.append((SessionId(r.session_id), r))
+        for s in done.sessions.values():
+            self._free_if_done(s)
         return fenced
 
     def _rejected(
@@ -442,8 +512,6 @@ class ReportQueue:
         upsert = upserts.get(sid)
         update = updates.get((sid, StreamId(r.stream_id))) if r.stream_id else None
         if r.reason is RejectionReason.FENCED:
-            if s.fenced_epoch is not None:
-                return False
             if update is not None:
                 epoch = update.position.owner_epoch
             elif upsert is not None:
@@ -457,8 +525,6 @@ class ReportQueue:
         # UNKNOWN_SESSION: the control plane lost the session (deleted, expired). Send its
         # record again with the update, once: if the batch already carried the upsert, a
         # second try would fail the same way.
-        if s.fenced_epoch is not None:
-            return False
         if update is None or s.record is None or upsert is not None:
             held = self._limiter.allow("unknown")
             if held is not None:
@@ -478,24 +544,27 @@ class ReportQueue:
         return False
 
     def _recreated(self, s: _Session) -> SessionRecord:
-        """The session's record with every position given so far, to re-create it."""
+        """The last record given to `session()`, whole, with every position given so far.
+
+        Whole because the control plane keeps only what it is sent: a field left out here
+        (the credential binding, say) would be lost for good, and a sidecar adopting the
+        session next would serve it to anyone.
+        """
         assert s.record is not None
         streams = SessionRecord.streams_of([*s.record.streams.values(), *s.known.values()])
-        return SessionRecord(
-            session_id=s.record.session_id,
-            upstream_session_id=s.record.upstream_session_id,
-            upstream_address=s.record.upstream_address,
-            owner=s.record.owner,
-            owner_epoch=s.record.owner_epoch,
-            protocol_version=s.record.protocol_version,
-            initialize_request=s.record.initialize_request,
-            streams=streams,
-        )
+        return replace(s.record, streams=streams)
 
     def _fence(self, s: _Session, epoch: int, r: Rejection) -> None:
-        s.fenced_epoch = max(epoch, s.record.owner_epoch if s.record is not None else 0)
+        """Fence `s` off: drop its waiting items and its entry, remember only the epoch (its
+        in-flight items are let go as those of a forgotten session)."""
+        fenced_epoch = max(epoch, s.record.owner_epoch if s.record is not None else 0)
+        self._fenced.pop(s.session_id, None)
+        self._fenced[s.session_id] = fenced_epoch
+        while len(self._fenced) > self._max_fenced:
+            self._fenced.popitem(last=False)
         if self._waiting.pop(s.session_id, None) is not None:
             self.stats.dropped += self._clear_waiting(s)
+        del self._sessions[s.session_id]
         self.stats.fenced += 1
         held = self._limiter.allow("fenced")
         if held is not None:
@@ -505,7 +574,7 @@ class ReportQueue:
                 s.session_id,
                 r.current_owner,
                 r.current_owner_epoch,
-                s.fenced_epoch,
+                fenced_epoch,
                 _held_note(held),
             )
 
@@ -533,15 +602,18 @@ class ReportQueue:
         batches = list(self._in_flight)
         self._in_flight.clear()
         self._in_flight_count = 0
+        for f in batches:
+            for held in f.sessions.values():
+                held.in_flight -= 1
         # Newest batch first so that the newest upsert of a session is the one kept.
         for f in reversed(batches):
             for u in f.batch.upserts:
-                s = self._live(f, u.session.session_id, max(u.session.owner_epoch, 1))
+                s = self._live(f, u.session.session_id)
                 if s is not None and s.upsert is None:
                     s.upsert = u.session
                     self._waiting_count += 1
             for w in f.batch.updates:
-                s = self._live(f, w.session_id, w.position.owner_epoch)
+                s = self._live(f, w.session_id)
                 if s is not None:
                     self._merge_update(s, w.position)
         # Oldest batch last, so that its sessions end up at the very front.
@@ -550,15 +622,16 @@ class ReportQueue:
                 s = self._sessions.get(sid)
                 if s is not None and s is f.sessions[sid] and s.waiting:
                     self._wait_again(s, f.marks[sid])
+        for f in batches:
+            for held in f.sessions.values():
+                self._free_if_done(held)
         self._bound()
 
-    def _live(self, f: _InFlight, sid: SessionId, epoch: int) -> _Session | None:
+    def _live(self, f: _InFlight, sid: SessionId) -> _Session | None:
+        """The entry an in-flight item came from, if it is still there: a session forgotten
+        or fenced since (maybe made again) does not get its old items back."""
         s = self._sessions.get(sid)
-        if s is None or s is not f.sessions[sid]:
-            return None
-        if s.fenced_epoch is not None and epoch <= s.fenced_epoch:
-            return None
-        return s
+        return s if s is not None and s is f.sessions[sid] else None
 
 
 class Backoff:
@@ -612,8 +685,9 @@ class Reporter:
     `on_fenced(session_id, rejection)` is called (from the background task) when the control
     plane says another sidecar now owns a session; it must not block.
 
-    The latest record and positions of every session are remembered (to re-create a session
-    the control plane lost) until `forget()`: the proxy calls it when a session ends.
+    The latest record and positions of a session are remembered (to re-create it if the
+    control plane loses it) while it is live here: `forget()` (deleted) drops them at once,
+    `release()` (ended here otherwise) once its items are acknowledged.
     """
 
     def __init__(
@@ -663,6 +737,16 @@ class Reporter:
         """Items reported but not yet acknowledged (waiting or in flight)."""
         return self._queue.pending
 
+    @property
+    def sessions(self) -> int:
+        """Sessions the reporter holds state for (live here, or with items unacknowledged)."""
+        return self._queue.sessions
+
+    @property
+    def fences(self) -> int:
+        """Fenced sessions whose fence is remembered (at most `MAX_FENCED`)."""
+        return self._queue.fences
+
     # -- the event path -------------------------------------------------------------------
 
     def session(self, record: SessionRecord) -> None:
@@ -689,6 +773,11 @@ class Reporter:
         """The session was deleted locally: drop its pending items and its remembered record."""
         self._queue.forget(session_id)
         self._settle()
+
+    def release(self, session_id: SessionId) -> None:
+        """The session ended here without being deleted (expired, fenced): let go of what is
+        remembered of it once its pending items are acknowledged."""
+        self._queue.release(session_id)
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from multidict import CIMultiDict
@@ -169,6 +169,9 @@ class Registry:
         self.streams: dict[StreamId, LiveStream] = {}
         self.legacy_sessions: dict[str, LiveStream] = {}
         """Legacy (HTTP+SSE) session name -> the stream that carries it."""
+        self.session_ended: list[Callable[[str], None]] = []
+        """Called with the id of every session let go (dropped or expired), so that what
+        others keep per session (the reporter's) is freed with it. Must not raise."""
 
     def session(self, session_id: str) -> Session:
         sess = self.sessions.get(session_id)
@@ -237,6 +240,7 @@ class Registry:
         streams = list(sess.streams.values())
         for s in streams:
             self.streams.pop(s.stream_id, None)
+        self._ended(session_id)
         return streams
 
     def sweep(
@@ -261,4 +265,9 @@ class Registry:
         for sid, sess in list(self.sessions.items()):
             if not sess.streams and now - sess.last_active > session_idle:
                 del self.sessions[sid]
+                self._ended(sid)
         return to_stop
+
+    def _ended(self, session_id: str) -> None:
+        for listener in self.session_ended:
+            listener(session_id)

@@ -454,3 +454,44 @@ def test_queue_cuts_big_backlogs_upserts_first() -> None:
         sizes.append(len(batch.upserts) + len(batch.updates))
     assert first_upserts == 1
     assert sizes == [MAX_BATCH_ITEMS, MAX_BATCH_ITEMS, 10]
+
+
+def test_queue_lets_go_of_released_sessions_once_settled() -> None:
+    q = ReportQueue(max_pending=100, stats=ReporterStats())
+    q.session(record())
+    q.position(SID, pos("a", 1))
+    assert q.take_batch(1, now=0.0) is not None
+    q.release(SID)
+    assert q.sessions == 1  # in flight: kept, so that a broken stream re-sends it
+    q.requeue_in_flight()
+    assert q.sessions == 1
+    assert q.take_batch(2, now=0.0) is not None
+    q.acknowledge(BatchAck(2))
+    assert (q.sessions, q.pending) == (0, 0)
+
+    q.session(record("s2"))
+    q.release(SessionId("s2"))
+    q.session(record("s2"))  # live again before it was let go
+    assert q.take_batch(3, now=0.0) is not None
+    q.acknowledge(BatchAck(3))
+    assert q.sessions == 1
+
+
+def test_queue_keeps_only_a_bounded_fence_of_fenced_sessions() -> None:
+    q = ReportQueue(max_pending=100, stats=ReporterStats(), max_fenced=2)
+    sids = [SessionId(f"s{i}") for i in range(3)]
+    for sid in sids:
+        q.session(record(sid))
+        q.position(sid, pos("a", 1))
+    assert q.take_batch(1, now=0.0) is not None
+    rejections = tuple(Rejection(sid, "a", RejectionReason.FENCED) for sid in sids)
+    assert [sid for sid, _ in q.acknowledge(BatchAck(1, rejections))] == sids
+    assert (q.sessions, q.fences) == (0, 2)
+    # A remembered fence still refuses the old epoch; the oldest one was forgotten.
+    assert not q.position(sids[2], pos("a", 2))
+    assert not q.session(record(sids[2]))
+    assert q.session(record(sids[0]))
+    q.forget(sids[1])
+    assert q.fences == 1
+    assert q.session(dataclasses.replace(record(sids[2]), owner_epoch=2))
+    assert (q.sessions, q.fences) == (2, 0)
