@@ -69,7 +69,7 @@ async def test_oversized_and_invalid_grpc_messages_get_clear_statuses(
     control_plane: RunningControlPlane,
 ) -> None:
     async with grpc.aio.insecure_channel(control_plane.address) as channel:
-        stub: Any = pb_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub: Any = pb_grpc.SessionServiceStub(channel)
         client = SessionClient(channel)
         # A real session that must come out unharmed.
         ok = pb.ReportEventsRequest(
