@@ -17,9 +17,8 @@ import pytest
 from sidecar.app import RunningSidecar
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory, serve_app
-from tests.support.numbered_upstream import parse_sse
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
-from tests.support.sse_client import Received, collect, events
+from tests.support.sse_client import Received, collect, events, parse_sse
 
 MCP = "/mcp"
 HEADERS = {
