@@ -13,6 +13,7 @@ from controlplane.config import ControlPlaneConfig, SqliteUrl
 from controlplane.server import start_control_plane
 from tests.integration.conftest import SidecarFactory, serve_app
 from tests.integration.test_proxy import HEADERS, MCP, count_call, progress_numbers
+from tests.support.metrics import counter_value
 from tests.support.sse_client import collect
 
 INIT = {
@@ -98,7 +99,7 @@ async def test_a_session_belongs_to_the_credential_that_created_it(
                 assert resp.status == 404  # refused on the adopting sidecar too
             async with http.post(base_b + MCP, json=count_call(2), headers=alice) as resp:
                 assert progress_numbers(await collect(resp)) == [1, 2]
-        refused = a.proxy.metrics.refused.labels("credential")._value.get()
+        refused = counter_value(a.proxy.metrics, "refused", reason="credential")
         assert refused == 4
     finally:
         await cp.stop()
