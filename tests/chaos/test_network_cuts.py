@@ -37,6 +37,7 @@ from tests.support.chaos import (
 from tests.support.metrics import counter_value
 from tests.support.netns import PodNetwork, netns_unavailable_reason
 from tests.support.procs import python_module
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(30)]
 
@@ -313,7 +314,9 @@ async def test_loopback_cut_sidecar_upstream_and_heal(
                     await client.wait_count(40)
                     relay.partition()
                     # The outage lasts until the sidecar has tried (and failed) to reconnect.
-                    await _until(lambda: relay.refused >= 1)
+                    await eventually(
+                        lambda: relay.refused >= 1, timeout=DEADLINE_S, what="a refused connection"
+                    )
                     relay.heal()
                     healed = time.monotonic()
                     await client.finished()
@@ -369,10 +372,3 @@ async def test_loopback_cut_sidecar_control_plane_and_heal(
             )
             watcher.assert_never_backwards()
     chaos_table.add(ChaosRow.of("loopback cut sidecar<->control plane, heal", got, recovered))
-
-
-async def _until(condition: Any, *, timeout: float = DEADLINE_S) -> None:
-    """Poll `condition()` until true (a deadline poll on a counter, not a synchronising sleep)."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)

@@ -20,6 +20,7 @@ from tests.integration.conftest import SidecarFactory, serve_app
 from tests.support.metrics import counter_value
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
 from tests.support.sse_client import Received, collect, events, parse_sse
+from tests.support.waiting import eventually
 
 MCP = "/mcp"
 HEADERS = {
@@ -215,10 +216,15 @@ async def test_client_resumes_with_last_event_id_from_the_replay_buffer(
         headers = {**HEADERS, "Mcp-Session-Id": sid}
         async with http.post(base + MCP, json=count_call(60), headers=headers) as resp:
             first = await collect(resp, limit=20)
-        # Client connection dropped after 20 events; the stream goes on upstream meanwhile.
+        # Client connection dropped after 20 events; the stream goes on upstream meanwhile:
+        # wait until the sidecar has read events the client has not seen.
         last = first[-1].id
         assert last is not None
-        await asyncio.sleep(0.05)
+        await eventually(
+            lambda: counter_value(sidecar.proxy.metrics, "events_received") >= 30,
+            timeout=10,
+            what="events read while the client is away",
+        )
         async with http.get(
             base + MCP, headers={**headers, "Last-Event-ID": last, "Accept": "text/event-stream"}
         ) as resp:
@@ -352,9 +358,11 @@ async def test_slow_client_gets_backpressure_not_loss(
         )
         await writer.drain()
         # Not reading. The pump must pause instead of evicting unsent events.
-        async with asyncio.timeout(30):
-            while counter_value(metrics, "upstream_paused") < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await eventually(
+            lambda: counter_value(metrics, "upstream_paused") >= 1,
+            timeout=30,
+            what="the pump paused",
+        )
         (stream,) = sidecar.proxy.registry.streams.values()
         assert not stream.ended
         assert stream.tracker.buffered_bytes <= limit

@@ -110,7 +110,7 @@ class EtcdCluster:
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"etcd members not healthy: {[m.name for m in pending]}")
             if pending:
-                time.sleep(0.05)
+                time.sleep(0.05)  # poll interval (sync: called from sync fixtures)
 
     def stop(self) -> None:
         for m in self.members:
