@@ -286,8 +286,8 @@ async def _partition_control_plane(
 
 
 async def test_loopback_cut_sidecar_upstream_and_heal(
-    sidecar_factory: SidecarFactory,
     control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
     numbered_upstream: Any,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
@@ -335,8 +335,8 @@ async def test_loopback_cut_sidecar_upstream_and_heal(
 
 
 async def test_loopback_cut_sidecar_control_plane_and_heal(
-    sidecar_factory: SidecarFactory,
     control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
     numbered_upstream: Any,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,

@@ -87,9 +87,9 @@ async def _assert_each_persisted(
 
 
 async def test_upstream_killed_and_restarted_with_event_store(
+    control_plane: RunningControlPlane,
     procs: ProcessPool,
     sidecar_factory: SidecarFactory,
-    control_plane: RunningControlPlane,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
 ) -> None:
@@ -127,9 +127,9 @@ async def test_upstream_killed_and_restarted_with_event_store(
 
 
 async def test_upstream_killed_without_event_store(
+    control_plane: RunningControlPlane,
     procs: ProcessPool,
     sidecar_factory: SidecarFactory,
-    control_plane: RunningControlPlane,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
 ) -> None:
@@ -186,9 +186,9 @@ async def test_upstream_killed_without_event_store(
 
 
 async def test_sdk_server_without_event_store_killed_mid_stream(
+    control_plane: RunningControlPlane,
     procs: ProcessPool,
     sidecar_factory: SidecarFactory,
-    control_plane: RunningControlPlane,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
 ) -> None:

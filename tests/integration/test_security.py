@@ -103,6 +103,7 @@ async def test_a_session_belongs_to_the_credential_that_created_it(
         refused = counter_value(a.proxy.metrics, "refused", reason="credential")
         assert refused == 4
     finally:
+        await sidecar_factory.stop_all()  # before their control plane (see SidecarFactory)
         await cp.stop()
 
 
