@@ -614,108 +614,141 @@ class Results:
 
 
 def tables(res: Results) -> Iterator[str]:
-    if res.throughput:
-        yield "### Throughput, one stream (best of the rounds)"
-        yield ""
-        yield (
-            "| event | path | events/s | MB/s | x direct | x nginx "
-            "| CPU s: generator / proxy / control plane / client (wall s) |"
-        )
-        yield "|---:|---|---:|---:|---:|---:|---|"
-        for size in sorted({t.size for t in res.throughput}):
-            row = {t.path: t for t in res.throughput if t.size == size}
-            d = row["direct"].events_per_s
-            n = row["nginx"].events_per_s if "nginx" in row else None
-            for t in row.values():
-                cpu = " / ".join(
-                    f"{t.cpu[k]:.2f}" if k in t.cpu else "-"
-                    for k in ("generator", t.path, "control plane", "client")
-                )
-                yield (
-                    f"| {size} B | {t.path} | {t.events_per_s:,.0f} | {t.mb_per_s:,.0f} "
-                    f"| {ratio(t.events_per_s, d)} | {ratio(t.events_per_s, n)} "
-                    f"| {cpu} ({t.seconds:.2f}) |"
-                )
-        yield ""
-    if res.latency:
-        yield f"### Latency at {RATE:,.0f} events/s (256 B events, receive - stamp)"
-        yield ""
-        yield (
-            "| path | p50 µs | p99 µs | max µs | added p50 µs | added p99 µs "
-            "| p99 x direct | p99 x nginx |"
-        )
-        yield "|---|---:|---:|---:|---:|---:|---:|---:|"
-        by = {lat.path: lat for lat in res.latency}
-        base = by["direct"]
-        ng = by.get("nginx")
-        for lat in res.latency:
+    for section in (
+        _throughput_table,
+        _latency_table,
+        _idle_table,
+        _control_plane_table,
+        _resume_table,
+        targets,
+        _profile_table,
+    ):
+        yield from section(res)
+
+
+def _throughput_table(res: Results) -> Iterator[str]:
+    if not res.throughput:
+        return
+    yield "### Throughput, one stream (best of the rounds)"
+    yield ""
+    yield (
+        "| event | path | events/s | MB/s | x direct | x nginx "
+        "| CPU s: generator / proxy / control plane / client (wall s) |"
+    )
+    yield "|---:|---|---:|---:|---:|---:|---|"
+    for size in sorted({t.size for t in res.throughput}):
+        row = {t.path: t for t in res.throughput if t.size == size}
+        d = row["direct"].events_per_s
+        n = row["nginx"].events_per_s if "nginx" in row else None
+        for t in row.values():
+            cpu = " / ".join(
+                f"{t.cpu[k]:.2f}" if k in t.cpu else "-"
+                for k in ("generator", t.path, "control plane", "client")
+            )
             yield (
-                f"| {lat.path} | {lat.p50_us:,.0f} | {lat.p99_us:,.0f} | {lat.max_us:,.0f} "
-                f"| {lat.p50_us - base.p50_us:,.0f} | {lat.p99_us - base.p99_us:,.0f} "
-                f"| {ratio(lat.p99_us, base.p99_us)} "
-                f"| {ratio(lat.p99_us, ng.p99_us if ng else None)} |"
+                f"| {size} B | {t.path} | {t.events_per_s:,.0f} | {t.mb_per_s:,.0f} "
+                f"| {ratio(t.events_per_s, d)} | {ratio(t.events_per_s, n)} "
+                f"| {cpu} ({t.seconds:.2f}) |"
             )
-        yield ""
-    if res.idle:
-        yield "### Concurrent idle SSE streams through one proxy"
-        yield ""
+    yield ""
+
+
+def _latency_table(res: Results) -> Iterator[str]:
+    if not res.latency:
+        return
+    yield f"### Latency at {RATE:,.0f} events/s (256 B events, receive - stamp)"
+    yield ""
+    yield (
+        "| path | p50 µs | p99 µs | max µs | added p50 µs | added p99 µs "
+        "| p99 x direct | p99 x nginx |"
+    )
+    yield "|---|---:|---:|---:|---:|---:|---:|---:|"
+    by = {lat.path: lat for lat in res.latency}
+    base = by["direct"]
+    ng = by.get("nginx")
+    for lat in res.latency:
         yield (
-            "| streams (asked) | path | RSS before MiB | RSS open MiB | added KiB/stream "
-            "| RSS after delivery MiB | RSS x nginx | open s | delivered |"
+            f"| {lat.path} | {lat.p50_us:,.0f} | {lat.p99_us:,.0f} | {lat.max_us:,.0f} "
+            f"| {lat.p50_us - base.p50_us:,.0f} | {lat.p99_us - base.p99_us:,.0f} "
+            f"| {ratio(lat.p99_us, base.p99_us)} "
+            f"| {ratio(lat.p99_us, ng.p99_us if ng else None)} |"
         )
-        yield "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
-        for idle in res.idle:
-            peer = next(
-                (y for y in res.idle if y.path == "nginx" and y.requested == idle.requested),
-                None,
-            )
-            per = (idle.rss_open_mib - idle.rss_before_mib) * 1024 / idle.streams
-            yield (
-                f"| {idle.streams:,} ({idle.requested:,}) | {idle.path} "
-                f"| {idle.rss_before_mib:.1f} | {idle.rss_open_mib:.1f} | {per:.1f} "
-                f"| {idle.rss_after_mib:.1f} "
-                f"| {ratio(idle.rss_open_mib, peer.rss_open_mib if peer else None)} "
-                f"| {idle.open_seconds:.2f} | {idle.delivered:,}/{idle.streams:,} |"
-            )
-        yield ""
-    if res.control_plane:
-        yield f"### Control plane: {CP_STREAMS} streams on one ReportEvents call"
-        yield ""
+    yield ""
+
+
+def _idle_table(res: Results) -> Iterator[str]:
+    if not res.idle:
+        return
+    yield "### Concurrent idle SSE streams through one proxy"
+    yield ""
+    yield (
+        "| streams (asked) | path | RSS before MiB | RSS open MiB | added KiB/stream "
+        "| RSS after delivery MiB | RSS x nginx | open s | delivered |"
+    )
+    yield "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    for idle in res.idle:
+        peer = next(
+            (y for y in res.idle if y.path == "nginx" and y.requested == idle.requested),
+            None,
+        )
+        per = (idle.rss_open_mib - idle.rss_before_mib) * 1024 / idle.streams
         yield (
-            "| store | updates | updates/s absorbed | store writes/s | flushes/s "
-            "| coalescing (updates per write) | writes per stream per flush "
-            "| CPU s control plane / client (wall s) |"
+            f"| {idle.streams:,} ({idle.requested:,}) | {idle.path} "
+            f"| {idle.rss_before_mib:.1f} | {idle.rss_open_mib:.1f} | {per:.1f} "
+            f"| {idle.rss_after_mib:.1f} "
+            f"| {ratio(idle.rss_open_mib, peer.rss_open_mib if peer else None)} "
+            f"| {idle.open_seconds:.2f} | {idle.delivered:,}/{idle.streams:,} |"
         )
-        yield "|---|---:|---:|---:|---:|---:|---:|---|"
-        for c in res.control_plane:
-            yield (
-                f"| {c.store} | {c.updates:,} | {c.updates_per_s:,.0f} | {c.writes_per_s:,.0f} "
-                f"| {c.flushes / c.seconds:,.1f} "
-                f"| {c.writes_received / max(1, c.writes_flushed):,.1f} "
-                f"| {c.writes_per_stream_per_flush:.2f} "
-                f"| {c.cp_cpu:.2f} / {c.client_cpu:.2f} ({c.seconds:.2f}) |"
-            )
-        yield ""
-    if res.resume_ms:
-        s = res.resume_ms
-        yield "### Resume through a new sidecar (reconnect with Last-Event-ID → first event)"
-        yield ""
-        yield "| resumes | p50 ms | p99 ms | max ms | mean ms | first (cold) ms |"
-        yield "|---:|---:|---:|---:|---:|---:|"
+    yield ""
+
+
+def _control_plane_table(res: Results) -> Iterator[str]:
+    if not res.control_plane:
+        return
+    yield f"### Control plane: {CP_STREAMS} streams on one ReportEvents call"
+    yield ""
+    yield (
+        "| store | updates | updates/s absorbed | store writes/s | flushes/s "
+        "| coalescing (updates per write) | writes per stream per flush "
+        "| CPU s control plane / client (wall s) |"
+    )
+    yield "|---|---:|---:|---:|---:|---:|---:|---|"
+    for c in res.control_plane:
         yield (
-            f"| {len(s)} | {percentile(s, 50):.1f} | {percentile(s, 99):.1f} | {max(s):.1f} "
-            f"| {statistics.fmean(s):.1f} | {s[0]:.1f} |"
+            f"| {c.store} | {c.updates:,} | {c.updates_per_s:,.0f} | {c.writes_per_s:,.0f} "
+            f"| {c.flushes / c.seconds:,.1f} "
+            f"| {c.writes_received / max(1, c.writes_flushed):,.1f} "
+            f"| {c.writes_per_stream_per_flush:.2f} "
+            f"| {c.cp_cpu:.2f} / {c.client_cpu:.2f} ({c.seconds:.2f}) |"
         )
-        yield ""
-    yield from targets(res)
-    if res.profile:
-        yield "### Sidecar profile under the 256 B load (py-spy, top 10 by own time)"
-        yield ""
-        yield "| own % of GIL-held samples | function (file) |"
-        yield "|---:|---|"
-        for name, share in res.profile:
-            yield f"| {share:.1f} | `{name}` |"
-        yield ""
+    yield ""
+
+
+def _resume_table(res: Results) -> Iterator[str]:
+    if not res.resume_ms:
+        return
+    s = res.resume_ms
+    yield "### Resume through a new sidecar (reconnect with Last-Event-ID → first event)"
+    yield ""
+    yield "| resumes | p50 ms | p99 ms | max ms | mean ms | first (cold) ms |"
+    yield "|---:|---:|---:|---:|---:|---:|"
+    yield (
+        f"| {len(s)} | {percentile(s, 50):.1f} | {percentile(s, 99):.1f} | {max(s):.1f} "
+        f"| {statistics.fmean(s):.1f} | {s[0]:.1f} |"
+    )
+    yield ""
+
+
+def _profile_table(res: Results) -> Iterator[str]:
+    if not res.profile:
+        return
+    yield "### Sidecar profile under the 256 B load (py-spy, top 10 by own time)"
+    yield ""
+    yield "| own % of GIL-held samples | function (file) |"
+    yield "|---:|---|"
+    for name, share in res.profile:
+        yield f"| {share:.1f} | `{name}` |"
+    yield ""
 
 
 def targets(res: Results) -> Iterator[str]:

@@ -84,7 +84,7 @@ async def start_control_plane(
     try:
         service = SessionService(store, batcher)
         # The generated module is untyped (protoc writes no annotations for it).
-        sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)
         health_servicer = AsyncHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -130,24 +130,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 if item is None:
                     break
                 batch, invalid, future = item
-                try:
-                    results = await future if future is not None else {}
-                except StoreError as e:
-                    await _abort(context, grpc.StatusCode.UNAVAILABLE, f"store: {e}")
-                except Exception:
-                    log.exception("flushing reports from %s failed", peer)
-                    await _abort(context, grpc.StatusCode.INTERNAL, "flushing reports failed")
+                results = await _flushed(future, context, peer) if future is not None else {}
                 ack = acknowledge(batch, results, invalid)
-                for r in ack.rejections:
-                    if r.reason is RejectionReason.UNKNOWN_SESSION:
-                        log.warning(
-                            "report from %s for unknown session %s (stream %r): skipped",
-                            peer,
-                            r.session_id,
-                            r.stream_id,
-                        )
-                    elif r.reason is RejectionReason.FENCED:
-                        log.info("fenced report from %s: %s %s", peer, r.session_id, r.detail)
+                _log_rejections(ack.rejections, peer)
                 yield convert.ack_to_pb(ack)
         finally:
             await tasks.cancel_and_wait(reader)
@@ -251,6 +236,30 @@ class SessionService(pb_grpc.SessionServiceServicer):
         finally:
             self._watch_queues.discard(queue)
             await tasks.cancel_and_wait(pump_task)
+
+
+async def _flushed(future: asyncio.Future[FlushResult], context: Context, peer: str) -> FlushResult:
+    """The batcher's result for one report batch; a failed flush ends the stream."""
+    try:
+        return await future
+    except StoreError as e:
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, f"store: {e}")
+    except Exception:
+        log.exception("flushing reports from %s failed", peer)
+        await _abort(context, grpc.StatusCode.INTERNAL, "flushing reports failed")
+
+
+def _log_rejections(rejections: Iterable[Rejection], peer: str) -> None:
+    for r in rejections:
+        if r.reason is RejectionReason.UNKNOWN_SESSION:
+            log.warning(
+                "report from %s for unknown session %s (stream %r): skipped",
+                peer,
+                r.session_id,
+                r.stream_id,
+            )
+        elif r.reason is RejectionReason.FENCED:
+            log.info("fenced report from %s: %s %s", peer, r.session_id, r.detail)
 
 
 async def _valid_session_id(value: str, context: Context) -> SessionId:

@@ -323,7 +323,7 @@ async def _call_control_plane(command: Command, args: argparse.Namespace) -> int
         print(f"error: {e}", file=sys.stderr)
         return 2
     async with channel:
-        stub = pb_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub = pb_grpc.SessionServiceStub(channel)
         try:
             await command(stub, args, sys.stdout)
         except grpc.aio.AioRpcError as e:

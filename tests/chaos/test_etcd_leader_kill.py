@@ -37,6 +37,7 @@ from tests.support.chaos import (
     start_count_stream,
 )
 from tests.support.etcd import EtcdCluster, EtcdMember, etcd_available, start_etcd
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.etcd, pytest.mark.timeout(40)]
 
@@ -68,14 +69,14 @@ def leader_of(members: list[EtcdMember], ids: dict[str, str]) -> EtcdMember | No
 
 
 async def wait_leader(members: list[EtcdMember], ids: dict[str, str]) -> EtcdMember:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while True:
-        leader = await asyncio.to_thread(leader_of, members, ids)
-        if leader is not None:
-            return leader
-        assert loop.time() < deadline, "no etcd leader elected"
-        await asyncio.sleep(POLL_S)
+    leader = await eventually(
+        lambda: asyncio.to_thread(leader_of, members, ids),
+        timeout=DEADLINE_S,
+        interval=POLL_S,
+        what="an etcd leader elected",
+    )
+    assert leader is not None
+    return leader
 
 
 @dataclass

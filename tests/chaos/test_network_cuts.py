@@ -34,8 +34,10 @@ from tests.support.chaos import (
     poll_persisted,
     start_count_stream,
 )
+from tests.support.metrics import counter_value
 from tests.support.netns import PodNetwork, netns_unavailable_reason
 from tests.support.procs import python_module
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(30)]
 
@@ -284,8 +286,8 @@ async def _partition_control_plane(
 
 
 async def test_loopback_cut_sidecar_upstream_and_heal(
-    sidecar_factory: SidecarFactory,
     control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
     numbered_upstream: Any,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
@@ -312,7 +314,9 @@ async def test_loopback_cut_sidecar_upstream_and_heal(
                     await client.wait_count(40)
                     relay.partition()
                     # The outage lasts until the sidecar has tried (and failed) to reconnect.
-                    await _until(lambda: relay.refused >= 1)
+                    await eventually(
+                        lambda: relay.refused >= 1, timeout=DEADLINE_S, what="a refused connection"
+                    )
                     relay.heal()
                     healed = time.monotonic()
                     await client.finished()
@@ -322,7 +326,7 @@ async def test_loopback_cut_sidecar_upstream_and_heal(
                     client, n=n, address=control_plane.address, session_id=sid, watcher=watcher
                 )
                 watcher.assert_never_backwards()
-    assert sidecar.proxy.metrics.reconnects._value.get() >= 2
+    assert counter_value(sidecar.proxy.metrics, "upstream_reconnects") >= 2
     chaos_table.add(
         ChaosRow.of(
             "loopback cut sidecar<->upstream, heal", got, client.first_arrival_after(healed)
@@ -331,8 +335,8 @@ async def test_loopback_cut_sidecar_upstream_and_heal(
 
 
 async def test_loopback_cut_sidecar_control_plane_and_heal(
-    sidecar_factory: SidecarFactory,
     control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
     numbered_upstream: Any,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
@@ -368,10 +372,3 @@ async def test_loopback_cut_sidecar_control_plane_and_heal(
             )
             watcher.assert_never_backwards()
     chaos_table.add(ChaosRow.of("loopback cut sidecar<->control plane, heal", got, recovered))
-
-
-async def _until(condition: Any, *, timeout: float = DEADLINE_S) -> None:
-    """Poll `condition()` until true (a deadline poll on a counter, not a synchronising sleep)."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)

@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(30)]
 
 
 async def test_sidecar_killed_new_sidecar_resumes(
-    procs: ProcessPool,
     control_plane: RunningControlPlane,
+    procs: ProcessPool,
     numbered_upstream: Any,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,

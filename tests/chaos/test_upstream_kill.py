@@ -32,6 +32,7 @@ from tests.support.chaos import (
     results_of,
     start_count_stream,
 )
+from tests.support.metrics import counter_value
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
 from tests.support.sse_client import Received
 
@@ -55,13 +56,13 @@ async def _kill_mid_request_then_call_again(
     listening again to the second call's first event (recover_s)."""
     client = StreamConsumer()
     # The upstream may answer other requests as SSE too: count only this stream's events.
-    events_before = int(metrics.events_in._value.get())
+    events_before = int(counter_value(metrics, "events_received"))
     client.start(lambda: http.post(url, json=first_call, headers=headers))
     try:
         await client.wait_count(10)
         server.kill()
         await client.finished()
-        sent_before_death = int(metrics.events_in._value.get()) - events_before
+        sent_before_death = int(counter_value(metrics, "events_received")) - events_before
         await server.wait_exit()
         await server.start(ready_port=port)
         healed = time.monotonic()
@@ -86,9 +87,9 @@ async def _assert_each_persisted(
 
 
 async def test_upstream_killed_and_restarted_with_event_store(
+    control_plane: RunningControlPlane,
     procs: ProcessPool,
     sidecar_factory: SidecarFactory,
-    control_plane: RunningControlPlane,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
 ) -> None:
@@ -117,7 +118,7 @@ async def test_upstream_killed_and_restarted_with_event_store(
         )
         await watcher.wait_position(sid, last)
         watcher.assert_never_backwards()
-    assert sidecar.proxy.metrics.reconnects._value.get() >= 1
+    assert counter_value(sidecar.proxy.metrics, "upstream_reconnects") >= 1
     chaos_table.add(
         ChaosRow.of(
             "upstream SIGKILL+restart, event store", got, client.first_arrival_after(healed)
@@ -126,9 +127,9 @@ async def test_upstream_killed_and_restarted_with_event_store(
 
 
 async def test_upstream_killed_without_event_store(
+    control_plane: RunningControlPlane,
     procs: ProcessPool,
     sidecar_factory: SidecarFactory,
-    control_plane: RunningControlPlane,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
 ) -> None:
@@ -185,9 +186,9 @@ async def test_upstream_killed_without_event_store(
 
 
 async def test_sdk_server_without_event_store_killed_mid_stream(
+    control_plane: RunningControlPlane,
     procs: ProcessPool,
     sidecar_factory: SidecarFactory,
-    control_plane: RunningControlPlane,
     http: aiohttp.ClientSession,
     chaos_table: ChaosTable,
 ) -> None:
@@ -233,7 +234,7 @@ async def test_sdk_server_without_event_store_killed_mid_stream(
         assert progress_of(second) == [1, 2, 3, 4, 5]
         (result,) = results_of(second)
         assert result["result"]["content"][0]["text"] == "counted 5"
-        assert metrics.reinitializations._value.get() >= 1
+        assert counter_value(metrics, "upstream_reinitializations") >= 1
         await _assert_each_persisted((first, second), control_plane.address, sid, watcher)
         watcher.assert_never_backwards()
 

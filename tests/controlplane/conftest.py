@@ -60,5 +60,5 @@ async def channel(control_plane: RunningControlPlane) -> AsyncIterator[grpc.aio.
 
 
 @pytest.fixture
-def stub(channel: grpc.aio.Channel) -> sessions_pb2_grpc.SessionServiceStub:
-    return sessions_pb2_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
+def stub(channel: grpc.aio.Channel) -> sessions_pb2_grpc.SessionServiceAsyncStub:
+    return sessions_pb2_grpc.SessionServiceStub(channel)

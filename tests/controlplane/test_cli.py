@@ -71,8 +71,8 @@ def test_control_plane_refuses_a_bad_store(capsys: pytest.CaptureFixture[str]) -
 
 async def seed(address: str) -> None:
     async with grpc.aio.insecure_channel(address) as ch:
-        stub = sessions_pb2_grpc.SessionServiceStub(ch)  # type: ignore[no-untyped-call]
-        call = stub.ReportEvents()
+        stub = sessions_pb2_grpc.SessionServiceStub(ch)
+        call = stub.ReportEvents(None)  # None: no request iterator, the test writes
         sessions = [
             pb.Session(session_id=f"s{i}", owner="pod-a", upstream_address="up:1") for i in range(3)
         ]
@@ -84,7 +84,9 @@ async def seed(address: str) -> None:
                 updates=[pb.StreamUpdate(session_id="s1", position=pos)],
             )
         )
-        assert (await call.read()).batch_id == 1
+        ack = await call.read()
+        assert isinstance(ack, pb.ReportEventsResponse)
+        assert ack.batch_id == 1
         await call.done_writing()
 
 

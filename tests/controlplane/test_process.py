@@ -44,7 +44,7 @@ def report(n: int) -> pb.ReportEventsRequest:
 async def report_and_watch(address: str) -> list[pb.SessionEvent]:
     """Report one batch, then watch: the snapshot, SYNCED, and a delete."""
     async with grpc.aio.insecure_channel(address) as ch:
-        stub: Any = sessions_pb2_grpc.SessionServiceStub(ch)  # type: ignore[no-untyped-call]
+        stub: Any = sessions_pb2_grpc.SessionServiceStub(ch)
         call = stub.ReportEvents()
         await call.write(report(3))
         async with asyncio.timeout(DEADLINE):
@@ -92,7 +92,7 @@ async def test_sigterm_stops_gracefully_with_writes_on_disk(
 ) -> None:
     proc, address = process
     async with grpc.aio.insecure_channel(address) as ch:
-        stub: Any = sessions_pb2_grpc.SessionServiceStub(ch)  # type: ignore[no-untyped-call]
+        stub: Any = sessions_pb2_grpc.SessionServiceStub(ch)
         call = stub.ReportEvents()
         await call.write(report(5))
         async with asyncio.timeout(DEADLINE):

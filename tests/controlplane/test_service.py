@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import pytest
@@ -24,7 +24,7 @@ from tether.api.v1 import sessions_pb2_grpc
 from tether.model import Rejection, RejectionReason, StreamId, parse_session_id
 
 DEADLINE = 10.0
-Stub = Any  # the generated stub is untyped
+Stub: TypeAlias = "sessions_pb2_grpc.SessionServiceAsyncStub"  # typed by sessions_pb2_grpc.pyi
 
 
 def session(sid: str = "s1", *, owner: str = "pod-a", epoch: int = 1) -> pb.Session:
@@ -56,7 +56,7 @@ class Reporter:
     """One ReportEvents stream, driven a batch at a time."""
 
     def __init__(self, stub: Stub) -> None:
-        self.call = stub.ReportEvents()
+        self.call = stub.ReportEvents(None)  # None: no request iterator, the test writes
         self.next_id = 0
 
     async def send(
@@ -71,7 +71,8 @@ class Reporter:
             )
         )
         async with asyncio.timeout(DEADLINE):
-            ack: pb.ReportEventsResponse = await self.call.read()
+            ack = await self.call.read()
+        assert isinstance(ack, pb.ReportEventsResponse)
         assert ack.batch_id == self.next_id
         return ack
 
@@ -279,7 +280,7 @@ async def test_watch_sees_snapshot_changes_and_expiry(
 async def test_records_survive_a_restart(db_path: Path, clock: FakeClock) -> None:
     first = await start(db_path, clock)
     async with grpc.aio.insecure_channel(first.address) as ch:
-        stub = sessions_pb2_grpc.SessionServiceStub(ch)  # type: ignore[no-untyped-call]
+        stub = sessions_pb2_grpc.SessionServiceStub(ch)
         reporter = Reporter(stub)
         await reporter.send(upserts=[session()], updates=[upd("s1", "a", 7)])
         before = await get(stub, "s1")
@@ -288,7 +289,7 @@ async def test_records_survive_a_restart(db_path: Path, clock: FakeClock) -> Non
     second = await start(db_path, clock)
     try:
         async with grpc.aio.insecure_channel(second.address) as ch:
-            stub = sessions_pb2_grpc.SessionServiceStub(ch)  # type: ignore[no-untyped-call]
+            stub = sessions_pb2_grpc.SessionServiceStub(ch)
             assert await get(stub, "s1") == before
     finally:
         await second.stop()
@@ -297,7 +298,7 @@ async def test_records_survive_a_restart(db_path: Path, clock: FakeClock) -> Non
 async def test_shutdown_acknowledges_what_it_read(db_path: Path, clock: FakeClock) -> None:
     running = await start(db_path, clock)
     async with grpc.aio.insecure_channel(running.address) as ch:
-        stub = sessions_pb2_grpc.SessionServiceStub(ch)  # type: ignore[no-untyped-call]
+        stub = sessions_pb2_grpc.SessionServiceStub(ch)
         reporter = Reporter(stub)
         await reporter.send(upserts=[session()], updates=[upd("s1", "a", 1)])
         watch = stub.WatchSessions(pb.WatchSessionsRequest())

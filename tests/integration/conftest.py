@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,15 +33,19 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-SidecarFactory = Callable[..., Awaitable[RunningSidecar]]
+class SidecarFactory:
+    """Starts sidecars on port 0 (proxied and admin): `await sidecar_factory(upstream, **config)`.
 
+    A stopping sidecar flushes its last positions to its control plane and waits up to 5 s for
+    the acknowledgements, so sidecars must stop before their control plane: request a
+    `control_plane` fixture before this one (fixtures are torn down in reverse), or call
+    `stop_all()` before stopping a control plane the test started itself.
+    """
 
-@pytest.fixture
-async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
-    """Start sidecars on port 0 (proxied and admin); all are stopped after the test."""
-    started: list[RunningSidecar] = []
+    def __init__(self) -> None:
+        self._started: list[RunningSidecar] = []
 
-    async def factory(upstream: str, **overrides: Any) -> RunningSidecar:
+    async def __call__(self, upstream: str, **overrides: Any) -> RunningSidecar:
         config = SidecarConfig(
             listen_host="127.0.0.1",
             listen_port=0,
@@ -51,12 +55,22 @@ async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
         )
         config = dataclasses.replace(config, **overrides)
         sidecar = await start_sidecar(config)
-        started.append(sidecar)
+        self._started.append(sidecar)
         return sidecar
 
+    async def stop_all(self) -> None:
+        """Stop every sidecar started so far, in the order they were started."""
+        started, self._started = self._started, []
+        for s in started:
+            await s.stop()
+
+
+@pytest.fixture
+async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
+    """Start sidecars on port 0 (proxied and admin); all are stopped after the test."""
+    factory = SidecarFactory()
     yield factory
-    for s in started:
-        await s.stop()
+    await factory.stop_all()
 
 
 @pytest.fixture

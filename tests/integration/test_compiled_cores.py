@@ -1,19 +1,32 @@
 """The optional mypyc build of the sans-IO cores behaves exactly like the pure-Python one:
 compile sidecar/sse.py and sidecar/tracker.py into a scratch directory, then run their unit
-tests (property tests included) against the compiled modules."""
+tests (property tests included) against the compiled modules.
+
+Compiling takes most of the time, so the built extension modules are cached under
+`build/mypyc-cores/<key>/`, keyed by the bytes of every source mypyc reads from this repository
+(the cores and `tether/model.py`), the mypy version and the interpreter: a build is reused only
+for exactly those sources, and the unit tests run against it every time.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import sys
+import sysconfig
+import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CORES = ["sidecar/sse.py", "sidecar/tracker.py"]
+# Everything of this repository that mypyc reads to compile CORES (their first-party imports).
+COMPILED_INPUTS = [*CORES, "tether/model.py"]
+CACHE = ROOT / "build" / "mypyc-cores"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,12 +45,58 @@ async def run(*argv: str, cwd: Path, env: dict[str, str]) -> str:
     return text
 
 
+def build_key() -> str:
+    digest = hashlib.sha256()
+    for name in COMPILED_INPUTS:
+        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes() + b"\0")
+    for part in (version("mypy"), sys.version, sysconfig.get_platform(), "MYPYC_OPT_LEVEL=3"):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:32]
+
+
+async def compiled(env: dict[str, str]) -> Path:
+    """The directory holding the compiled cores' extension modules (at their paths relative to
+    a source root), built now unless a build of exactly these inputs is cached."""
+    target = CACHE / build_key()
+    if await asyncio.to_thread(target.is_dir):
+        return target
+    scratch = await asyncio.to_thread(_scratch_copy)
+    try:
+        await run("mypyc", *CORES, cwd=scratch, env=env)
+        await asyncio.to_thread(_keep, scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _scratch_copy() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="building-", dir=CACHE))
+    shutil.copytree(ROOT / "sidecar", scratch / "sidecar", ignore=shutil.ignore_patterns("*.so"))
+    return scratch
+
+
+def _keep(scratch: Path, target: Path) -> None:
+    """Move the build's extension modules (mypyc's shared runtime library at the top, the
+    cores in sidecar/) into `target`, atomically: a concurrent run sees all of it or none."""
+    out = Path(tempfile.mkdtemp(prefix="built-", dir=CACHE))
+    (out / "sidecar").mkdir()
+    for so in [*scratch.glob("*.so"), *(scratch / "sidecar").glob("*.so")]:
+        shutil.copy2(so, out / so.relative_to(scratch))
+    try:
+        out.rename(target)
+    except OSError:
+        shutil.rmtree(out)  # another run stored the same build first
+
+
 async def test_compiled_cores_pass_the_same_unit_tests(tmp_path: Path) -> None:
     if shutil.which("cc") is None or shutil.which("mypyc") is None:
         pytest.skip("needs a C compiler and mypyc (from mypy)")
-    shutil.copytree(ROOT / "sidecar", tmp_path / "sidecar", ignore=shutil.ignore_patterns("*.so"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MYPYC_OPT_LEVEL": "3"}
-    await run("mypyc", *CORES, cwd=tmp_path, env=env)
+    built = await compiled(env)
+    shutil.copytree(ROOT / "sidecar", tmp_path / "sidecar", ignore=shutil.ignore_patterns("*.so"))
+    for so in built.rglob("*.so"):
+        shutil.copy2(so, tmp_path / so.relative_to(built))
     # The scratch directory comes first, so the compiled modules shadow the sources; they are
     # imported (and checked) before pytest starts, so the tests below use exactly them.
     args = [

@@ -9,8 +9,11 @@ import signal
 import sys
 from pathlib import Path
 
+import mcp_types
 import pytest
 from mcp import Client
+
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -73,14 +76,14 @@ async def test_demo_runs_serves_survives_a_server_kill_and_stops_on_ctrl_c(
 
         # Killing the example server: the demo restarts it and keeps serving.
         os.kill(server_pid, signal.SIGKILL)
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    async with Client(url, mode="legacy") as client:
-                        tools = await client.list_tools()
-                    break
-                except Exception:  # not up again yet
-                    await asyncio.sleep(0.2)
+
+        async def list_tools() -> mcp_types.ListToolsResult:
+            async with Client(url, mode="legacy") as client:
+                return await client.list_tools()
+
+        tools = await eventually(  # an exception: not up again yet
+            list_tools, timeout=30, interval=0.2, ignoring=(Exception,), what="the server back"
+        )
         assert "count" in {t.name for t in tools.tools}
 
         proc.send_signal(signal.SIGINT)

@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.procs import ProcessPool, free_port
+from tests.support.waiting import eventually
 from tether.api.client import SessionClient
 from tether.model import SessionId
 
@@ -71,11 +72,13 @@ async def test_control_plane_and_sidecar_from_variables_only(
                 session_id = SessionId(resp.headers["Mcp-Session-Id"])
 
             client = SessionClient(channel)
-            record = None
-            async with asyncio.timeout(10):  # reports are asynchronous: a bounded poll
-                while record is None:
-                    record = await client.get_session(session_id, timeout=5)
-                    await asyncio.sleep(0 if record else 0.02)
+            record = await eventually(  # reports are asynchronous
+                lambda: client.get_session(session_id, timeout=5),
+                timeout=10,
+                interval=0.02,
+                what="the session reported",
+            )
+            assert record is not None
             assert record.owner == "mcp-example-7d9f-abcde"
 
 

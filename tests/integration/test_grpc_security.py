@@ -29,6 +29,7 @@ from tests.integration.test_proxy import initialize
 from tests.support.certs import CertificateAuthority, Pair
 from tests.support.etcd import etcd_available, start_etcd
 from tests.support.procs import free_port
+from tests.support.waiting import eventually
 from tether.api.client import SessionClient
 from tether.grpc_security import ClientSecurity, ServerSecurity, open_channel
 from tether.model import OwnerName, SessionEventType, SessionId, SessionRecord, SessionUpsert
@@ -286,13 +287,15 @@ async def test_control_plane_on_etcd_over_mutual_tls(pki: Pki, tmp_path: Path) -
             ControlPlaneConfig(listen="127.0.0.1:0", store=store, etcd_tls=tls)
         )
         try:
-            async with asyncio.timeout(20):
-                while True:  # a fresh etcd takes a moment to elect itself and serve
-                    try:
-                        await cp.store.apply(writes=[SessionUpsert(sample_record("over-tls"))])
-                        break
-                    except StoreError:
-                        await asyncio.sleep(0.2)
+
+            async def stored() -> bool:
+                await cp.store.apply(writes=[SessionUpsert(sample_record("over-tls"))])
+                return True
+
+            # A fresh etcd takes a moment to elect itself and serve (StoreError until then).
+            await eventually(
+                stored, timeout=20, interval=0.2, ignoring=(StoreError,), what="a write over TLS"
+            )
             assert await cp.store.get(session_id=SessionId("over-tls")) is not None
             async with grpc.aio.insecure_channel(cp.address) as ch:
                 page = await SessionClient(ch).list_sessions(timeout=5)

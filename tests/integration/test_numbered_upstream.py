@@ -19,15 +19,13 @@ from aiohttp import web
 
 from tests.support.numbered_upstream import (
     STATELESS_VERSION,
-    RawEvent,
     count_stream,
     event_id,
     make_app,
     parse_event_id,
-    parse_sse,
-    read_sse,
 )
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
+from tests.support.sse_client import RawEvent, parse_sse, read_sse
 
 PROTOCOL = "2025-11-25"
 

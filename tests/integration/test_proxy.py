@@ -17,9 +17,10 @@ import pytest
 from sidecar.app import RunningSidecar
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory, serve_app
-from tests.support.numbered_upstream import parse_sse
+from tests.support.metrics import counter_value
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
-from tests.support.sse_client import Received, collect, events
+from tests.support.sse_client import Received, collect, events, parse_sse
+from tests.support.waiting import eventually
 
 MCP = "/mcp"
 HEADERS = {
@@ -215,10 +216,15 @@ async def test_client_resumes_with_last_event_id_from_the_replay_buffer(
         headers = {**HEADERS, "Mcp-Session-Id": sid}
         async with http.post(base + MCP, json=count_call(60), headers=headers) as resp:
             first = await collect(resp, limit=20)
-        # Client connection dropped after 20 events; the stream goes on upstream meanwhile.
+        # Client connection dropped after 20 events; the stream goes on upstream meanwhile:
+        # wait until the sidecar has read events the client has not seen.
         last = first[-1].id
         assert last is not None
-        await asyncio.sleep(0.05)
+        await eventually(
+            lambda: counter_value(sidecar.proxy.metrics, "events_received") >= 30,
+            timeout=10,
+            what="events read while the client is away",
+        )
         async with http.get(
             base + MCP, headers={**headers, "Last-Event-ID": last, "Accept": "text/event-stream"}
         ) as resp:
@@ -229,7 +235,7 @@ async def test_client_resumes_with_last_event_id_from_the_replay_buffer(
     assert len(final_results(got)) == 1
     ids = [e.id for e in got]
     assert len(set(ids)) == len(ids)
-    assert sidecar.proxy.metrics.resumes._value.get() == 1
+    assert counter_value(sidecar.proxy.metrics, "client_resumes") == 1
 
 
 async def test_resume_with_unknown_or_foreign_stream_is_refused(
@@ -268,8 +274,8 @@ async def test_upstream_polling_close_is_followed_transparently(
             got = await collect(resp)
     assert progress_numbers(got) == list(range(1, 41))
     assert len(final_results(got)) == 1
-    assert sidecar.proxy.metrics.reconnects._value.get() >= 5
-    assert sidecar.proxy.metrics.duplicates._value.get() >= 10
+    assert counter_value(sidecar.proxy.metrics, "upstream_reconnects") >= 5
+    assert counter_value(sidecar.proxy.metrics, "duplicates_dropped") >= 10
 
 
 async def test_malformed_upstream_event_ends_stream_cleanly(
@@ -352,9 +358,11 @@ async def test_slow_client_gets_backpressure_not_loss(
         )
         await writer.drain()
         # Not reading. The pump must pause instead of evicting unsent events.
-        async with asyncio.timeout(30):
-            while metrics.upstream_paused._value.get() < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await eventually(
+            lambda: counter_value(metrics, "upstream_paused") >= 1,
+            timeout=30,
+            what="the pump paused",
+        )
         (stream,) = sidecar.proxy.registry.streams.values()
         assert not stream.ended
         assert stream.tracker.buffered_bytes <= limit
@@ -372,7 +380,7 @@ async def test_slow_client_gets_backpressure_not_loss(
         assert progress_numbers(got) == list(range(1, n + 1))
         assert len(final_results(got)) == 1
         assert stream.tracker.buffered_bytes <= limit
-        assert metrics.slow_clients._value.get() == 0
+        assert counter_value(metrics, "slow_clients_dropped") == 0
 
 
 def _limits(**kw: int) -> Any:
@@ -436,9 +444,9 @@ async def test_upstream_killed_mid_stream_and_restarted(
         got = await read_killing_upstream(resp, upstream, kill_at=40, restart_port=port)
     assert progress_numbers(got) == list(range(1, n + 1))
     assert len(final_results(got)) == 1
-    assert sidecar.proxy.metrics.reconnects._value.get() >= 1
+    assert counter_value(sidecar.proxy.metrics, "upstream_reconnects") >= 1
     if overlap:
-        assert sidecar.proxy.metrics.duplicates._value.get() >= 1
+        assert counter_value(sidecar.proxy.metrics, "duplicates_dropped") >= 1
 
 
 async def test_upstream_without_ids_killed_gives_a_clear_end(

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from sidecar.reporter import (
 )
 from tests.contract.conftest import FakeClock
 from tests.controlplane.conftest import TTL, cp_config
+from tests.support.procs import free_port
 from tether.api.client import SessionClient
 from tether.model import (
     BatchAck,
@@ -44,14 +44,6 @@ DEADLINE = 10.0
 SID = SessionId("s1")
 POD_A = OwnerName("pod-a")
 POD_B = OwnerName("pod-b")
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (so a control plane can start on it later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ControlPlane:

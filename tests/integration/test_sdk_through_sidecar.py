@@ -16,6 +16,7 @@ from mcp import Client
 from mcp.client.sse import sse_client
 
 from tests.integration.conftest import SidecarFactory
+from tests.support.metrics import counter_value
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.relay import Relay
 
@@ -128,4 +129,4 @@ async def test_client_network_blip_mid_tool_call(
             result: Any = await asyncio.wait_for(call, 30)
             assert text_of(result) == "counted 30"
     assert progress.seen == [float(i) for i in range(1, 31)]
-    assert sidecar.proxy.metrics.resumes._value.get() >= 1
+    assert counter_value(sidecar.proxy.metrics, "client_resumes") >= 1

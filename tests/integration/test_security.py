@@ -13,7 +13,9 @@ from controlplane.config import ControlPlaneConfig, SqliteUrl
 from controlplane.server import start_control_plane
 from tests.integration.conftest import SidecarFactory, serve_app
 from tests.integration.test_proxy import HEADERS, MCP, count_call, progress_numbers
+from tests.support.metrics import counter_value
 from tests.support.sse_client import collect
+from tests.support.waiting import eventually
 
 INIT = {
     "jsonrpc": "2.0",
@@ -98,9 +100,10 @@ async def test_a_session_belongs_to_the_credential_that_created_it(
                 assert resp.status == 404  # refused on the adopting sidecar too
             async with http.post(base_b + MCP, json=count_call(2), headers=alice) as resp:
                 assert progress_numbers(await collect(resp)) == [1, 2]
-        refused = a.proxy.metrics.refused.labels("credential")._value.get()
+        refused = counter_value(a.proxy.metrics, "refused", reason="credential")
         assert refused == 4
     finally:
+        await sidecar_factory.stop_all()  # before their control plane (see SidecarFactory)
         await cp.stop()
 
 
@@ -115,18 +118,18 @@ async def test_too_many_streams_are_answered_503(
         first = await http.get(base + MCP, headers={**get, "Mcp-Session-Id": sessions[0]})
         second = await http.get(base + MCP, headers={**get, "Mcp-Session-Id": sessions[1]})
         try:
-            async with asyncio.timeout(10):
-                while sidecar.proxy.active_streams < 2:  # noqa: ASYNC110 - condition poll
-                    await asyncio.sleep(0.01)
+            await eventually(
+                lambda: sidecar.proxy.active_streams >= 2, timeout=10, what="two open streams"
+            )
             async with http.get(base + MCP, headers={**get, "Mcp-Session-Id": sessions[2]}) as r:
                 assert r.status == 503
                 assert r.headers["Retry-After"] == "1"
         finally:
             first.close()
             second.close()
-        async with asyncio.timeout(10):
-            while sidecar.proxy.active_streams:  # noqa: ASYNC110 - condition poll
-                await asyncio.sleep(0.01)
+        await eventually(
+            lambda: not sidecar.proxy.active_streams, timeout=10, what="no open streams"
+        )
         async with http.get(base + MCP, headers={**get, "Mcp-Session-Id": sessions[2]}) as r:
             assert r.status == 200
 

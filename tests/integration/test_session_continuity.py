@@ -26,6 +26,7 @@ from tests.integration.conftest import SidecarFactory
 from tests.integration.test_proxy import HEADERS, MCP, count_call, final_results, initialize
 from tests.integration.test_proxy import progress_numbers as progress
 from tests.support.etcd import etcd_available, start_etcd
+from tests.support.metrics import counter_value
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
 from tests.support.sse_client import Received, events
 from tether.api.client import SessionClient
@@ -75,7 +76,7 @@ def sidecar_argv(port: int, upstream: str, control_plane: str, owner: str) -> li
 
 
 async def test_new_sidecar_resumes_a_stream_after_the_old_one_is_killed(
-    procs: ProcessPool, control_plane: RunningControlPlane, http: aiohttp.ClientSession
+    control_plane: RunningControlPlane, procs: ProcessPool, http: aiohttp.ClientSession
 ) -> None:
     """Client streams through sidecar A; A is SIGKILLed; B starts on the same address with
     the same control plane; the client reconnects with Last-Event-ID and gets every event
@@ -139,8 +140,8 @@ async def test_new_sidecar_resumes_a_stream_after_the_old_one_is_killed(
 
 
 async def test_stale_owner_is_fenced_after_a_claim(
-    sidecar_factory: SidecarFactory,
     control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
     numbered_upstream: Any,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -212,11 +213,11 @@ async def test_upstream_restart_without_persistence_is_invisible_to_the_client(
         (same,) = sidecar.proxy.registry.sessions.values()
         assert same is sess
         assert sess.upstream_session_id != first_upstream
-    assert sidecar.proxy.metrics.reinitializations._value.get() >= 1
+    assert counter_value(sidecar.proxy.metrics, "upstream_reinitializations") >= 1
 
 
 async def test_sdk_client_survives_its_sidecar_being_killed(
-    procs: ProcessPool, control_plane: RunningControlPlane
+    control_plane: RunningControlPlane, procs: ProcessPool
 ) -> None:
     """As a user would see it: the official SDK client in the middle of a tool call, its
     sidecar SIGKILLed and a new one started at the same address; the call completes with

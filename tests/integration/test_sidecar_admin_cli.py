@@ -192,6 +192,7 @@ async def test_metrics_show_how_reporting_to_the_control_plane_goes(
             async with http.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics") as resp:
                 text = await resp.text()
     finally:
+        await sidecar_factory.stop_all()  # before their control plane (see SidecarFactory)
         await cp.stop()
     values = {
         line.split()[0]: float(line.split()[1])

@@ -16,6 +16,7 @@ import pytest
 from mcp import Client
 
 from tests.kind.conftest import HERE, MCP_URL, REPO_ROOT, SKIP_REASON, Cluster
+from tests.support.waiting import eventually
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,14 +54,16 @@ def text_of(result: Any) -> str:
 
 async def wait_until_served(timeout: float = 120) -> None:
     """The node port answers once kube-proxy has the endpoints: a bounded retry."""
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                async with Client(MCP_URL, mode="legacy") as client:
-                    await client.list_tools()
-                return
-            except Exception:  # connection refused/reset while endpoints settle
-                await asyncio.sleep(1)
+
+    async def served() -> bool:
+        async with Client(MCP_URL, mode="legacy") as client:
+            await client.list_tools()
+        return True
+
+    # Connection refused or reset while the endpoints settle means "not yet".
+    await eventually(
+        served, timeout=timeout, interval=1, ignoring=(Exception,), what="the node port serving"
+    )
 
 
 async def kubectl(cluster: Cluster, *args: str) -> str:

@@ -346,7 +346,7 @@ class PositionWatcher:
                             self.observe(ev.session, source=f"watch #{self.watches_opened}")
             except grpc.aio.AioRpcError:
                 pass  # the control plane went away: watch again once it is back
-            await asyncio.sleep(WATCH_RETRY_S)
+            await asyncio.sleep(WATCH_RETRY_S)  # a re-watch pace, not a wait
 
     def observe(self, record: SessionRecord, *, source: str) -> None:
         """Check and remember every stream position of `record`, as the watch delivered it
@@ -459,7 +459,7 @@ async def poll_persisted(
                 raise AssertionError(
                     f"persisted position never reached {target} within {timeout}s (last: {last})"
                 )
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(POLL_S)  # poll interval; the deadline is above
 
 
 async def assert_delivered_and_persisted(

@@ -7,7 +7,6 @@ use a short heartbeat so that leader elections and lease expiry take about a sec
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -15,19 +14,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.procs import free_port
+
 ETCD_BINARY = shutil.which("etcd") or "/usr/bin/etcd"
 
 
 def etcd_available() -> bool:
     return Path(ETCD_BINARY).is_file()
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -117,7 +110,7 @@ class EtcdCluster:
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"etcd members not healthy: {[m.name for m in pending]}")
             if pending:
-                time.sleep(0.05)
+                time.sleep(0.05)  # poll interval (sync: called from sync fixtures)
 
     def stop(self) -> None:
         for m in self.members:

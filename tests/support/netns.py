@@ -271,4 +271,4 @@ class PodProcess(ManagedProcess):
                     f"{self.name} not listening on {host}:{port} after {timeout}s\n"
                     + self.log_tail()
                 )
-            await asyncio.sleep(READY_POLL_S)
+            await asyncio.sleep(READY_POLL_S)  # poll interval; the deadline is above

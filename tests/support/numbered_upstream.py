@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import ClientResponse, web
+from aiohttp import web
 
 log = logging.getLogger("tests.numbered_upstream")
 
@@ -487,69 +487,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# --- reading it back (for tests) -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RawEvent:
-    """One SSE event as sent: fields kept as bytes-level facts, `data` undecoded."""
-
-    id: str | None
-    data: bytes
-    retry: int | None = None
-    event: str | None = None
-
-    def json(self) -> Any:
-        return json.loads(self.data)
-
-
-def parse_sse(body: bytes) -> list[RawEvent]:
-    """Split a complete SSE body (LF or CRLF) into events; a test-grade parser, not the proxy's."""
-    events: list[RawEvent] = []
-    block: list[bytes] = []
-    for line in body.replace(b"\r\n", b"\n").split(b"\n"):
-        _add_line(line, block, events)
-    return events
-
-
-async def read_sse(response: ClientResponse, max_events: int | None = None) -> list[RawEvent]:
-    """Read events from an aiohttp response until `max_events` or the end of the body."""
-    events: list[RawEvent] = []
-    block: list[bytes] = []
-    while max_events is None or len(events) < max_events:
-        line = await response.content.readline()
-        if not line:
-            break
-        _add_line(line.rstrip(b"\n").rstrip(b"\r"), block, events)
-    return events
-
-
-def _add_line(line: bytes, block: list[bytes], events: list[RawEvent]) -> None:
-    """One line (without its ending) into the event being read; a blank line ends it."""
-    if line.startswith(b":"):
-        return  # a comment, such as a keep-alive ping
-    if line:
-        block.append(line)
-    elif block:
-        events.append(_event_from_lines(block))
-        block.clear()
-
-
-def _event_from_lines(lines: list[bytes]) -> RawEvent:
-    fields: dict[bytes, bytes] = {}
-    data: list[bytes] = []
-    for line in lines:
-        name, _, value = line.partition(b":")
-        value = value.removeprefix(b" ")
-        if name == b"data":
-            data.append(value)
-        else:
-            fields[name] = value
-    return RawEvent(
-        id=fields[b"id"].decode() if b"id" in fields else None,
-        data=b"\n".join(data),
-        retry=int(fields[b"retry"]) if b"retry" in fields else None,
-        event=fields[b"event"].decode() if b"event" in fields else None,
-    )

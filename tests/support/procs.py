@@ -128,7 +128,7 @@ class ManagedProcess:
                 raise ProcessError(
                     f"{self.name} not listening on {port} after {timeout}s\n" + self.log_tail()
                 )
-            await asyncio.sleep(READY_POLL_S)
+            await asyncio.sleep(READY_POLL_S)  # poll interval; the deadline is above
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send `sig` (SIGKILL: a crash) if the process is still running."""

@@ -1,7 +1,7 @@
 """A typed client of `tether.v1.SessionService` that speaks `tether.model` types.
 
-The generated stub is untyped (protoc writes no annotations for gRPC modules); this wrapper
-is what the sidecar and tools use, so that protobuf stays at the edge. Status codes become
+The generated stub (typed by `sessions_pb2_grpc.pyi`) speaks protobuf; this wrapper is what
+the sidecar and tools use, so that protobuf stays at the edge. Status codes become
 exceptions a caller can act on:
     NOT_FOUND            -> `SessionGoneError` (or None from `get_session`)
     FAILED_PRECONDITION  -> `ClaimLostError`
@@ -11,7 +11,7 @@ exceptions a caller can act on:
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import TypeAlias, cast
 
 import grpc
 
@@ -37,11 +37,14 @@ class ClaimLostError(RuntimeError):
     """A claim with an expected owner epoch found the session at another epoch."""
 
 
+_ReportCall: TypeAlias = grpc.aio.StreamStreamCall[pb.ReportEventsRequest, pb.ReportEventsResponse]
+
+
 class ReportStream:
     """One `ReportEvents` call: `send` batches, read acknowledgements (in batch order) from
     `acks()`; `done_writing` half-closes, after which `acks()` ends once all are in."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: _ReportCall) -> None:
         self._call = call
 
     async def send(self, batch: ReportBatch) -> None:
@@ -52,7 +55,8 @@ class ReportStream:
             msg = await self._call.read()
             if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
                 return
-            yield convert.ack_from_pb(msg)
+            # grpc-stubs types read() as `EOFType | T` with `EOFType = object`, which hides T.
+            yield convert.ack_from_pb(cast("pb.ReportEventsResponse", msg))
 
     async def done_writing(self) -> None:
         await self._call.done_writing()
@@ -65,10 +69,11 @@ class SessionClient:
     """Calls on an open `grpc.aio.Channel`; every unary call takes an optional timeout."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub: Any = pb_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._stub = pb_grpc.SessionServiceStub(channel)  # a SessionServiceAsyncStub
 
     def report_events(self) -> ReportStream:
-        return ReportStream(self._stub.ReportEvents())
+        # None: no request iterator, the caller writes (grpc-stubs has no default for it).
+        return ReportStream(self._stub.ReportEvents(None))
 
     async def get_session(
         self, session_id: SessionId, *, timeout: float | None = None
