@@ -18,6 +18,10 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 # nginx for the benchmark harness's smoke test, iproute2 for the chaos suite's network namespaces.
 command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# The compiled-cores test builds the sans-IO cores with mypyc: a C compiler and Python's headers.
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
+    >/dev/null 2>&1 || need_apt+=(python3-dev)
 # Debian's python3 ships `venv` without ensurepip; python3-venv brings it.
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ "${#need_apt[@]}" -gt 0 ]; then

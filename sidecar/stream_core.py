@@ -39,7 +39,7 @@ from typing import Final, NamedTuple
 
 from sidecar.jsonrpc import RequestId, answered_ids, error_body
 from sidecar.reconnect import GiveUp, Outcome, ReconnectConfig, ReconnectPolicy
-from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun, encode_comment
+from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun, encode_comment, encode_event
 from sidecar.tracker import Gap, StreamKind, StreamTracker
 
 Rewrite = Callable[[SSEEvent, str], tuple[SSEEvent, str | None]]
@@ -399,3 +399,47 @@ class StreamCore:
                 items[n] = new
                 announced = name or announced
         return announced
+
+
+class CatchUp:
+    """Events older than the replay buffer, fetched again from the upstream (which resumes
+    after the client's cursor), mapped back onto the ids the client was first given.
+
+    Fed the re-fetched response's bytes; returns the client-facing bytes to write. `done`
+    once the buffer takes over (from `position` on); `failed` says why it cannot go on."""
+
+    def __init__(self, tracker: StreamTracker, after_seq: int, *, max_event_bytes: int) -> None:
+        self.tracker = tracker
+        self.position = after_seq
+        self.done = not isinstance(tracker.events_after(after_seq), Gap)
+        self.failed: str | None = None
+        self._parser = SSEParser(max_event_bytes=max_event_bytes)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        for item in self._parser.feed(chunk):
+            if self.done or self.failed is not None:
+                break
+            if isinstance(item, SSEError):
+                self.failed = item.message
+            elif item.data:
+                self._map(item, out)
+        return out
+
+    def _map(self, item: SSEEvent, out: list[bytes]) -> None:
+        tracker = self.tracker
+        if not item.id:
+            self.failed = "a re-fetched event has no id"
+            return
+        # Usually the next seq; otherwise look the upstream id up in the index.
+        seq: int | None = self.position + 1
+        if tracker.upstream_cursor_at(self.position + 1) != item.id:
+            seq = tracker.seq_for_upstream_id(item.id)
+        if seq is None:
+            self.failed = f"re-fetched event {item.id!r} is not in the id index"
+            return
+        if seq <= self.position:
+            return  # the upstream re-sent something the client has
+        out.append(encode_event(data=item.data, id=str(tracker.event_id(seq)), event=item.event))
+        self.position = seq
+        self.done = not isinstance(tracker.events_after(seq), Gap)

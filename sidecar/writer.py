@@ -17,10 +17,9 @@ from aiohttp import web
 from sidecar.config import SidecarConfig
 from sidecar.headers import is_sse
 from sidecar.metrics import Metrics
-from sidecar.sse import SSEError, SSEParser, encode_comment, encode_event
-from sidecar.stream_core import Behind, Close, Send
+from sidecar.sse import encode_comment
+from sidecar.stream_core import Behind, CatchUp, Close, Send
 from sidecar.streams import LiveStream
-from sidecar.tracker import Gap
 from sidecar.upstream import UPSTREAM_ERRORS, Upstream
 
 log = logging.getLogger("tether.sidecar.writer")
@@ -104,7 +103,6 @@ class Writer:
         """Re-fetch events older than the replay buffer from the upstream and write them with
         their original client-facing ids; returns the seq where the buffer takes over, or None
         if the upstream could not supply them."""
-        tracker = stream.tracker
         try:
             resp = await self.upstream.get_stream(
                 stream.upstream_path, stream.upstream_headers, cursor
@@ -112,50 +110,22 @@ class Writer:
         except UPSTREAM_ERRORS as exc:
             log.warning("stream %s: catch-up request failed: %s", stream.stream_id, exc)
             return None
-        position = after_seq
+        catch_up = CatchUp(stream.tracker, after_seq, max_event_bytes=self.config.max_event_bytes)
         try:
             if not is_sse(resp.status, resp.headers.get("Content-Type", "")):
                 log.warning("stream %s: catch-up answered %d", stream.stream_id, resp.status)
                 return None
-            parser = SSEParser(max_event_bytes=self.config.max_event_bytes)
             async for chunk in resp.content.iter_any():
-                batch: list[bytes] = []
-                for item in parser.feed(chunk):
-                    if isinstance(item, SSEError):
-                        log.warning("stream %s: catch-up: %s", stream.stream_id, item.message)
-                        return None
-                    if not item.data:
-                        continue
-                    if not item.id:
-                        log.warning("stream %s: catch-up event has no id", stream.stream_id)
-                        return None
-                    # Usually the next seq; otherwise look the upstream id up in the index.
-                    seq: int | None = position + 1
-                    if tracker.upstream_cursor_at(position + 1) != item.id:
-                        seq = tracker.seq_for_upstream_id(item.id)
-                    if seq is None:
-                        log.warning(
-                            "stream %s: catch-up event %s is not in the id index",
-                            stream.stream_id,
-                            item.id,
-                        )
-                        return None
-                    if seq <= position:
-                        continue  # the upstream re-sent something the client has
-                    batch.append(
-                        encode_event(
-                            data=item.data, id=str(tracker.event_id(seq)), event=item.event
-                        )
-                    )
-                    position = seq
-                    if not isinstance(tracker.events_after(position), Gap):
-                        break
+                batch = catch_up.feed(chunk)
                 if batch:
                     async with asyncio.timeout(self.config.client_write_timeout):
                         await out.write(b"".join(batch))
                     self.metrics.events_out.inc(len(batch))
-                if not isinstance(tracker.events_after(position), Gap):
-                    return position
+                if catch_up.failed is not None:
+                    log.warning("stream %s: catch-up: %s", stream.stream_id, catch_up.failed)
+                    return None
+                if catch_up.done:
+                    return catch_up.position
             return None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             log.warning("stream %s: catch-up broke: %s", stream.stream_id, exc)
