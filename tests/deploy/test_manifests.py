@@ -15,6 +15,7 @@ import pytest
 
 from controlplane.config import EtcdUrl, SqliteUrl, parse_store_url
 from sidecar.cli import config_from_args
+from sidecar.guard import HostPolicy
 from sidecar.reconnect import Outcome, ReconnectPolicy, Retry
 from tests.deploy.render import (
     DEPLOY,
@@ -203,6 +204,27 @@ def test_sidecar_outlasts_its_pod_termination(
         while isinstance(decision := policy.next(Outcome.FAILED, now=now, retry_ms=None), Retry):
             now += decision.delay
         assert now > 2 * grace, f"seed {seed}: gave up after {now:.1f}s (grace {grace}s)"
+
+
+def test_sidecar_answers_every_name_of_the_service_in_front_of_it(
+    overlay: list[Obj], clean_environ: pytest.MonkeyPatch
+) -> None:
+    """The sidecar refuses Host names it was not told (DNS rebinding): the Service's names,
+    in this namespace, must be allowed by the real policy built from the rendered settings."""
+    deployment = find(overlay, "Deployment", "mcp-example")
+    service = find(overlay, "Service", "mcp-example")
+    (sidecar,) = pod_spec(deployment)["initContainers"]
+    for key, value in container_env(overlay, sidecar).items():
+        clean_environ.setenv(key, value)
+    config = config_from_args(build_parser().parse_args(sidecar["args"]))
+    policy = HostPolicy(config.allowed_hosts, listen_host=config.listen_host)
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    port = service["spec"]["ports"][0]["port"]
+    svc = f"{name}.{namespace}.svc"
+    for host in (name, f"{name}.{namespace}", svc, f"{svc}.cluster.local"):
+        for value in (host, f"{host}:{port}"):
+            assert policy.allows(value), value
+    assert not policy.allows(f"{name}.elsewhere.example")
 
 
 # --- the settings are ones the real CLI accepts ---------------------------------------------
