@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from sidecar.guard import HostPolicy, OriginPolicy, TrustedProxies
 from sidecar.reconnect import ReconnectConfig
+from sidecar.stream_core import check_buffer_fits_events
 from sidecar.tracker import TrackerLimits
 from tether.grpc_security import ClientSecurity
 
@@ -91,8 +92,15 @@ class SidecarConfig:
             TrustedProxies(self.trusted_proxies)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
         if self.client_retry_ms is not None and not 0 <= self.client_retry_ms <= 3_600_000:
             raise ConfigError("client_retry_ms must be between 0 and 3600000")
+        try:
+            check_buffer_fits_events(self.tracker, self.max_event_bytes)
+        except ValueError as exc:
+            raise ConfigError(f"--replay-bytes / --max-event-bytes: {exc}") from exc
         if self.max_streams < 1:
             raise ConfigError("max_streams must be at least 1")
         if self.max_upstream_requests < 1:

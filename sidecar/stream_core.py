@@ -18,7 +18,9 @@ Invariants:
    given new bytes once the previous relay did not pause.
 3. Backpressure: a relay stops as soon as the events no client has been sent reach half of the
    replay buffer (in events or bytes) and says `paused`; the caller waits until `sent()` makes
-   room, then relays again. Unsent events are therefore never evicted from the buffer.
+   room, then relays again. Unsent events are therefore never evicted from the buffer: at most
+   half the buffer plus one event is unsent, eviction keeps 7/8 of it, and the buffer holds at
+   least three of the largest events (`check_buffer_fits_events`).
 4. A POST stream whose request ids are known is COMPLETE once each has an answer; one whose ids
    are unknown (adopted, unparseable body) at its first answer, or at a clean close without
    `retry:` (a close with `retry:` is MCP polling, not an end).
@@ -40,7 +42,7 @@ from typing import Final, NamedTuple
 from sidecar.jsonrpc import RequestId, answered_ids, error_body
 from sidecar.reconnect import GiveUp, Outcome, ReconnectConfig, ReconnectPolicy
 from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun, encode_comment, encode_event
-from sidecar.tracker import Gap, StreamKind, StreamTracker
+from sidecar.tracker import EVENT_OVERHEAD, Gap, StreamKind, StreamTracker, TrackerLimits
 
 Rewrite = Callable[[SSEEvent, str], tuple[SSEEvent, str | None]]
 """Rewrites an event of the upstream response at a URL; also returns a session name it
@@ -122,6 +124,17 @@ WAIT: Final = Wait()
 WriteStep = Send | Wait | Close | Behind
 
 
+def check_buffer_fits_events(limits: TrackerLimits, max_event_bytes: int) -> None:
+    """Rule 3 holds only if the replay buffer holds three of the largest events; ValueError
+    saying so otherwise (a buffer smaller than that would evict events no client has had)."""
+    need = 3 * (max_event_bytes + EVENT_OVERHEAD)
+    if limits.replay_max_bytes < need:
+        raise ValueError(
+            f"the replay buffer ({limits.replay_max_bytes} bytes) must hold three of the "
+            f"largest events: at least {need} bytes for events of up to {max_event_bytes}"
+        )
+
+
 class StreamCore:
     """One stream's state machine (see the module invariants)."""
 
@@ -157,6 +170,7 @@ class StreamCore:
         rng: random.Random | None = None,
         bulk: bool = True,
     ) -> None:
+        check_buffer_fits_events(tracker.limits, max_event_bytes)
         self.tracker = tracker
         self.kind = kind
         self.pending: set[RequestId] = set(request_ids)

@@ -44,6 +44,10 @@ MAX_UPSTREAM_ID_BYTES = 2048
 """Longest upstream event id (UTF-8 bytes) the tracker accepts. Encoded into our id it stays far
 below the 8 KiB header limits of common HTTP stacks (aiohttp, Node, nginx)."""
 
+EVENT_OVERHEAD = 4096
+"""Bytes an event's client-facing form adds to its upstream block at most: our id line (a
+stream id, epoch, seq and an encoded cursor of up to `MAX_UPSTREAM_ID_BYTES`)."""
+
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _BASE64URL = re.compile(rf"^[A-Za-z0-9_-]{{1,{-(-MAX_UPSTREAM_ID_BYTES * 4 // 3)}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -51,7 +51,7 @@ def relay(data: bytes, cuts: list[int], bulk: bool) -> tuple[object, ...]:
     client that reads at every pause; returns everything observable."""
     tracker = StreamTracker(
         StreamId("p0"),
-        limits=TrackerLimits(dedup_window=8, replay_max_events=64, replay_max_bytes=1 << 14),
+        limits=TrackerLimits(dedup_window=8, replay_max_events=64, replay_max_bytes=1 << 15),
     )
     core = StreamCore(
         tracker,

@@ -336,7 +336,9 @@ async def test_slow_client_gets_backpressure_not_loss(
     limit = 256 * 1024
     n = 40_000  # ~6 MB: more than the kernel's socket buffers can hide
     async with numbered_upstream(interval_ms=0) as up:
-        sidecar = await sidecar_factory(up, tracker=_limits(replay_max_bytes=limit))
+        sidecar = await sidecar_factory(
+            up, tracker=_limits(replay_max_bytes=limit), max_event_bytes=64 * 1024
+        )
         base = f"http://127.0.0.1:{sidecar.port}"
         sid = await initialize(http, base)
         headers = {**HEADERS, "Mcp-Session-Id": sid}

@@ -26,6 +26,7 @@ from sidecar.stream_core import (
     StreamState,
 )
 from sidecar.tracker import (
+    EVENT_OVERHEAD,
     MAX_UPSTREAM_ID_BYTES,
     EventId,
     StreamKind,
@@ -44,6 +45,7 @@ def core(
     ids: tuple[int, ...] = (),
     events: int = 64,
     nbytes: int = 1 << 20,
+    max_event_bytes: int = 1024,
     bulk: bool = True,
     cursor: str = "",
 ) -> StreamCore:
@@ -56,7 +58,7 @@ def core(
         tracker,
         kind,
         reconnect=ReconnectConfig(max_attempts=3),
-        max_event_bytes=1 << 16,
+        max_event_bytes=max_event_bytes,
         request_ids=ids,
         rng=random.Random(0),
         bulk=bulk,
@@ -290,7 +292,7 @@ def test_bad_event_fails_the_stream_with_the_reason() -> None:
 def test_an_id_that_cannot_round_trip_fails_the_stream_clearly(
     upstream_id: str, why: str, bulk: bool
 ) -> None:
-    c = core(ids=(7,), bulk=bulk)
+    c = core(ids=(7,), bulk=bulk, max_event_bytes=8192)
     client = Client()
     feed(c, [block(1, eid="ok1") + block(2, eid=upstream_id) + block(3, eid="ok3")], client)
     assert c.state is StreamState.FAILED
@@ -315,7 +317,7 @@ def test_an_id_that_cannot_round_trip_fails_the_stream_clearly(
 def test_every_accepted_id_round_trips_and_reaches_the_upstream_intact(upstream_id: str) -> None:
     """Invariant 6 of the tracker, through the core: accepted ids round-trip through our id
     and are the cursor; refused ones fail the stream and never become a cursor."""
-    c = core(bulk=True)
+    c = core(bulk=True, max_event_bytes=8192)
     feed(c, [block(1, eid=upstream_id)], Client())
     if unusable_upstream_id(upstream_id) is None:
         assert c.state is StreamState.OPEN
@@ -349,6 +351,7 @@ def upstream_streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
                     '{"result":{}}',
                     '{"id":1,"error":{}}',
                     "é" * 30,
+                    "y" * 1000,  # large enough for the bytes mark to matter
                     '{"jsonrpc":"2.0","method":"notifications/progress","params":{}}',
                     '{"jsonrpc":"2.0","id":2,"result":{}}',
                 ]
@@ -394,7 +397,12 @@ def run_core(
 
 
 @settings(max_examples=300, deadline=None)
-@given(upstream_streams(), st.integers(1, 12), st.integers(60, 3000), st.integers(1, 3))
+@given(
+    upstream_streams(),
+    st.integers(1, 12),
+    st.integers(3 * (1024 + EVENT_OVERHEAD), 40_000),
+    st.integers(1, 3),
+)
 def test_bulk_path_relays_exactly_what_the_event_path_does(
     case: tuple[bytes, list[int]], events: int, nbytes: int, turns: int
 ) -> None:
@@ -403,3 +411,11 @@ def test_bulk_path_relays_exactly_what_the_event_path_does(
     raw, cuts = case
     kw = {"events": events, "nbytes": nbytes, "turns": turns}
     assert run_core(raw, cuts, bulk=True, **kw) == run_core(raw, cuts, bulk=False, **kw)
+
+
+def test_a_buffer_too_small_for_the_largest_event_is_refused() -> None:
+    """Rule 3 needs room for three of the largest events: a smaller buffer would evict events
+    a paused client has not had, which would stall the pump for good."""
+    with pytest.raises(ValueError, match="three of the largest events"):
+        core(nbytes=3 * (1024 + EVENT_OVERHEAD) - 1)
+    core(nbytes=3 * (1024 + EVENT_OVERHEAD))
