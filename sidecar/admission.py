@@ -3,7 +3,8 @@
 Checks, in order, each refusal logged, counted (`refused{reason}`) and answered in JSON-RPC
 shape:
 1. `Host` not allowed -> 421 (the sidecar rewrites `Host`, so it must check it: DNS rebinding).
-2. A browser `Origin` not allowed -> 403.
+2. A browser `Origin` not allowed -> 403 (each `Origin` header is checked, if there are
+   several).
 3. Over `max_streams` open SSE responses, or over `max_upstream_requests` requests waiting for
    the upstream -> 503 with `Retry-After`.
 4. A session (or legacy session) presented with another credential than the one that created
@@ -53,9 +54,10 @@ class Admission:
             return self._refuse(
                 request, "host", 421, f"host {(host or '')[:200]!r} is not served here"
             )
-        origin = request.headers.get("Origin")
-        if origin is not None and not self.origins.allows(origin):
-            return self._refuse(request, "origin", 403, f"origin {origin[:200]!r} is not allowed")
+        for origin in request.headers.getall("Origin", ()):  # every one, however many
+            if not self.origins.allows(origin):
+                message = f"origin {origin[:200]!r} is not allowed"
+                return self._refuse(request, "origin", 403, message)
         if request.method in ("GET", "POST") and self.writer.active >= self.config.max_streams:
             return self._busy(request, "too_many_streams", f"{self.writer.active} streams open")
         if self.upstream.full:

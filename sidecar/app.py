@@ -12,6 +12,7 @@ import signal
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import SidecarConfig
@@ -21,6 +22,26 @@ from sidecar.proxy import Proxy
 log = logging.getLogger("tether.sidecar")
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
+
+
+class BadRequestLines(logging.Filter):
+    """aiohttp logs every malformed request (a bad header, a missing Host) at ERROR with a
+    traceback, though the client got its 400 and nothing failed here: anyone could flood the
+    log. Such a record becomes one WARNING line saying what was wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "bad HTTP request refused (400): %s"
+            record.args = (str(exc).splitlines()[0][:200],)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = logging.WARNING
+            record.levelname = "WARNING"
+        return True
+
+
+_BAD_REQUEST_LINES = BadRequestLines()
 
 
 def build_proxy_app(proxy: Proxy) -> web.Application:
@@ -83,6 +104,7 @@ def _bound_port(runner: web.AppRunner) -> int:
 
 async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     """Start the proxied and admin listeners; returns once both accept connections."""
+    logging.getLogger("aiohttp.server").addFilter(_BAD_REQUEST_LINES)  # once: same object
     metrics = Metrics()
     proxy = Proxy(config, metrics)
     await proxy.start()

@@ -5,8 +5,9 @@ Rules:
 2. `Host` names the sidecar and is set anew for the upstream; `Accept-Encoding` is not sent
    (compressing over the pod's loopback only costs CPU); `Last-Event-ID` is answered here.
 3. `X-Forwarded-For/-Proto/-Host` say what the sidecar saw. A client's own values are kept
-   only when it is a configured trusted proxy; from anyone else they are overwritten, so an
-   upstream that trusts them cannot be told a made-up address, scheme or host.
+   only when it is a configured trusted proxy; from anyone else they are overwritten, and the
+   other headers of that family (`Forwarded`, `X-Real-IP`, `X-Forwarded-Port`, ...) dropped,
+   so an upstream that trusts them cannot be told a made-up address, scheme, host or port.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ _HOP_BY_HOP = frozenset(
     )
 )
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+_FORWARDED_FAMILY = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-scheme",
+        "x-original-forwarded-for",
+        "x-client-ip",
+        "true-client-ip",
+    }
+)
+"""Set only by proxies: passed on from a trusted one, dropped from anyone else (rule 3)."""
 _NOT_UPSTREAM = _HOP_BY_HOP | _FORWARDED | {"host", "accept-encoding", "last-event-id"}
 _NOT_UPSTREAM |= {"content-length"}
 _NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length"}
@@ -57,6 +72,8 @@ def upstream_request_headers(request: web.Request, *, trusted_peer: bool) -> CIM
     for name, value in request.headers.items():
         lname = name.lower()
         if lname in _NOT_UPSTREAM or lname in extra:
+            continue
+        if lname in _FORWARDED_FAMILY and not trusted_peer:
             continue
         out.add(name, value)
     peer = request.remote or ""

@@ -19,6 +19,8 @@ Invariants:
    anything is forwarded, and its credential is checked before anything is served.
 4. An upstream that answers "session lost" for a known session is re-initialized and the
    request sent once more (the upstream did not process it); nothing else is retried.
+5. A `GET` with a `Last-Event-ID` is a resume: one Tether cannot read is refused (410), never
+   served as a fresh stream that would skip what the client missed.
 """
 
 from __future__ import annotations
@@ -162,11 +164,15 @@ class Proxy:
         sess = await self.continuity.adopt(client_session) if client_session else None
         if sess is not None and not self.admission.credential_matches(request, sess):
             return error_response(404, "session not found")
-        if request.method == "GET":
-            last_id = request.headers.get(LAST_EVENT_ID)
-            event_id = EventId.parse(last_id) if last_id is not None else None
-            if event_id is not None:
-                return await self.resume.resume(request, event_id, sess)
+        last_id = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
+        if last_id:
+            event_id = EventId.parse(last_id)
+            if event_id is None:
+                # Rule 5: starting afresh would silently skip what the client missed.
+                log.warning("%s: Last-Event-ID %r is not one of ours", request.path, last_id[:80])
+                self.metrics.resume_failures.inc()
+                return error_response(410, "Last-Event-ID is not an event id Tether gave out")
+            return await self.resume.resume(request, event_id, sess)
 
         declared = request.content_length
         if declared is not None and declared > self.config.max_request_body_bytes:

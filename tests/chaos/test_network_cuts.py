@@ -91,6 +91,9 @@ async def start_pods(net: PodNetwork) -> tuple[str, str]:
         f"{net.ip_toward('cp', 'sidecar')}:{CP_PORT}",
         "--owner",
         "pod-sidecar",
+        # Clients reach the pod by its address, as through a headless Service.
+        "--allowed-host",
+        net.node_ip("sidecar"),
         # A silently dead upstream must be noticed within the scenario's budget.
         "--upstream-dead-after",
         "4",

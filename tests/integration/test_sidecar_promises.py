@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import aiohttp
+import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory, serve_app
@@ -237,6 +239,7 @@ async def test_forwarded_headers_are_what_the_sidecar_saw_unless_the_peer_is_tru
         "X-Forwarded-Proto": "https",
         "X-Forwarded-Host": "evil.example",
     }
+    family = {"Forwarded": "for=6.6.6.6;host=evil.example", "X-Real-IP": "6.6.6.6"}
     echo = {"jsonrpc": "2.0", "id": 9, "method": "echo"}
     async with odd_upstream(str, 1) as (url, up):
         untrusting = await sidecar_factory(url)
@@ -246,11 +249,14 @@ async def test_forwarded_headers_are_what_the_sidecar_saw_unless_the_peer_is_tru
             (trusting, ("6.6.6.6, 127.0.0.1", "https", "evil.example")),
         ):
             base = f"http://127.0.0.1:{sidecar.port}"
-            async with http.post(base + MCP, json=echo, headers={**HEADERS, **forged}) as r:
+            sent = {**HEADERS, **forged, **family}
+            async with http.post(base + MCP, json=echo, headers=sent) as r:
                 assert r.status == 200
             seen = up.seen[-1]
             got = (seen["X-Forwarded-For"], seen["X-Forwarded-Proto"], seen["X-Forwarded-Host"])
             assert got == expected
+            passed_on = {k: seen[k] for k in family if k in seen}
+            assert passed_on == (family if sidecar is trusting else {})
 
 
 async def test_host_header_is_checked_against_the_allow_list(
@@ -293,3 +299,65 @@ async def test_collected_whole_stream_through_default_settings(
             got = await collect(resp)
     assert progress_numbers(got) == list(range(1, 501))
     assert json.loads(got[-1].data)["result"] == {"content": []}
+
+
+async def test_a_last_event_id_that_is_not_ours_is_refused_not_served_afresh(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Serving a fresh stream would silently skip whatever the client missed."""
+    async with odd_upstream(str, 3) as (url, up):
+        sidecar = await sidecar_factory(url)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        for bad in ("x" * 8000, "....", "p0.1.-1", "p0.1.1e3", "p0.1.2.~!!", "upstream-id-7"):
+            headers = {**HEADERS, "Mcp-Session-Id": sid, "Last-Event-ID": bad}
+            async with http.get(base + MCP, headers=headers) as resp:
+                assert resp.status == 410, bad
+                assert "not an event id Tether gave out" in await resp.text()
+        assert up.gets == []  # nothing was opened upstream
+
+
+async def test_every_origin_header_is_checked(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    echo = {"jsonrpc": "2.0", "id": 9, "method": "echo"}
+    async with odd_upstream(str, 1) as (url, _):
+        sidecar = await sidecar_factory(url)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        for origins in (
+            ["http://localhost:1", "http://evil.example"],
+            ["http://evil.example", "http://localhost:1"],
+        ):
+            headers = CIMultiDict(HEADERS)
+            for o in origins:
+                headers.add("Origin", o)
+            async with http.post(base + MCP, json=echo, headers=headers) as resp:
+                assert resp.status == 403
+        async with http.post(
+            base + MCP, json=echo, headers={**HEADERS, "Origin": "http://localhost:1"}
+        ) as resp:
+            assert resp.status == 200
+
+
+async def test_malformed_http_is_one_warning_line_not_a_traceback(
+    sidecar_factory: SidecarFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with odd_upstream(str, 1) as (url, _):
+        sidecar = await sidecar_factory(url)
+        for raw in (
+            b"GET /mcp HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+            b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+            writer.write(raw)
+            await writer.drain()
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            assert answer.split(b" ", 2)[1] == b"400", answer[:100]
+    server_records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert server_records
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in server_records)
+    assert all("bad HTTP request refused (400)" in r.getMessage() for r in server_records)
