@@ -605,17 +605,7 @@ class ReportQueue:
         for f in batches:
             for held in f.sessions.values():
                 held.in_flight -= 1
-        # Newest batch first so that the newest upsert of a session is the one kept.
-        for f in reversed(batches):
-            for u in f.batch.upserts:
-                s = self._live(f, u.session.session_id)
-                if s is not None and s.upsert is None:
-                    s.upsert = u.session
-                    self._waiting_count += 1
-            for w in f.batch.updates:
-                s = self._live(f, w.session_id)
-                if s is not None:
-                    self._merge_update(s, w.position)
+        self._merge_back(batches)
         # Oldest batch last, so that its sessions end up at the very front.
         for f in reversed(batches):
             for sid in reversed(f.marks):
@@ -626,6 +616,20 @@ class ReportQueue:
             for held in f.sessions.values():
                 self._free_if_done(held)
         self._bound()
+
+    def _merge_back(self, batches: list[_InFlight]) -> None:
+        """Merge the items of unacknowledged batches back into the waiting ones; newest
+        batch first, so that the newest upsert of a session is the one kept."""
+        for f in reversed(batches):
+            for u in f.batch.upserts:
+                s = self._live(f, u.session.session_id)
+                if s is not None and s.upsert is None:
+                    s.upsert = u.session
+                    self._waiting_count += 1
+            for w in f.batch.updates:
+                s = self._live(f, w.session_id)
+                if s is not None:
+                    self._merge_update(s, w.position)
 
     def _live(self, f: _InFlight, sid: SessionId) -> _Session | None:
         """The entry an in-flight item came from, if it is still there: a session forgotten

@@ -200,7 +200,7 @@ class SSEParser:
         """As `feed`, but a stretch of plain events may come back as one `SSERun`."""
         return self._feed(data, True)
 
-    def _feed(self, data: bytes, runs: bool) -> list[Item]:
+    def _feed(self, data: bytes, runs: bool) -> list[Item]:  # noqa: C901, PLR0912 - hot path, kept whole (see pyproject)
         if self._failed is not None or self._closed or not data:
             return []
         if self._at_start:
@@ -346,7 +346,7 @@ class SSEParser:
             out.extend(self._parse_text(text))
         return out
 
-    def _as_run(self, region: bytes) -> SSERun | None:
+    def _as_run(self, region: bytes) -> SSERun | None:  # noqa: C901, PLR0912 - hot path, kept whole (see pyproject)
         """`region` (valid UTF-8, complete blocks) as one SSERun, or None if its blocks do
         not all have one plain shape. Every check is a C-level pass over a list or a bytes
         object, so a region that does not fit costs little before the event path takes it."""
@@ -401,7 +401,7 @@ class SSEParser:
             self._last_event_id = ids[-1]
         return SSERun(data_lines, ids, id_lines, last_event_id, notifications)
 
-    def _parse_text(self, text: str) -> list[Item]:
+    def _parse_text(self, text: str) -> list[Item]:  # noqa: C901, PLR0912 - hot path, kept whole (see pyproject)
         """Run the WHATWG line rules over whole blocks; the last one's blank line is implied.
 
         `data: `, `id: ` and `event: ` lines, what real servers send, are matched by prefix;

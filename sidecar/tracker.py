@@ -293,7 +293,7 @@ class StreamTracker:
             self._evict()
         return payload
 
-    def accept_run(
+    def accept_run(  # noqa: C901 - hot path, kept whole (see pyproject)
         self,
         items: list[SSEEvent | SSEError | SSERun],
         start: int,
@@ -351,7 +351,7 @@ class StreamTracker:
                 break
         return i, delivered, answers, None
 
-    def _accept_bulk(
+    def _accept_bulk(  # noqa: C901, PLR0912 - hot path, kept whole (see pyproject)
         self,
         run: SSERun,
         seq_mark: int,
