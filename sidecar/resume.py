@@ -5,6 +5,14 @@
 - A stream of a session this sidecar adopted from another: a new stream with the same id
   continues under this sidecar's epoch, its upstream resumed right after the client's own
   position (the id carries the upstream cursor).
+
+Rules:
+1. Ids are checked before anything is served: another session's stream is 404, an id this
+   stream never delivered (future seq, other epoch) is 410.
+2. Adoption needs nothing but the client's id: its kind letter says POST or GET stream, its
+   cursor where to resume the upstream. The stored position is a fallback for ids without a
+   cursor. A GET stream with no cursor (nothing delivered yet, or an upstream without ids) is
+   reopened upstream; only a POST response whose upstream gave no id cannot be resumed.
 - Anything else: 410 (unknown or too old) or 404 (another session's, another credential's).
 """
 
@@ -106,17 +114,16 @@ class Resume:
         kind = StreamKind.of(event_id.stream)
         if kind not in (StreamKind.POST, StreamKind.STANDALONE):
             return None
-        persisted = sess.persisted_streams.get(event_id.stream)
-        if persisted is None:
-            log.warning(
-                "resume of %s refused: session %s has no such stream", event_id, sess.session_id
-            )
-            return None
+        # Rule 2: the client's id says it all; the stored position is only a fallback.
         cursor = event_id.upstream
-        if not cursor and persisted.order == event_id.order:
+        persisted = sess.persisted_streams.get(event_id.stream)
+        if not cursor and persisted is not None and persisted.order == event_id.order:
             cursor = persisted.upstream_event_id
-        if not cursor:
-            log.warning("resume of %s refused: the upstream gave no id to resume from", event_id)
+        if not cursor and kind is StreamKind.POST:
+            log.warning(
+                "resume of %s refused: the upstream gave this response no event id to resume from",
+                event_id,
+            )
             return None
         headers = upstream_request_headers(
             request, trusted_peer=self.admission.trusts_forwarding(request)
@@ -144,6 +151,9 @@ class Resume:
             sess.standalone = stream.stream_id
         self.pump.start(stream, None, resume_now=True)
         log.info(
-            "stream %s adopted at %s; resuming the upstream after %r", kind.name, event_id, cursor
+            "stream %s adopted at %s; %s",
+            kind.name,
+            event_id,
+            f"resuming the upstream after {cursor!r}" if cursor else "reopening the upstream",
         )
         return stream

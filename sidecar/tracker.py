@@ -20,6 +20,9 @@ The sidecar, not the upstream, names the events a client sees. Invariants:
    exactly, and it is a valid `Last-Event-ID` header value for the upstream. An id that could
    not (over `MAX_UPSTREAM_ID_BYTES`, a control character, a space at either end) is refused:
    `accept_run` stops at it and says why, and the stream fails with that reason.
+7. An upstream event with an id and no data (a priming event) is delivered as one too, with
+   empty data: clients do not dispatch it but keep its id, so whichever sidecar the client
+   comes back to can resume the upstream from it, even before the first message.
 
 Pure: fed parsed events, returns bytes to write; no I/O, no clock.
 """
@@ -340,8 +343,10 @@ class StreamTracker:
                     return i, delivered, answers, refused
             i += 1
             data = item.data
-            if not data:
-                continue  # priming or keep-alive event: a cursor, nothing to deliver
+            if not data and (not upstream_id or upstream_id == self.last_upstream_event_id):
+                continue  # a keep-alive: nothing to deliver, no new position
+            # A priming event (an id, no data) is relayed too: the client's Last-Event-ID
+            # then carries the upstream's cursor before the first message (rule 7).
             if self.accept(item) is None:
                 continue
             delivered += 1

@@ -257,3 +257,82 @@ async def test_sdk_client_survives_its_sidecar_being_killed(
         result = await asyncio.wait_for(call, 30)
     assert text_of(result) == "counted 40"
     assert got == [float(i) for i in range(1, 41)]
+
+
+async def test_a_stream_is_resumed_elsewhere_from_the_clients_id_alone(
+    control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A client that has only the first ids of a POST stream (its priming events) moves to
+    another live sidecar before anything was reported: the new sidecar resumes the upstream
+    from the cursor in the client's id, and the client gets every event once. The stored
+    position used to be a precondition (410 for the first ~100 ms of every stream)."""
+    async with numbered_upstream(interval_ms=5, priming=True) as up:
+        cp = control_plane.address
+        a = await sidecar_factory(up, control_plane=cp, owner="a", report_interval=30.0)
+        b = await sidecar_factory(up, control_plane=cp, owner="b")
+        sid = await initialize(http, f"http://127.0.0.1:{a.port}")
+        assert a.proxy.continuity.reporter is not None
+        await a.proxy.continuity.reporter.flushed()  # the session exists; no stream yet
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        first: list[Received] = []
+        async with http.post(
+            f"http://127.0.0.1:{a.port}{MCP}", json=count_call(40), headers=headers
+        ) as resp:
+            async for ev in events(resp, include_priming=True):
+                first.append(ev)
+                parsed = EventId.parse(ev.id or "")
+                if parsed is not None and parsed.upstream:
+                    break  # the upstream's priming event: a cursor, no message yet
+        assert [e for e in first if e.data] == []  # no message yet
+        last = first[-1].id
+        assert last is not None
+        async with http.get(
+            f"http://127.0.0.1:{b.port}{MCP}", headers={**headers, "Last-Event-ID": last}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            rest = [e async for e in events(resp)]
+        assert progress(rest) == list(range(1, 41))
+        assert len(final_results(rest)) == 1
+
+
+async def test_a_get_stream_with_nothing_delivered_is_reopened_elsewhere(
+    control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The official SDKs open the standalone GET stream and get only the sidecar's priming
+    event before a move; refused with 410 twice, they gave up their GET stream for the rest of
+    the session and every server notification was lost. Now it is reopened upstream."""
+    async with numbered_upstream(interval_ms=20) as up:
+        cp = control_plane.address
+        a = await sidecar_factory(up, control_plane=cp, owner="a")
+        b = await sidecar_factory(up, control_plane=cp, owner="b")
+        sid = await initialize(http, f"http://127.0.0.1:{a.port}")
+        assert a.proxy.continuity.reporter is not None
+        await a.proxy.continuity.reporter.flushed()
+        headers = {**HEADERS, "Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+        priming: list[Received] = []
+        async with http.get(f"http://127.0.0.1:{a.port}{MCP}", headers=headers) as resp:
+            async for ev in events(resp, include_priming=True):
+                priming.append(ev)  # the sidecar's own priming event; then the client leaves
+                break
+        parsed = EventId.parse(priming[0].id or "")
+        assert parsed is not None
+        assert (parsed.seq, parsed.upstream) == (0, "")
+        async with http.get(
+            f"http://127.0.0.1:{b.port}{MCP}",
+            headers={**headers, "Last-Event-ID": priming[0].id or ""},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            got: list[Received] = []
+            async for ev in events(resp):
+                got.append(ev)
+                if len(got) == 3:
+                    break
+        ids = [EventId.parse(e.id or "") for e in got]
+        assert [i.seq for i in ids if i is not None] == [1, 2, 3]
+        assert all(i is not None and i.stream == parsed.stream for i in ids)
