@@ -49,6 +49,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             trusted_proxies=tuple(args.trusted_proxy),
             max_streams=args.max_streams,
             max_upstream_requests=args.max_upstream_requests,
+            linger_max_bytes=args.linger_max_bytes,
             upstream_response_timeout=args.upstream_response_timeout,
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
@@ -161,6 +162,13 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--dedup-window", type=int, default=1024, help="upstream ids remembered")
     p.add_argument("--replay-events", type=int, default=1024, help="replay buffer, events")
     p.add_argument("--replay-bytes", type=int, default=4 << 20, help="replay buffer, bytes")
+    p.add_argument(
+        "--linger-max-bytes",
+        type=int,
+        default=64 << 20,
+        help="replay buffers of finished streams kept in all (for late resumes); the "
+        "longest-finished are forgotten first",
+    )
     p.add_argument("--reconnect-attempts", type=int, default=10, help="failures before giving up")
     p.add_argument(
         "--reconnect-max-seconds", type=float, default=60.0, help="longest upstream outage"

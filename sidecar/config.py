@@ -61,6 +61,9 @@ class SidecarConfig:
     """How long a stream keeps reading its upstream while no client is attached."""
     stream_linger: float = 300.0
     """How long a finished stream stays replayable for a client that comes back."""
+    linger_max_bytes: int = 64 << 20
+    """Replay buffers of finished streams kept at most, in all; the longest-finished are
+    forgotten first (each stream's own buffer is bounded by `tracker.replay_max_bytes`)."""
     session_idle_timeout: float = 3600.0
     max_streams: int = 10_000
     """Concurrent SSE responses; more are answered 503 with Retry-After."""
@@ -103,6 +106,8 @@ class SidecarConfig:
             raise ConfigError(f"--replay-bytes / --max-event-bytes: {exc}") from exc
         if self.max_streams < 1:
             raise ConfigError("max_streams must be at least 1")
+        if self.linger_max_bytes < 0:
+            raise ConfigError("linger_max_bytes must be >= 0")
         if self.max_upstream_requests < 1:
             raise ConfigError("max_upstream_requests must be at least 1")
         for name in ("max_event_bytes", "max_request_body_bytes"):

@@ -84,7 +84,9 @@ class Proxy:
         if self.continuity.reporter is not None:
             metrics.watch_reporter(self.continuity.reporter)
         self.upstream = Upstream(config)
-        self.writer = Writer(config=config, metrics=metrics, upstream=self.upstream)
+        self.writer = Writer(
+            config=config, metrics=metrics, upstream=self.upstream, registry=self.registry
+        )
         self.admission = Admission(
             config=config,
             metrics=metrics,

@@ -99,6 +99,7 @@ class Pump:
                 self.metrics.streams_failed.inc()
             stream.settle()
             self.continuity.report_position(stream)
+            self.registry.trim_lingering(self.config.linger_max_bytes)
 
     async def _consume(self, stream: LiveStream, resp: aiohttp.ClientResponse) -> Outcome:
         """Relay one upstream response until it ends or the stream leaves OPEN."""

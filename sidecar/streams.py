@@ -268,6 +268,24 @@ class Registry:
                 self._ended(sid)
         return to_stop
 
+    def trim_lingering(self, budget: int) -> int:
+        """Bound the memory of finished streams kept for late resumes: while their replay
+        buffers hold more than `budget` bytes, forget the longest-finished ones (a client
+        resuming one later gets 410 and starts anew). Returns how many were forgotten."""
+        lingering = [s for s in self.streams.values() if s.ended and not s.clients]
+        held = sum(s.tracker.buffered_bytes for s in lingering)
+        if held <= budget:
+            return 0
+        lingering.sort(key=lambda s: s.idle_since)
+        dropped = 0
+        for stream in lingering:
+            if held <= budget:
+                break
+            held -= stream.tracker.buffered_bytes
+            self.remove_stream(stream)
+            dropped += 1
+        return dropped
+
     def _ended(self, session_id: str) -> None:
         for listener in self.session_ended:
             listener(session_id)

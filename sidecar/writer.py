@@ -19,7 +19,7 @@ from sidecar.headers import is_sse
 from sidecar.metrics import Metrics
 from sidecar.sse import encode_comment
 from sidecar.stream_core import Behind, CatchUp, Close, Send
-from sidecar.streams import LiveStream
+from sidecar.streams import LiveStream, Registry
 from sidecar.upstream import UPSTREAM_ERRORS, Upstream
 
 log = logging.getLogger("tether.sidecar.writer")
@@ -28,10 +28,13 @@ KEEPALIVE = b": keepalive\n\n"
 
 
 class Writer:
-    def __init__(self, *, config: SidecarConfig, metrics: Metrics, upstream: Upstream) -> None:
+    def __init__(
+        self, *, config: SidecarConfig, metrics: Metrics, upstream: Upstream, registry: Registry
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.upstream = upstream
+        self.registry = registry
         self.active = 0
         """SSE responses being written to clients now (bounded by `max_streams`)."""
 
@@ -95,6 +98,8 @@ class Writer:
         finally:
             stream.detach()
             self.active -= 1
+            if stream.ended:  # its client was the last thing keeping it in full
+                self.registry.trim_lingering(self.config.linger_max_bytes)
         return out
 
     async def _catch_up(

@@ -361,3 +361,34 @@ async def test_malformed_http_is_one_warning_line_not_a_traceback(
     assert server_records
     assert all(r.levelname == "WARNING" and r.exc_info is None for r in server_records)
     assert all("bad HTTP request refused (400)" in r.getMessage() for r in server_records)
+
+
+async def test_finished_streams_kept_for_late_resumes_are_bounded_in_all(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Each finished stream keeps its replay buffer for late resumes: one client making call
+    after call must not grow the sidecar without bound (it used to reach +100 MB in 30
+    calls). The longest-finished go first; the newest stays resumable."""
+    budget = 200_000
+    async with odd_upstream(lambda k: f"id-{k}", 400) as (url, _):
+        sidecar = await sidecar_factory(url, linger_max_bytes=budget)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        lasts: list[str] = []
+        for _ in range(8):  # each call's stream holds about 60 KB
+            async with http.post(base + MCP, json=CALL, headers=headers) as resp:
+                got = await collect(resp)
+            assert progress_numbers(got) == list(range(1, 401))
+            lasts.append(got[-1].id or "")
+
+        def lingering() -> int:
+            streams = sidecar.proxy.registry.streams.values()
+            return sum(s.tracker.buffered_bytes for s in streams if s.ended)
+
+        await eventually(lambda: 0 < lingering() <= budget, timeout=10)
+        assert len(sidecar.proxy.registry.streams) < 8
+        newest = {**headers, "Last-Event-ID": lasts[-1]}
+        async with http.get(base + MCP, headers=newest) as resp:
+            assert resp.status == 200
+            assert await collect(resp) == []  # it had everything: the stream just ends
