@@ -106,6 +106,7 @@ class Proxy:
             metrics=metrics,
             registry=self.registry,
             admission=self.admission,
+            continuity=self.continuity,
             pump=self.pump,
             writer=self.writer,
         )
