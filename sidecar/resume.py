@@ -16,6 +16,9 @@ Rules:
 3. An id from a higher owner epoch than this sidecar's stream means another sidecar served
    the client since: this sidecar's state for the session is stale, so it is dropped and the
    session adopted again (a new claim), never answered 410.
+4. A stream taken over continues from the client's id: that id (the previous owner's epoch,
+   the seq where it took over) stays valid here, so a client that reconnects again before
+   the next event is served, not refused.
 - Anything else: 410 (unknown or too old) or 404 (another session's, another credential's).
 """
 
@@ -87,7 +90,9 @@ class Resume:
         if not self.admission.legacy_credential_matches(request, stream):
             return error_response(404, "no such session for that event id")
         tracker = stream.tracker
-        if event_id.epoch != tracker.epoch or event_id.seq > tracker.seq:
+        # The id where this sidecar took the stream over is the previous owner's (rule 4).
+        at_takeover = event_id.epoch < tracker.epoch and event_id.seq == tracker.start_seq
+        if (event_id.epoch != tracker.epoch and not at_takeover) or event_id.seq > tracker.seq:
             self.metrics.resume_failures.inc()
             return error_response(410, f"event id {event_id} is not one this stream delivered")
         catch_up_cursor: str | None = None

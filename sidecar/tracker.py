@@ -208,6 +208,7 @@ class StreamTracker:
         "epoch",
         "last_upstream_event_id",
         "seq",
+        "start_seq",
         "stream_id",
     )
 
@@ -223,6 +224,8 @@ class StreamTracker:
         self.stream_id = stream_id
         self.epoch = epoch
         self.seq = seq
+        self.start_seq = seq
+        """Where this tracker took over (non-zero for a stream adopted from another owner)."""
         self.last_upstream_event_id = last_upstream_event_id
         self._cursor_suffix = (
             f".{encode_cursor(last_upstream_event_id)}" if last_upstream_event_id else ""

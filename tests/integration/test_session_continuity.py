@@ -336,3 +336,42 @@ async def test_a_get_stream_with_nothing_delivered_is_reopened_elsewhere(
         ids = [EventId.parse(e.id or "") for e in got]
         assert [i.seq for i in ids if i is not None] == [1, 2, 3]
         assert all(i is not None and i.stream == parsed.stream for i in ids)
+
+
+async def test_the_id_a_stream_was_taken_over_at_stays_valid_on_the_new_owner(
+    control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A client moves to B, which takes the stream over from its id, and reconnects to B
+    before any new event reached it (same id, the previous owner's epoch): it used to get 410
+    (found by the ownership protocol test)."""
+    async with numbered_upstream(interval_ms=20) as up:
+        cp = control_plane.address
+        a = await sidecar_factory(up, control_plane=cp, owner="a")
+        b = await sidecar_factory(up, control_plane=cp, owner="b")
+        sid = await initialize(http, f"http://127.0.0.1:{a.port}")
+        headers = {**HEADERS, "Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+        async with http.get(f"http://127.0.0.1:{a.port}{MCP}", headers=headers) as resp:
+            first = [ev async for ev in _take(events(resp), 2)]
+        last = first[-1].id or ""
+        resume = {**headers, "Last-Event-ID": last}
+        async with http.get(f"http://127.0.0.1:{b.port}{MCP}", headers=resume) as resp:
+            assert resp.status == 200, await resp.text()  # B takes over; the client leaves
+        async with http.get(f"http://127.0.0.1:{b.port}{MCP}", headers=resume) as resp:
+            assert resp.status == 200, await resp.text()
+            rest = [ev async for ev in _take(events(resp), 3)]
+        ids = [EventId.parse(e.id or "") for e in first + rest]
+        assert [i.seq for i in ids if i is not None] == [1, 2, 3, 4, 5]
+        assert [i.epoch for i in ids if i is not None] == [1, 1, 2, 2, 2]
+
+
+async def _take(it: AsyncIterator[Received], n: int) -> AsyncIterator[Received]:
+    """The first `n` items of `it`, then stop reading."""
+    got = 0
+    async for item in it:
+        yield item
+        got += 1
+        if got == n:
+            return
