@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from sidecar.tracker import EventId
+from sidecar.tracker import EventId, StreamKind
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
 
 RESUME_REFUSED = "refused"
@@ -125,7 +125,8 @@ class SidecarSwap:
         )
 
 
-def streams_resumed(last_event_ids: list[str | None]) -> set[str]:
-    """The sidecar streams that these Last-Event-ID headers (of a client's GETs) resume."""
-    parsed = (EventId.parse(i) for i in last_event_ids if i is not None)
-    return {str(e.stream) for e in parsed if e is not None}
+def resumes_get_stream(last_event_id: str | None) -> bool:
+    """Whether a GET with this Last-Event-ID resumes a session's standalone GET stream (rather
+    than a POST's stream, which clients also resume with a GET, or nothing: a new stream)."""
+    parsed = EventId.parse(last_event_id) if last_event_id is not None else None
+    return parsed is not None and StreamKind.of(parsed.stream) is StreamKind.STANDALONE

@@ -103,10 +103,12 @@ class TsSdkClient:
         return [r for r in self.events if check(r)]
 
     async def wait_for(
-        self, check: Callable[[Report], bool], *, timeout: float, what: str
+        self, check: Callable[[Report], bool], *, timeout: float, what: str, since: int = 0
     ) -> Report:
-        """The first report (already read or still to come) for which `check` is true."""
-        for report in self.events:
+        """The first report (already read or still to come) for which `check` is true,
+        among the reports from index `since` of `events` on (`len(events)` at some moment:
+        only what came after it)."""
+        for report in self.events[since:]:
             if check(report):
                 return report
         try:
