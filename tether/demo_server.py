@@ -2,7 +2,8 @@
 
 `tether demo` puts it behind the sidecar, and the integration tests use it as the "real MCP
 server" tier. Its `count` tool streams progress notifications slowly enough that a stream can be
-cut mid-flight, which is what Tether exists to survive.
+cut mid-flight, which is what Tether exists to survive. Its `notify` tool makes the server send
+a notification on the session's standalone GET stream, so that stream's survival can be tested too.
 
 Resumability comes from `MemoryEventStore`, an in-process, bounded `EventStore`: a stream that
 drops can be resumed with `Last-Event-ID` while the process lives. Event ids are
@@ -54,6 +55,8 @@ Transport = Literal["streamable-http", "sse"]
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8931
 DEFAULT_RETRY_INTERVAL_MS = 500
+# `notify` names the resource it announces as updated with this prefix and its topic.
+NOTIFY_URI_PREFIX = "demo://topics/"
 # Open SSE streams never end on their own; after this long uvicorn cancels them on shutdown.
 SHUTDOWN_GRACE_S = 2
 
@@ -220,6 +223,13 @@ def build_mcp_server() -> MCPServer[Any]:
     async def add(a: float, b: float) -> float:
         """Add two numbers."""
         return a + b
+
+    @app.tool()
+    async def notify(topic: str, ctx: Context[Any, Any]) -> str:
+        """Send `notifications/resources/updated` for `demo://topics/{topic}`, unrelated to
+        this call: the SDK sends it on the session's standalone (GET) stream, not this call's."""
+        await ctx.session.send_resource_updated(f"{NOTIFY_URI_PREFIX}{topic}")
+        return f"notified {topic}"
 
     @app.tool()
     async def server_info() -> dict[str, Any]:

@@ -13,7 +13,6 @@ import pytest
 
 from controlplane.server import RunningControlPlane
 from tests.integration.test_proxy import MCP
-from tests.integration.test_session_continuity import sidecar_argv
 from tests.support.chaos import (
     ChaosRow,
     ChaosTable,
@@ -22,6 +21,7 @@ from tests.support.chaos import (
     start_count_stream,
 )
 from tests.support.procs import ProcessPool, free_port
+from tests.support.sidecar_swap import sidecar_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(30)]
 

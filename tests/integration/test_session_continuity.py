@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
+import httpx2
 import mcp_types
 import pytest
 from mcp import Client
+from mcp.client.session import IncomingMessage
+from mcp.client.streamable_http import streamable_http_client
 
 from controlplane.config import ControlPlaneConfig, EtcdUrl, SqliteUrl, parse_store_url
 from controlplane.server import RunningControlPlane, start_control_plane
@@ -28,8 +31,16 @@ from tests.integration.test_proxy import progress_numbers as progress
 from tests.support.etcd import etcd_available, start_etcd
 from tests.support.metrics import counter_value
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
+from tests.support.sidecar_swap import (
+    GetStreamBeforeKill,
+    SidecarSwap,
+    resumes_get_stream,
+    sidecar_argv,
+)
 from tests.support.sse_client import Received, events
+from tests.support.waiting import eventually
 from tether.api.client import SessionClient
+from tether.demo_server import NOTIFY_URI_PREFIX
 from tether.model import SessionId
 
 pytestmark = pytest.mark.slow
@@ -56,23 +67,6 @@ async def control_plane(
         await running.stop()
         if cluster is not None:
             await asyncio.to_thread(cluster.stop)
-
-
-def sidecar_argv(port: int, upstream: str, control_plane: str, owner: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tether.cli",
-        "sidecar",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        upstream,
-        "--control-plane",
-        control_plane,
-        "--owner",
-        owner,
-    ]
 
 
 async def test_new_sidecar_resumes_a_stream_after_the_old_one_is_killed(
@@ -216,23 +210,21 @@ async def test_upstream_restart_without_persistence_is_invisible_to_the_client(
     assert counter_value(sidecar.proxy.metrics, "upstream_reinitializations") >= 1
 
 
+# The Python SDK tries a GET stream twice after it breaks, `retry:` apart (its
+# MAX_RECONNECTION_ATTEMPTS): B must be listening within that. It starts in about 0.5 s here.
+SDK_CLIENT_RETRY_MS = 2000
+
+
+@pytest.mark.parametrize("before_kill", list(GetStreamBeforeKill), ids=lambda v: v.value)
 async def test_sdk_client_survives_its_sidecar_being_killed(
-    control_plane: RunningControlPlane, procs: ProcessPool
+    control_plane: RunningControlPlane, procs: ProcessPool, before_kill: GetStreamBeforeKill
 ) -> None:
     """As a user would see it: the official SDK client in the middle of a tool call, its
     sidecar SIGKILLed and a new one started at the same address; the call completes with
-    every progress notification exactly once, in order."""
-    up_port, port = free_port(), free_port()
-    await procs.start(
-        python_module("tether.demo_server", "--port", up_port, "--log-level", "WARNING"),
-        name="mcp-server",
-        ready_port=up_port,
-    )
-    upstream = f"http://127.0.0.1:{up_port}"
-    sidecar_a = await procs.start(
-        sidecar_argv(port, upstream, control_plane.address, "sidecar-a"),
-        name="sidecar-a",
-        ready_port=port,
+    every progress notification exactly once, in order, and a server notification sent on the
+    GET stream after the replacement arrives. (The TypeScript SDK's twin: test_ts_sdk.py.)"""
+    swap = await SidecarSwap.start(
+        procs, control_plane=control_plane.address, client_retry_ms=SDK_CLIENT_RETRY_MS
     )
     got: list[float] = []
     first_ten = asyncio.Event()
@@ -242,21 +234,68 @@ async def test_sdk_client_survives_its_sidecar_being_killed(
         if len(got) == 10:
             first_ten.set()
 
-    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+    notified: list[str] = []
+    arrived: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    async def on_message(message: IncomingMessage) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            notified.append(message.params.uri)
+            arrived[message.params.uri].set()
+
+    # (Last-Event-ID, status) of every GET the SDK's transport made.
+    gets: list[tuple[str | None, int]] = []
+
+    async def on_response(response: httpx2.Response) -> None:
+        if response.request.method == "GET":
+            gets.append((response.request.headers.get("last-event-id"), response.status_code))
+
+    async def notify(client: Client, topic: str) -> None:
+        assert text_of(await client.call_tool("notify", {"topic": topic})) == f"notified {topic}"
+        uri = f"{NOTIFY_URI_PREFIX}{topic}"
+        await asyncio.wait_for(arrived[uri].wait(), 10)
+
+    # The SDK's own timeouts (30 s, 300 s to read a stream), plus a hook that sees its GETs.
+    timeout = httpx2.Timeout(30.0, read=300.0)
+    async with (
+        httpx2.AsyncClient(timeout=timeout, event_hooks={"response": [on_response]}) as http,
+        Client(
+            streamable_http_client(swap.url, http_client=http),
+            mode="legacy",
+            message_handler=on_message,
+        ) as client,
+    ):
+        await eventually(lambda: (None, 200) in gets, timeout=20, what="the GET stream open")
+        if before_kill is GetStreamBeforeKill.CARRIED_EVENTS:
+            await notify(client, "before")
         call = asyncio.ensure_future(
             client.call_tool("count", {"n": 40, "interval_ms": 50}, progress_callback=on_progress)
         )
         await asyncio.wait_for(first_ten.wait(), 20)
-        sidecar_a.kill(signal.SIGKILL)
-        await sidecar_a.wait_exit()
-        await procs.start(
-            sidecar_argv(port, upstream, control_plane.address, "sidecar-b"),
-            name="sidecar-b",
-            ready_port=port,
-        )
+        replaced_at = len(gets)
+        await swap.replace()
         result = await asyncio.wait_for(call, 30)
-    assert text_of(result) == "counted 40"
-    assert got == [float(i) for i in range(1, 41)]
+        assert text_of(result) == "counted 40"
+        assert got == [float(i) for i in range(1, 41)]
+        # The GET stream comes back through B, resumed from its last id (see test_ts_sdk.py on
+        # why a notification is sent only then).
+        try:
+            await eventually(
+                lambda: any(
+                    status == 200 and resumes_get_stream(last_id)
+                    for last_id, status in gets[replaced_at:]
+                ),
+                timeout=15,
+                what=f"the GET stream resumed through {swap.name}",
+            )
+        except TimeoutError as e:
+            raise AssertionError(
+                f"{e}; the SDK's GETs (Last-Event-ID, status): {gets}\n"
+                + swap.refused_resumes_summary()
+            ) from None
+        # Sent now that B serves the session: it can only arrive on the GET stream through B.
+        await notify(client, "after")
+    topics = ["after"] if before_kill is GetStreamBeforeKill.ONLY_PRIMING else ["before", "after"]
+    assert notified == [f"{NOTIFY_URI_PREFIX}{t}" for t in topics]
 
 
 async def test_a_stream_is_resumed_elsewhere_from_the_clients_id_alone(
