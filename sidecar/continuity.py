@@ -267,6 +267,7 @@ class Continuity:
                 served=self._served,
             )
         self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
         self.watch_synced = asyncio.Event()
         """Set while the ownership watch is open and past its snapshot (invariant 8)."""
         self.takeovers = 0
@@ -286,6 +287,7 @@ class Continuity:
             self._watch = tasks.spawn(self._watch_ownership(), name=f"ownership-watch {self.owner}")
 
     async def stop(self) -> None:
+        self._stopping = True
         await tasks.cancel_and_wait(self._watch)
         if self.reporter is not None:
             await self.reporter.stop()
@@ -305,7 +307,8 @@ class Continuity:
     async def _watch_ownership(self) -> None:
         assert self.reporter is not None
         backoff = Backoff(WATCH_RECONNECT_INITIAL, WATCH_RECONNECT_MAX)
-        while True:
+        # Not `while True`: grpc may turn a cancellation into a CANCELLED status.
+        while not self._stopping:
             error: BaseException | None = None
             try:
                 await self._follow_watch()

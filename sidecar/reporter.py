@@ -900,7 +900,6 @@ class Reporter:
         self._stopping = True
         self._stop_requested.set()
         self._wake.set()
-        await tasks.cancel_and_wait(self._renewer)
         task = self._task
         try:
             if task is not None:
@@ -913,7 +912,7 @@ class Reporter:
                     )
         finally:
             self._closed = True
-            await tasks.cancel_and_wait(task)
+            await tasks.cancel_and_wait(self._renewer, task)
             if self._channel is not None:
                 await self._channel.close(None)
             for _, future in self._waiters:
@@ -969,7 +968,9 @@ class Reporter:
     async def _run(self) -> None:
         backoff = Backoff(self.config.reconnect_initial, self.config.reconnect_max)
         opened_once = False
-        while not (self._stopping and self._queue.pending == 0):
+        # `_closed` too: a cancellation swallowed on the way (grpc may turn one into a
+        # CANCELLED status) must not keep a stopped reporter retrying forever.
+        while not (self._stopping and self._queue.pending == 0) and not self._closed:
             if opened_once:
                 self.stats.reconnects += 1
             opened_once = True
