@@ -82,7 +82,7 @@ async def start_control_plane(
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
     server = grpc.aio.server(interceptors=server_interceptors(config.security))
     try:
-        service = SessionService(store, batcher)
+        service = SessionService(store, batcher, session_ttl=config.session_ttl)
         # The generated module is untyped (protoc writes no annotations for it).
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)
         health_servicer = AsyncHealthServicer()

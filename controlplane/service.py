@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import NoReturn, TypeVar
@@ -74,9 +75,13 @@ async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoRet
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
-    def __init__(self, store: SessionStore, batcher: WriteBatcher) -> None:
+    def __init__(
+        self, store: SessionStore, batcher: WriteBatcher, *, session_ttl: float = 0.0
+    ) -> None:
         self._store = store
         self._batcher = batcher
+        self._session_ttl = session_ttl
+        """Told to reporters in every acknowledgement, so they know how often to renew."""
         self._stopping = False
         self._readers: set[asyncio.Task[None]] = set()
         self._watch_queues: set[asyncio.Queue[_WatchItem]] = set()
@@ -132,6 +137,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 batch, invalid, future = item
                 results = await _flushed(future, context, peer) if future is not None else {}
                 ack = acknowledge(batch, results, invalid)
+                ack = dataclasses.replace(ack, session_ttl=self._session_ttl)
                 _log_rejections(ack.rejections, peer)
                 yield convert.ack_to_pb(ack)
         finally:
@@ -200,6 +206,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         # A pump task feeds a queue that `begin_shutdown` can also end: cancelling a grpc.aio
         # handler task does not end its call, so a watch must be able to finish on its own.
         queue: asyncio.Queue[_WatchItem] = asyncio.Queue(WATCH_QUEUE)
+        admits = OwnerFilter(owner)
 
         async def pump() -> None:
             try:
@@ -225,17 +232,47 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     await _abort(context, grpc.StatusCode.ABORTED, str(item))
                 if isinstance(item, StoreError):
                     await _abort(context, grpc.StatusCode.UNAVAILABLE, f"store: {item}")
-                # Deletes and expiries of the owner's sessions carry the last record.
-                if (
-                    owner is not None
-                    and item.type is not SessionEventType.SYNCED
-                    and (item.session is None or item.session.owner != owner)
-                ):
+                if not admits(item):
                     continue
                 yield convert.event_to_pb(item)
         finally:
             self._watch_queues.discard(queue)
             await tasks.cancel_and_wait(pump_task)
+
+
+class OwnerFilter:
+    """Which events a watch filtered by `owner` sees (no I/O; one per watch).
+
+    Rules:
+      1. Without an owner, every event.
+      2. SYNCED always; an event of a session whose record says `owner` owns it.
+      3. A session this watch has shown owned by `owner` is followed: the one event that shows
+         it owned by someone else (a claim), deleted or expired is passed too, so that the
+         old owner learns at once that it lost the session; after it, the session is
+         followed no more (until an event shows it owned by `owner` again).
+      4. Memory: one id per session the watch has shown owned by `owner` and not yet lost.
+    """
+
+    def __init__(self, owner: OwnerName | None) -> None:
+        self._owner = owner
+        self._followed: set[SessionId] = set()
+
+    def __call__(self, event: SessionEvent) -> bool:
+        if self._owner is None or event.type is SessionEventType.SYNCED:
+            return True
+        record = event.session
+        sid = event.session_id or (record.session_id if record is not None else None)
+        ours = record is not None and record.owner == self._owner
+        if sid is None:
+            return ours
+        if ours and event.type is SessionEventType.PUT:
+            self._followed.add(sid)
+            return True
+        if sid in self._followed:
+            self._followed.discard(sid)
+            return True
+        # Deletes and expiries of the owner's sessions carry the last record.
+        return ours
 
 
 async def _flushed(future: asyncio.Future[FlushResult], context: Context, peer: str) -> FlushResult:

@@ -43,6 +43,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             control_plane=args.control_plane,
             owner=args.owner,
             report_interval=args.report_interval,
+            renew_interval=args.renew_interval,
             control_plane_security=client_security(args),
             allowed_origins=tuple(args.allowed_origin),
             allowed_hosts=tuple(args.allowed_host),
@@ -95,6 +96,13 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--owner", help="this sidecar's name in the control plane ($POD_NAME)")
     p.add_argument(
         "--report-interval", type=float, default=0.05, help="seconds between position reports"
+    )
+    p.add_argument(
+        "--renew-interval",
+        type=float,
+        default=30.0,
+        help="at most this many seconds between renewals of served sessions' ownership "
+        "(a third of the control plane's session TTL when that is less)",
     )
     p.add_argument(
         "--allowed-origin",

@@ -41,6 +41,9 @@ class SidecarConfig:
     """TLS, mutual TLS and bearer token towards the control plane (plaintext when None)."""
     report_interval: float = 0.05
     """How often stream positions are flushed to the control plane (coalesced per stream)."""
+    renew_interval: float = 30.0
+    """At most this many seconds between renewals of the sessions this sidecar serves; a third
+    of the control plane's session TTL (stated in its acknowledgements) when that is less."""
     max_event_bytes: int = 1 << 20
     max_request_body_bytes: int = 4 << 20
     tracker: TrackerLimits = field(default_factory=TrackerLimits)
@@ -120,6 +123,7 @@ class SidecarConfig:
             "heartbeat_interval",
             "client_write_timeout",
             "report_interval",
+            "renew_interval",
             "orphan_timeout",
             "stream_linger",
             "upstream_response_timeout",

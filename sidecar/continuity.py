@@ -26,11 +26,36 @@ cost unbounded memory or unbounded control-plane calls):
      control plane fences a forgotten one's writes again.
   5. A session that ends here (deleted, expired, fenced) is released in the reporter
      (`Reporter.forget` or `Reporter.release`), whose per-session state is bounded too.
+
+Ownership (the protocol with the control plane and the other sidecars; the control plane's
+side is in `proto/tether/v1/sessions.proto`, the reporter's in `sidecar.reporter`):
+  6. A sidecar serves a session only as its owner at an epoch: the one it created it at, or
+     the one its claim returned. Local state of a session (its streams, trackers, positions)
+     belongs to the epoch it was made under.
+  7. Re-adoption starts clean. A request whose `Last-Event-ID` carries an epoch above the local
+     session's shows that another sidecar served the session since: the sidecar asks the
+     control plane, and unless the session is still its own at the local epoch (the id
+     lied), it ends the session's old streams here (their pumps cancelled), claims it and
+     serves it from the stored record; the reporter forgets fences and positions of older
+     epochs (reporter rules 5 and 9), so the session is reported again at the new epoch.
+  8. Fencing is pushed. While a control plane is configured, one task follows
+     `WatchSessions(owner=us)`; the moment it shows a session we serve owned by another
+     sidecar at a higher epoch, the session is dropped here as if a report had been FENCED:
+     its client streams end with the comment "session taken over by another sidecar" and
+     their pumps are cancelled (so the upstream GET stream closes, and the new owner can
+     open its own). A broken watch is reopened with capped, jittered backoff (one log line
+     per outage, then one per `WATCH_LOG_EVERY` failures); claims made while it was down
+     are learned from the next renewal's FENCED answer (reporter rule 10), within one
+     renewal interval.
+  9. Ownership is a lease: the reporter renews, off the event path, every session this
+     sidecar serves (`Registry.serving`: a client attached or a stream open, or a request
+     within the session TTL); a session nobody serves expires after the TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -44,14 +69,17 @@ import aiohttp
 import grpc
 from multidict import CIMultiDict
 
-from sidecar.reporter import Reporter, ReporterConfig
+from sidecar.reporter import RENEW_INTERVAL, Backoff, Reporter, ReporterConfig
 from sidecar.streams import LiveStream, Registry, Session
+from tether import tasks
 from tether.api.client import ClaimLostError, SessionGoneError
 from tether.grpc_security import ClientSecurity
 from tether.model import (
     InvalidIdError,
     OwnerName,
     Rejection,
+    SessionEvent,
+    SessionEventType,
     SessionId,
     SessionRecord,
     StreamPosition,
@@ -77,6 +105,13 @@ FENCED_CACHE = 10_000
 FENCED_TTL = 600.0
 """Fenced ids remembered at most, and for how long: long enough for the requests that were
 under way when the session was taken over to end."""
+TAKEN_OVER = "session taken over by another sidecar"
+"""Why a stream of a session another sidecar claimed ends (the comment its client sees)."""
+WATCH_RECONNECT_INITIAL = 0.2
+WATCH_RECONNECT_MAX = 5.0
+"""Backoff bounds of the ownership watch's reconnects (invariant 8)."""
+WATCH_LOG_EVERY = 20
+"""During a long outage of the watch, one warning per this many failed attempts."""
 
 
 class RecentIds:
@@ -213,6 +248,7 @@ class Continuity:
         security: ClientSecurity | None = None,
         owner: OwnerName,
         report_interval: float,
+        renew_interval: float = RENEW_INTERVAL,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
@@ -225,9 +261,17 @@ class Continuity:
                     owner=owner,
                     interval=report_interval,
                     security=security,
+                    renew_interval=renew_interval,
                 ),
                 on_fenced=self._fenced,
+                served=self._served,
             )
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.watch_synced = asyncio.Event()
+        """Set while the ownership watch is open and past its snapshot (invariant 8)."""
+        self.takeovers = 0
+        """Sessions dropped here because the watch showed another owner."""
         self.locks = KeyedLocks()
         self.unknown_sessions = RecentIds(capacity=UNKNOWN_SESSION_CACHE, ttl=UNKNOWN_SESSION_TTL)
         """Ids the control plane recently said it does not have (invariant 3)."""
@@ -240,10 +284,73 @@ class Continuity:
     async def start(self) -> None:
         if self.reporter is not None:
             await self.reporter.start()
+            self._watch = tasks.spawn(self._watch_ownership(), name=f"ownership-watch {self.owner}")
 
     async def stop(self) -> None:
+        self._stopping = True
+        await tasks.cancel_and_wait(self._watch)
         if self.reporter is not None:
             await self.reporter.stop()
+
+    def _served(self) -> list[SessionId]:
+        """Invariant 9: the sessions whose lease the reporter renews."""
+        assert self.reporter is not None
+        window = self.reporter.session_ttl or 3 * self.reporter.renew_interval
+        out: list[SessionId] = []
+        for session_id in self.registry.serving(now=time.monotonic(), active_within=window):
+            with contextlib.suppress(InvalidIdError):
+                out.append(parse_session_id(session_id))
+        return out
+
+    # -- pushed fencing (invariant 8) -------------------------------------------------------
+
+    async def _watch_ownership(self) -> None:
+        assert self.reporter is not None
+        backoff = Backoff(WATCH_RECONNECT_INITIAL, WATCH_RECONNECT_MAX)
+        # Not `while True`: grpc may turn a cancellation into a CANCELLED status.
+        while not self._stopping:
+            error: BaseException | None = None
+            try:
+                await self._follow_watch()
+            except (grpc.aio.AioRpcError, ValueError) as exc:
+                error = exc
+            finally:
+                self.watch_synced.clear()
+            if backoff.failures == 0 or (backoff.failures + 1) % WATCH_LOG_EVERY == 0:
+                log.warning(
+                    "ownership watch on %s broke (%s, %d attempts); reopening with backoff",
+                    self.reporter.config.target,
+                    error or "ended by the control plane",
+                    backoff.failures + 1,
+                )
+            await asyncio.sleep(backoff.next_delay())  # the backoff itself, not a wait
+            if self.watch_synced.is_set():
+                backoff.reset()
+
+    async def _follow_watch(self) -> None:
+        assert self.reporter is not None
+        events = self.reporter.client.watch_sessions(owner=self.owner)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event.type is SessionEventType.SYNCED:
+                    self.watch_synced.set()
+                    log.info("ownership watch on %s open", self.reporter.config.target)
+                else:
+                    self._on_watch_event(event)
+
+    def _on_watch_event(self, event: SessionEvent) -> None:
+        record = event.session
+        if event.type is not SessionEventType.PUT or record is None:
+            return  # deletes and expiries of our sessions: left to the client and the lease
+        if record.owner == self.owner:
+            return
+        sess = self.registry.sessions.get(record.session_id)
+        if sess is None or sess.owner_epoch >= record.owner_epoch:
+            return
+        self.takeovers += 1
+        if self.reporter is not None:
+            self.reporter.fence(record.session_id, epoch=record.owner_epoch, owner=record.owner)
+        self._taken_over(record.session_id, record.owner, record.owner_epoch)
 
     # -- reporting (never awaits) ----------------------------------------------------------
 
@@ -329,77 +436,109 @@ class Continuity:
 
     def _fenced(self, session_id: SessionId, rejection: Rejection) -> None:
         """Another sidecar claimed the session: stop serving it here (we are the zombie)."""
+        self._taken_over(session_id, rejection.current_owner, rejection.current_owner_epoch)
+
+    def _taken_over(self, session_id: str, owner: str, epoch: int) -> None:
+        if session_id not in self.registry.sessions:
+            return
         log.warning(
-            "session %s now belongs to %s (epoch %d); dropping it here",
-            session_id,
-            rejection.current_owner,
-            rejection.current_owner_epoch,
+            "session %s now belongs to %s (epoch %d); dropping it here", session_id, owner, epoch
         )
         self.fenced_sessions.add(session_id)
+        self._drop_local(session_id)
+
+    def _drop_local(self, session_id: str) -> None:
+        """End the session's streams here and cancel their pumps (closing the upstream)."""
         for stream in self.registry.drop_session(session_id):
-            stream.end("session taken over by another sidecar")
+            stream.end(TAKEN_OVER)
             if stream.pump is not None:
                 stream.pump.cancel()
 
     # -- adoption --------------------------------------------------------------------------
 
-    async def adopt(self, session_id: str) -> Session | None:
-        """The local session, or one adopted from the control plane; None if unknown there."""
+    async def adopt(self, session_id: str, *, seen_epoch: int = 0) -> Session | None:
+        """The local session, or one adopted from the control plane; None if unknown there.
+
+        `seen_epoch` is the owner epoch of the client's `Last-Event-ID` (0 if none): above the
+        local session's, it means another sidecar served the session since (invariant 7)."""
         sess = self.registry.sessions.get(session_id)
-        if sess is not None or self.reporter is None:
+        if self.reporter is None or (sess is not None and seen_epoch <= sess.owner_epoch):
             return sess
         try:
             sid = parse_session_id(session_id)
         except InvalidIdError:
-            return None  # no lock, no call, nothing remembered (invariant 1)
-        if sid in self.unknown_sessions:
+            return sess  # no lock, no call, nothing remembered (invariant 1)
+        if sess is None and sid in self.unknown_sessions:
             return None
         async with self.locks.hold(sid):
             sess = self.registry.sessions.get(sid)
-            if sess is not None:
+            if sess is not None and seen_epoch <= sess.owner_epoch:
                 return sess
-            if sid in self.unknown_sessions:
+            if sess is None and sid in self.unknown_sessions:
                 return None  # answered while this request waited for the lock
-            client = self.reporter.client
-            try:
-                record = await client.get_session(sid, timeout=CONTROL_PLANE_TIMEOUT)
-                if record is None:
-                    self.unknown_sessions.add(sid)
-                    return None
-                if record.owner != self.owner:
-                    record = await client.claim_session(
-                        sid, owner=self.owner, timeout=CONTROL_PLANE_TIMEOUT
-                    )
-            except SessionGoneError as exc:
+            record = await self._claim(sid)
+            if record is None:
+                return sess
+            if sess is not None:
+                if record.owner_epoch == sess.owner_epoch:
+                    return sess  # still ours at the local epoch: the id's epoch was not real
+                log.info(
+                    "session %s: served elsewhere since epoch %d; starting again here",
+                    sid,
+                    sess.owner_epoch,
+                )
+                self._drop_local(sid)
+            return self._install(sid, record)
+
+    async def _claim(self, sid: SessionId) -> SessionRecord | None:
+        """The stored record, claimed for this sidecar if another owns it; None if the session
+        is unknown there or the control plane cannot say."""
+        assert self.reporter is not None
+        client = self.reporter.client
+        try:
+            record = await client.get_session(sid, timeout=CONTROL_PLANE_TIMEOUT)
+            if record is None:
                 self.unknown_sessions.add(sid)
-                log.warning("session %s: could not claim it: %s", session_id, exc)
                 return None
-            except ClaimLostError as exc:
-                log.warning("session %s: could not claim it: %s", session_id, exc)
-                return None
-            except (grpc.aio.AioRpcError, ValueError) as exc:
-                log.warning("session %s: control plane unavailable (%s)", session_id, exc)
-                return None
-            sess = self.registry.session(session_id)
-            sess.upstream_session_id = record.upstream_session_id or session_id
-            sess.protocol_version = record.protocol_version or None
-            sess.initialize_request = record.initialize_request or None
-            sess.owner_epoch = record.owner_epoch
-            sess.persisted_streams = dict(record.streams)
-            sess.credential_fingerprint = record.credential_fingerprint
-            self.fenced_sessions.discard(session_id)
-            # The reporter gets the whole record (to re-create the session should the control
-            # plane lose it) at the new epoch, which lifts a fence it may remember from before.
-            self.report_session(sess)
-            self.adoptions += 1
-            log.info(
-                "session %s adopted from %s at epoch %d (%d streams)",
-                session_id,
-                record.owner,
-                record.owner_epoch,
-                len(record.streams),
-            )
-            return sess
+            if record.owner != self.owner:
+                record = await client.claim_session(
+                    sid, owner=self.owner, timeout=CONTROL_PLANE_TIMEOUT
+                )
+        except SessionGoneError as exc:
+            self.unknown_sessions.add(sid)
+            log.warning("session %s: could not claim it: %s", sid, exc)
+            return None
+        except ClaimLostError as exc:
+            log.warning("session %s: could not claim it: %s", sid, exc)
+            return None
+        except (grpc.aio.AioRpcError, ValueError) as exc:
+            log.warning("session %s: control plane unavailable (%s)", sid, exc)
+            return None
+        return record
+
+    def _install(self, sid: SessionId, record: SessionRecord) -> Session:
+        """Serve the session here from its stored record, at the record's epoch."""
+        sess = self.registry.session(sid)
+        sess.upstream_session_id = record.upstream_session_id or sid
+        sess.protocol_version = record.protocol_version or None
+        sess.initialize_request = record.initialize_request or None
+        sess.owner_epoch = record.owner_epoch
+        sess.persisted_streams = dict(record.streams)
+        sess.credential_fingerprint = record.credential_fingerprint
+        self.fenced_sessions.discard(sid)
+        # The reporter gets the whole record (to re-create the session should the control
+        # plane lose it) at the new epoch, which lifts a fence it may remember from before
+        # and drops what it knew of older epochs (reporter rule 9).
+        self.report_session(sess)
+        self.adoptions += 1
+        log.info(
+            "session %s adopted from %s at epoch %d (%d streams)",
+            sid,
+            record.owner,
+            record.owner_epoch,
+            len(record.streams),
+        )
+        return sess
 
     # -- re-initialization -----------------------------------------------------------------
 

@@ -80,6 +80,7 @@ class Proxy:
             security=config.control_plane_security,
             owner=owner,
             report_interval=config.report_interval,
+            renew_interval=config.renew_interval,
         )
         if self.continuity.reporter is not None:
             metrics.watch_reporter(self.continuity.reporter)
@@ -106,7 +107,6 @@ class Proxy:
             metrics=metrics,
             registry=self.registry,
             admission=self.admission,
-            continuity=self.continuity,
             pump=self.pump,
             writer=self.writer,
         )
@@ -163,13 +163,12 @@ class Proxy:
         if refusal is not None:
             return refusal
         client_session = request.headers.get(SESSION_HEADER)
-        # A session this sidecar does not know may live on in the control plane.
-        sess = await self.continuity.adopt(client_session) if client_session else None
+        last_id = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
+        event_id = EventId.parse(last_id) if last_id else None
+        sess = await self._session(client_session, event_id)
         if sess is not None and not self.admission.credential_matches(request, sess):
             return error_response(404, "session not found")
-        last_id = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
         if last_id:
-            event_id = EventId.parse(last_id)
             if event_id is None:
                 # Rule 5: starting afresh would silently skip what the client missed.
                 log.warning("%s: Last-Event-ID %r is not one of ours", request.path, last_id[:80])
@@ -205,6 +204,16 @@ class Proxy:
             return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
         # Rule 2: _route owns `resp` from here: it releases it, or hands it to a pump.
         return await self._route(request, resp, headers, b"".join(body_parts))
+
+    async def _session(
+        self, client_session: str | None, event_id: EventId | None
+    ) -> Session | None:
+        """A session this sidecar does not know may live on in the control plane; one it knows
+        at an older epoch than the client's event id was served elsewhere since."""
+        if not client_session:
+            return None
+        seen_epoch = event_id.epoch if event_id is not None else 0
+        return await self.continuity.adopt(client_session, seen_epoch=seen_epoch)
 
     async def _after_session_lost(
         self,

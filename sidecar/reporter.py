@@ -33,6 +33,21 @@ Invariants:
      so nothing reported is lost. A fenced session keeps no entry, only its fence (rule 5).
      What an entry holds (`record`, `known`) is needed only while the session is live here:
      to re-create it (rule 6) and to refuse positions older than those already given.
+  9. Re-adoption starts clean: `session()` with a record at a higher owner epoch than the
+     entry's (this sidecar claimed the session again, maybe after losing it) lifts any fence
+     (rule 5) and drops what was known or waiting at older epochs: those positions were
+     refused by the control plane anyway, and the new epoch's first position beats them.
+ 10. Ownership is a lease. Every `renew_interval` the background task queues, for each session
+     `served()` names that has a live entry and no upsert waiting, an upsert of its whole
+     record (rule 6's): batched with everything else, never awaited by the event path. The
+     interval is the smaller of `ReporterConfig.renew_interval` and a third of the session
+     TTL the control plane states in its acknowledgements, so two renewals can fail before
+     a served session expires. A session not named by `served()` is not renewed and expires
+     after the TTL. A renewal of a session claimed meanwhile is FENCED (rule 5): a lease
+     that cannot be renewed is lost, and the sidecar learns it within one interval even if
+     nothing else reports.
+ 11. Pushed fences: `fence(session, epoch)` (the control plane's watch showed another owner
+     at `epoch`) acts as a FENCED rejection would, without waiting for one.
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, replace
 
 import grpc
@@ -87,6 +102,13 @@ stuck (say, a half-open connection): it is abandoned and its items are sent on a
 LOG_PERIOD = 5.0
 """At most one line per kind of repeated trouble in this many seconds."""
 
+RENEW_INTERVAL = 30.0
+"""Renewal period when the control plane has not said its session TTL (and the cap when it
+has): the default TTL is an hour, so this is far inside any sensible one."""
+
+MIN_RENEW_INTERVAL = 0.05
+"""A TTL so short that a third of it is below this renews at this pace."""
+
 MAX_FENCED = 10_000
 """Fenced sessions whose fence the queue remembers (invariant 5): a sidecar that lost that
 many sessions to others at once is being drained, and each forgotten fence costs only a
@@ -109,10 +131,15 @@ class ReporterConfig:
     reconnect_max: float = 5.0
     security: ClientSecurity | None = None
     """TLS, mutual TLS and bearer token towards the control plane (plaintext when None)."""
+    renew_interval: float = RENEW_INTERVAL
+    """At most this many seconds between renewals of a served session (invariant 10); a
+    third of the control plane's TTL when that is shorter."""
 
     def __post_init__(self) -> None:
         if self.interval < 0:
             raise ValueError("reporter interval must be >= 0")
+        if self.renew_interval <= 0:
+            raise ValueError("reporter renew_interval must be > 0")
         if self.max_pending < 1:
             raise ValueError("reporter max_pending must be >= 1")
         if not 0 < self.reconnect_initial <= self.reconnect_max:
@@ -275,6 +302,8 @@ class ReportQueue:
         s = self._sessions.get(sid)
         if s is None:
             s = self._sessions[sid] = _Session(sid)
+        elif s.record is not None and record.owner_epoch > s.record.owner_epoch:
+            self._start_clean(s, record.owner_epoch)
         s.released = False
         s.record = record
         if s.upsert is None:
@@ -282,6 +311,43 @@ class ReportQueue:
         s.upsert = record
         self._start_waiting(s)
         self._bound()
+        return True
+
+    def _start_clean(self, s: _Session, epoch: int) -> None:
+        """Invariant 9: the session is ours again at `epoch`: forget older epochs' positions."""
+        s.known = {k: p for k, p in s.known.items() if p.owner_epoch >= epoch}
+        for stream, p in list(s.updates.items()):
+            if p.owner_epoch < epoch:
+                del s.updates[stream]
+                self._waiting_count -= 1
+        if not s.waiting and self._waiting.pop(s.session_id, None) is not None:
+            s.first_mark = 0
+
+    def renew(self, session_ids: Iterable[SessionId]) -> int:
+        """Invariant 10: queue a renewal (the whole record as an upsert) of each named session
+        that is live here and has no upsert waiting; return how many were queued."""
+        queued = 0
+        for sid in session_ids:
+            s = self._sessions.get(sid)
+            if s is None or s.released or s.record is None or s.upsert is not None:
+                continue
+            s.upsert = self._recreated(s)
+            self._waiting_count += 1
+            self._start_waiting(s)
+            queued += 1
+        if queued:
+            self._bound()
+        return queued
+
+    def fence(self, session_id: SessionId, *, epoch: int, owner: OwnerName) -> bool:
+        """Invariant 11: another sidecar owns the session at `epoch`; fence ours off as a
+        FENCED rejection would. False if it was not ours at an older epoch (nothing done)."""
+        s = self._sessions.get(session_id)
+        if s is None or s.record is None or s.record.owner_epoch >= epoch:
+            return False
+        r = Rejection(session_id, "", RejectionReason.FENCED, "claimed", owner, epoch)
+        self._fence(s, s.record.owner_epoch, r)
+        self._fenced[session_id] = epoch  # the claimant's epoch: ours can only be above it
         return True
 
     def position(self, session_id: SessionId, position: StreamPosition) -> bool:
@@ -687,7 +753,9 @@ class Reporter:
     `session`, `position` and `forget` are plain methods (never awaited, O(1)); `start` and
     `stop` bracket the background task; `flushed` waits until what was reported is settled.
     `on_fenced(session_id, rejection)` is called (from the background task) when the control
-    plane says another sidecar now owns a session; it must not block.
+    plane says another sidecar now owns a session; it must not block. `served()` names the
+    sessions whose lease to renew (invariant 10); called from the renewal task, it must not
+    block either.
 
     The latest record and positions of a session are remembered (to re-create it if the
     control plane loses it) while it is live here: `forget()` (deleted) drops them at once,
@@ -699,11 +767,19 @@ class Reporter:
         config: ReporterConfig,
         *,
         on_fenced: Callable[[SessionId, Rejection], None] | None = None,
+        served: Callable[[], Iterable[SessionId]] | None = None,
     ) -> None:
         self.config = config
         self.stats = ReporterStats()
         self._queue = ReportQueue(max_pending=config.max_pending, stats=self.stats)
         self._on_fenced = on_fenced
+        self._served = served
+        self.session_ttl = 0.0
+        """The session TTL the control plane last stated (0.0 until it has)."""
+        self.renewals = 0
+        """Renewal upserts queued (invariant 10)."""
+        self._ttl_changed = asyncio.Event()
+        self._renewer: asyncio.Task[None] | None = None
         self._limiter = _LogLimiter(LOG_PERIOD)
         self._channel: grpc.aio.Channel | None = None
         self._client: SessionClient | None = None
@@ -735,6 +811,14 @@ class Reporter:
             and self._channel is not None
             and self._channel.get_state() is grpc.ChannelConnectivity.READY
         )
+
+    @property
+    def renew_interval(self) -> float:
+        """Seconds between renewals (invariant 10)."""
+        interval = self.config.renew_interval
+        if self.session_ttl > 0:
+            interval = min(interval, max(MIN_RENEW_INTERVAL, self.session_ttl / 3))
+        return interval
 
     @property
     def pending(self) -> int:
@@ -783,6 +867,14 @@ class Reporter:
         remembered of it once its pending items are acknowledged."""
         self._queue.release(session_id)
 
+    def fence(self, session_id: SessionId, *, epoch: int, owner: OwnerName) -> bool:
+        """Another sidecar claimed the session at `epoch` (invariant 11): stop reporting it.
+        False if this reporter did not hold it at an older epoch."""
+        if not self._queue.fence(session_id, epoch=epoch, owner=owner):
+            return False
+        self._settle()
+        return True
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -795,6 +887,10 @@ class Reporter:
         )
         self._client = SessionClient(self._channel)
         self._task = tasks.spawn(self._run(), name=f"tether-reporter {self.config.target}")
+        if self._served is not None:
+            self._renewer = tasks.spawn(
+                self._renew_forever(), name=f"tether-reporter-renew {self.config.target}"
+            )
 
     async def stop(self, *, flush_timeout: float = 5.0) -> None:
         """Send what is pending and wait for its acks (up to `flush_timeout` seconds), then
@@ -816,7 +912,7 @@ class Reporter:
                     )
         finally:
             self._closed = True
-            await tasks.cancel_and_wait(task)
+            await tasks.cancel_and_wait(self._renewer, task)
             if self._channel is not None:
                 await self._channel.close(None)
             for _, future in self._waiters:
@@ -850,12 +946,31 @@ class Reporter:
             if not future.done() and (oldest is None or oldest > target):
                 future.set_result(None)
 
-    # -- the background task --------------------------------------------------------------
+    # -- the background tasks -------------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        """Invariant 10: queue renewals of the served sessions every `renew_interval`."""
+        assert self._served is not None
+        while True:
+            self._ttl_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                # Pacing, not synchronisation; a newly stated TTL restarts the wait.
+                async with asyncio.timeout(self.renew_interval):
+                    await self._ttl_changed.wait()
+                continue
+            if self._closed or self._stopping:
+                return
+            queued = self._queue.renew(self._served())
+            if queued:
+                self.renewals += queued
+                self._wake.set()
 
     async def _run(self) -> None:
         backoff = Backoff(self.config.reconnect_initial, self.config.reconnect_max)
         opened_once = False
-        while not (self._stopping and self._queue.pending == 0):
+        # `_closed` too: a cancellation swallowed on the way (grpc may turn one into a
+        # CANCELLED status) must not keep a stopped reporter retrying forever.
+        while not (self._stopping and self._queue.pending == 0) and not self._closed:
             if opened_once:
                 self.stats.reconnects += 1
             opened_once = True
@@ -953,6 +1068,9 @@ class Reporter:
         acks = stream.acks()
         try:
             async for ack in acks:
+                if ack.session_ttl > 0 and ack.session_ttl != self.session_ttl:
+                    self.session_ttl = ack.session_ttl
+                    self._ttl_changed.set()
                 fenced = self._queue.acknowledge(ack)
                 self._progress = True
                 if self._failing:

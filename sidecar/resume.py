@@ -13,9 +13,10 @@ Rules:
    cursor where to resume the upstream. The stored position is a fallback for ids without a
    cursor. A GET stream with no cursor (nothing delivered yet, or an upstream without ids) is
    reopened upstream; only a POST response whose upstream gave no id cannot be resumed.
-3. An id from a higher owner epoch than this sidecar's stream means another sidecar served
-   the client since: this sidecar's state for the session is stale, so it is dropped and the
-   session adopted again (a new claim), never answered 410.
+3. An id from a higher owner epoch than this sidecar's session means another sidecar served
+   the client since: `Continuity.adopt` (given that epoch) has already dropped the stale
+   local state and claimed the session again before the resume gets here; if the control
+   plane says the session is still this sidecar's at its epoch, the id is not real (410).
 4. A stream taken over continues from the client's id: that id (the previous owner's epoch,
    the seq where it took over) stays valid here, so a client that reconnects again before
    the next event is served, not refused.
@@ -31,14 +32,12 @@ from multidict import CIMultiDict
 
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
-from sidecar.continuity import Continuity
 from sidecar.headers import SESSION_HEADER, SSE_TYPE, error_response, upstream_request_headers
 from sidecar.metrics import Metrics
 from sidecar.pump import Pump
 from sidecar.streams import LiveStream, Registry, Session
 from sidecar.tracker import EventId, Gap, StreamKind, StreamTracker
 from sidecar.writer import Writer
-from tether.tasks import cancel_and_wait
 
 log = logging.getLogger("tether.sidecar.resume")
 
@@ -51,11 +50,9 @@ class Resume:
         metrics: Metrics,
         registry: Registry,
         admission: Admission,
-        continuity: Continuity,
         pump: Pump,
         writer: Writer,
     ) -> None:
-        self.continuity = continuity
         self.config = config
         self.metrics = metrics
         self.registry = registry
@@ -67,9 +64,6 @@ class Resume:
         self, request: web.Request, event_id: EventId, sess: Session | None
     ) -> web.StreamResponse:
         stream = self.registry.streams.get(event_id.stream)
-        if stream is not None and sess is not None and event_id.epoch > stream.tracker.epoch:
-            sess = await self._adopt_again(sess)
-            stream = None
         if stream is None and sess is not None:
             adopted = self._adopt_stream(request, sess, event_id)
             if adopted is not None:
@@ -120,19 +114,6 @@ class Resume:
             priming=False,
             catch_up_cursor=catch_up_cursor,
         )
-
-    async def _adopt_again(self, sess: Session) -> Session | None:
-        """Rule 3: the client went on with another sidecar, which claimed the session, and
-        came back before this one heard of it: what this sidecar holds for the session is
-        stale. Drop it and take the session over again, cleanly, at a new epoch."""
-        log.info(
-            "session %s: the client comes back from another owner; adopting again", sess.session_id
-        )
-        streams = self.registry.drop_session(sess.session_id)
-        for s in streams:
-            s.end("session taken over by another sidecar")
-        await cancel_and_wait(*(s.pump for s in streams))
-        return await self.continuity.adopt(sess.session_id)
 
     def _adopt_stream(
         self, request: web.Request, sess: Session, event_id: EventId

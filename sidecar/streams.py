@@ -286,6 +286,16 @@ class Registry:
             dropped += 1
         return dropped
 
+    def serving(self, *, now: float, active_within: float) -> list[str]:
+        """Sessions this sidecar serves: a client attached or a stream open, or a request
+        within the last `active_within` seconds (their ownership lease is renewed)."""
+        return [
+            sid
+            for sid, sess in self.sessions.items()
+            if now - sess.last_active < active_within
+            or any(s.clients or not s.ended for s in sess.streams.values())
+        ]
+
     def _ended(self, session_id: str) -> None:
         for listener in self.session_ended:
             listener(session_id)

@@ -191,6 +191,8 @@ class BatchAck:
 
     batch_id: int
     rejections: tuple[Rejection, ...] = ()
+    session_ttl: float = 0.0
+    """Seconds a session lives without a write on this control plane (0.0: not said)."""
 
 
 class SessionEventType(enum.Enum):

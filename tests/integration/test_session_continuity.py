@@ -139,11 +139,13 @@ async def test_stale_owner_is_fenced_after_a_claim(
     numbered_upstream: Any,
     http: aiohttp.ClientSession,
 ) -> None:
-    """Sidecar B takes a session over while A still runs: A's updates are refused from then
-    on and A stops serving the session (a zombie must not write)."""
+    """Sidecar B takes a session over while A still runs: A learns it at once from its
+    ownership watch (it reports nothing meanwhile) and stops serving the session (a zombie
+    must not write); the store keeps B as the owner."""
     async with numbered_upstream(interval_ms=2) as up:
         a = await sidecar_factory(up, control_plane=control_plane.address, owner="a")
         b = await sidecar_factory(up, control_plane=control_plane.address, owner="b")
+        await asyncio.wait_for(a.proxy.continuity.watch_synced.wait(), 10)
         sid = await initialize(http, f"http://127.0.0.1:{a.port}")
         headers = {**HEADERS, "Mcp-Session-Id": sid}
         assert a.proxy.continuity.reporter is not None
@@ -154,14 +156,11 @@ async def test_stale_owner_is_fenced_after_a_claim(
         ) as resp:
             assert progress([e async for e in events(resp)]) == [1, 2, 3]
         assert b.proxy.continuity.adoptions == 1
-        # A keeps streaming the session: its reports are now fenced.
-        async with http.post(
-            f"http://127.0.0.1:{a.port}{MCP}", json=count_call(3, rid=9), headers=headers
-        ) as resp:
-            await resp.read()
-        await a.proxy.continuity.reporter.flushed()
-        assert sid in a.proxy.continuity.fenced_sessions
+        await eventually(
+            lambda: sid in a.proxy.continuity.fenced_sessions, timeout=10, what="A fenced off"
+        )
         assert sid not in a.proxy.registry.sessions
+        await a.proxy.continuity.reporter.flushed()
     async with grpc.aio.insecure_channel(control_plane.address) as channel:
         record = await SessionClient(channel).get_session(SessionId(sid))
     assert record is not None

@@ -78,12 +78,19 @@ class Flags:
     """Start each SSE response with a priming event `id: <stream>/<k>` and empty data."""
     json_as_sse: bool = False
     """Answer non-streaming requests (initialize, tools/list, ...) as a one-event SSE stream."""
+    single_get_stream: bool = False
+    """Like the SDK server: a GET stream of a session that already has one open is answered
+    409 Conflict. A closed stream is noticed only if the server cancels handlers when their
+    client goes away (`handler_cancellation=True`, as `main` and `serve_app` in
+    tests/integration/test_ownership.py run it)."""
 
 
 @dataclass
 class _State:
     sessions: set[str] = field(default_factory=set)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    get_streams: dict[str, int] = field(default_factory=dict)
+    """Session id -> standalone GET streams open now (fresh or resumed)."""
 
 
 FLAGS = web.AppKey("flags", Flags)
@@ -307,6 +314,23 @@ class _Handler:
         if error := self._session_error(request):
             return error
         headers = self._session_headers(request)
+        session = request.headers.get(SESSION_HEADER, "")
+        last = request.headers.get("Last-Event-ID")
+        if last is not None and last.rpartition("/")[0] != GET_STREAM:
+            return await self._get_stream(request, headers)  # resuming a POST's stream
+        if self.flags.single_get_stream and self.state.get_streams.get(session):
+            return web.Response(status=409, text="Conflict: Only one SSE stream is allowed")
+        self.state.get_streams[session] = self.state.get_streams.get(session, 0) + 1
+        try:
+            return await self._get_stream(request, headers)
+        finally:
+            self.state.get_streams[session] -= 1
+            if not self.state.get_streams[session]:
+                del self.state.get_streams[session]
+
+    async def _get_stream(
+        self, request: web.Request, headers: dict[str, str]
+    ) -> web.StreamResponse:
         last = request.headers.get("Last-Event-ID")
         if last is None:
             if self._stateless(request):
@@ -448,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-sessions", action="store_true", help=_doc("strict_sessions"))
     p.add_argument("--priming", action="store_true", help=_doc("priming"))
     p.add_argument("--json-as-sse", action="store_true", help=_doc("json_as_sse"))
+    p.add_argument("--single-get-stream", action="store_true", help=_doc("single_get_stream"))
     return p
 
 
@@ -464,6 +489,7 @@ def _doc(name: str) -> str:
         "strict_sessions": "404 for unknown or missing session ids",
         "priming": "start each SSE response with a priming event",
         "json_as_sse": "answer non-streaming requests as one-event SSE",
+        "single_get_stream": "409 for a second GET stream of a session while one is open",
     }[name]
 
 
@@ -481,7 +507,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def ready(*_: object) -> None:
         log.info("ready on http://%s:%d/mcp with %s", host, port, flags)
 
-    web.run_app(make_app(flags), host=host, port=port, print=ready, shutdown_timeout=2.0)
+    web.run_app(
+        make_app(flags),
+        host=host,
+        port=port,
+        print=ready,
+        shutdown_timeout=2.0,
+        handler_cancellation=flags.single_get_stream,
+    )
     return 0
 
 

@@ -3,7 +3,8 @@ dataclasses of `tether.model`: the only code outside the gRPC edge that sees pro
 
 Messages from the wire are validated here: every id goes through `tether.model.parse_*`, so
 a bad one raises `InvalidIdError` before it reaches a store. Times are float seconds in the
-domain and `google.protobuf.Timestamp` on the wire; 0.0 means unset.
+domain and `google.protobuf.Timestamp` on the wire, durations float seconds and
+`google.protobuf.Duration`; 0.0 means unset.
 """
 
 from __future__ import annotations
@@ -174,13 +175,19 @@ def rejection_from_pb(msg: pb.Rejection) -> Rejection:
 
 
 def ack_to_pb(ack: BatchAck) -> pb.ReportEventsResponse:
-    return pb.ReportEventsResponse(
+    msg = pb.ReportEventsResponse(
         batch_id=ack.batch_id, rejections=[rejection_to_pb(r) for r in ack.rejections]
     )
+    if ack.session_ttl > 0:
+        msg.session_ttl.FromNanoseconds(round(ack.session_ttl * _NANOS))
+    return msg
 
 
 def ack_from_pb(msg: pb.ReportEventsResponse) -> BatchAck:
-    return BatchAck(msg.batch_id, tuple(rejection_from_pb(r) for r in msg.rejections))
+    ttl = msg.session_ttl.ToNanoseconds() / _NANOS if msg.HasField("session_ttl") else 0.0
+    return BatchAck(
+        msg.batch_id, tuple(rejection_from_pb(r) for r in msg.rejections), max(ttl, 0.0)
+    )
 
 
 _EVENT_TYPES = {

@@ -22,52 +22,53 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tether/v1/sessions.proto\x12\ttether.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x0eStreamPosition\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x15\n\rlast_event_id\x18\x02 \x01(\t\x12\x19\n\x11upstream_event_id\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x13\n\x0bowner_epoch\x18\x05 \x01(\x04\"\x8a\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1b\n\x13upstream_session_id\x18\x02 \x01(\t\x12\x18\n\x10upstream_address\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x13\n\x0bowner_epoch\x18\x05 \x01(\x04\x12\x18\n\x10protocol_version\x18\x06 \x01(\t\x12\x1a\n\x12initialize_request\x18\x07 \x01(\x0c\x12*\n\x07streams\x18\x08 \x03(\x0b\x32\x19.tether.v1.StreamPosition\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x63redential_fingerprint\x18\x0c \x01(\t\"4\n\rSessionUpsert\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.tether.v1.Session\"O\n\x0cStreamUpdate\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x08position\x18\x02 \x01(\x0b\x32\x19.tether.v1.StreamPosition\"|\n\x13ReportEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12)\n\x07upserts\x18\x02 \x03(\x0b\x32\x18.tether.v1.SessionUpsert\x12(\n\x07updates\x18\x03 \x03(\x0b\x32\x17.tether.v1.StreamUpdate\"\xa2\x01\n\tRejection\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12*\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.tether.v1.RejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x15\n\rcurrent_owner\x18\x05 \x01(\t\x12\x1b\n\x13\x63urrent_owner_epoch\x18\x06 \x01(\x04\"R\n\x14ReportEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12(\n\nrejections\x18\x02 \x03(\x0b\x32\x14.tether.v1.Rejection\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"K\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.tether.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x15\x44\x65leteSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.tether.v1.Session\"V\n\x13\x43laimSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x1c\n\x14\x65xpected_owner_epoch\x18\x03 \x01(\x04\";\n\x14\x43laimSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.tether.v1.Session\"%\n\x14WatchSessionsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\"r\n\x0cSessionEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.tether.v1.SessionEventType\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x07session\x18\x03 \x01(\x0b\x32\x12.tether.v1.Session*\x94\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REJECTION_REASON_FENCED\x10\x01\x12$\n REJECTION_REASON_UNKNOWN_SESSION\x10\x02\x12\x1c\n\x18REJECTION_REASON_INVALID\x10\x03*\xaf\x01\n\x10SessionEventType\x12\"\n\x1eSESSION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_EVENT_TYPE_PUT\x10\x01\x12\x1d\n\x19SESSION_EVENT_TYPE_DELETE\x10\x02\x12\x1d\n\x19SESSION_EVENT_TYPE_EXPIRE\x10\x03\x12\x1d\n\x19SESSION_EVENT_TYPE_SYNCED\x10\x04\x32\xe8\x03\n\x0eSessionService\x12S\n\x0cReportEvents\x12\x1e.tether.v1.ReportEventsRequest\x1a\x1f.tether.v1.ReportEventsResponse(\x01\x30\x01\x12>\n\nGetSession\x12\x1c.tether.v1.GetSessionRequest\x1a\x12.tether.v1.Session\x12O\n\x0cListSessions\x12\x1e.tether.v1.ListSessionsRequest\x1a\x1f.tether.v1.ListSessionsResponse\x12R\n\rDeleteSession\x12\x1f.tether.v1.DeleteSessionRequest\x1a .tether.v1.DeleteSessionResponse\x12O\n\x0c\x43laimSession\x12\x1e.tether.v1.ClaimSessionRequest\x1a\x1f.tether.v1.ClaimSessionResponse\x12K\n\rWatchSessions\x12\x1f.tether.v1.WatchSessionsRequest\x1a\x17.tether.v1.SessionEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tether/v1/sessions.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x0eStreamPosition\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x15\n\rlast_event_id\x18\x02 \x01(\t\x12\x19\n\x11upstream_event_id\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x13\n\x0bowner_epoch\x18\x05 \x01(\x04\"\x8a\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1b\n\x13upstream_session_id\x18\x02 \x01(\t\x12\x18\n\x10upstream_address\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x13\n\x0bowner_epoch\x18\x05 \x01(\x04\x12\x18\n\x10protocol_version\x18\x06 \x01(\t\x12\x1a\n\x12initialize_request\x18\x07 \x01(\x0c\x12*\n\x07streams\x18\x08 \x03(\x0b\x32\x19.tether.v1.StreamPosition\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x63redential_fingerprint\x18\x0c \x01(\t\"4\n\rSessionUpsert\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.tether.v1.Session\"O\n\x0cStreamUpdate\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x08position\x18\x02 \x01(\x0b\x32\x19.tether.v1.StreamPosition\"|\n\x13ReportEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12)\n\x07upserts\x18\x02 \x03(\x0b\x32\x18.tether.v1.SessionUpsert\x12(\n\x07updates\x18\x03 \x03(\x0b\x32\x17.tether.v1.StreamUpdate\"\xa2\x01\n\tRejection\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12*\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.tether.v1.RejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x15\n\rcurrent_owner\x18\x05 \x01(\t\x12\x1b\n\x13\x63urrent_owner_epoch\x18\x06 \x01(\x04\"\x82\x01\n\x14ReportEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12(\n\nrejections\x18\x02 \x03(\x0b\x32\x14.tether.v1.Rejection\x12.\n\x0bsession_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"K\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.tether.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x15\x44\x65leteSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.tether.v1.Session\"V\n\x13\x43laimSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x1c\n\x14\x65xpected_owner_epoch\x18\x03 \x01(\x04\";\n\x14\x43laimSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.tether.v1.Session\"%\n\x14WatchSessionsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\"r\n\x0cSessionEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.tether.v1.SessionEventType\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x07session\x18\x03 \x01(\x0b\x32\x12.tether.v1.Session*\x94\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REJECTION_REASON_FENCED\x10\x01\x12$\n REJECTION_REASON_UNKNOWN_SESSION\x10\x02\x12\x1c\n\x18REJECTION_REASON_INVALID\x10\x03*\xaf\x01\n\x10SessionEventType\x12\"\n\x1eSESSION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_EVENT_TYPE_PUT\x10\x01\x12\x1d\n\x19SESSION_EVENT_TYPE_DELETE\x10\x02\x12\x1d\n\x19SESSION_EVENT_TYPE_EXPIRE\x10\x03\x12\x1d\n\x19SESSION_EVENT_TYPE_SYNCED\x10\x04\x32\xe8\x03\n\x0eSessionService\x12S\n\x0cReportEvents\x12\x1e.tether.v1.ReportEventsRequest\x1a\x1f.tether.v1.ReportEventsResponse(\x01\x30\x01\x12>\n\nGetSession\x12\x1c.tether.v1.GetSessionRequest\x1a\x12.tether.v1.Session\x12O\n\x0cListSessions\x12\x1e.tether.v1.ListSessionsRequest\x1a\x1f.tether.v1.ListSessionsResponse\x12R\n\rDeleteSession\x12\x1f.tether.v1.DeleteSessionRequest\x1a .tether.v1.DeleteSessionResponse\x12O\n\x0c\x43laimSession\x12\x1e.tether.v1.ClaimSessionRequest\x1a\x1f.tether.v1.ClaimSessionResponse\x12K\n\rWatchSessions\x12\x1f.tether.v1.WatchSessionsRequest\x1a\x17.tether.v1.SessionEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tether.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTIONREASON']._serialized_start=1716
-  _globals['_REJECTIONREASON']._serialized_end=1864
-  _globals['_SESSIONEVENTTYPE']._serialized_start=1867
-  _globals['_SESSIONEVENTTYPE']._serialized_end=2042
-  _globals['_STREAMPOSITION']._serialized_start=72
-  _globals['_STREAMPOSITION']._serialized_end=191
-  _globals['_SESSION']._serialized_start=194
-  _globals['_SESSION']._serialized_end=588
-  _globals['_SESSIONUPSERT']._serialized_start=590
-  _globals['_SESSIONUPSERT']._serialized_end=642
-  _globals['_STREAMUPDATE']._serialized_start=644
-  _globals['_STREAMUPDATE']._serialized_end=723
-  _globals['_REPORTEVENTSREQUEST']._serialized_start=725
-  _globals['_REPORTEVENTSREQUEST']._serialized_end=849
-  _globals['_REJECTION']._serialized_start=852
-  _globals['_REJECTION']._serialized_end=1014
-  _globals['_REPORTEVENTSRESPONSE']._serialized_start=1016
-  _globals['_REPORTEVENTSRESPONSE']._serialized_end=1098
-  _globals['_GETSESSIONREQUEST']._serialized_start=1100
-  _globals['_GETSESSIONREQUEST']._serialized_end=1139
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1141
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1216
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1218
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1303
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1305
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1347
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1349
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1409
-  _globals['_CLAIMSESSIONREQUEST']._serialized_start=1411
-  _globals['_CLAIMSESSIONREQUEST']._serialized_end=1497
-  _globals['_CLAIMSESSIONRESPONSE']._serialized_start=1499
-  _globals['_CLAIMSESSIONRESPONSE']._serialized_end=1558
-  _globals['_WATCHSESSIONSREQUEST']._serialized_start=1560
-  _globals['_WATCHSESSIONSREQUEST']._serialized_end=1597
-  _globals['_SESSIONEVENT']._serialized_start=1599
-  _globals['_SESSIONEVENT']._serialized_end=1713
-  _globals['_SESSIONSERVICE']._serialized_start=2045
-  _globals['_SESSIONSERVICE']._serialized_end=2533
+  _globals['_REJECTIONREASON']._serialized_start=1797
+  _globals['_REJECTIONREASON']._serialized_end=1945
+  _globals['_SESSIONEVENTTYPE']._serialized_start=1948
+  _globals['_SESSIONEVENTTYPE']._serialized_end=2123
+  _globals['_STREAMPOSITION']._serialized_start=104
+  _globals['_STREAMPOSITION']._serialized_end=223
+  _globals['_SESSION']._serialized_start=226
+  _globals['_SESSION']._serialized_end=620
+  _globals['_SESSIONUPSERT']._serialized_start=622
+  _globals['_SESSIONUPSERT']._serialized_end=674
+  _globals['_STREAMUPDATE']._serialized_start=676
+  _globals['_STREAMUPDATE']._serialized_end=755
+  _globals['_REPORTEVENTSREQUEST']._serialized_start=757
+  _globals['_REPORTEVENTSREQUEST']._serialized_end=881
+  _globals['_REJECTION']._serialized_start=884
+  _globals['_REJECTION']._serialized_end=1046
+  _globals['_REPORTEVENTSRESPONSE']._serialized_start=1049
+  _globals['_REPORTEVENTSRESPONSE']._serialized_end=1179
+  _globals['_GETSESSIONREQUEST']._serialized_start=1181
+  _globals['_GETSESSIONREQUEST']._serialized_end=1220
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1222
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1297
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1299
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1384
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1386
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1428
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1430
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1490
+  _globals['_CLAIMSESSIONREQUEST']._serialized_start=1492
+  _globals['_CLAIMSESSIONREQUEST']._serialized_end=1578
+  _globals['_CLAIMSESSIONRESPONSE']._serialized_start=1580
+  _globals['_CLAIMSESSIONRESPONSE']._serialized_end=1639
+  _globals['_WATCHSESSIONSREQUEST']._serialized_start=1641
+  _globals['_WATCHSESSIONSREQUEST']._serialized_end=1678
+  _globals['_SESSIONEVENT']._serialized_start=1680
+  _globals['_SESSIONEVENT']._serialized_end=1794
+  _globals['_SESSIONSERVICE']._serialized_start=2126
+  _globals['_SESSIONSERVICE']._serialized_end=2614
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 # mypy: disable-error-code="type-arg"
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -118,12 +119,14 @@ class Rejection(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., reason: _Optional[_Union[RejectionReason, str]] = ..., detail: _Optional[str] = ..., current_owner: _Optional[str] = ..., current_owner_epoch: _Optional[int] = ...) -> None: ...
 
 class ReportEventsResponse(_message.Message):
-    __slots__ = ("batch_id", "rejections")
+    __slots__ = ("batch_id", "rejections", "session_ttl")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
-    def __init__(self, batch_id: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
+    session_ttl: _duration_pb2.Duration
+    def __init__(self, batch_id: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., session_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
