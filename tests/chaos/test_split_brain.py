@@ -75,11 +75,11 @@ async def test_client_alternates_between_two_live_sidecars(  # noqa: PLR0917 - f
                 resume = {**headers, "Accept": "text/event-stream", "Last-Event-ID": last}
                 resp = await http.get(bases[moves % 2] + MCP, headers=resume)
             delivery = assert_exactly_once(got, n=n)
-            watcher.assert_never_backwards()
-            final = got[-1].id or ""
-            last_id = EventId.parse(final)
+            last_id = EventId.parse(got[-1].id or "")
             assert last_id is not None
             await poll_persisted(cp, sid, last_id, watcher=watcher)
+            await watcher.wait_position(sid, last_id)
+            watcher.assert_never_backwards()
     chaos_table.add(
         ChaosRow.of(f"client alternates between two live sidecars every {every}", delivery, worst)
     )
