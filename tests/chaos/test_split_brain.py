@@ -5,13 +5,17 @@ client must see every event exactly once, in order, with the store never going b
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from controlplane.server import RunningControlPlane
+from controlplane.config import ControlPlaneConfig, EtcdUrl, SqliteUrl, parse_store_url
+from controlplane.server import RunningControlPlane, start_control_plane
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
@@ -22,9 +26,33 @@ from tests.support.chaos import (
     assert_exactly_once,
     poll_persisted,
 )
+from tests.support.etcd import etcd_available, start_etcd
 from tests.support.sse_client import Received, events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("etcd x3", marks=pytest.mark.etcd)])
+async def control_plane(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[RunningControlPlane]:
+    """The control plane on SQLite, or on a real three-member etcd cluster."""
+    cluster = None
+    store: SqliteUrl | EtcdUrl = SqliteUrl(tmp_path / "sessions.db")
+    if request.param != "sqlite":
+        if not etcd_available():
+            pytest.fail("etcd is not installed (Debian etcd-server; scripts/test.sh installs it)")
+        cluster = await asyncio.to_thread(start_etcd, tmp_path / "etcd", members=3)
+        parsed = parse_store_url(cluster.url)
+        assert isinstance(parsed, EtcdUrl)
+        store = parsed
+    running = await start_control_plane(ControlPlaneConfig(listen="127.0.0.1:0", store=store))
+    try:
+        yield running
+    finally:
+        await running.stop()
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
 
 
 @pytest.mark.parametrize("every", [1, 20])
@@ -80,7 +108,12 @@ async def test_client_alternates_between_two_live_sidecars(  # noqa: PLR0917 - f
             await poll_persisted(cp, sid, last_id, watcher=watcher)
             await watcher.wait_position(sid, last_id)
             watcher.assert_never_backwards()
+    store = "sqlite" if isinstance(control_plane.config.store, SqliteUrl) else "etcd x3"
     chaos_table.add(
-        ChaosRow.of(f"client alternates between two live sidecars every {every}", delivery, worst)
+        ChaosRow.of(
+            f"client alternates between two live sidecars every {every} ({store})",
+            delivery,
+            worst,
+        )
     )
     assert moves >= n // every - 1
