@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.config import ControlPlaneConfig, SqliteUrl
-from controlplane.server import RunningControlPlane, start_control_plane
+from controlplane.server import RunningControlPlane
 from tests.integration.conftest import (  # noqa: F401 - fixtures
     http,
     numbered_upstream,
@@ -20,6 +19,7 @@ from tests.integration.conftest import (  # noqa: F401 - fixtures
     sidecar_factory,
 )
 from tests.support.chaos import ChaosTable
+from tests.support.control_plane import control_plane_on
 from tests.support.leaks import _no_leaked_tasks  # noqa: F401 - autouse fixture
 
 _TABLE = pytest.StashKey[ChaosTable]()
@@ -35,13 +35,8 @@ def chaos_table(pytestconfig: pytest.Config) -> ChaosTable:
 @pytest.fixture
 async def control_plane(tmp_path: Path) -> AsyncIterator[RunningControlPlane]:
     """An in-process control plane on a SQLite file, for scenarios where it is not the victim."""
-    running = await start_control_plane(
-        ControlPlaneConfig(listen="127.0.0.1:0", store=SqliteUrl(tmp_path / "sessions.db"))
-    )
-    try:
+    async with control_plane_on("sqlite", tmp_path) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -5,7 +5,6 @@ client must see every event exactly once, in order, with the store never going b
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,8 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.config import ControlPlaneConfig, EtcdUrl, SqliteUrl, parse_store_url
-from controlplane.server import RunningControlPlane, start_control_plane
+from controlplane.config import SqliteUrl
+from controlplane.server import RunningControlPlane
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
@@ -26,7 +25,7 @@ from tests.support.chaos import (
     assert_exactly_once,
     poll_persisted,
 )
-from tests.support.etcd import etcd_available, start_etcd
+from tests.support.control_plane import control_plane_on
 from tests.support.sse_client import Received, events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
@@ -37,22 +36,8 @@ async def control_plane(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[RunningControlPlane]:
     """The control plane on SQLite, or on a real three-member etcd cluster."""
-    cluster = None
-    store: SqliteUrl | EtcdUrl = SqliteUrl(tmp_path / "sessions.db")
-    if request.param != "sqlite":
-        if not etcd_available():
-            pytest.fail("etcd is not installed (Debian etcd-server; scripts/test.sh installs it)")
-        cluster = await asyncio.to_thread(start_etcd, tmp_path / "etcd", members=3)
-        parsed = parse_store_url(cluster.url)
-        assert isinstance(parsed, EtcdUrl)
-        store = parsed
-    running = await start_control_plane(ControlPlaneConfig(listen="127.0.0.1:0", store=store))
-    try:
+    async with control_plane_on(request.param, tmp_path) as running:
         yield running
-    finally:
-        await running.stop()
-        if cluster is not None:
-            await asyncio.to_thread(cluster.stop)
 
 
 @pytest.mark.parametrize("every", [1, 20])

@@ -22,13 +22,12 @@ from mcp import Client
 from mcp.client.session import IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
 
-from controlplane.config import ControlPlaneConfig, EtcdUrl, SqliteUrl, parse_store_url
-from controlplane.server import RunningControlPlane, start_control_plane
+from controlplane.server import RunningControlPlane
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory
 from tests.integration.test_proxy import HEADERS, MCP, count_call, final_results, initialize
 from tests.integration.test_proxy import progress_numbers as progress
-from tests.support.etcd import etcd_available, start_etcd
+from tests.support.control_plane import control_plane_on
 from tests.support.metrics import counter_value
 from tests.support.procs import ManagedProcess, ProcessPool, free_port, python_module
 from tests.support.sidecar_swap import (
@@ -50,23 +49,8 @@ pytestmark = pytest.mark.slow
 async def control_plane(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[RunningControlPlane]:
-    if request.param == "sqlite":
-        store: SqliteUrl | EtcdUrl = SqliteUrl(tmp_path / "sessions.db")
-        cluster = None
-    else:
-        if not etcd_available():
-            pytest.skip("etcd binary not installed (Debian etcd-server)")
-        cluster = await asyncio.to_thread(start_etcd, tmp_path / "etcd")
-        parsed = parse_store_url(cluster.url)
-        assert isinstance(parsed, EtcdUrl)
-        store = parsed
-    running = await start_control_plane(ControlPlaneConfig(listen="127.0.0.1:0", store=store))
-    try:
+    async with control_plane_on(request.param, tmp_path) as running:
         yield running
-    finally:
-        await running.stop()
-        if cluster is not None:
-            await asyncio.to_thread(cluster.stop)
 
 
 async def test_new_sidecar_resumes_a_stream_after_the_old_one_is_killed(

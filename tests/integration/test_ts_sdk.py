@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.config import ControlPlaneConfig, SqliteUrl
-from controlplane.server import RunningControlPlane, start_control_plane
+from controlplane.server import RunningControlPlane
+from tests.support.control_plane import control_plane_on
 from tests.support.procs import ProcessPool
 from tests.support.sidecar_swap import GetStreamBeforeKill, SidecarSwap, resumes_get_stream
 from tests.support.ts_client import Report, TsClientError, TsSdkClient
@@ -45,13 +45,8 @@ NOTIFICATION_TIMEOUT_S = 10.0
 
 @pytest.fixture
 async def control_plane(tmp_path: Path) -> AsyncIterator[RunningControlPlane]:
-    running = await start_control_plane(
-        ControlPlaneConfig(listen="127.0.0.1:0", store=SqliteUrl(tmp_path / "sessions.db"))
-    )
-    try:
+    async with control_plane_on("sqlite", tmp_path) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 def notification_of(topic: str) -> Callable[[Report], bool]:
