@@ -121,6 +121,8 @@ class Behind:
 
 
 WAIT: Final = Wait()
+CURSOR_ONLY_TAIL: Final = b"\ndata: \n\n"
+"""How the tracker writes an event with an id and no data (tracker rule 7)."""
 WriteStep = Send | Wait | Close | Behind
 
 
@@ -357,6 +359,22 @@ class StreamCore:
     def backlogged(self) -> bool:
         seq_mark, bytes_mark = self.backlog_marks()
         return self.tracker.seq >= seq_mark or self.tracker.total_bytes >= bytes_mark
+
+    def priming(self, retry_ms: int | None) -> tuple[bytes, int]:
+        """The priming event a new client gets first, and the position it stands for. Its id
+        is that of the last leading cursor-only event (an upstream priming event, relayed)
+        when there is one, so it carries the upstream cursor: a client whose stream breaks
+        right after it can resume on any sidecar (rule 6). Skipping such events loses
+        nothing: they have no data."""
+        tracker = self.tracker
+        position = tracker.start_seq
+        got = tracker.events_after(position)
+        if not isinstance(got, Gap):
+            for payload in got:
+                if not payload.endswith(CURSOR_ONLY_TAIL):
+                    break
+                position += 1
+        return encode_event(data="", id=str(tracker.event_id(position)), retry=retry_ms), position
 
     def next_write(self, position: int) -> WriteStep:
         """What a writer whose client has everything up to `position` does next."""

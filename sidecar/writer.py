@@ -20,11 +20,14 @@ from sidecar.metrics import Metrics
 from sidecar.sse import encode_comment
 from sidecar.stream_core import Behind, CatchUp, Close, Send
 from sidecar.streams import LiveStream, Registry
+from sidecar.tracker import StreamKind
 from sidecar.upstream import UPSTREAM_ERRORS, Upstream
 
 log = logging.getLogger("tether.sidecar.writer")
 
 KEEPALIVE = b": keepalive\n\n"
+PRIMING_GRACE = 0.25
+"""Seconds a new POST stream's priming event waits for the upstream's own (see `write`)."""
 
 
 class Writer:
@@ -53,13 +56,11 @@ class Writer:
         out.headers["X-Accel-Buffering"] = "no"
         stream.attach()
         self.active += 1
-        core = stream.core
         position = after_seq
-        write_timeout = self.config.client_write_timeout
         try:
             await out.prepare(request)
             if priming:
-                await out.write(core.tracker.priming_event(self.config.client_retry_ms))
+                position = await self._prime(out, stream)
             if catch_up_cursor is not None:
                 caught_up = await self._catch_up(out, stream, position, catch_up_cursor)
                 if caught_up is None:
@@ -67,31 +68,7 @@ class Writer:
                     await out.write_eof()
                     return out
                 position = caught_up
-            while True:
-                step = core.next_write(position)
-                if isinstance(step, Send):
-                    async with asyncio.timeout(write_timeout):
-                        await out.write(step.data)
-                    position = step.upto
-                    stream.sent(position)
-                    self.metrics.events_out.inc(step.count)
-                elif isinstance(step, Close):
-                    if step.comment is not None:
-                        await out.write(step.comment)
-                    break
-                elif isinstance(step, Behind):
-                    log.warning(
-                        "stream %s: client fell behind the replay buffer (at %d, oldest %d);"
-                        " closing it so it resumes",
-                        stream.stream_id,
-                        position,
-                        step.oldest_seq,
-                    )
-                    self.metrics.slow_clients.inc()
-                    break
-                elif not await stream.signal.wait(self.config.heartbeat_interval):
-                    async with asyncio.timeout(write_timeout):
-                        await out.write(KEEPALIVE)
+            await self._follow(out, stream, position)
             await out.write_eof()
         except (ConnectionError, TimeoutError) as exc:
             log.info("stream %s: client went away (%s)", stream.stream_id, type(exc).__name__)
@@ -101,6 +78,47 @@ class Writer:
             if stream.ended:  # its client was the last thing keeping it in full
                 self.registry.trim_lingering(self.config.linger_max_bytes)
         return out
+
+    async def _prime(self, out: web.StreamResponse, stream: LiveStream) -> int:
+        """Write the priming event; returns the position it stands for."""
+        core = stream.core
+        if core.kind is StreamKind.POST and core.tracker.seq == core.tracker.start_seq:
+            # A resumable upstream primes its response at once: wait a moment for it, so the
+            # client's first id already carries the upstream cursor.
+            await stream.signal.wait(PRIMING_GRACE)
+        event, position = core.priming(self.config.client_retry_ms)
+        await out.write(event)
+        return position
+
+    async def _follow(self, out: web.StreamResponse, stream: LiveStream, position: int) -> None:
+        """Write what the core says, from `position`, until the stream closes for this client."""
+        core = stream.core
+        write_timeout = self.config.client_write_timeout
+        while True:
+            step = core.next_write(position)
+            if isinstance(step, Send):
+                async with asyncio.timeout(write_timeout):
+                    await out.write(step.data)
+                position = step.upto
+                stream.sent(position)
+                self.metrics.events_out.inc(step.count)
+            elif isinstance(step, Close):
+                if step.comment is not None:
+                    await out.write(step.comment)
+                break
+            elif isinstance(step, Behind):
+                log.warning(
+                    "stream %s: client fell behind the replay buffer (at %d, oldest %d);"
+                    " closing it so it resumes",
+                    stream.stream_id,
+                    position,
+                    step.oldest_seq,
+                )
+                self.metrics.slow_clients.inc()
+                break
+            elif not await stream.signal.wait(self.config.heartbeat_interval):
+                async with asyncio.timeout(write_timeout):
+                    await out.write(KEEPALIVE)
 
     async def _catch_up(
         self, out: web.StreamResponse, stream: LiveStream, after_seq: int, cursor: str

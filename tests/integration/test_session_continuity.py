@@ -305,10 +305,11 @@ async def test_a_stream_is_resumed_elsewhere_from_the_clients_id_alone(
         ) as resp:
             async for ev in events(resp, include_priming=True):
                 first.append(ev)
-                parsed = EventId.parse(ev.id or "")
-                if parsed is not None and parsed.upstream:
-                    break  # the upstream's priming event: a cursor, no message yet
+                break  # only the very first event: the priming one
         assert [e for e in first if e.data] == []  # no message yet
+        parsed = EventId.parse(first[0].id or "")
+        assert parsed is not None
+        assert parsed.upstream  # it already carries the upstream's cursor
         last = first[-1].id
         assert last is not None
         async with http.get(

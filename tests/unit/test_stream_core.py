@@ -419,3 +419,16 @@ def test_a_buffer_too_small_for_the_largest_event_is_refused() -> None:
     with pytest.raises(ValueError, match="three of the largest events"):
         core(nbytes=3 * (1024 + EVENT_OVERHEAD) - 1)
     core(nbytes=3 * (1024 + EVENT_OVERHEAD))
+
+
+def test_the_priming_event_stands_for_leading_cursor_only_events() -> None:
+    """A client's first id carries the upstream cursor when the upstream primed its response:
+    the id of the relayed upstream priming event, which has no data to miss."""
+    c = core(ids=(1,))
+    assert c.priming(500) == (b"id: p0.1.0\nretry: 500\ndata: \n\n", 0)
+    feed(c, [b"id: up-0\ndata:\n\n" + block(1, eid="up-1")], Client())
+    event, position = c.priming(None)
+    assert (event, position) == (b"id: p0.1.1.up-0\ndata: \n\n", 1)
+    step = c.next_write(position)
+    assert isinstance(step, Send)
+    assert step.data.startswith(b"id: p0.1.2.up-1\n")  # the first message is not skipped
