@@ -7,13 +7,18 @@ The clients keep no connection alive, so the balancer (tests/support/balancer.py
 per new connection, like kube-proxy) sends each request to the other sidecar, and it cuts a
 response stream after every K events, so the SDK resumes it (GET, Last-Event-ID) on a new
 connection, which lands on the other sidecar: the session moves between the sidecars all the
-time. The user must not notice: the `count` call completes with its result and every progress
+time. (Each request that reaches the other sidecar claims the session there, and the sidecar
+left behind ends its streams of it, so streams also break, and resume elsewhere, well before
+the balancer's 20th event: at 20 the moves come mostly from those claims.)
+
+The user must not notice: the `count` call completes with its result and every progress
 notification exactly once, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +109,23 @@ def text_of(result: mcp_types.CallToolResult) -> str:
     return content.text
 
 
+def transcript(lb: Balancer) -> str:
+    """Per connection: its sidecar and, per SSE event it carried, the id and the progress
+    number (or the JSON-RPC id of a result): what the client was sent."""
+    out = []
+    for backend, sent in lb.downstream:
+        summary = []
+        for event in bytes(sent).split(b"\n\n"):
+            id_ = re.search(rb"^id: ?(\S+)", event, re.M)
+            progress = re.search(rb'"progress": ?([0-9.]+)', event)
+            result = b'"result"' in event
+            if id_ or progress or result:
+                what = progress.group(1).decode() if progress else ("result" if result else "-")
+                summary.append(f"{id_.group(1).decode() if id_ else '?'}={what}")
+        out.append(f"  :{backend} {' '.join(summary)}")
+    return "\n".join(out)
+
+
 # --- the TypeScript SDK ------------------------------------------------------------------------
 
 
@@ -188,7 +210,10 @@ async def test_python_sdk_client_alternates_between_two_live_sidecars(
         before = two_sidecars.adoptions()
 
         def proof() -> str:
-            return f"progress {got}\nrequests (method, Last-Event-ID, status): {requests}"
+            return (
+                f"progress {got}\nrequests (method, Last-Event-ID, status): {requests}\n"
+                f"what each connection carried:\n{transcript(lb)}"
+            )
 
         try:
             result = await asyncio.wait_for(
@@ -200,7 +225,8 @@ async def test_python_sdk_client_alternates_between_two_live_sidecars(
         except MCPError as e:
             raise AssertionError(f"{e}\n{proof()}") from None
         moves = two_sidecars.adoptions() - before
-        assert text_of(result) == f"counted {n}", proof()
-        assert got == [float(i) for i in range(1, n + 1)], proof()
+    # Out of the client's task group, so a failure shows its whole message.
+    assert text_of(result) == f"counted {n}", proof()
+    assert got == [float(i) for i in range(1, n + 1)], proof()
     print(f"python sdk, cut every {every}: {moves} moves, {lb.cuts} cuts")  # shown with -s
     assert moves >= n // every, (moves, lb.cuts, dict(lb.connections))

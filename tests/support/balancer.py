@@ -82,6 +82,7 @@ class Balancer:
         self.port = 0
         self.connections: Counter[int] = Counter()
         self.cuts = 0
+        self.downstream: list[tuple[int, bytearray]] = []
         self._next = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -120,8 +121,10 @@ class Balancer:
             return
         self._writers.update((writer, up_writer))
         cutter = EventCutter(self.cut_after_events)
+        sent = bytearray()
+        self.downstream.append((backend, sent))
         a = spawn(self._pipe(reader, up_writer), name="balancer-up")
-        b = spawn(self._pipe_down(up_reader, writer, cutter), name="balancer-down")
+        b = spawn(self._pipe_down(up_reader, writer, cutter, sent), name="balancer-down")
         self._tasks.update((a, b))
         await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
         # One direction ended (EOF, error or cut): a half-closed proxied connection is of no
@@ -140,11 +143,16 @@ class Balancer:
                 await writer.drain()
 
     async def _pipe_down(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cutter: EventCutter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cutter: EventCutter,
+        sent: bytearray,
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
                 forward, cut = cutter.feed(data)
+                sent += forward
                 writer.write(forward)
                 await writer.drain()
                 if cut:
