@@ -39,6 +39,7 @@ from tests.support.ts_client import TsSdkClient
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 INTERVAL_MS = 30
+PYTHON_INTERVAL_MS = 100  # see UPSTREAM_REPLAY_WINDOW
 # What the sidecars tell clients to wait before resuming (`retry:`): both SDKs obey it.
 CLIENT_RETRY_MS = 50
 CALL_TIMEOUT_S = 60.0
@@ -167,6 +168,17 @@ async def test_ts_sdk_client_alternates_between_two_live_sidecars(
 # --- the Python SDK ----------------------------------------------------------------------------
 
 
+# UPSTREAM_REPLAY_WINDOW, not Tether nor the client SDK: each move makes the adopting sidecar
+# resume the upstream with Last-Event-ID; the demo server (official Python SDK server, mcp
+# 2.3) replays from its event store (mcp/server/streamable_http.py:964) and only then
+# registers the live stream (:980, after minting a priming event; its comment calls this
+# "replay→live-tail ordering window ... pre-existing and tracked separately"). An event the
+# tool emits in between is stored (:1092) but not sent live (:1095), so that connection never
+# carries it: seen about 1 run in 20-40 at 30 ms a tick, as an upstream cursor skipping one
+# (p….4.5.2:7 then p….4.6.2:9, the sidecar's own numbering contiguous). 100 ms a tick makes the
+# window rarer; the assertion stays exact. It still fails now and then (1 run in 15 here) on
+# PRIMING_WITHOUT_CURSOR too, when a claim ends a POST stream right after the sidecar's
+# priming event: both are real losses the test must go on showing, so it is not marked.
 # Every 1 fails on PRIMING_WITHOUT_CURSOR, not on the SDK: the call's POST stream is cut after
 # the priming event `p….2.0`, and the SDK's two resumes with it get 410 (one sidecar: no
 # upstream id; the other: unknown stream), then it gives up (MAX_RECONNECTION_ATTEMPTS = 2).
@@ -218,7 +230,9 @@ async def test_python_sdk_client_alternates_between_two_live_sidecars(
         try:
             result = await asyncio.wait_for(
                 c.call_tool(
-                    "count", {"n": n, "interval_ms": INTERVAL_MS}, progress_callback=on_progress
+                    "count",
+                    {"n": n, "interval_ms": PYTHON_INTERVAL_MS},
+                    progress_callback=on_progress,
                 ),
                 CALL_TIMEOUT_S,
             )
