@@ -131,14 +131,15 @@ def transcript(lb: Balancer) -> str:
 
 
 # Both fail on PRIMING_WITHOUT_CURSOR: every 1 at the balancer's cut after the priming event;
-# every 20 (3 runs of 3) because the TypeScript client opens its GET stream on one sidecar and
+# every 20 (most runs) because the TypeScript client opens its GET stream on one sidecar and
 # posts the call to the other, whose claim ends the GET stream; its reopening, on the first
 # sidecar, claims back and ends the call's stream before its first upstream event.
 @pytest.mark.parametrize(
     "every",
     [
         pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=PRIMING_WITHOUT_CURSOR)),
-        pytest.param(20, marks=pytest.mark.xfail(strict=True, reason=PRIMING_WITHOUT_CURSOR)),
+        # A race, not a certainty: failed 4 runs of 5 here, passed once (10 moves, 1 cut).
+        pytest.param(20, marks=pytest.mark.xfail(strict=False, reason=PRIMING_WITHOUT_CURSOR)),
     ],
 )
 async def test_ts_sdk_client_alternates_between_two_live_sidecars(
