@@ -65,10 +65,16 @@ class TsSdkClient:
     @classmethod
     @contextlib.asynccontextmanager
     async def running(
-        cls, url: str, *, log_dir: Path, connect_timeout: float = 30.0
+        cls,
+        url: str,
+        *,
+        log_dir: Path,
+        connect_timeout: float = 30.0,
+        keepalive: bool = True,
     ) -> AsyncIterator[TsSdkClient]:
         """Start the client against `url` and yield it once it has connected (the initialize
-        handshake is done); close it on the way out, killing it if it does not exit."""
+        handshake is done); close it on the way out, killing it if it does not exit.
+        `keepalive=False`: each request on a new connection (client.mjs `--no-keepalive`)."""
         node = require_ts_sdk()
         stderr_path = log_dir / "ts-client.stderr.log"
         with stderr_path.open("ab") as stderr:
@@ -76,6 +82,7 @@ class TsSdkClient:
                 node,
                 str(CLIENT_PROGRAM),
                 url,
+                *([] if keepalive else ["--no-keepalive"]),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,

@@ -1,7 +1,10 @@
 // The official TypeScript MCP SDK client, as a line protocol for the Python tests
 // (tests/support/ts_client.py, tests/integration/test_ts_sdk.py).
 //
-//   node tests/ts/client.mjs http://127.0.0.1:PORT/mcp
+//   node tests/ts/client.mjs http://127.0.0.1:PORT/mcp [--no-keepalive]
+//
+// --no-keepalive: every request says `Connection: close`, so each goes on a new connection
+// (behind a connection-level balancer, each request may reach another server).
 //
 // It connects with the SDK's StreamableHTTPClientTransport and Client, then obeys commands read
 // from stdin, one JSON object a line:
@@ -28,6 +31,7 @@ import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 
 const url = process.argv[2];
+const noKeepalive = process.argv.slice(3).includes('--no-keepalive');
 if (!url) {
     process.stderr.write('usage: node client.mjs URL\n');
     process.exit(2);
@@ -41,6 +45,12 @@ function report(event, fields = {}) {
 // Every GET the transport makes, with its answer: how the test sees the standalone stream being
 // opened and resumed (Last-Event-ID) across a sidecar's death.
 async function observedFetch(input, init) {
+    if (noKeepalive) {
+        // Node's fetch (undici) honours it: the connection is closed after the response.
+        const headers = new Headers(init?.headers);
+        headers.set('connection', 'close');
+        init = { ...init, headers };
+    }
     const method = init?.method ?? 'GET';
     if (method !== 'GET') {
         return fetch(input, init);
