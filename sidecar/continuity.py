@@ -50,6 +50,11 @@ side is in `proto/tether/v1/sessions.proto`, the reporter's in `sidecar.reporter
   9. Ownership is a lease: the reporter renews, off the event path, every session this
      sidecar serves (`Registry.serving`: a client attached or a stream open, or a request
      within the session TTL); a session nobody serves expires after the TTL.
+  10. A POST response being read by its client when the session is taken over is not cut:
+     its client may hold no id that can resume it elsewhere yet (nothing relayed with an
+     upstream cursor), and the response belongs to that one connection. It finishes here;
+     its positions are not reported (a session taken over is not reported, rule 5 of the
+     reporter), and the new owner serves everything else.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ from multidict import CIMultiDict
 
 from sidecar.reporter import RENEW_INTERVAL, Backoff, Reporter, ReporterConfig
 from sidecar.streams import LiveStream, Registry, Session
+from sidecar.tracker import StreamKind
 from tether import tasks
 from tether.api.client import ClaimLostError, SessionGoneError
 from tether.grpc_security import ClientSecurity
@@ -439,8 +445,9 @@ class Continuity:
         self._taken_over(session_id, rejection.current_owner, rejection.current_owner_epoch)
 
     def _taken_over(self, session_id: str, owner: str, epoch: int) -> None:
-        if session_id not in self.registry.sessions:
-            return
+        sess = self.registry.sessions.get(session_id)
+        if sess is None or (owner == self.owner and epoch <= sess.owner_epoch):
+            return  # gone already, or a late answer to a report from before we took it back
         log.warning(
             "session %s now belongs to %s (epoch %d); dropping it here", session_id, owner, epoch
         )
@@ -448,8 +455,13 @@ class Continuity:
         self._drop_local(session_id)
 
     def _drop_local(self, session_id: str) -> None:
-        """End the session's streams here and cancel their pumps (closing the upstream)."""
+        """End the session's streams here and cancel their pumps (closing the upstream). A
+        POST response still in flight is the exception (invariant 10): it finishes on the
+        connection its client reads, without reporting (the session is no longer ours)."""
         for stream in self.registry.drop_session(session_id):
+            if stream.kind is StreamKind.POST and not stream.ended and stream.clients:
+                self.registry.finishing.add(stream)
+                continue
             stream.end(TAKEN_OVER)
             if stream.pump is not None:
                 stream.pump.cancel()

@@ -128,7 +128,7 @@ class Proxy:
     async def drain(self) -> None:
         """End every stream cleanly, without failing its open requests: writers flush what
         they have and close, so clients reconnect (with Last-Event-ID) to another sidecar."""
-        streams = list(self.registry.streams.values())
+        streams = [*self.registry.streams.values(), *self.registry.finishing]
         for stream in streams:
             stream.end("sidecar shutting down")
         await cancel_and_wait(*(s.pump for s in streams))

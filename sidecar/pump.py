@@ -98,6 +98,7 @@ class Pump:
                 )
                 self.metrics.streams_failed.inc()
             stream.settle()
+            self.registry.finishing.discard(stream)
             self.continuity.report_position(stream)
             self.registry.trim_lingering(self.config.linger_max_bytes)
 

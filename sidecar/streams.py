@@ -168,6 +168,9 @@ class Registry:
         self.sessions: dict[str, Session] = {}
         self.streams: dict[StreamId, LiveStream] = {}
         self.legacy_sessions: dict[str, LiveStream] = {}
+        self.finishing: set[LiveStream] = set()
+        """Streams of sessions no longer served here, left to finish a response in flight
+        (continuity invariant 10); each leaves the set when its pump ends."""
         """Legacy (HTTP+SSE) session name -> the stream that carries it."""
         self.session_ended: list[Callable[[str], None]] = []
         """Called with the id of every session let go (dropped or expired), so that what
