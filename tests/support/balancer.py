@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 from collections import Counter
 
+from tests.support.relay import pipe, run_pair
 from tether.tasks import cancel_and_wait, spawn
 
 _HEADER_END = b"\r\n\r\n"
@@ -123,24 +124,9 @@ class Balancer:
         cutter = EventCutter(self.cut_after_events)
         sent = bytearray()
         self.downstream.append((backend, sent))
-        a = spawn(self._pipe(reader, up_writer), name="balancer-up")
+        a = spawn(pipe(reader, up_writer), name="balancer-up")
         b = spawn(self._pipe_down(up_reader, writer, cutter, sent), name="balancer-down")
-        self._tasks.update((a, b))
-        await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
-        # One direction ended (EOF, error or cut): a half-closed proxied connection is of no
-        # use to these clients, so drop both sides, as the Relay does.
-        for w in (writer, up_writer):
-            w.transport.abort()
-            self._writers.discard(w)
-        await cancel_and_wait(a, b)
-        self._tasks.difference_update((a, b))
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+        await run_pair(a, b, (writer, up_writer), writers=self._writers, tasks=self._tasks)
 
     async def _pipe_down(
         self,

@@ -45,19 +45,33 @@ class Relay:
             writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
-        a = spawn(self._pipe(reader, up_writer), name="relay-up")
-        b = spawn(self._pipe(up_reader, writer), name="relay-down")
-        self._tasks.update((a, b))
-        await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
-        for w in (writer, up_writer):
-            w.transport.abort()
-            self._writers.discard(w)
-        await cancel_and_wait(a, b)
-        self._tasks.difference_update((a, b))
+        a = spawn(pipe(reader, up_writer), name="relay-up")
+        b = spawn(pipe(up_reader, writer), name="relay-down")
+        await run_pair(a, b, (writer, up_writer), writers=self._writers, tasks=self._tasks)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy one direction until EOF or a broken connection."""
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+
+async def run_pair(
+    a: asyncio.Task[None],
+    b: asyncio.Task[None],
+    ends: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    *,
+    writers: set[asyncio.StreamWriter],
+    tasks: set[asyncio.Task[None]],
+) -> None:
+    """Run both directions of a proxied connection; once one ends (EOF, error or a cut),
+    drop both sides: a half-closed proxied connection is of no use to these clients."""
+    tasks.update((a, b))
+    await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
+    for w in ends:
+        w.transport.abort()
+        writers.discard(w)
+    await cancel_and_wait(a, b)
+    tasks.difference_update((a, b))
