@@ -374,7 +374,7 @@ class StreamCore:
                 if not payload.endswith(CURSOR_ONLY_TAIL):
                     break
                 position += 1
-        return encode_event(data="", id=str(tracker.event_id(position)), retry=retry_ms), position
+        return tracker.priming_event(retry_ms, seq=position), position
 
     def next_write(self, position: int) -> WriteStep:
         """What a writer whose client has everything up to `position` does next."""

@@ -455,11 +455,15 @@ class StreamTracker:
             self._evict()
         return k
 
-    def priming_event(self, retry_ms: int | None = None) -> bytes:
-        """An empty event carrying the current id: lets a client resume before any event.
-        `retry_ms` tells the client how long to wait before reconnecting."""
-        current = EventId(self.stream_id, self.epoch, self.seq, self.last_upstream_event_id)
-        return encode_event(data="", id=str(current), retry=retry_ms)
+    def priming_event(self, retry_ms: int | None = None, *, seq: int | None = None) -> bytes:
+        """An empty event carrying the id of delivered event `seq` (default: the current
+        one): lets a client resume before any message. `retry_ms` tells the client how long
+        to wait before reconnecting."""
+        if seq is None or seq == self.seq:
+            at = EventId(self.stream_id, self.epoch, self.seq, self.last_upstream_event_id)
+        else:
+            at = self.event_id(seq)
+        return encode_event(data="", id=str(at), retry=retry_ms)
 
     def _evict(self) -> None:
         """Evict in bulk, down to 7/8 of both limits: one memmove per many events instead of

@@ -43,8 +43,9 @@ PYTHON_INTERVAL_MS = 100  # see UPSTREAM_REPLAY_WINDOW
 # What the sidecars tell clients to wait before resuming (`retry:`): both SDKs obey it.
 CLIENT_RETRY_MS = 50
 CALL_TIMEOUT_S = 60.0
-# The Tether gap these tests found (sidecar/, not the SDKs): a POST response's stream starts
-# with the sidecar's own priming event (sidecar/writer.py `priming_event`), written before the
+# The Tether gap these tests found, since fixed (`StreamCore.priming` now stands for the
+# upstream's own priming event): a POST response's stream started with the sidecar's own
+# priming event (`StreamTracker.priming_event`), written before the
 # upstream's first event, so its id carries no upstream cursor (`p<stream>.<epoch>.0`). When the
 # stream breaks right after it (the balancer's cut at 1 event, or the sidecar left behind
 # dropping the session's streams because the client's GET stream was claimed by the other
