@@ -54,7 +54,10 @@ side is in `proto/tether/v1/sessions.proto`, the reporter's in `sidecar.reporter
      its client may hold no id that can resume it elsewhere yet (nothing relayed with an
      upstream cursor), and the response belongs to that one connection. It finishes here;
      its positions are not reported (a session taken over is not reported, rule 5 of the
-     reporter), and the new owner serves everything else.
+     reporter), and the new owner serves everything else. Once its last client has gone
+     it ends and its upstream is closed (`Registry.client_left`): a client that resumes it
+     does so on the new owner, and an upstream that serves one connection per stream (the
+     official Python SDK's) must not keep sending its events to the old one.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ import grpc
 from multidict import CIMultiDict
 
 from sidecar.reporter import RENEW_INTERVAL, Backoff, Reporter, ReporterConfig
-from sidecar.streams import LiveStream, Registry, Session
+from sidecar.streams import TAKEN_OVER, LiveStream, Registry, Session
 from sidecar.tracker import StreamKind
 from tether import tasks
 from tether.api.client import ClaimLostError, SessionGoneError
@@ -111,8 +114,6 @@ FENCED_CACHE = 10_000
 FENCED_TTL = 600.0
 """Fenced ids remembered at most, and for how long: long enough for the requests that were
 under way when the session was taken over to end."""
-TAKEN_OVER = "session taken over by another sidecar"
-"""Why a stream of a session another sidecar claimed ends (the comment its client sees)."""
 WATCH_RECONNECT_INITIAL = 0.2
 WATCH_RECONNECT_MAX = 5.0
 """Backoff bounds of the ownership watch's reconnects (invariant 8)."""

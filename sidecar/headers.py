@@ -24,6 +24,14 @@ SSE_TYPE = "text/event-stream"
 PRIMING_SINCE = "2025-11-25"
 """First revision whose clients expect a priming event (an id with empty data) on SSE streams."""
 
+
+def expects_priming(request: web.Request, session_version: str | None) -> bool:
+    """Whether the client speaks a revision that expects priming events: its
+    MCP-Protocol-Version header, else the one its session negotiated."""
+    version = request.headers.get(PROTOCOL_HEADER) or session_version
+    return (version or "") >= PRIMING_SINCE
+
+
 _HOP_BY_HOP = frozenset(
     h.lower()
     for h in (

@@ -39,12 +39,11 @@ from sidecar.continuity import Continuity, default_owner, session_lost
 from sidecar.guard import fingerprint
 from sidecar.headers import (
     LAST_EVENT_ID,
-    PRIMING_SINCE,
-    PROTOCOL_HEADER,
     SESSION_HEADER,
     SSE_TYPE,
     downstream_headers,
     error_response,
+    expects_priming,
     is_sse,
     upstream_request_headers,
 )
@@ -377,10 +376,8 @@ class Proxy:
                 old.end("replaced by a new GET stream")
                 await cancel_and_wait(old.pump)
             sess.standalone = stream.stream_id
-        version = request.headers.get(PROTOCOL_HEADER)
-        if version is None and session_id is not None:
-            version = self.registry.session(session_id).protocol_version
-        priming = kind is not StreamKind.LEGACY and (version or "") >= PRIMING_SINCE
+        version = self.registry.session(session_id).protocol_version if session_id else None
+        priming = kind is not StreamKind.LEGACY and expects_priming(request, version)
         return await self.writer.write(request, stream, after_seq=0, priming=priming)
 
     async def _forget_session(self, session_id: str) -> None:

@@ -20,6 +20,8 @@ Rules:
 4. A stream taken over continues from the client's id: that id (the previous owner's epoch,
    the seq where it took over) stays valid here, so a client that reconnects again before
    the next event is served, not refused.
+5. A resumed stream first repeats the client's own id to it (`StreamCore.resume_marker`), so
+   a connection that ends before the next event leaves the client holding that id.
 - Anything else: 410 (unknown or too old) or 404 (another session's, another credential's).
 """
 
@@ -32,9 +34,16 @@ from multidict import CIMultiDict
 
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
-from sidecar.headers import SESSION_HEADER, SSE_TYPE, error_response, upstream_request_headers
+from sidecar.headers import (
+    SESSION_HEADER,
+    SSE_TYPE,
+    error_response,
+    expects_priming,
+    upstream_request_headers,
+)
 from sidecar.metrics import Metrics
 from sidecar.pump import Pump
+from sidecar.stream_core import StreamCore
 from sidecar.streams import LiveStream, Registry, Session
 from sidecar.tracker import EventId, Gap, StreamKind, StreamTracker
 from sidecar.writer import Writer
@@ -69,7 +78,11 @@ class Resume:
             if adopted is not None:
                 self.metrics.resumes.inc()
                 return await self.writer.write(
-                    request, adopted, after_seq=event_id.seq, priming=False
+                    request,
+                    adopted,
+                    after_seq=event_id.seq,
+                    priming=False,
+                    first=self._marker(request, event_id, adopted, sess),
                 )
         if stream is None:
             log.warning("resume of unknown stream %s refused", event_id.stream)
@@ -112,8 +125,19 @@ class Resume:
             stream,
             after_seq=event_id.seq,
             priming=False,
+            first=self._marker(request, event_id, stream, sess),
             catch_up_cursor=catch_up_cursor,
         )
+
+    def _marker(
+        self, request: web.Request, event_id: EventId, stream: LiveStream, sess: Session | None
+    ) -> bytes | None:
+        """The id the client resumed from, first on its new connection (rule 5)."""
+        if stream.kind is StreamKind.LEGACY:
+            return None
+        if not expects_priming(request, sess.protocol_version if sess else None):
+            return None
+        return StreamCore.resume_marker(event_id, self.config.client_retry_ms)
 
     def _adopt_stream(
         self, request: web.Request, sess: Session, event_id: EventId

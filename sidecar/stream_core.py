@@ -23,12 +23,18 @@ Invariants:
    least three of the largest events (`check_buffer_fits_events`).
 4. A POST stream whose request ids are known is COMPLETE once each has an answer; one whose ids
    are unknown (adopted, unparseable body) at its first answer, or at a clean close without
-   `retry:` (a close with `retry:` is MCP polling, not an end).
+   `retry:` (a close with `retry:` is MCP polling, not an end). A stream adopted from another
+   sidecar is the exception to the last: its client resumed it because it still waits for the
+   answer, so a clean close before it (an upstream that only replayed, e.g. while the old
+   owner's connection to it was still open) means "reconnect", not "done".
 5. Failing a POST stream answers each request still pending with a JSON-RPC error event
    first, so no client waits forever for an answer that cannot come.
 6. The cursor for reconnecting is the upstream's last-event-ID after the last item relayed;
    an upstream id the tracker refuses (see `tracker.unusable_upstream_id`) fails the stream
    with the reason instead of becoming a cursor.
+7. Every client-facing stream of a revision that expects priming starts with an id before
+   anything can end it: a new one with its priming event (`priming`), a resumed one with the
+   id it resumed from (`resume_marker`). Both carry no data, so neither is a message.
 """
 
 from __future__ import annotations
@@ -42,7 +48,14 @@ from typing import Final, NamedTuple
 from sidecar.jsonrpc import RequestId, answered_ids, error_body
 from sidecar.reconnect import GiveUp, Outcome, ReconnectConfig, ReconnectPolicy
 from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun, encode_comment, encode_event
-from sidecar.tracker import EVENT_OVERHEAD, Gap, StreamKind, StreamTracker, TrackerLimits
+from sidecar.tracker import (
+    EVENT_OVERHEAD,
+    EventId,
+    Gap,
+    StreamKind,
+    StreamTracker,
+    TrackerLimits,
+)
 
 Rewrite = Callable[[SSEEvent, str], tuple[SSEEvent, str | None]]
 """Rewrites an event of the upstream response at a URL; also returns a session name it
@@ -148,6 +161,7 @@ class StreamCore:
         "_queue_at",
         "_rewrite",
         "_stream_url",
+        "adopted",
         "cursor",
         "expects_responses",
         "kind",
@@ -171,6 +185,7 @@ class StreamCore:
         rewrite: Rewrite | None = None,
         rng: random.Random | None = None,
         bulk: bool = True,
+        adopted: bool = False,
     ) -> None:
         check_buffer_fits_events(tracker.limits, max_event_bytes)
         self.tracker = tracker
@@ -179,6 +194,8 @@ class StreamCore:
         """JSON-RPC ids of the POST's requests not answered yet."""
         self.expects_responses = bool(self.pending)
         """The request ids are known, so completion is "every id answered" (rule 4)."""
+        self.adopted = adopted
+        """Taken over mid-response from another sidecar: only an answer completes it (rule 4)."""
         self.state = StreamState.OPEN
         self.reason = ""
         self.sent_seq = tracker.seq
@@ -277,6 +294,7 @@ class StreamCore:
                 and self._ids_unknown
                 and self.kind is StreamKind.POST
                 and parser.retry is None
+                and not self.adopted
             ):
                 return self._complete()
         if not self.cursor and self.kind is not StreamKind.STANDALONE:
@@ -375,6 +393,15 @@ class StreamCore:
                     break
                 position += 1
         return tracker.priming_event(retry_ms, seq=position), position
+
+    @staticmethod
+    def resume_marker(client_id: EventId, retry_ms: int | None) -> bytes:
+        """What a resumed stream's client gets first: an empty event carrying the very id it
+        resumed from (rule 7). A client whose resumed stream ends before any new event then
+        still holds that id, instead of forgetting it: the TypeScript SDK (1.32) reconnects a
+        stream that ended before an id-bearing event with no Last-Event-ID at all, which for a
+        POST response abandons the call and for a GET stream skips what it missed."""
+        return encode_event(data="", id=str(client_id), retry=retry_ms)
 
     def next_write(self, position: int) -> WriteStep:
         """What a writer whose client has everything up to `position` does next."""

@@ -156,6 +156,10 @@ class Session:
     """Stream positions from the control plane when the session was adopted."""
 
 
+TAKEN_OVER = "session taken over by another sidecar"
+"""Why a stream of a session another sidecar claimed ends (the comment its client sees)."""
+
+
 class Registry:
     """All sessions and streams of this sidecar, with the janitor rules that bound them."""
 
@@ -168,13 +172,24 @@ class Registry:
         self.sessions: dict[str, Session] = {}
         self.streams: dict[StreamId, LiveStream] = {}
         self.legacy_sessions: dict[str, LiveStream] = {}
+        """Legacy (HTTP+SSE) session name -> the stream that carries it."""
         self.finishing: set[LiveStream] = set()
         """Streams of sessions no longer served here, left to finish a response in flight
         (continuity invariant 10); each leaves the set when its pump ends."""
-        """Legacy (HTTP+SSE) session name -> the stream that carries it."""
         self.session_ended: list[Callable[[str], None]] = []
         """Called with the id of every session let go (dropped or expired), so that what
         others keep per session (the reporter's) is freed with it. Must not raise."""
+
+    def client_left(self, stream: LiveStream) -> None:
+        """A writer of `stream` detached: a finishing stream without clients has nobody left
+        to finish for, so it ends here and its pump (its upstream connection) is cancelled
+        (continuity invariant 10)."""
+        if stream.clients or stream not in self.finishing:
+            return
+        self.finishing.discard(stream)
+        stream.end(TAKEN_OVER)
+        if stream.pump is not None:
+            stream.pump.cancel()
 
     def session(self, session_id: str) -> Session:
         sess = self.sessions.get(session_id)
@@ -196,7 +211,9 @@ class Registry:
         request_ids: Iterable[RequestId] = (),
         rewrite: Rewrite | None = None,
     ) -> LiveStream:
-        """Register a stream; a fresh id is minted unless an (adopted) tracker is given."""
+        """Register a stream; a fresh id is minted unless an adopted stream's tracker is
+        given."""
+        adopted = tracker is not None
         if tracker is None:
             stream_id = new_stream_id(kind)
             while stream_id in self.streams:
@@ -211,6 +228,7 @@ class Registry:
             max_event_bytes=self.max_event_bytes,
             request_ids=request_ids,
             rewrite=rewrite,
+            adopted=adopted,
         )
         stream = LiveStream(
             core=core,

@@ -48,9 +48,11 @@ class Writer:
         *,
         after_seq: int,
         priming: bool,
+        first: bytes | None = None,
         catch_up_cursor: str | None = None,
     ) -> web.StreamResponse:
-        """Write the stream's events after `after_seq` to the client, then live ones."""
+        """Write the stream's events after `after_seq` to the client, then live ones;
+        `first` (a resumed stream's marker) before anything else."""
         out = web.StreamResponse(status=200, headers=stream.response_headers)
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"
@@ -59,6 +61,8 @@ class Writer:
         position = after_seq
         try:
             await out.prepare(request)
+            if first is not None:
+                await out.write(first)
             if priming:
                 position = await self._prime(out, stream)
             if catch_up_cursor is not None:
@@ -74,6 +78,7 @@ class Writer:
             log.info("stream %s: client went away (%s)", stream.stream_id, type(exc).__name__)
         finally:
             stream.detach()
+            self.registry.client_left(stream)
             self.active -= 1
             if stream.ended:  # its client was the last thing keeping it in full
                 self.registry.trim_lingering(self.config.linger_max_bytes)

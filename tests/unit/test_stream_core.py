@@ -48,6 +48,7 @@ def core(
     max_event_bytes: int = 1024,
     bulk: bool = True,
     cursor: str = "",
+    adopted: bool = False,
 ) -> StreamCore:
     tracker = StreamTracker(
         S,
@@ -62,6 +63,7 @@ def core(
         request_ids=ids,
         rng=random.Random(0),
         bulk=bulk,
+        adopted=adopted,
     )
     c.upstream_opened("http://up/mcp")
     return c
@@ -188,13 +190,29 @@ def test_post_stream_completes_when_every_request_is_answered() -> None:
     assert c.upstream_ended(Outcome.CLOSED, now=0.0) == Finished(StreamState.COMPLETE, "complete")
 
 
-def test_adopted_post_stream_completes_at_its_first_answer_or_a_clean_close() -> None:
-    c = core(cursor="x7")
-    feed(c, [block(0, eid="x8", data=answer(9))], Client())
-    assert c.state is StreamState.COMPLETE
-    c = core(cursor="x7")
+def test_post_stream_without_known_ids_completes_at_its_first_answer_or_a_clean_close() -> None:
+    for adopted in (True, False):
+        c = core(cursor="x7", adopted=adopted)
+        feed(c, [block(0, eid="x8", data=answer(9))], Client())
+        assert c.state is StreamState.COMPLETE
+    c = core(cursor="x7")  # an unparseable request body: no ids known, not resumed
     feed(c, [block(1, eid="x8")], Client())
     assert c.upstream_ended(Outcome.CLOSED, now=0.0) == Finished(StreamState.COMPLETE, "complete")
+
+
+def test_adopted_post_stream_reconnects_after_a_clean_close_before_its_answer() -> None:
+    """Its client resumed it because it still waits for the answer: an upstream that only
+    replayed and closed (the Python SDK server, while the old owner's connection to it is
+    still registered) has not finished it (found by the SDK split-brain test)."""
+    c = core(cursor="x7", adopted=True)
+    feed(c, [block(1, eid="x8")], Client())
+    step = c.upstream_ended(Outcome.CLOSED, now=0.0)
+    assert isinstance(step, Reconnect)
+    assert step.cursor == "x8"
+    assert c.state is StreamState.OPEN
+    c.upstream_opened("http://up/mcp")  # the reconnect
+    feed(c, [block(2, eid="x9", data=answer(9))], Client())
+    assert c.state is StreamState.COMPLETE
 
 
 def test_polling_close_with_retry_reconnects_after_the_hint() -> None:
