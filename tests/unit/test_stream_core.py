@@ -209,7 +209,7 @@ def test_adopted_post_stream_reconnects_after_a_clean_close_before_its_answer() 
     step = c.upstream_ended(Outcome.CLOSED, now=0.0)
     assert isinstance(step, Reconnect)
     assert step.cursor == "x8"
-    assert c.state is StreamState.OPEN
+    assert not c.ended
     c.upstream_opened("http://up/mcp")  # the reconnect
     feed(c, [block(2, eid="x9", data=answer(9))], Client())
     assert c.state is StreamState.COMPLETE
