@@ -4,17 +4,20 @@ One place for both ends, so the sidecar, the `tether sessions` CLI and the contr
 - TLS: the server presents `cert`/`key`; clients verify it against `ca`.
 - Mutual TLS: the server also requires a client certificate signed by `client_ca`; clients
   present `cert`/`key`.
-- Bearer token: the server requires `authorization: Bearer <token>` on every call except gRPC
-  health checks (Kubernetes probes carry no token); clients send it. Tokens are read from
-  files so they never appear in a process list. Compared in constant time.
+- Bearer token: clients send `authorization: Bearer <token>` on every call, the token read
+  from a file so it never appears in a process list. The file is read again whenever it
+  changes (size, mtime or inode: kubelet rotates projected ServiceAccount tokens by swapping
+  the file), checked as each call starts; an unreadable new file keeps the last token.
+  The control plane's side (which tokens it accepts, who the caller is) is in
+  `controlplane.identity`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,12 +28,10 @@ if TYPE_CHECKING:  # generic in the type stubs only; not subscriptable at run ti
     _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
     _UnaryStream = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
     _StreamStream = grpc.aio.StreamStreamClientInterceptor[Any, Any]
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
     _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor
     _UnaryStream = grpc.aio.UnaryStreamClientInterceptor
     _StreamStream = grpc.aio.StreamStreamClientInterceptor
-    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 log = logging.getLogger("tether.grpc_security")
 
@@ -51,7 +52,7 @@ def read_file(path: Path | None, what: str) -> bytes | None:
         raise SecurityConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
 
 
-def _token(path: Path | None, what: str) -> str | None:
+def read_token(path: Path | None, what: str) -> str | None:
     raw = read_file(path, what)
     if raw is None:
         return None
@@ -102,15 +103,49 @@ class ServerSecurity:
             raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 
 
+class TokenFile:
+    """A bearer token read from a file, read again when the file changes (module docstring)."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self._what = what
+        self._state = self._file_state()
+        token = read_token(path, what)
+        assert token is not None
+        self._token = token
+        self.reads = 1
+
+    def _file_state(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def token(self) -> str:
+        state = self._file_state()
+        if state is not None and state != self._state:
+            self._state = state
+            try:
+                token = read_token(self.path, self._what)
+            except SecurityConfigError as e:
+                log.warning("%s; keeping the token read before", e)
+            else:
+                assert token is not None
+                self._token = token
+                self.reads += 1
+        return self._token
+
+
 class _TokenMetadata:
     """Adds the bearer token to a call's metadata."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, token: TokenFile) -> None:
+        self._token = token
 
     def with_token(self, details: Any) -> Any:
         metadata = list(details.metadata or ())
-        metadata.append(self._header)
+        metadata.append(("authorization", f"Bearer {self._token.token()}"))
         return details._replace(metadata=grpc.aio.Metadata(*metadata))
 
 
@@ -133,7 +168,7 @@ class _StreamStreamToken(_TokenMetadata, _StreamStream):
         return await continuation(self.with_token(details), request_iterator)
 
 
-def _token_interceptors(token: str) -> list[Any]:
+def _token_interceptors(token: TokenFile) -> list[Any]:
     return [_UnaryUnaryToken(token), _UnaryStreamToken(token), _StreamStreamToken(token)]
 
 
@@ -147,8 +182,8 @@ def open_channel(
     security = security or ClientSecurity()
     opts = list(options)
     interceptors: list[Any] = []  # the stubs type this list loosely
-    token = _token(security.token_file, "--control-plane-token-file")
-    if token is not None:
+    if security.token_file is not None:
+        token = TokenFile(security.token_file, "--control-plane-token-file")
         if not security.tls:
             log.warning("sending a bearer token to %s over plaintext gRPC", target)
         interceptors.extend(_token_interceptors(token))
@@ -162,52 +197,6 @@ def open_channel(
     if security.server_name:
         opts.append(("grpc.ssl_target_name_override", security.server_name))
     return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
-
-
-class TokenAuthInterceptor(_ServerInterceptor):
-    """Refuses calls without the right bearer token (UNAUTHENTICATED); health is exempt."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        details: Any,
-    ) -> Any:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(HEALTH_PREFIX):
-            return handler
-        presented = dict(details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(presented, bytes):
-            presented = presented.decode(errors="replace")
-        if hmac.compare_digest(presented.encode(), self._expected):
-            return handler
-        return _refusal(handler)
-
-
-def _refusal(handler: Any) -> Any:
-    """A handler of the same shape as `handler` that fails with UNAUTHENTICATED."""
-
-    async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    return grpc.stream_stream_rpc_method_handler(deny, **kw)
-
-
-def server_interceptors(security: ServerSecurity | None) -> list[_ServerInterceptor]:
-    token = _token(security.token_file, "--auth-token-file") if security else None
-    return [TokenAuthInterceptor(token)] if token else []
 
 
 def add_port(server: grpc.aio.Server, listen: str, security: ServerSecurity | None) -> int:
