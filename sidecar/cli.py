@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from sidecar.config import ConfigError, SidecarConfig, parse_hostport
 from sidecar.eventloop import CHOICES as EVENT_LOOPS
+from sidecar.guard import parse_fingerprint_key
 from sidecar.reconnect import ReconnectConfig
 from sidecar.tracker import TrackerLimits
 from tether.envflags import apply_env_defaults
@@ -26,6 +28,16 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
     )
     if args.control_plane:
         parse_hostport(args.control_plane, what="--control-plane")
+    fingerprint_key = None
+    if args.fingerprint_key_file is not None:
+        try:
+            fingerprint_key = parse_fingerprint_key(args.fingerprint_key_file.read_bytes())
+        except OSError as exc:
+            raise ConfigError(
+                f"--fingerprint-key-file: cannot read {args.fingerprint_key_file}: {exc.strerror}"
+            ) from exc
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     if args.owner:
         from tether.model import InvalidIdError, parse_owner
 
@@ -55,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
+            fingerprint_key=fingerprint_key,
             max_event_bytes=args.max_event_bytes,
             max_request_body_bytes=args.max_body_bytes,
             tracker=TrackerLimits(
@@ -94,6 +107,13 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
     add_client_security_flags(p)
     p.add_argument("--owner", help="this sidecar's name in the control plane ($POD_NAME)")
+    p.add_argument(
+        "--fingerprint-key-file",
+        type=Path,
+        metavar="FILE",
+        help="key of the credential fingerprints sent to the control plane (HMAC-SHA256), "
+        "the same file on every sidecar; without one they are unkeyed (development only)",
+    )
     p.add_argument(
         "--report-interval", type=float, default=0.05, help="seconds between position reports"
     )
