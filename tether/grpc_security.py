@@ -20,18 +20,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-
-if TYPE_CHECKING:  # generic in the type stubs only; not subscriptable at run time
-    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
-    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
-    _StreamStream = grpc.aio.StreamStreamClientInterceptor[Any, Any]
-else:
-    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor
-    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor
-    _StreamStream = grpc.aio.StreamStreamClientInterceptor
 
 log = logging.getLogger("tether.grpc_security")
 
@@ -137,39 +128,58 @@ class TokenFile:
         return self._token
 
 
-class _TokenMetadata:
-    """Adds the bearer token to a call's metadata."""
+class _WithToken:
+    """A multi-callable that adds the bearer token to each call's metadata."""
 
-    def __init__(self, token: TokenFile) -> None:
+    def __init__(self, inner: Any, token: TokenFile) -> None:
+        self._inner = inner
         self._token = token
 
-    def with_token(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        metadata.append(("authorization", f"Bearer {self._token.token()}"))
-        return details._replace(metadata=grpc.aio.Metadata(*metadata))
+    def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
+        header = ("authorization", f"Bearer {self._token.token()}")
+        return self._inner(*args, metadata=grpc.aio.Metadata(*(metadata or ()), header), **kwargs)
 
 
-# grpc.aio files each interceptor object under the first kind it is an instance of, so each
-# call shape needs an object of its own.
-class _UnaryUnaryToken(_TokenMetadata, _UnaryUnary):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self.with_token(details), request)
+class _TokenChannel(grpc.aio.Channel):
+    """A channel whose calls carry the bearer token.
 
+    Not a client interceptor: grpc.aio feeds an intercepted stream's writes through a task
+    of its own, and when the server ends the stream first (a refused token, a restart) that
+    task waits for a next write forever, one leaked task per failed report stream."""
 
-class _UnaryStreamToken(_TokenMetadata, _UnaryStream):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self.with_token(details), request)
+    def __init__(self, channel: grpc.aio.Channel, token: TokenFile) -> None:
+        self._channel = channel
+        self._token = token
 
+    async def __aenter__(self) -> _TokenChannel:
+        return self
 
-class _StreamStreamToken(_TokenMetadata, _StreamStream):
-    async def intercept_stream_stream(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(self.with_token(details), request_iterator)
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._channel.close(None)
 
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
 
-def _token_interceptors(token: TokenFile) -> list[Any]:
-    return [_UnaryUnaryToken(token), _UnaryStreamToken(token), _StreamStreamToken(token)]
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.unary_unary(*args, **kwargs), self._token)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.unary_stream(*args, **kwargs), self._token)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.stream_unary(*args, **kwargs), self._token)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.stream_stream(*args, **kwargs), self._token)
 
 
 def open_channel(
@@ -181,14 +191,19 @@ def open_channel(
     """A grpc.aio channel to `target` with the given security (plaintext when None)."""
     security = security or ClientSecurity()
     opts = list(options)
-    interceptors: list[Any] = []  # the stubs type this list loosely
+    token = None
     if security.token_file is not None:
         token = TokenFile(security.token_file, "--control-plane-token-file")
         if not security.tls:
             log.warning("sending a bearer token to %s over plaintext gRPC", target)
-        interceptors.extend(_token_interceptors(token))
-    if not security.tls:
-        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+    channel = _secure_channel(target, security, opts) if security.tls else None
+    channel = channel or grpc.aio.insecure_channel(target, options=opts)
+    return channel if token is None else _TokenChannel(channel, token)
+
+
+def _secure_channel(
+    target: str, security: ClientSecurity, opts: list[tuple[str, Any]]
+) -> grpc.aio.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=read_file(security.ca, "--control-plane-ca"),
         private_key=read_file(security.key, "--control-plane-key"),
@@ -196,7 +211,7 @@ def open_channel(
     )
     if security.server_name:
         opts.append(("grpc.ssl_target_name_override", security.server_name))
-    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, creds, options=opts)
 
 
 def add_port(server: grpc.aio.Server, listen: str, security: ServerSecurity | None) -> int:
