@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -28,16 +29,6 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
     )
     if args.control_plane:
         parse_hostport(args.control_plane, what="--control-plane")
-    fingerprint_key = None
-    if args.fingerprint_key_file is not None:
-        try:
-            fingerprint_key = parse_fingerprint_key(args.fingerprint_key_file.read_bytes())
-        except OSError as exc:
-            raise ConfigError(
-                f"--fingerprint-key-file: cannot read {args.fingerprint_key_file}: {exc.strerror}"
-            ) from exc
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
     if args.owner:
         from tether.model import InvalidIdError, parse_owner
 
@@ -67,7 +58,6 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
-            fingerprint_key=fingerprint_key,
             max_event_bytes=args.max_event_bytes,
             max_request_body_bytes=args.max_body_bytes,
             tracker=TrackerLimits(
@@ -84,12 +74,27 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         raise ConfigError(str(exc)) from exc
 
 
+def read_fingerprint_key(path: Path | None) -> bytes | None:
+    """The key in `--fingerprint-key-file` (read when the sidecar starts, not when its flags
+    are parsed: parsing reads no file)."""
+    if path is None:
+        return None
+    try:
+        return parse_fingerprint_key(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"--fingerprint-key-file: cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _run(args: argparse.Namespace) -> int:
     from sidecar.app import run_until_signalled
     from sidecar.eventloop import loop_factory, run
 
     try:
         config = config_from_args(args)
+        key = read_fingerprint_key(args.fingerprint_key_file)
+        config = dataclasses.replace(config, fingerprint_key=key)
         factory = loop_factory(args.event_loop)
     except ConfigError as exc:
         print(f"tether sidecar: {exc}", file=sys.stderr)
