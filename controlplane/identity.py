@@ -13,8 +13,11 @@ Rules:
   3. Any other bearer token must be a Kubernetes projected ServiceAccount token (a JWT) that
      verifies against the JWKS file (`--jwt-jwks-file`): signed by a key of the set with an
      asymmetric algorithm, within `exp` and `nbf` (`LEEWAY` seconds of clock skew), `aud`
-     containing `--jwt-audience`, `iss` equal to `--jwt-issuer`, and naming a pod (claim
-     `kubernetes.io.pod.name`). The principal is that pod. Anything else is UNAUTHENTICATED.
+     containing `--jwt-audience`, `iss` equal to `--jwt-issuer`, and naming a ServiceAccount
+     (claim `kubernetes.io`). The principal is the pod the token names
+     (`kubernetes.io.pod.name`): a projected token proves which pod holds it. A token bound
+     to no pod (`kubectl create token`, for an operator's tool) is its ServiceAccount, with
+     no name to act as a sidecar under. Anything else is UNAUTHENTICATED.
   4. Without a bearer token: when the shared token is configured, UNAUTHENTICATED (it is
      required on every call, as before); else the client certificate (mutual TLS, verified
      against `--tls-client-ca` by the handshake) names the principal: its first URI SAN (a
@@ -240,17 +243,20 @@ class TokenVerifier:
 
 def _pod_principal(claims: Mapping[str, Any]) -> Principal:
     k8s = claims.get("kubernetes.io")
-    pod = k8s.get("pod") if isinstance(k8s, dict) else None
+    k8s = k8s if isinstance(k8s, dict) else {}
+    namespace = k8s.get("namespace")
+    pod = k8s.get("pod")
     pod_name = pod.get("name") if isinstance(pod, dict) else None
-    namespace = k8s.get("namespace") if isinstance(k8s, dict) else None
-    if not isinstance(pod_name, str) or not isinstance(namespace, str):
-        raise AuthenticationError("token names no pod (not a projected pod token)")
-    subjects = [f"pod:{namespace}/{pod_name}"]
-    account = k8s.get("serviceaccount") if isinstance(k8s, dict) else None
+    account = k8s.get("serviceaccount")
     account_name = account.get("name") if isinstance(account, dict) else None
-    if isinstance(account_name, str):
-        subjects.append(f"system:serviceaccount:{namespace}:{account_name}")
-    return Principal(PrincipalKind.SERVICE_ACCOUNT, tuple(subjects), _owner_name(pod_name))
+    if not isinstance(namespace, str) or not isinstance(account_name, str):
+        raise AuthenticationError("token names no ServiceAccount (not a Kubernetes token)")
+    account_id = f"system:serviceaccount:{namespace}:{account_name}"
+    if not isinstance(pod_name, str):
+        # `kubectl create token`: an operator's tool, never a sidecar (no name to act as).
+        return Principal(PrincipalKind.SERVICE_ACCOUNT, (account_id,), None)
+    subjects = (f"pod:{namespace}/{pod_name}", account_id)
+    return Principal(PrincipalKind.SERVICE_ACCOUNT, subjects, _owner_name(pod_name))
 
 
 # --- the decision ----------------------------------------------------------------------------

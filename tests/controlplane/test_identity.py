@@ -76,7 +76,7 @@ def test_a_token_names_its_pod(issuer: TokenIssuer, verifier: TokenVerifier) -> 
         ("not yet valid", {"not_before": time.time() + 600}, "not yet valid"),
         ("wrong audience", {"audience": "kubernetes"}, "Audience doesn't match"),
         ("wrong issuer", {"issuer": "https://evil.example"}, "issuer"),
-        ("no pod", {"kubernetes.io": {"namespace": "tether"}}, "names no pod"),
+        ("no account", {"kubernetes.io": {"namespace": "tether"}}, "names no ServiceAccount"),
     ],
 )
 def test_bad_tokens_are_refused(
@@ -84,6 +84,15 @@ def test_bad_tokens_are_refused(
 ) -> None:
     with pytest.raises(AuthenticationError, match=reason):
         verifier.verify(issuer.token("sidecar-a", **kwargs))  # type: ignore[arg-type]
+
+
+def test_a_token_bound_to_no_pod_is_its_account_and_no_sidecar(
+    issuer: TokenIssuer, verifier: TokenVerifier
+) -> None:
+    """What `kubectl create token tether-admin --audience ...` gives an operator."""
+    k8s = {"namespace": "ops", "serviceaccount": {"name": "tether-admin", "uid": "u"}}
+    p = verifier.verify(issuer.token("ignored", **{"kubernetes.io": k8s}))
+    assert (p.subjects, p.name) == (("system:serviceaccount:ops:tether-admin",), None)
 
 
 def test_tokens_of_other_keys_and_weak_algorithms_are_refused(

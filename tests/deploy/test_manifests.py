@@ -421,6 +421,9 @@ def test_prod_callers_prove_who_they_are_and_the_policy_names_them(
         return policy.roles_of(pod)
 
     assert roles(account) == {Role.SIDECAR}
+    for tool, role in (("tether-viewer", Role.VIEWER), ("tether-admin", Role.ADMIN)):
+        assert find(objects, "ServiceAccount", tool)["automountServiceAccountToken"] is False
+        assert roles(tool) == {role}
     # The control plane's own account (and any other) is nothing.
     assert roles(pod_spec(plane)["serviceAccountName"]) == frozenset()
 

@@ -537,3 +537,22 @@ async def test_a_short_fingerprint_key_is_a_clear_error(setup: Setup) -> None:
         _, err = await proc.communicate()
     assert proc.returncode == 2
     assert b"the key must have at least 16 bytes" in err
+
+
+async def test_an_operator_token_bound_to_no_pod_reads_but_never_writes(
+    setup: Setup, planes: Planes
+) -> None:
+    """`kubectl create token tether-viewer --audience tether-control-plane`: the account's
+    roles apply; with no pod it has no name, so it cannot act as a sidecar even if a policy
+    said so."""
+    cp = await planes()
+    k8s = {"namespace": "ops", "serviceaccount": {"name": "tether-viewer", "uid": "u"}}
+    path = write_token(setup.tmp / "viewer", setup.issuer.token("-", **{"kubernetes.io": k8s}))
+    async with client(setup, cp, token=path) as v:
+        assert (await v.list_sessions(timeout=5)).sessions == ()
+        stream = v.report_events()
+        await stream.send(ReportBatch(1, upserts=(SessionUpsert(record("s1", "x")),)))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async with asyncio.timeout(DEADLINE):
+                _ = [a async for a in stream.acks()]
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
