@@ -76,7 +76,7 @@ def test_a_token_names_its_pod(issuer: TokenIssuer, verifier: TokenVerifier) -> 
         ("not yet valid", {"not_before": time.time() + 600}, "not yet valid"),
         ("wrong audience", {"audience": "kubernetes"}, "Audience doesn't match"),
         ("wrong issuer", {"issuer": "https://evil.example"}, "issuer"),
-        ("no account", {"kubernetes.io": {"namespace": "tether"}}, "names no ServiceAccount"),
+        ("no account", {"kubernetes": {"namespace": "tether"}}, "names no ServiceAccount"),
     ],
 )
 def test_bad_tokens_are_refused(
@@ -91,7 +91,7 @@ def test_a_token_bound_to_no_pod_is_its_account_and_no_sidecar(
 ) -> None:
     """What `kubectl create token tether-admin --audience ...` gives an operator."""
     k8s = {"namespace": "ops", "serviceaccount": {"name": "tether-admin", "uid": "u"}}
-    p = verifier.verify(issuer.token("ignored", **{"kubernetes.io": k8s}))
+    p = verifier.verify(issuer.token("ignored", kubernetes=k8s))
     assert (p.subjects, p.name) == (("system:serviceaccount:ops:tether-admin",), None)
 
 

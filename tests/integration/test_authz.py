@@ -54,6 +54,16 @@ bindings:
     principals: ["cn:root", "system:serviceaccount:ops:tether-admin"]
 """
 FINGERPRINT_KEY = b"a key every sidecar of the test deployment shares"
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
 
 
 @dataclass
@@ -344,17 +354,7 @@ async def test_the_attack_is_refused_at_the_first_step(
         )
         base = f"http://127.0.0.1:{sidecar.port}"
         alice = {**HEADERS, "Authorization": "Bearer alice-secret"}
-        body = {
-            "jsonrpc": "2.0",
-            "id": 0,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        }
-        async with http.post(base + MCP, json=body, headers=alice) as resp:
+        async with http.post(base + MCP, json=INITIALIZE, headers=alice) as resp:
             assert resp.status == 200
             sid = SessionId(resp.headers["Mcp-Session-Id"])
             await resp.read()
@@ -446,19 +446,9 @@ async def test_sidecar_end_to_end_with_a_rotated_token_and_a_keyed_fingerprint(
             owner="sidecar-a",
             fingerprint_key=FINGERPRINT_KEY,
         )
-        body = {
-            "jsonrpc": "2.0",
-            "id": 0,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        }
         headers = {**HEADERS, "Authorization": "Bearer alice-secret"}
         async with http.post(
-            f"http://127.0.0.1:{sidecar.port}{MCP}", json=body, headers=headers
+            f"http://127.0.0.1:{sidecar.port}{MCP}", json=INITIALIZE, headers=headers
         ) as resp:
             assert resp.status == 200
             sid = SessionId(resp.headers["Mcp-Session-Id"])
@@ -547,7 +537,7 @@ async def test_an_operator_token_bound_to_no_pod_reads_but_never_writes(
     said so."""
     cp = await planes()
     k8s = {"namespace": "ops", "serviceaccount": {"name": "tether-viewer", "uid": "u"}}
-    path = write_token(setup.tmp / "viewer", setup.issuer.token("-", **{"kubernetes.io": k8s}))
+    path = write_token(setup.tmp / "viewer", setup.issuer.token("-", kubernetes=k8s))
     async with client(setup, cp, token=path) as v:
         assert (await v.list_sessions(timeout=5)).sessions == ()
         stream = v.report_events()
@@ -556,3 +546,38 @@ async def test_an_operator_token_bound_to_no_pod_reads_but_never_writes(
             async with asyncio.timeout(DEADLINE):
                 _ = [a async for a in stream.acks()]
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_sidecar_end_to_end_over_mutual_tls(
+    setup: Setup,
+    planes: Planes,
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A real sidecar whose certificate's URI SAN ends with its owner name: its sessions flow;
+    the same certificate with another owner name is refused item by item."""
+    cp = await planes(mtls=True)
+    pair = setup.cert("sidecar-m", uris=(f"{TRUST_DOMAIN}/sidecar-m",))
+    security = ClientSecurity(ca=setup.ca.pair.cert, cert=pair.cert, key=pair.key)
+    sids = []
+    async with numbered_upstream() as up:
+        for owner in ("sidecar-m", "impostor"):
+            sidecar = await sidecar_factory(
+                up, control_plane=cp.address, control_plane_security=security, owner=owner
+            )
+            async with http.post(
+                f"http://127.0.0.1:{sidecar.port}{MCP}", json=INITIALIZE, headers=HEADERS
+            ) as resp:
+                assert resp.status == 200
+                sids.append(SessionId(resp.headers["Mcp-Session-Id"]))
+                await resp.read()
+            reporter = sidecar.proxy.continuity.reporter
+            assert reporter is not None
+            await asyncio.wait_for(reporter.flushed(), DEADLINE)
+        await sidecar_factory.stop_all()
+    async with client(setup, cp, pair=setup.cert("root")) as adm:
+        stored = await adm.get_session(sids[0], timeout=5)
+        assert stored is not None
+        assert stored.owner == "sidecar-m"
+        assert await adm.get_session(sids[1], timeout=5) is None

@@ -39,8 +39,11 @@ class TokenIssuer:
         issuer: str = ISSUER,
         lifetime: float = 3600.0,
         not_before: float | None = None,
+        kubernetes: dict[str, Any] | None = None,
         **extra: Any,
     ) -> str:
+        """A token for `pod`; `kubernetes` replaces the `kubernetes.io` claim, `extra` adds
+        or replaces others."""
         now = time.time()
         claims: dict[str, Any] = {
             "aud": audience if isinstance(audience, list) else [audience],
@@ -55,6 +58,8 @@ class TokenIssuer:
                 "serviceaccount": {"name": service_account, "uid": str(uuid.uuid4())},
             },
         }
+        if kubernetes is not None:
+            claims["kubernetes.io"] = kubernetes
         claims.update(extra)
         return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
 
