@@ -14,6 +14,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from controlplane import identity
 from controlplane.identity import (
     ANONYMOUS,
     SHARED_TOKEN,
@@ -128,10 +129,12 @@ def test_the_jwks_file_is_read_again_when_keys_rotate(
         verifier.verify(successor.token("sidecar-a"))
     write_jwks(jwks, issuer, successor)  # rotation: both keys for a while
     assert verifier.verify(successor.token("sidecar-a")).name == "sidecar-a"
-    assert verifier.verify(issuer.token("sidecar-a")).name == "sidecar-a"
-    write_jwks(jwks, successor)  # the old key retired
+    old = issuer.token("sidecar-a")
+    assert verifier.verify(old).name == "sidecar-a"
+    assert verifier.verify(old).name == "sidecar-a"  # remembered (rule 8)
+    write_jwks(jwks, successor)  # the old key retired: its tokens, even remembered ones, fail
     with pytest.raises(AuthenticationError, match="unknown key"):
-        verifier.verify(issuer.token("sidecar-a"))
+        verifier.verify(old)
     # A broken file keeps the last good keys, and says so.
     jwks.with_suffix(".tmp").write_text("{not json")
     jwks.with_suffix(".tmp").replace(jwks)
@@ -139,6 +142,18 @@ def test_the_jwks_file_is_read_again_when_keys_rotate(
         assert verifier.verify(successor.token("sidecar-a")).name == "sidecar-a"
     assert "keeping the last good keys" in caplog.text
     assert verifier.keys.reloads == 3
+
+
+def test_verified_tokens_are_remembered_within_a_bound(
+    issuer: TokenIssuer, verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(identity, "VERIFIED_TOKENS", 2)
+    tokens = [issuer.token(f"sidecar-{i}") for i in range(5)]
+    for t in tokens:
+        verifier.verify(t)
+    assert len(verifier) == 2
+    # A forgotten token is verified again, not refused.
+    assert verifier.verify(tokens[0]).name == "sidecar-0"
 
 
 def test_an_unusable_jwks_file_fails_start_up(tmp_path: Path) -> None:
