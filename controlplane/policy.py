@@ -254,7 +254,6 @@ class Authorizer:
     def __init__(self, policy: Policy | None = None) -> None:
         self.policy = policy
         self._denials = LogLimiter(DENIAL_LOG_INTERVAL)
-        self.denials = 0
 
     def access(self, principal: Principal) -> Access:
         if principal.trusted:
@@ -264,7 +263,6 @@ class Authorizer:
         return Access(principal, self.policy.roles_of(principal))
 
     def log_denial(self, access: Access, call: str, denied: Denied, peer: str) -> None:
-        self.denials += 1
         held = self._denials.allow((access.principal.id, call), time.monotonic())
         if held is not None:
             log.warning("permission denied (%s): %s%s", peer, denied.message, held_note(held))
