@@ -403,6 +403,8 @@ class AuthenticationInterceptor(_ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
+        if self.authenticator.open:
+            return handler  # rule 5: `current_principal` is ANONYMOUS without a wrapper
         return _wrapped(handler, self._enter)
 
     async def _enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
