@@ -18,11 +18,12 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 
-from controlplane.records import upsert_epoch
+from controlplane.records import Refusal, refusal, upsert_epoch
 from controlplane.store.protocol import SessionStore
 from tether import tasks
 from tether.model import (
     BatchAck,
+    OwnerName,
     Rejection,
     RejectionReason,
     ReportBatch,
@@ -44,7 +45,7 @@ class PendingWrites:
 
     def __init__(self) -> None:
         self._upserts: list[SessionUpsert] = []
-        self._updates: dict[tuple[SessionId, StreamId, int], StreamUpdate] = {}
+        self._updates: dict[tuple[SessionId, StreamId, int, OwnerName | None], StreamUpdate] = {}
         self.received = 0
         """Writes added since the last `take` (before coalescing)."""
 
@@ -54,9 +55,10 @@ class PendingWrites:
             if isinstance(w, SessionUpsert):
                 self._upserts.append(w)
                 continue
-            # Keyed by epoch too: an update from a fenced (or never granted) epoch must not
-            # hide a valid one of the current epoch; the store sorts them out.
-            key = (w.session_id, w.position.stream_id, w.position.owner_epoch)
+            # Keyed by epoch and writer too: an update from a fenced (or never granted) epoch,
+            # or from a sidecar that does not own the session, must not hide a valid one; the
+            # store sorts them out.
+            key = (w.session_id, w.position.stream_id, w.position.owner_epoch, w.writer)
             old = self._updates.get(key)
             if old is None or w.position.seq > old.position.seq:
                 self._updates[key] = w
@@ -86,6 +88,8 @@ def acknowledge(
             )
         elif upsert_epoch(u) != rec.owner_epoch:
             rejections.append(_fenced(rec, "", upsert_epoch(u)))
+        elif (why := refusal(rec, u)) is not None:
+            rejections.append(_refused(rec, u, why))
     for s in batch.updates:
         rec = results.get(s.session_id)
         if rec is None:
@@ -99,7 +103,33 @@ def acknowledge(
             )
         elif s.position.owner_epoch != rec.owner_epoch:
             rejections.append(_fenced(rec, s.position.stream_id, s.position.owner_epoch))
+        elif (why := refusal(rec, s)) is not None:
+            rejections.append(_refused(rec, s, why))
     return BatchAck(batch.batch_id, tuple(rejections))
+
+
+def _refused(rec: SessionRecord, write: SessionWrite, why: Refusal) -> Rejection:
+    """The rejection of a write refused by records rules 6 to 8: not the owner is FENCED
+    (whoever sent it does not own the session: it stops reporting it, as a fenced owner
+    does); a changed credential binding is INVALID (it will never be accepted)."""
+    stream_id = write.position.stream_id if isinstance(write, StreamUpdate) else ""
+    if why is Refusal.BINDING_CHANGED:
+        return Rejection(
+            rec.session_id,
+            stream_id,
+            RejectionReason.INVALID,
+            "the credential fingerprint of a session is set at creation and cannot change",
+        )
+    writer = write.writer or (write.session.owner if isinstance(write, SessionUpsert) else "")
+    return Rejection(
+        rec.session_id,
+        stream_id,
+        RejectionReason.FENCED,
+        f"session is owned by {rec.owner!r}; {writer!r} may not write it "
+        "(only ClaimSession changes the owner)",
+        current_owner=rec.owner,
+        current_owner_epoch=rec.owner_epoch,
+    )
 
 
 def _fenced(rec: SessionRecord, stream_id: str, epoch: int) -> Rejection:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from controlplane.identity import TokenSettings
 from controlplane.store.protocol import SessionStore
 from tether.grpc_security import ServerSecurity
 
@@ -141,6 +142,10 @@ class ControlPlaneConfig:
     """Seconds in-flight RPCs get to finish on SIGTERM/SIGINT."""
     security: ServerSecurity | None = None
     """TLS, mutual TLS and a bearer token on the gRPC port (plaintext when None)."""
+    tokens: TokenSettings | None = None
+    """Verify Kubernetes ServiceAccount tokens (`controlplane.identity` rule 3)."""
+    policy_file: Path | None = None
+    """Roles of principals (`controlplane.policy`); None: authenticated callers are sidecars."""
     etcd_username: str | None = None
     etcd_password: str | None = None
     etcd_tls: EtcdTls | None = None

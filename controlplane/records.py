@@ -14,11 +14,21 @@ Rules:
      empty `initialize_request` keeps the stored one.
   4. A stream update of a missing session is skipped (the caller reports UNKNOWN_SESSION).
   5. Every applied change sets `updated_at = now` and `expires_at = now + ttl`.
+  6. Only the owner writes: a write carrying a `writer` (the authenticated sidecar that sent
+     it) is applied only to a session owned by `writer`, and an upsert creates a session only
+     if it names `writer` as the owner. A write without one comes from a trusted caller.
+  7. The owner changes only by `claim`: an upsert at the current epoch naming another owner is
+     refused (otherwise anyone knowing the epoch could take a session over by writing it).
+  8. The credential binding is set once, at creation: an upsert whose non-empty
+     `credential_fingerprint` differs from the stored one is refused whole (an empty one keeps
+     the stored one), so no write can hand a session to another credential.
+Refused writes change nothing; `refusal` says why, for the acknowledgement.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -68,6 +78,32 @@ def _merge_streams(
     return moved
 
 
+class Refusal(enum.Enum):
+    """Why rules 6 to 8 refuse a write at the right epoch."""
+
+    NOT_OWNER = "not_owner"
+    """Rules 6 and 7: the writer, or the owner the upsert names, does not own the session."""
+    BINDING_CHANGED = "binding_changed"
+    """Rule 8: the upsert names another credential fingerprint than the stored one."""
+
+
+def refusal(current: SessionRecord | None, write: SessionWrite) -> Refusal | None:
+    """Why rules 6 to 8 refuse `write` against `current` (None if missing); None if they
+    allow it. Fencing (rule 2) is checked apart: this looks at who writes, not when."""
+    if isinstance(write, StreamUpdate):
+        if current is None or write.writer is None or write.writer == current.owner:
+            return None
+        return Refusal.NOT_OWNER
+    new = write.session
+    owner = new.owner if current is None else current.owner
+    if new.owner != owner or (write.writer is not None and write.writer != owner):
+        return Refusal.NOT_OWNER
+    fingerprint = new.credential_fingerprint
+    if current is not None and fingerprint and fingerprint != current.credential_fingerprint:
+        return Refusal.BINDING_CHANGED
+    return None
+
+
 def upsert_epoch(upsert: SessionUpsert) -> int:
     """The epoch an upsert writes under: 0 (unset on the wire) means the first epoch, 1."""
     return max(upsert.session.owner_epoch, 1)
@@ -90,6 +126,8 @@ def apply_writes(
     for upsert in upserts:
         new = upsert.session
         epoch = upsert_epoch(upsert)
+        if refusal(record, upsert) is not None:
+            continue
         if record is None:
             streams = {}
             _merge_streams(streams, new.streams.values(), epoch)
@@ -101,7 +139,6 @@ def apply_writes(
                 record,
                 upstream_session_id=new.upstream_session_id,
                 upstream_address=new.upstream_address,
-                owner=new.owner,
                 protocol_version=new.protocol_version,
                 initialize_request=new.initialize_request or record.initialize_request,
                 credential_fingerprint=new.credential_fingerprint or record.credential_fingerprint,
@@ -109,7 +146,7 @@ def apply_writes(
             changed = True
 
     if record is not None:
-        positions = [u.position for u in updates]
+        positions = [u.position for u in updates if refusal(record, u) is None]
         if _merge_streams(streams, positions, record.owner_epoch):
             changed = True
 

@@ -26,10 +26,12 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, open_store
+from controlplane.identity import authenticator_for, server_interceptors
+from controlplane.policy import Authorizer, Policy
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
 from tether.api.v1 import sessions_pb2, sessions_pb2_grpc
-from tether.grpc_security import add_port, server_interceptors
+from tether.grpc_security import add_port
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,10 @@ class RunningControlPlane:
 async def start_control_plane(
     config: ControlPlaneConfig, *, store: SessionStore | None = None
 ) -> RunningControlPlane:
-    """Open the store (unless given one), start serving on `config.listen`."""
+    """Open the store (unless given one), start serving on `config.listen`. Bad security
+    settings (`SecurityConfigError`, `PolicyError`) raise before anything is opened."""
+    authenticator = authenticator_for(config.security, config.tokens)
+    authorizer = Authorizer(Policy.load(config.policy_file) if config.policy_file else None)
     if store is None:
         store = await open_store(
             config.store,
@@ -80,9 +85,11 @@ async def start_control_plane(
             etcd_tls=config.etcd_tls,
         )
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
-    server = grpc.aio.server(interceptors=server_interceptors(config.security))
+    server = grpc.aio.server(interceptors=server_interceptors(authenticator))
     try:
-        service = SessionService(store, batcher, session_ttl=config.session_ttl)
+        service = SessionService(
+            store, batcher, session_ttl=config.session_ttl, authorizer=authorizer
+        )
         # The generated module is untyped (protoc writes no annotations for it).
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)
         health_servicer = AsyncHealthServicer()
@@ -114,6 +121,7 @@ async def start_control_plane(
         port,
         config.store,
     )
+    authenticator.warn_if_development()
     return running
 
 

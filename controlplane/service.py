@@ -8,8 +8,11 @@ Every bad request gets a clear status and the server keeps serving:
     FAILED_PRECONDITION  ClaimSession with an expected_owner_epoch that is no longer current
     UNAVAILABLE          the store failed, or the control plane is shutting down
     ABORTED              a watcher fell too far behind (watch again)
-In ReportEvents, per-item problems (bad ids, fenced owner, unknown session) are rejections in
-the acknowledgement, never a failed stream: a sidecar's other sessions keep flowing.
+    UNAUTHENTICATED      no or bad credentials (`controlplane.identity`)
+    PERMISSION_DENIED    the caller's roles do not allow the call (`controlplane.policy`)
+In ReportEvents, per-item problems (bad ids, fenced owner, unknown session, a sidecar writing a
+session it does not own or changing its credential binding) are rejections in the
+acknowledgement, never a failed stream: a sidecar's other sessions keep flowing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import NoReturn, TypeVar
 import grpc
 
 from controlplane.batcher import FlushResult, WriteBatcher, acknowledge
+from controlplane.identity import current_principal
+from controlplane.policy import Access, Authorizer, Denied, Read, redact
 from controlplane.store.protocol import (
     ClaimRefusedError,
     InvalidPageTokenError,
@@ -76,15 +81,31 @@ async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoRet
 
 class SessionService(pb_grpc.SessionServiceServicer):
     def __init__(
-        self, store: SessionStore, batcher: WriteBatcher, *, session_ttl: float = 0.0
+        self,
+        store: SessionStore,
+        batcher: WriteBatcher,
+        *,
+        session_ttl: float = 0.0,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self._store = store
+        self._authorizer = authorizer or Authorizer()
         self._batcher = batcher
         self._session_ttl = session_ttl
         """Told to reporters in every acknowledgement, so they know how often to renew."""
         self._stopping = False
         self._readers: set[asyncio.Task[None]] = set()
         self._watch_queues: set[asyncio.Queue[_WatchItem]] = set()
+
+    def _access(self) -> Access:
+        """What the caller of the call being handled may do."""
+        return self._authorizer.access(current_principal())
+
+    async def _refuse(
+        self, context: Context, access: Access, call: str, denied: Denied
+    ) -> NoReturn:
+        self._authorizer.log_denial(access, call, denied, context.peer())
+        await _abort(context, grpc.StatusCode.PERMISSION_DENIED, denied.message)
 
     def stopping(self) -> bool:
         """A method, not an attribute: the flag changes while a handler awaits."""
@@ -106,6 +127,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> AsyncIterator[pb.ReportEventsResponse]:
         if self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
+        access = self._access()
+        if (denied := access.report()) is not None:
+            await self._refuse(context, access, "ReportEvents", denied)
         peer = context.peer()
         in_flight: asyncio.Queue[_Pending | None] = asyncio.Queue(MAX_BATCHES_IN_FLIGHT)
 
@@ -113,6 +137,11 @@ class SessionService(pb_grpc.SessionServiceServicer):
             try:
                 async for request in request_iterator:
                     batch, invalid = convert.batch_from_pb(request)
+                    batch, refused = access.writes(batch)
+                    if refused:
+                        denied = Denied(f"{access.principal.id}: {refused[0].detail}")
+                        self._authorizer.log_denial(access, "ReportEvents", denied, peer)
+                        invalid = (*invalid, *refused)
                     writes: list[SessionWrite] = [*batch.upserts, *batch.updates]
                     future = self._batcher.submit(writes) if writes else None
                     await in_flight.put((batch, invalid, future))
@@ -147,10 +176,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
         sid = await _valid_session_id(request.session_id, context)
+        access = self._access()
+        read = access.read("GetSession")
+        if isinstance(read, Denied):
+            await self._refuse(context, access, "GetSession", read)
         rec = await _store_call(context, self._store.get(session_id=sid))
         if rec is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
-        return convert.session_to_pb(rec)
+        return convert.session_to_pb(redact(rec) if read.redacted else rec)
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Context
@@ -158,6 +191,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if request.page_size < 0:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_size is negative")
         owner = await _valid_owner(request.owner, context) if request.owner else None
+        access = self._access()
+        read = access.read("ListSessions")
+        if isinstance(read, Denied):
+            await self._refuse(context, access, "ListSessions", read)
         try:
             page = await _store_call(
                 context,
@@ -167,12 +204,23 @@ class SessionService(pb_grpc.SessionServiceServicer):
             )
         except InvalidPageTokenError as e:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if read.redacted:
+            page = dataclasses.replace(page, sessions=tuple(map(redact, page.sessions)))
         return convert.page_to_pb(page)
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: Context
     ) -> pb.DeleteSessionResponse:
         sid = await _valid_session_id(request.session_id, context)
+        access = self._access()
+        if not access.deletes_any:
+            # A sidecar deletes its own sessions only (policy rule 3). Between this read and
+            # the delete the session may be claimed; harmless: a sidecar may claim any.
+            current = await _store_call(context, self._store.get(session_id=sid))
+            if current is None:
+                await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
+            if (denied := access.delete(current)) is not None:
+                await self._refuse(context, access, "DeleteSession", denied)
         rec = await _store_call(context, self._store.delete(session_id=sid))
         if rec is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
@@ -184,6 +232,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> pb.ClaimSessionResponse:
         sid = await _valid_session_id(request.session_id, context)
         owner = await _valid_owner(request.owner, context)
+        access = self._access()
+        if (denied := access.claim(owner)) is not None:
+            await self._refuse(context, access, "ClaimSession", denied)
         expected = request.expected_owner_epoch or None
         try:
             rec = await _store_call(
@@ -201,6 +252,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self, request: pb.WatchSessionsRequest, context: Context
     ) -> AsyncIterator[pb.SessionEvent]:
         owner = await _valid_owner(request.owner, context) if request.owner else None
+        read = await self._watch_access(context, owner)
         if self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
         # A pump task feeds a queue that `begin_shutdown` can also end: cancelling a grpc.aio
@@ -234,10 +286,23 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     await _abort(context, grpc.StatusCode.UNAVAILABLE, f"store: {item}")
                 if not admits(item):
                     continue
-                yield convert.event_to_pb(item)
+                yield convert.event_to_pb(_redacted(item) if read.redacted else item)
         finally:
             self._watch_queues.discard(queue)
             await tasks.cancel_and_wait(pump_task)
+
+    async def _watch_access(self, context: Context, owner: OwnerName | None) -> Read:
+        access = self._access()
+        read = access.watch(owner)
+        if isinstance(read, Denied):
+            await self._refuse(context, access, "WatchSessions", read)
+        return read
+
+
+def _redacted(event: SessionEvent) -> SessionEvent:
+    if event.session is None:
+        return event
+    return dataclasses.replace(event, session=redact(event.session))
 
 
 class OwnerFilter:

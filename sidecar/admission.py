@@ -75,7 +75,9 @@ class Admission:
         """A session belongs to the credential that created it; first sight records it."""
         if not self.config.session_binding:
             return True
-        presented = fingerprint(request.headers.get("Authorization"))
+        presented = fingerprint(
+            request.headers.get("Authorization"), key=self.config.fingerprint_key
+        )
         if sess.credential_fingerprint is None:
             sess.credential_fingerprint = presented
             return True
@@ -87,7 +89,9 @@ class Admission:
         """A legacy stream belongs to the credential of the GET /sse that opened it."""
         if not self.config.session_binding or stream.credential_fingerprint is None:
             return True
-        if stream.credential_fingerprint == fingerprint(request.headers.get("Authorization")):
+        if stream.credential_fingerprint == fingerprint(
+            request.headers.get("Authorization"), key=self.config.fingerprint_key
+        ):
             return True
         return self._refuse_credential(request, f"legacy session {stream.legacy_session}")
 

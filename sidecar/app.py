@@ -133,6 +133,11 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
         await proxy.stop()
         raise
     ready.set()
+    if config.control_plane and config.session_binding and config.fingerprint_key is None:
+        log.warning(
+            "credential fingerprints sent to the control plane are unkeyed SHA-256 "
+            "(development only): give every sidecar the same --fingerprint-key-file"
+        )
     log.info(
         "sidecar listening on %s:%d, upstream %s%s",
         config.listen_host,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from sidecar.config import ConfigError, SidecarConfig, parse_hostport
 from sidecar.eventloop import CHOICES as EVENT_LOOPS
+from sidecar.guard import parse_fingerprint_key
 from sidecar.reconnect import ReconnectConfig
 from sidecar.tracker import TrackerLimits
 from tether.envflags import apply_env_defaults
@@ -71,12 +74,27 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         raise ConfigError(str(exc)) from exc
 
 
+def read_fingerprint_key(path: Path | None) -> bytes | None:
+    """The key in `--fingerprint-key-file` (read when the sidecar starts, not when its flags
+    are parsed: parsing reads no file)."""
+    if path is None:
+        return None
+    try:
+        return parse_fingerprint_key(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"--fingerprint-key-file: cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _run(args: argparse.Namespace) -> int:
     from sidecar.app import run_until_signalled
     from sidecar.eventloop import loop_factory, run
 
     try:
         config = config_from_args(args)
+        key = read_fingerprint_key(args.fingerprint_key_file)
+        config = dataclasses.replace(config, fingerprint_key=key)
         factory = loop_factory(args.event_loop)
     except ConfigError as exc:
         print(f"tether sidecar: {exc}", file=sys.stderr)
@@ -94,6 +112,13 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
     add_client_security_flags(p)
     p.add_argument("--owner", help="this sidecar's name in the control plane ($POD_NAME)")
+    p.add_argument(
+        "--fingerprint-key-file",
+        type=Path,
+        metavar="FILE",
+        help="key of the credential fingerprints sent to the control plane (HMAC-SHA256), "
+        "the same file on every sidecar; without one they are unkeyed (development only)",
+    )
     p.add_argument(
         "--report-interval", type=float, default=0.05, help="seconds between position reports"
     )

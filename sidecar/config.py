@@ -75,6 +75,9 @@ class SidecarConfig:
     Empty: loopback origins only. Requests without an Origin header are not browsers."""
     session_binding: bool = True
     """Refuse a session to any credential but the one that created it."""
+    fingerprint_key: bytes | None = field(default=None, repr=False)
+    """Key of the credential fingerprints (`sidecar.guard.fingerprint`), shared by every
+    sidecar of a deployment; None: unkeyed SHA-256 (development only)."""
     allowed_hosts: tuple[str, ...] = ()
     """`Host` values the proxied port answers (besides loopback names and the listen address):
     `name`, `name:port`, `*.domain`, `*`. Others get 421 (DNS rebinding defence)."""

@@ -8,13 +8,19 @@ Pure functions and small policy classes, no I/O: the admission stage applies the
 - Origin (MCP specification, Streamable HTTP security): a browser request whose `Origin` is not
   allowed is refused, which defeats DNS rebinding against a server on a private address.
 - Trusted proxies: only peers in these networks may set `X-Forwarded-*` for the upstream.
-- Session binding: a session remembers the SHA-256 of the `Authorization` header that created
-  it (never the header); any other credential is told the session does not exist.
+- Session binding: a session remembers a fingerprint of the `Authorization` header that
+  created it (never the header); any other credential is told the session does not exist.
+  The fingerprint is HMAC-SHA256 keyed with a secret every sidecar of a deployment shares
+  (`--fingerprint-key-file`): it travels to the control plane and any sidecar adopting the
+  session must compute the same one, while a leaked record gives a dictionary attack on the
+  header nothing to test guesses against. Without a key it is plain SHA-256 (development
+  only; the sidecar warns at start-up).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -32,11 +38,29 @@ LOOPBACK_ORIGINS = (
 )
 
 
-def fingerprint(authorization: str | None) -> str:
-    """SHA-256 (hex) of an Authorization header; "" when there is none."""
+MIN_FINGERPRINT_KEY_BYTES = 16
+
+
+def fingerprint(authorization: str | None, *, key: bytes | None) -> str:
+    """HMAC-SHA256 (hex) of an Authorization header with `key` (plain SHA-256 without one:
+    development only); "" when there is no header. The one place a fingerprint is made."""
     if not authorization:
         return ""
-    return hashlib.sha256(authorization.encode()).hexdigest()
+    if key is None:
+        return hashlib.sha256(authorization.encode()).hexdigest()
+    return hmac.new(key, authorization.encode(), hashlib.sha256).hexdigest()
+
+
+def parse_fingerprint_key(raw: bytes) -> bytes:
+    """The key in a `--fingerprint-key-file`'s bytes (surrounding whitespace, such as the
+    newline of `openssl rand -base64 32 > key`, is not part of it); ValueError if too short."""
+    key = raw.strip()
+    if len(key) < MIN_FINGERPRINT_KEY_BYTES:
+        raise ValueError(
+            f"--fingerprint-key-file: the key must have at least {MIN_FINGERPRINT_KEY_BYTES} "
+            f"bytes (got {len(key)}); make one with: openssl rand -base64 32"
+        )
+    return key
 
 
 def _split(origin: str) -> tuple[str, str, str] | None:

@@ -306,12 +306,16 @@ class Proxy:
                 sess.initialize_request = body
                 sess.protocol_version = post.protocol_version
                 sess.init_path = request.path_qs
-                sess.credential_fingerprint = fingerprint(request.headers.get("Authorization"))
+                sess.credential_fingerprint = fingerprint(
+                    request.headers.get("Authorization"), key=self.config.fingerprint_key
+                )
         if session_id and resp.status < 300 and request.method != "DELETE":
             # A session the upstream accepts: make sure the control plane knows it.
             sess = self.registry.session(session_id)
             if sess.credential_fingerprint is None:
-                sess.credential_fingerprint = fingerprint(request.headers.get("Authorization"))
+                sess.credential_fingerprint = fingerprint(
+                    request.headers.get("Authorization"), key=self.config.fingerprint_key
+                )
             if not sess.reported:
                 self.continuity.report_session(sess)
         return post
@@ -366,7 +370,9 @@ class Proxy:
             rewrite=self._rewrite_endpoint if kind is StreamKind.LEGACY else None,
         )
         if kind is StreamKind.LEGACY:
-            stream.credential_fingerprint = fingerprint(request.headers.get("Authorization"))
+            stream.credential_fingerprint = fingerprint(
+                request.headers.get("Authorization"), key=self.config.fingerprint_key
+            )
         self.pump.start(stream, resp)  # rule 2: the pump owns `resp` from here on
         self.metrics.streams_opened.inc()
         if kind is StreamKind.STANDALONE and session_id is not None:

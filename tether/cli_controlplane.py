@@ -71,6 +71,8 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         StoreUrlError,
         parse_store_url,
     )
+    from controlplane.identity import TokenSettings
+    from controlplane.policy import PolicyError
     from controlplane.server import serve
     from controlplane.store.protocol import StoreError
 
@@ -94,6 +96,18 @@ def _run_control_plane(args: argparse.Namespace) -> int:
     except SecurityConfigError as e:
         print(f"tether control-plane: {e}", file=sys.stderr)
         return 2
+    jwt_flags = (args.jwt_jwks_file, args.jwt_audience, args.jwt_issuer)
+    if any(f is not None for f in jwt_flags) and not all(f for f in jwt_flags):
+        print(
+            "tether control-plane: --jwt-jwks-file, --jwt-audience and --jwt-issuer go together",
+            file=sys.stderr,
+        )
+        return 2
+    tokens = (
+        TokenSettings(args.jwt_jwks_file, args.jwt_audience, args.jwt_issuer)
+        if args.jwt_jwks_file
+        else None
+    )
     if (args.etcd_user is None) != (etcd_password is None):
         print("tether control-plane: --etcd-user needs --etcd-password-file", file=sys.stderr)
         return 2
@@ -104,13 +118,15 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         flush_interval=args.flush_interval,
         shutdown_grace=args.shutdown_grace,
         security=security,
+        tokens=tokens,
+        policy_file=args.policy_file,
         etcd_username=args.etcd_user,
         etcd_password=etcd_password,
         etcd_tls=etcd_tls,
     )
     try:
         asyncio.run(serve(config))
-    except (OSError, StoreError, SecurityConfigError) as e:
+    except (OSError, StoreError, SecurityConfigError, PolicyError) as e:
         print(f"tether control-plane: {e}", file=sys.stderr)
         return 1
     return 0
@@ -169,7 +185,24 @@ def add_control_plane_parser(sub: Any) -> None:
         "--auth-token-file",
         type=Path,
         metavar="FILE",
-        help="require 'authorization: Bearer <token>' (token in FILE) on every call but health",
+        help="require 'authorization: Bearer <token>' (token in FILE) on every call but "
+        "health; development only: its holders may do everything",
+    )
+    p.add_argument(
+        "--jwt-jwks-file",
+        type=Path,
+        metavar="FILE",
+        help="accept Kubernetes ServiceAccount tokens signed by a key of this JWKS (JSON; "
+        "read again when it changes); the caller is the pod the token names",
+    )
+    p.add_argument("--jwt-audience", metavar="AUD", help="audience the tokens must carry")
+    p.add_argument("--jwt-issuer", metavar="ISS", help="issuer the tokens must name")
+    p.add_argument(
+        "--policy-file",
+        type=Path,
+        metavar="FILE",
+        help="roles of callers (YAML; see the README's security section); without one, "
+        "authenticated callers are sidecars and nothing else",
     )
     p.add_argument("--etcd-user", help="etcd user, when the cluster has authentication on")
     p.add_argument("--etcd-password-file", type=Path, metavar="FILE", help="its password")

@@ -4,33 +4,25 @@ One place for both ends, so the sidecar, the `tether sessions` CLI and the contr
 - TLS: the server presents `cert`/`key`; clients verify it against `ca`.
 - Mutual TLS: the server also requires a client certificate signed by `client_ca`; clients
   present `cert`/`key`.
-- Bearer token: the server requires `authorization: Bearer <token>` on every call except gRPC
-  health checks (Kubernetes probes carry no token); clients send it. Tokens are read from
-  files so they never appear in a process list. Compared in constant time.
+- Bearer token: clients send `authorization: Bearer <token>` on every call, the token read
+  from a file so it never appears in a process list. The file is read again whenever it
+  changes (size, mtime or inode: kubelet rotates projected ServiceAccount tokens by swapping
+  the file), checked as each call starts; an unreadable new file keeps the last token.
+  The control plane's side (which tokens it accepts, who the caller is) is in
+  `controlplane.identity`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-
-if TYPE_CHECKING:  # generic in the type stubs only; not subscriptable at run time
-    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
-    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
-    _StreamStream = grpc.aio.StreamStreamClientInterceptor[Any, Any]
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor
-    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor
-    _StreamStream = grpc.aio.StreamStreamClientInterceptor
-    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 log = logging.getLogger("tether.grpc_security")
 
@@ -51,7 +43,7 @@ def read_file(path: Path | None, what: str) -> bytes | None:
         raise SecurityConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
 
 
-def _token(path: Path | None, what: str) -> str | None:
+def read_token(path: Path | None, what: str) -> str | None:
     raw = read_file(path, what)
     if raw is None:
         return None
@@ -102,39 +94,92 @@ class ServerSecurity:
             raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 
 
-class _TokenMetadata:
-    """Adds the bearer token to a call's metadata."""
+class TokenFile:
+    """A bearer token read from a file, read again when the file changes (module docstring)."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self._what = what
+        self._state = self._file_state()
+        token = read_token(path, what)
+        assert token is not None
+        self._token = token
+        self.reads = 1
 
-    def with_token(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        metadata.append(self._header)
-        return details._replace(metadata=grpc.aio.Metadata(*metadata))
+    def _file_state(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def token(self) -> str:
+        state = self._file_state()
+        if state is not None and state != self._state:
+            self._state = state
+            try:
+                token = read_token(self.path, self._what)
+            except SecurityConfigError as e:
+                log.warning("%s; keeping the token read before", e)
+            else:
+                assert token is not None
+                self._token = token
+                self.reads += 1
+        return self._token
 
 
-# grpc.aio files each interceptor object under the first kind it is an instance of, so each
-# call shape needs an object of its own.
-class _UnaryUnaryToken(_TokenMetadata, _UnaryUnary):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self.with_token(details), request)
+class _WithToken:
+    """A multi-callable that adds the bearer token to each call's metadata."""
+
+    def __init__(self, inner: Any, token: TokenFile) -> None:
+        self._inner = inner
+        self._token = token
+
+    def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
+        header = ("authorization", f"Bearer {self._token.token()}")
+        return self._inner(*args, metadata=grpc.aio.Metadata(*(metadata or ()), header), **kwargs)
 
 
-class _UnaryStreamToken(_TokenMetadata, _UnaryStream):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self.with_token(details), request)
+class _TokenChannel(grpc.aio.Channel):
+    """A channel whose calls carry the bearer token.
 
+    Not a client interceptor: grpc.aio feeds an intercepted stream's writes through a task
+    of its own, and when the server ends the stream first (a refused token, a restart) that
+    task waits for a next write forever, one leaked task per failed report stream."""
 
-class _StreamStreamToken(_TokenMetadata, _StreamStream):
-    async def intercept_stream_stream(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(self.with_token(details), request_iterator)
+    def __init__(self, channel: grpc.aio.Channel, token: TokenFile) -> None:
+        self._channel = channel
+        self._token = token
 
+    async def __aenter__(self) -> _TokenChannel:
+        return self
 
-def _token_interceptors(token: str) -> list[Any]:
-    return [_UnaryUnaryToken(token), _UnaryStreamToken(token), _StreamStreamToken(token)]
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._channel.close(None)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.unary_unary(*args, **kwargs), self._token)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.unary_stream(*args, **kwargs), self._token)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.stream_unary(*args, **kwargs), self._token)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.stream_stream(*args, **kwargs), self._token)
 
 
 def open_channel(
@@ -146,14 +191,19 @@ def open_channel(
     """A grpc.aio channel to `target` with the given security (plaintext when None)."""
     security = security or ClientSecurity()
     opts = list(options)
-    interceptors: list[Any] = []  # the stubs type this list loosely
-    token = _token(security.token_file, "--control-plane-token-file")
-    if token is not None:
+    token = None
+    if security.token_file is not None:
+        token = TokenFile(security.token_file, "--control-plane-token-file")
         if not security.tls:
             log.warning("sending a bearer token to %s over plaintext gRPC", target)
-        interceptors.extend(_token_interceptors(token))
-    if not security.tls:
-        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+    channel = _secure_channel(target, security, opts) if security.tls else None
+    channel = channel or grpc.aio.insecure_channel(target, options=opts)
+    return channel if token is None else _TokenChannel(channel, token)
+
+
+def _secure_channel(
+    target: str, security: ClientSecurity, opts: list[tuple[str, Any]]
+) -> grpc.aio.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=read_file(security.ca, "--control-plane-ca"),
         private_key=read_file(security.key, "--control-plane-key"),
@@ -161,53 +211,7 @@ def open_channel(
     )
     if security.server_name:
         opts.append(("grpc.ssl_target_name_override", security.server_name))
-    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
-
-
-class TokenAuthInterceptor(_ServerInterceptor):
-    """Refuses calls without the right bearer token (UNAUTHENTICATED); health is exempt."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        details: Any,
-    ) -> Any:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(HEALTH_PREFIX):
-            return handler
-        presented = dict(details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(presented, bytes):
-            presented = presented.decode(errors="replace")
-        if hmac.compare_digest(presented.encode(), self._expected):
-            return handler
-        return _refusal(handler)
-
-
-def _refusal(handler: Any) -> Any:
-    """A handler of the same shape as `handler` that fails with UNAUTHENTICATED."""
-
-    async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    return grpc.stream_stream_rpc_method_handler(deny, **kw)
-
-
-def server_interceptors(security: ServerSecurity | None) -> list[_ServerInterceptor]:
-    token = _token(security.token_file, "--auth-token-file") if security else None
-    return [TokenAuthInterceptor(token)] if token else []
+    return grpc.aio.secure_channel(target, creds, options=opts)
 
 
 def add_port(server: grpc.aio.Server, listen: str, security: ServerSecurity | None) -> int:

@@ -102,7 +102,9 @@ class SessionRecord:
     initialize_request: bytes = b""
     """The client's `initialize` request body (JSON bytes)."""
     credential_fingerprint: str = ""
-    """SHA-256 (hex) of the Authorization header that created the session; "" if none."""
+    """HMAC-SHA256 (hex) of the Authorization header that created the session, keyed with the
+    sidecars' shared key (plain SHA-256 without one: development only); "" if none. Set once,
+    at creation (`controlplane.records` rule 8)."""
     streams: Mapping[StreamId, StreamPosition] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -127,6 +129,9 @@ class SessionUpsert:
     """
 
     session: SessionRecord
+    writer: OwnerName | None = None
+    """The authenticated sidecar that sent the write (set by the control plane, never on the
+    wire); None for a trusted caller (development). See `controlplane.records` rule 6."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +140,8 @@ class StreamUpdate:
 
     session_id: SessionId
     position: StreamPosition
+    writer: OwnerName | None = None
+    """As `SessionUpsert.writer`: who sent it, when the caller is an authenticated sidecar."""
 
 
 SessionWrite = SessionUpsert | StreamUpdate

@@ -276,3 +276,35 @@ async def test_record_round_trips_every_field(store: SessionStore) -> None:
     assert got == rec
     assert rec.credential_fingerprint == "ab" * 32
     assert dataclasses.asdict(got)["initialize_request"] == bytes(range(256))
+
+
+async def test_credential_binding_is_set_once(store: SessionStore) -> None:
+    """records rule 8: no upsert rewrites the fingerprint the session was created with."""
+    sid = SessionId("s1")
+    rec = await create(store, credential_fingerprint="fp-alice")
+    rebind = record("s1", credential_fingerprint="fp-mallory", upstream_address="evil:1")
+    assert (await store.apply(writes=[SessionUpsert(rebind)]))[sid] == rec
+    assert await store.get(session_id=sid) == rec
+    keep = record("s1", credential_fingerprint="", upstream_address="http://mcp:9090/mcp")
+    kept = (await store.apply(writes=[SessionUpsert(keep)]))[sid]
+    assert kept is not None
+    assert kept.credential_fingerprint == "fp-alice"
+    assert kept.upstream_address == "http://mcp:9090/mcp"
+
+
+async def test_only_the_owner_writes_and_only_a_claim_moves_a_session(
+    store: SessionStore,
+) -> None:
+    """records rules 6 and 7: another owner's upsert at the current epoch, or a write sent by
+    a sidecar that does not own the session, changes nothing."""
+    sid = SessionId("s1")
+    rec = await create(store, credential_fingerprint="fp-alice")
+    takeover = SessionUpsert(record("s1", owner="pod-b", credential_fingerprint="fp-alice"))
+    assert (await store.apply(writes=[takeover]))[sid] == rec
+    foreign = dataclasses.replace(update("s1", "a", 50), writer=OwnerName("pod-b"))
+    assert (await store.apply(writes=[foreign]))[sid] == rec
+    own = dataclasses.replace(update("s1", "a", 5), writer=OwnerName("pod-a"))
+    moved = (await store.apply(writes=[own]))[sid]
+    assert moved is not None
+    assert moved.streams[StreamId("a")].seq == 5
+    assert (await store.get(session_id=sid)) == moved

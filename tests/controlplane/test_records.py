@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from controlplane.batcher import PendingWrites, acknowledge
-from controlplane.records import ClaimRefusedError, apply_writes, claim
+from controlplane.records import (
+    ClaimRefusedError,
+    MergeResult,
+    Refusal,
+    apply_writes,
+    claim,
+    refusal,
+)
 from tether.model import (
     OwnerName,
     RejectionReason,
@@ -122,3 +129,102 @@ def test_acknowledge_reports_fenced_and_unknown() -> None:
     ]
     assert ack.rejections[0].current_owner == "pod-b"
     assert ack.rejections[0].current_owner_epoch == 2
+
+
+POD_A, POD_B = OwnerName("pod-a"), OwnerName("pod-b")
+
+
+def bound(fp: str = "fp-alice", **kw: object) -> SessionRecord:
+    return dataclasses.replace(rec(), credential_fingerprint=fp, **kw)  # type: ignore[arg-type]
+
+
+def created(record: SessionRecord) -> SessionRecord:
+    out = apply_writes(None, [SessionUpsert(record)], now=1, ttl=10).record
+    assert out is not None
+    return out
+
+
+def test_rule6_a_sidecar_writes_only_the_sessions_it_owns() -> None:
+    current = created(bound())
+    own = apply_writes(current, [dataclasses.replace(upd(4), writer=POD_A)], now=2, ttl=10)
+    assert own.changed
+    assert own.record is not None
+    assert own.record.streams[StreamId("a")].seq == 4
+    # Same epoch, same stream, a greater seq: refused all the same, the writer is not the owner.
+    theirs = dataclasses.replace(upd(9), writer=POD_B)
+    assert apply_writes(current, [theirs], now=2, ttl=10) == MergeResult(current, False)
+    assert refusal(current, theirs) is Refusal.NOT_OWNER
+    upsert = SessionUpsert(bound(upstream_address="evil:1"), writer=POD_B)
+    assert apply_writes(current, [upsert], now=2, ttl=10) == MergeResult(current, False)
+    # Creating: only under the writer's own name.
+    assert apply_writes(None, [SessionUpsert(bound(), writer=POD_B)], now=2, ttl=10).record is None
+    mine = apply_writes(None, [SessionUpsert(bound(), writer=POD_A)], now=2, ttl=10).record
+    assert mine is not None
+    assert mine.owner == POD_A
+
+
+def test_rule7_an_upsert_cannot_change_the_owner_only_a_claim_can() -> None:
+    """The issue's attack without authentication: upsert a session at its current epoch with
+    one's own owner name. Refused; a claim (which raises the epoch) is the way to move it."""
+    current = created(bound())
+    takeover = SessionUpsert(dataclasses.replace(bound(), owner=POD_B))
+    assert refusal(current, takeover) is Refusal.NOT_OWNER
+    assert apply_writes(current, [takeover], now=2, ttl=10) == MergeResult(current, False)
+    claimed = claim(current, owner=POD_B, expected_owner_epoch=None, now=3, ttl=10)
+    assert (claimed.owner, claimed.owner_epoch) == (POD_B, 2)
+
+
+def test_rule8_the_credential_binding_is_set_once_at_creation() -> None:
+    current = created(bound("fp-alice"))
+    rebind = SessionUpsert(bound("fp-mallory", upstream_address="evil:1"))
+    assert refusal(current, rebind) is Refusal.BINDING_CHANGED
+    assert apply_writes(current, [rebind], now=2, ttl=10) == MergeResult(current, False)
+    # An empty fingerprint keeps the stored one; the same one is a refresh.
+    for fp in ("", "fp-alice"):
+        kept = apply_writes(
+            current, [SessionUpsert(bound(fp, upstream_address="b:2"))], now=2, ttl=10
+        )
+        assert kept.record is not None
+        assert (kept.record.credential_fingerprint, kept.record.upstream_address) == (
+            "fp-alice",
+            "b:2",
+        )
+    # A session created without a credential stays without one.
+    open_session = created(bound(""))
+    assert refusal(open_session, SessionUpsert(bound("fp-mallory"))) is Refusal.BINDING_CHANGED
+
+
+def test_acknowledge_reports_refused_writes() -> None:
+    current = created(bound())
+    batch = ReportBatch(
+        7,
+        upserts=(
+            SessionUpsert(bound("fp-mallory")),
+            SessionUpsert(dataclasses.replace(bound(), owner=POD_B)),
+        ),
+        updates=(
+            dataclasses.replace(upd(2), writer=POD_B),
+            dataclasses.replace(upd(3), writer=POD_A),
+        ),
+    )
+    ack = acknowledge(batch, {SID: current})
+    got = [(r.stream_id, r.reason, r.current_owner) for r in ack.rejections]
+    assert got == [
+        ("", RejectionReason.INVALID, ""),
+        ("", RejectionReason.FENCED, "pod-a"),
+        ("a", RejectionReason.FENCED, "pod-a"),
+    ]
+    assert "cannot change" in ack.rejections[0].detail
+    assert "'pod-b' may not write it" in ack.rejections[2].detail
+
+
+def test_pending_writes_keep_writers_apart() -> None:
+    """A non-owner's update with a greater seq must not hide the owner's in coalescing."""
+    pending = PendingWrites()
+    pending.add(
+        [dataclasses.replace(upd(3), writer=POD_A), dataclasses.replace(upd(99), writer=POD_B)]
+    )
+    current = created(bound())
+    out = apply_writes(current, pending.take(), now=2, ttl=10).record
+    assert out is not None
+    assert out.streams[StreamId("a")].seq == 3

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.config import EtcdUrl, SqliteUrl, parse_store_url
+from controlplane.identity import Principal, PrincipalKind
+from controlplane.policy import Policy, Role
 from sidecar.cli import config_from_args
 from sidecar.guard import HostPolicy
 from sidecar.reconnect import Outcome, ReconnectPolicy, Retry
@@ -34,6 +36,7 @@ from tests.deploy.render import (
 )
 from tether import demo_server
 from tether.cli import build_parser
+from tether.model import OwnerName
 
 pytestmark = pytest.mark.skipif(
     kubectl() is None, reason="kubectl is not installed (it renders the kustomize overlays)"
@@ -365,3 +368,84 @@ def test_overlays_share_the_base(rendered: dict[str, list[Obj]]) -> None:
         namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
         assert namespaces == {"tether"}, name
         assert Path(DEPLOY / "overlays" / name / "kustomization.yaml").is_file()
+
+
+def _mounted(workload: Obj, container: Obj, path: str) -> Obj:
+    """The volume that holds the file `path` in `container` (mounted on one of its parents)."""
+    mounts = [
+        m
+        for m in container.get("volumeMounts", [])
+        if path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert len(mounts) == 1, f"{container['name']}: {path} is on no (or several) mounts"
+    assert mounts[0].get("readOnly") is True
+    volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+    volume: Obj = volumes[mounts[0]["name"]]
+    return volume
+
+
+def test_prod_callers_prove_who_they_are_and_the_policy_names_them(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    """The README's production configuration, checked on the rendered objects: sidecars send
+    a projected token of the control plane's audience naming their pod, the control plane
+    verifies it against a mounted JWKS and a policy that makes exactly the MCP pods' account
+    a sidecar, and sidecars key their fingerprints with a mounted Secret."""
+    objects = rendered["prod"]
+    plane = find(objects, "Deployment", "tether-control-plane")
+    (cp,) = pod_spec(plane)["containers"]
+    cp_env = container_env(objects, cp)
+    jwks = _mounted(plane, cp, cp_env["TETHER_JWT_JWKS_FILE"])
+    assert jwks["configMap"]["name"] == "tether-jwks"
+    assert "optional" not in jwks["configMap"]
+    policy_file = cp_env["TETHER_POLICY_FILE"]
+    policy_volume = _mounted(plane, cp, policy_file)
+    policy_map = find(objects, "ConfigMap", "tether-policy")
+    assert policy_volume["configMap"]["name"] == policy_map["metadata"]["name"]
+    policy = Policy.parse(policy_map["data"][Path(policy_file).name])
+
+    mcp = find(objects, "Deployment", "mcp-example")
+    account = pod_spec(mcp)["serviceAccountName"]
+    assert find(objects, "ServiceAccount", account)["automountServiceAccountToken"] is False
+    namespace = mcp["metadata"]["namespace"]
+
+    def roles(service_account: str) -> frozenset[Role]:
+        pod = Principal(
+            PrincipalKind.SERVICE_ACCOUNT,
+            (
+                f"pod:{namespace}/mcp-example-0",
+                f"system:serviceaccount:{namespace}:{service_account}",
+            ),
+            OwnerName("mcp-example-0"),
+        )
+        return policy.roles_of(pod)
+
+    assert roles(account) == {Role.SIDECAR}
+    for tool, role in (("tether-viewer", Role.VIEWER), ("tether-admin", Role.ADMIN)):
+        assert find(objects, "ServiceAccount", tool)["automountServiceAccountToken"] is False
+        assert roles(tool) == {role}
+    # The control plane's own account (and any other) is nothing.
+    assert roles(pod_spec(plane)["serviceAccountName"]) == frozenset()
+
+    (sidecar,) = [c for c in all_containers(mcp) if c["args"][:1] == ["sidecar"]]
+    env = container_env(objects, sidecar)
+    token = _mounted(mcp, sidecar, env["TETHER_CONTROL_PLANE_TOKEN_FILE"])
+    (source,) = token["projected"]["sources"]
+    projected = source["serviceAccountToken"]
+    assert projected["audience"] == cp_env["TETHER_JWT_AUDIENCE"]
+    assert projected["path"] == Path(env["TETHER_CONTROL_PLANE_TOKEN_FILE"]).name
+    assert projected["expirationSeconds"] <= 3600
+    key = _mounted(mcp, sidecar, env["TETHER_FINGERPRINT_KEY_FILE"])
+    assert key["secret"]["secretName"] == "tether-fingerprint-key"
+    assert "optional" not in key["secret"]
+    # The sidecar's owner name is its pod's name: what the token proves.
+    assert env["POD_NAME"] == "<metadata.name>"
+    assert "TETHER_OWNER" not in env
+
+
+def test_dev_keeps_the_development_defaults(rendered: dict[str, list[Obj]]) -> None:
+    objects = rendered["dev"]
+    (cp,) = pod_spec(find(objects, "Deployment", "tether-control-plane"))["containers"]
+    assert not {
+        k for k in container_env(objects, cp) if k.startswith(("TETHER_JWT", "TETHER_POLICY"))
+    }

@@ -22,6 +22,7 @@ import aiohttp
 import grpc
 import pytest
 
+import controlplane.identity
 import controlplane.server
 from controlplane.config import ControlPlaneConfig, SqliteUrl
 from controlplane.server import RunningControlPlane, start_control_plane
@@ -38,7 +39,6 @@ from tests.integration.conftest import SidecarFactory
 from tests.integration.test_proxy import HEADERS, MCP, count_call, progress_numbers
 from tests.integration.test_security import initialize_as
 from tests.support.sse_client import collect
-from tether import grpc_security
 from tether.api.client import SessionClient
 from tether.model import SessionId
 
@@ -72,7 +72,7 @@ async def counted_plane(
     (added where the server takes its interceptors from, so the server is built as in
     production)."""
     counter = CallCounter()
-    production = grpc_security.server_interceptors
+    production = controlplane.identity.server_interceptors
     monkeypatch.setattr(
         controlplane.server,
         "server_interceptors",

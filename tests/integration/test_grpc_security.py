@@ -31,7 +31,7 @@ from tests.support.etcd import etcd_available, start_etcd
 from tests.support.procs import free_port
 from tests.support.waiting import eventually
 from tether.api.client import SessionClient
-from tether.grpc_security import ClientSecurity, ServerSecurity, open_channel
+from tether.grpc_security import ClientSecurity, ServerSecurity, TokenFile, open_channel
 from tether.model import OwnerName, SessionEventType, SessionId, SessionRecord, SessionUpsert
 
 
@@ -333,3 +333,21 @@ def sample_record(sid: str) -> SessionRecord:
         owner=OwnerName("a"),
         owner_epoch=1,
     )
+
+
+def test_token_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    """Kubelet rotates a projected token by swapping the file: the next call sends the new
+    one; a file that turns unreadable keeps the last token (and says so)."""
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    token = TokenFile(path, "--control-plane-token-file")
+    assert token.token() == "first"
+    tmp = tmp_path / "token.new"
+    tmp.write_text("second\n")
+    tmp.replace(path)
+    assert token.token() == "second"
+    assert token.token() == "second"
+    assert token.reads == 2
+    tmp.write_text("\n")
+    tmp.replace(path)
+    assert token.token() == "second"

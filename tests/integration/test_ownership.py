@@ -184,7 +184,7 @@ async def test_client_switching_between_two_live_sidecars_every_20_events(
             owner_epoch=hops + 1,
             protocol_version="2025-11-25",
             initialize_request=sess.initialize_request or b"",
-            credential_fingerprint=fingerprint(None),
+            credential_fingerprint=fingerprint(None, key=None),
             streams={
                 StreamId(final.stream): StreamPosition(
                     stream_id=StreamId(final.stream),

@@ -61,7 +61,7 @@ def bound_record() -> SessionRecord:
     """A record with every optional field set, the credential binding among them."""
     return dataclasses.replace(
         record(),
-        credential_fingerprint=fingerprint("Bearer alice"),
+        credential_fingerprint=fingerprint("Bearer alice", key=None),
         streams={StreamId("a"): pos("a", 1)},
     )
 
@@ -160,7 +160,7 @@ async def test_a_recreated_session_keeps_its_credential_binding(
             await settled(reporter)
             original = await client.get_session(sid, timeout=DEADLINE)
             assert original is not None
-            assert original.credential_fingerprint == fingerprint("Bearer alice")
+            assert original.credential_fingerprint == fingerprint("Bearer alice", key=None)
 
             await client.delete_session(sid, timeout=DEADLINE)
             assert await client.get_session(sid, timeout=DEADLINE) is None

@@ -56,12 +56,16 @@ class CertificateAuthority:
         )
         self.pair = _write(directory, name, self.cert, self.key)
 
-    def issue(self, stem: str, *, server: bool) -> Pair:
+    def issue(
+        self, stem: str, *, server: bool, uris: tuple[str, ...] = (), common_name: str | None = None
+    ) -> Pair:
+        """A leaf: a server's for localhost and 127.0.0.1, or a client's with `uris` as URI
+        SANs (a SPIFFE id, say); its subject CN is `common_name`, else `stem`."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(stem))
+            .subject_name(_name(common_name or stem))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -79,6 +83,11 @@ class CertificateAuthority:
                 x509.SubjectAlternativeName(
                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
                 ),
+                critical=False,
+            )
+        elif uris:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
                 critical=False,
             )
         return _write(self.directory, stem, builder.sign(self.key, hashes.SHA256()), key)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
 
-from sidecar.guard import OriginPolicy, fingerprint
+from sidecar.guard import OriginPolicy, fingerprint, parse_fingerprint_key
 
 
 @pytest.mark.parametrize(
@@ -47,10 +50,30 @@ def test_bad_patterns_are_rejected(bad: str) -> None:
         OriginPolicy([bad])
 
 
-def test_fingerprint_hashes_and_never_echoes_the_credential() -> None:
-    fp = fingerprint("Bearer s3cret")
+KEY = b"k" * 32
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+def test_fingerprint_hashes_and_never_echoes_the_credential(key: bytes | None) -> None:
+    fp = fingerprint("Bearer s3cret", key=key)
     assert len(fp) == 64
     assert "s3cret" not in fp
-    assert fp == fingerprint("Bearer s3cret")
-    assert fp != fingerprint("Bearer other")
-    assert fingerprint(None) == fingerprint("") == ""
+    assert fp == fingerprint("Bearer s3cret", key=key)
+    assert fp != fingerprint("Bearer other", key=key)
+    assert fingerprint(None, key=key) == fingerprint("", key=key) == ""
+
+
+def test_keyed_fingerprint_is_hmac_sha256_and_differs_by_key() -> None:
+    """A leaked record's fingerprint is no SHA-256 of the header, so a dictionary of headers
+    hashed without the sidecars' key tests nothing; another key gives another fingerprint."""
+    header = "Bearer alice-secret"
+    keyed = fingerprint(header, key=KEY)
+    assert keyed != hashlib.sha256(header.encode()).hexdigest()
+    assert keyed == hmac.new(KEY, header.encode(), hashlib.sha256).hexdigest()
+    assert keyed != fingerprint(header, key=b"another key of 32 bytes, at least")
+
+
+def test_fingerprint_key_is_stripped_and_must_be_long_enough() -> None:
+    assert parse_fingerprint_key(b"  0123456789abcdef\n") == b"0123456789abcdef"
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        parse_fingerprint_key(b"short\n")
