@@ -66,7 +66,7 @@ def update(sid: str, stream: str, seq: int, epoch: int = 1) -> StreamUpdate:
 async def create(store: SessionStore, sid: str = "s1", **kw: Any) -> SessionRecord:
     out = await store.apply(writes=[SessionUpsert(record(sid, **kw))])
     rec = out[SessionId(sid)]
-    assert rec is not None
+    assert isinstance(rec, SessionRecord)
     return rec
 
 
@@ -102,7 +102,7 @@ async def test_stream_updates_are_monotonic_and_idempotent(store: SessionStore) 
     sid = SessionId("s1")
     out = await store.apply(writes=[update("s1", "a", 5)])
     rec = out[sid]
-    assert rec is not None
+    assert isinstance(rec, SessionRecord)
     assert rec.streams[StreamId("a")].seq == 5
     # Lower, equal (a replay) and the same batch again: no-ops, not even timestamps move.
     for stale in (update("s1", "a", 3), update("s1", "a", 5), update("s1", "a", 5)):
@@ -110,7 +110,7 @@ async def test_stream_updates_are_monotonic_and_idempotent(store: SessionStore) 
         assert again == rec
     assert await store.get(session_id=sid) == rec
     rec7 = (await store.apply(writes=[update("s1", "a", 7), update("s1", "a", 6)]))[sid]
-    assert rec7 is not None
+    assert isinstance(rec7, SessionRecord)
     assert rec7.streams[StreamId("a")].seq == 7
     assert rec7.streams[StreamId("a")].last_event_id == "a.1.7"
 
@@ -125,8 +125,8 @@ async def test_one_batch_creates_and_moves_several_sessions(store: SessionStore)
         ]
     )
     s1, s2 = out[SessionId("s1")], out[SessionId("s2")]
-    assert s1 is not None
-    assert s2 is not None
+    assert isinstance(s1, SessionRecord)
+    assert isinstance(s2, SessionRecord)
     assert {k: v.seq for k, v in s1.streams.items()} == {"a": 2, "b": 1}
     assert s2.streams[StreamId("x")].seq == 9
 
@@ -151,7 +151,7 @@ async def test_claim_fences_the_old_owner(store: SessionStore) -> None:
     assert (await store.apply(writes=[zombie_meta]))[sid] == claimed
     # The new owner's first event beats everything before it.
     new = (await store.apply(writes=[update("s1", "a", 1, epoch=2)]))[sid]
-    assert new is not None
+    assert isinstance(new, SessionRecord)
     assert new.streams[StreamId("a")].order == (2, 1)
     # An epoch nobody granted is refused too.
     assert (await store.apply(writes=[update("s1", "a", 5, epoch=3)]))[sid] == new
@@ -174,7 +174,7 @@ async def test_upsert_by_owner_refreshes_metadata(store: SessionStore) -> None:
     await create(store)
     new = record("s1", upstream_session_id="s1-reinit", initialize_request=b"")
     rec = (await store.apply(writes=[SessionUpsert(new)]))[sid]
-    assert rec is not None
+    assert isinstance(rec, SessionRecord)
     assert rec.upstream_session_id == "s1-reinit"
     assert rec.initialize_request == b'{"method":"initialize"}'
 
@@ -250,7 +250,7 @@ async def test_concurrent_writers_end_at_the_maximum(store: SessionStore) -> Non
     order = seqs[::2] + seqs[1::2][::-1]
     await asyncio.gather(*(store.apply(writes=[update("s1", "a", s)]) for s in order))
     rec = await store.get(session_id=sid)
-    assert rec is not None
+    assert isinstance(rec, SessionRecord)
     assert rec.streams[StreamId("a")].seq == 50
 
 
