@@ -572,6 +572,19 @@ class ReportQueue:
                     _held_note(held),
                 )
             return False
+        if r.reason is RejectionReason.OWNER_LIMIT:
+            # Not stored: the session keeps working here, and a later renewal stores it
+            # once this owner holds fewer sessions. Other sidecars cannot adopt it meanwhile.
+            held = self._limiter.allow("owner_limit")
+            if held is not None:
+                log.error(
+                    "control plane refused to store session %s: %s; it cannot move to "
+                    "another sidecar until it is stored%s",
+                    r.session_id,
+                    r.detail,
+                    _held_note(held),
+                )
+            return False
         s = self._sessions.get(sid)
         if s is None or s is not done.sessions.get(sid):
             return False  # forgotten since it was sent
