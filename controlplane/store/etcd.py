@@ -31,6 +31,7 @@ Rules:
      revision, so nothing is missed or repeated. etcd reports both a delete and a lease
      expiry as DELETE; a delete by request also writes a tombstone in the same revision,
      which is how a watcher tells DELETE from EXPIRE. Tombstones expire on their own lease.
+     A page too large for one gRPC message (4 MiB) is read again with half as many keys.
   6. A broken watch (the member it used died, the connection dropped, etcd cancelled it) is
      opened again from the revision after the last event delivered, through the same
      channel, which fails over to another endpoint; it gives up (StoreUnavailableError) only
@@ -45,6 +46,9 @@ Rules:
      Watches use etcd's Watch RPC on that channel directly rather than aetcd's watcher: one
      stream per watch (gRPC flow control bounds what a slow watcher buffers; aetcd's shared
      watcher queues without bound) and every response seen (compaction, cancellation).
+     Watches ask etcd to fragment large responses (a catch-up batches up to a thousand
+     revisions), so none exceeds a gRPC message; a revision counts as delivered once its
+     last fragment is.
 """
 
 from __future__ import annotations
@@ -354,23 +358,29 @@ class EtcdSessionStore:
         return self._owners + owner.encode() + b"/" + sid.encode()
 
     async def _range(self, request: Any) -> Any:
-        """A raw Range call: `_Compacted` if its revision is gone, else as `_call`."""
+        """A raw Range call: `_Compacted` if its revision is gone, else as `_call`.
+
+        An answer too large for one gRPC message (4 MiB: large `initialize` bodies) is asked
+        for again with half the `limit`, down to one key (etcd values are at most 1.5 MiB);
+        the caller reads the `limit` that worked back from `request` (rule 5)."""
         await self._call(self._client.connect)
-        try:
-            return await self._call(
-                self._client.kvstub.Range,
-                request,
-                timeout=self.config.timeout,
-                metadata=self._client.metadata,
-            )
-        except StoreUnavailableError as e:
-            cause = e.__cause__
-            if (
-                isinstance(cause, grpc.aio.AioRpcError)
-                and cause.code() is grpc.StatusCode.OUT_OF_RANGE
-            ):
-                raise _Compacted(str(cause.details())) from cause
-            raise
+        while True:
+            try:
+                return await self._call(
+                    self._client.kvstub.Range,
+                    request,
+                    timeout=self.config.timeout,
+                    metadata=self._client.metadata,
+                )
+            except StoreUnavailableError as e:
+                cause = e.__cause__
+                if not isinstance(cause, grpc.aio.AioRpcError):
+                    raise
+                if cause.code() is grpc.StatusCode.OUT_OF_RANGE:
+                    raise _Compacted(str(cause.details())) from cause
+                if cause.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or request.limit <= 1:
+                    raise
+                request.limit = max(1, request.limit // 2)
 
     async def _read(self, sid: SessionId) -> tuple[SessionRecord | None, int]:
         kv = await self._call(self._client.get, self._key(sid))
@@ -477,10 +487,11 @@ class EtcdSessionStore:
         found: list[SessionRecord] = []
         # Owner filtering happens here, so read in chunks until the page (plus one, to know
         # whether there is a next page) is full or the range is exhausted.
+        limit = size + 1
         while len(found) <= size:
-            resp = await self._range(
-                aetcd.rpc.RangeRequest(key=start, range_end=end, limit=size + 1)
-            )
+            request = aetcd.rpc.RangeRequest(key=start, range_end=end, limit=limit)
+            resp = await self._range(request)
+            limit = request.limit
             for kv in resp.kvs:
                 rec = decode_record(kv.value)
                 if owner is None or rec.owner == owner:
@@ -569,16 +580,14 @@ class EtcdSessionStore:
             fresh: set[bytes] = set()
             revision = 0
             start = self._sessions
+            limit = self.config.page_size
             try:
                 while True:
-                    resp = await self._range(
-                        aetcd.rpc.RangeRequest(
-                            key=start,
-                            range_end=end,
-                            limit=self.config.page_size,
-                            revision=revision,
-                        )
+                    request = aetcd.rpc.RangeRequest(
+                        key=start, range_end=end, limit=limit, revision=revision
                     )
+                    resp = await self._range(request)
+                    limit = request.limit
                     revision = revision or int(resp.header.revision)
                     for kv in resp.kvs:
                         name = bytes(kv.key)[len(self._sessions) :]
@@ -685,6 +694,7 @@ class EtcdSessionStore:
         await self._call(self._client.connect)
         stub = aetcd.rpc.WatchStub(self._client.channel)
         call = stub.Watch(metadata=self._client.metadata)
+        seen = state.revision
         try:
             await call.write(
                 aetcd.rpc.WatchRequest(
@@ -693,6 +703,7 @@ class EtcdSessionStore:
                         range_end=self._watch_end,
                         start_revision=state.revision + 1,
                         prev_kv=True,
+                        fragment=True,
                     )
                 )
             )
@@ -704,10 +715,14 @@ class EtcdSessionStore:
                 if resp.created:
                     yield None
                 for ev in resp.events:
-                    state.revision = max(state.revision, int(ev.kv.mod_revision))
+                    seen = max(seen, int(ev.kv.mod_revision))
                     event = self._event_of(ev, state)
                     if event is not None:
                         yield event
+                if not resp.fragment:
+                    # A revision split over fragments counts once whole: a stream broken
+                    # half-way through one resumes at its start (a repeat is not a regression).
+                    state.revision = max(state.revision, seen)
         finally:
             call.cancel()
 

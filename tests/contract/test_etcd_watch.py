@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
@@ -244,3 +245,38 @@ async def test_watch_resynchronises_after_a_compaction_while_cut_off(
         await write(running.store, update("s3", 1))
         await watcher.expect(PUT, "s3", 1)
     assert "is compacted" in caplog.text
+
+
+async def test_watch_catches_up_on_more_than_a_grpc_message_of_changes(
+    cluster: EtcdCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cut off while 30 sessions with 300 KB bodies are written (9 MB of history, which etcd
+    sends a reopened watch in one batch unless it fragments it), the watch catches up on all
+    of them in order, without a resync."""
+    host, port = cluster.members[0].endpoint.rsplit(":", 1)
+    async with contextlib.AsyncExitStack() as stack:
+        gate = Gate(host, int(port))
+        await stack.enter_async_context(gate)
+        running = await stack.enter_async_context(control_plane(f"127.0.0.1:{gate.port}"))
+        assert isinstance(running.config.store, EtcdUrl)
+        other = await EtcdSessionStore.open(
+            EtcdStoreConfig(endpoints=((host, int(port)),), prefix=running.config.store.prefix)
+        )
+        stack.push_async_callback(other.aclose)
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(running.address))
+        watcher = Watcher(channel)
+        await stack.enter_async_context(contextlib.aclosing(watcher.events))
+        assert await watcher.until_synced() == []
+
+        gate.open = False
+        gate.cut()
+        body = b"x" * 300_000
+        ids = [f"big{i:02d}" for i in range(30)]
+        for sid in ids:
+            big = dataclasses.replace(record(sid), initialize_request=body)
+            await write(other, SessionUpsert(big))
+        gate.open = True
+        for sid in ids:
+            await watcher.expect(PUT, sid)
+    assert "etcd watch open again" in caplog.text
+    assert "is compacted" not in caplog.text

@@ -426,3 +426,20 @@ async def test_expired_sessions_leave_the_owner_count(harness: StoreHarness) -> 
         assert gone == {"e0", "e1"}
     await create(store, "e2", owner="pod-e")
     await create(store, "e3", owner="pod-e")
+
+
+async def test_large_records_are_listed_and_watched_whole(store: SessionStore) -> None:
+    """Thirty sessions with 300 KB `initialize` bodies: more than one gRPC message (4 MiB)
+    holds, so a page of them is read in smaller pieces, and none is missing."""
+    body = b"x" * 300_000
+    ids = [f"big{i:02d}" for i in range(30)]
+    for sid in ids:
+        await create(store, sid, initialize_request=body)
+    listed = await listing(store)
+    assert [r.session_id for r in listed] == ids
+    page = await store.list_page(page_size=1000)
+    assert [r.session_id for r in page.sessions] == ids
+    async with contextlib.aclosing(store.watch()) as events:
+        snapshot = await until_synced(events)
+    assert [e.session_id for e in snapshot] == ids
+    assert all(e.session is not None and e.session.initialize_request == body for e in snapshot)
