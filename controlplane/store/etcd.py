@@ -35,11 +35,12 @@ Rules:
   6. A broken watch (the member it used died, the connection dropped, etcd cancelled it) is
      opened again from the revision after the last event delivered, through the same
      channel, which fails over to another endpoint; it gives up (StoreUnavailableError) only
-     after `watch_reconnect_timeout` seconds without success. If that revision has been
-     compacted, the watch resynchronises: a snapshot at a new revision (PUT per live
-     session), DELETE or EXPIRE (as its tombstone says) for every session it had shown that
-     is gone, SYNCED, then changes, without ending the stream. For this a watch keeps the
-     ids of the sessions it has shown live: memory in the number of sessions, not records.
+     after `watch_reconnect_timeout` seconds without success (a failed snapshot likewise).
+     If that revision has been compacted, the watch resynchronises: a snapshot at a new
+     revision (PUT per live session), DELETE or EXPIRE (as its tombstone says) for every
+     session it had shown that is gone, SYNCED, then changes, without ending the stream. For
+     this a watch keeps the ids of the sessions it has shown live: memory in the number of
+     sessions (about 100 bytes each), not in their records.
   7. All endpoints of a cluster: aetcd's Client takes one host and port, but the pair only
      becomes a gRPC target string, so `ipv4:a:p1,b:p2,c:p3` gives one channel that fails
      over between members (hostnames are resolved to addresses when the store opens).
@@ -602,11 +603,14 @@ class EtcdSessionStore:
                 gone = state.known - fresh
                 deleted = await self._tombstoned(gone, revision) if gone else set()
             except (_Compacted, StoreUnavailableError) as e:
+                if self.closed():
+                    return  # the watch ends with the store
                 now = time.monotonic()
-                failing_since = failing_since or now
-                if self.closed() or now - failing_since > self.config.watch_reconnect_timeout:
+                if failing_since is None:
+                    failing_since = now
+                    log.warning("etcd watch snapshot failed (%s); reading it again", e)
+                elif now - failing_since > self.config.watch_reconnect_timeout:
                     raise StoreUnavailableError(f"etcd watch snapshot: {e}") from e
-                log.warning("etcd watch snapshot failed (%s); reading it again", e)
                 await self._pause(WATCH_RETRY_MAX)
                 continue
             for name in sorted(gone):
