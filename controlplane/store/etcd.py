@@ -4,6 +4,7 @@ Implements `controlplane.store.protocol.SessionStore`, for any number of control
 replicas sharing one etcd cluster.
 
 Key space (under a configurable prefix, `/tether` by default):
+    <prefix>/owner-gen/<owner>             put with every session given to the owner
     <prefix>/owners/<owner>/<session_id>   one per session, empty, on the session's lease
     <prefix>/sessions/<session_id>         the record (JSON, `controlplane.store.codec`)
     <prefix>/tombstones/<session_id>       written in the same transaction as a DeleteSession
@@ -19,13 +20,18 @@ Rules:
   3. The owner index mirrors the sessions exactly: every transaction that puts a session
      puts its `owners/` key with the same lease (and deletes the previous owner's key if the
      owner changed); a delete removes both; a lease expiry removes both in one revision.
-  4. Sessions per owner: a write that gives an owner a session first counts the owner's
-     index keys (a count-only range read at revision R), and its transaction also compares
-     that no key in that owner's range was created after R. etcd transactions are
-     serialisable and deletions only lower the count, so a committed write leaves the owner
-     at most at the limit, whatever the number of replicas: the bound is exact. (Sessions
-     written before the index existed count from their next write.) Within one store such
-     writes of one owner are serialised, so they do not make each other retry.
+  4. Sessions per owner: a write that gives an owner a session first reads, in one
+     read-only transaction, the count of the owner's index keys and the mod revision of its
+     `owner-gen` key; its write transaction compares that mod revision again and puts the
+     `owner-gen` key (on the session's lease). Every write that adds to an owner's count
+     puts that key, so if the compare holds nobody added a session since the count; etcd
+     transactions are serialisable, and deletions and expiries only lower the count, so a
+     committed write leaves the owner at most at the limit, whatever the number of
+     replicas: the bound is exact. The compare reads one key, not the owner's range, so
+     etcd's apply loop pays nothing per session held. (Sessions written before the index
+     existed count from their next write; an `owner-gen` key that expires, or is put by
+     another writer, only makes the compare fail and the write retry.) Within one store
+     such writes of one owner are serialised, so they do not make each other retry.
   5. Watch: the snapshot is read in pages of `SNAPSHOT_PAGE_SIZE` keys, every page at the
      revision of the first (an MVCC read of one point in time); the watch starts at the next
      revision, so nothing is missed or repeated. etcd reports both a delete and a lease
@@ -288,6 +294,7 @@ class EtcdSessionStore:
         self._sessions = f"{prefix}/sessions/".encode()
         self._tombstones = f"{prefix}/tombstones/".encode()
         self._owners = f"{prefix}/owners/".encode()
+        self._owner_gen = f"{prefix}/owner-gen/".encode()
         # Sessions and tombstones, not the owner index ("owners/" < "sessions/" < "tombstones/").
         self._watch_end = aetcd.utils.prefix_range_end(self._tombstones)
         self._owner_locks = _OwnerLocks()
@@ -402,15 +409,35 @@ class EtcdSessionStore:
         if limit <= 0 or (previous is not None and previous.owner == record.owner):
             return await self._put_if_unchanged(sid, record, mod_revision, previous, None)
         async with self._owner_locks.hold(record.owner):
-            start, end = self._owner_range(record.owner)
-            resp = await self._range(
-                aetcd.rpc.RangeRequest(key=start, range_end=end, count_only=True)
-            )
-            if int(resp.count) >= limit:
+            count, generation = await self._owned(record.owner)
+            if count >= limit:
                 return OwnerLimitReached(record.owner, limit, previous)
-            return await self._put_if_unchanged(
-                sid, record, mod_revision, previous, int(resp.header.revision)
-            )
+            return await self._put_if_unchanged(sid, record, mod_revision, previous, generation)
+
+    async def _owned(self, owner: str) -> tuple[int, int]:
+        """(sessions `owner` holds, mod revision of its `owner-gen` key), read at one
+        revision (rule 4)."""
+        start, end = self._owner_range(owner)
+        request = aetcd.rpc.TxnRequest(
+            success=[
+                aetcd.rpc.RequestOp(
+                    request_range=aetcd.rpc.RangeRequest(key=start, range_end=end, count_only=True)
+                ),
+                aetcd.rpc.RequestOp(
+                    request_range=aetcd.rpc.RangeRequest(key=self._owner_gen + owner.encode())
+                ),
+            ]
+        )
+        await self._call(self._client.connect)
+        resp = await self._call(
+            self._client.kvstub.Txn,
+            request,
+            timeout=self.config.timeout,
+            metadata=self._client.metadata,
+        )
+        count = int(resp.responses[0].response_range.count)
+        gen = resp.responses[1].response_range.kvs
+        return count, int(gen[0].mod_revision) if gen else 0
 
     async def _put_if_unchanged(
         self,
@@ -418,23 +445,25 @@ class EtcdSessionStore:
         record: SessionRecord,
         mod_revision: int,
         previous: SessionRecord | None,
-        counted_at: int | None,
+        generation: int | None,
     ) -> SessionRecord | None:
         """Put `record` and its owner index key (with the lease of now) if the key is still
-        at `mod_revision` and, given `counted_at`, no session of the owner was created since
-        that revision; return the record as written, or None if the transaction lost."""
+        at `mod_revision` and, given `generation`, the owner's `owner-gen` key is still at
+        that mod revision (rule 4); return the record as written, or None if the transaction
+        lost."""
         tx = self._client.transactions
         now = self._clock()
         lease_id, deadline = await self._call(self._leases.get, now)
         record = dataclasses.replace(record, expires_at=deadline)
         compare = [tx.mod(self._key(sid)) == mod_revision]
-        if counted_at is not None:
-            start, end = self._owner_range(record.owner)
-            compare.append(tx.create(start, end) < counted_at + 1)
         success = [
             tx.put(self._key(sid), encode_record(record), lease=lease_id),
             tx.put(self._owner_key(record.owner, sid), b"", lease=lease_id),
         ]
+        if generation is not None:
+            gen_key = self._owner_gen + record.owner.encode()
+            compare.append(tx.mod(gen_key) == generation)
+            success.append(tx.put(gen_key, b"", lease=lease_id))
         if previous is not None and previous.owner != record.owner:
             success.append(tx.delete(self._owner_key(previous.owner, sid)))
         try:
