@@ -231,6 +231,16 @@ def _is_lease_missing(error: BaseException) -> bool:
     return "lease not found" in str(error)
 
 
+def _decode(kv: Any) -> SessionRecord | None:
+    """The record a session key holds, or None (logged) if someone wrote something else
+    there: one bad key must not break listings and watches of every other session."""
+    try:
+        return decode_record(kv.value)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        log.warning("etcd key %r holds no session record (%s): skipped", bytes(kv.key)[:300], e)
+        return None
+
+
 class _Compacted(Exception):
     """The revision a watch or a snapshot read needs has been compacted away."""
 
@@ -523,8 +533,8 @@ class EtcdSessionStore:
             resp = await self._range(request)
             limit = request.limit
             for kv in resp.kvs:
-                rec = decode_record(kv.value)
-                if owner is None or rec.owner == owner:
+                rec = _decode(kv)
+                if rec is not None and (owner is None or rec.owner == owner):
                     found.append(rec)
             if not resp.more or not resp.kvs:
                 break
@@ -620,10 +630,12 @@ class EtcdSessionStore:
                     limit = request.limit
                     revision = revision or int(resp.header.revision)
                     for kv in resp.kvs:
+                        rec = _decode(kv)
+                        if rec is None:
+                            continue
                         name = bytes(kv.key)[len(self._sessions) :]
                         fresh.add(name)
                         state.known.add(name)
-                        rec = decode_record(kv.value)
                         yield SessionEvent(SessionEventType.PUT, rec.session_id, rec)
                     if not resp.more or not resp.kvs:
                         break
@@ -769,13 +781,18 @@ class EtcdSessionStore:
         if not key.startswith(self._sessions):
             return None
         name = key[len(self._sessions) :]
-        sid = SessionId(name.decode())
         if ev.type == aetcd.rpc.Event.PUT:
+            rec = _decode(ev.kv)
+            if rec is None:
+                return None
             state.tombstones.pop(name, None)
             state.known.add(name)
-            return SessionEvent(SessionEventType.PUT, sid, decode_record(ev.kv.value))
+            return SessionEvent(SessionEventType.PUT, rec.session_id, rec)
+        if name not in state.known:
+            return None  # never shown (a key that held no record)
         state.known.discard(name)
-        last = decode_record(ev.prev_kv.value) if ev.HasField("prev_kv") else None
+        sid = SessionId(name.decode(errors="replace"))
+        last = _decode(ev.prev_kv) if ev.HasField("prev_kv") else None
         deleted = state.tombstones.pop(name, None) == int(ev.kv.mod_revision)
         kind = SessionEventType.DELETE if deleted else SessionEventType.EXPIRE
         return SessionEvent(kind, sid, last)

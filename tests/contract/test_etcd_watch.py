@@ -280,3 +280,34 @@ async def test_watch_catches_up_on_more_than_a_grpc_message_of_changes(
             await watcher.expect(PUT, sid)
     assert "etcd watch open again" in caplog.text
     assert "is compacted" not in caplog.text
+
+
+async def test_a_key_that_holds_no_record_is_logged_and_skipped(
+    etcd_cluster: EtcdCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something else written under the sessions prefix (by hand, by another program) breaks
+    neither listings nor watches of the other sessions: it is skipped with a log line."""
+    host, port = etcd_cluster.endpoints[0].rsplit(":", 1)
+    prefix = f"/bad-{uuid.uuid4().hex[:8]}"
+    store = await EtcdSessionStore.open(
+        EtcdStoreConfig(endpoints=((host, int(port)),), prefix=prefix)
+    )
+    etcd = aetcd.Client(host=host, port=int(port))
+    try:
+        await write(store, SessionUpsert(record("s1")))
+        await etcd.put(f"{prefix}/sessions/junk".encode(), b"not json")
+        assert [r.session_id for r in (await store.list_page()).sessions] == ["s1"]
+        async with contextlib.aclosing(store.watch()) as events:
+            async with asyncio.timeout(DEADLINE):
+                assert (await anext(events)).session_id == "s1"
+                assert (await anext(events)).type is SYNCED
+                await etcd.put(f"{prefix}/sessions/junk2".encode(), b"\xff")
+                await etcd.delete(f"{prefix}/sessions/junk".encode())
+                await write(store, update("s1", 1))
+                ev = await anext(events)
+        assert (ev.type, ev.session_id) == (PUT, "s1")
+        assert "sessions/junk' holds no session record" in caplog.text
+        assert "sessions/junk2' holds no session record" in caplog.text
+    finally:
+        await etcd.close()
+        await store.aclose()
