@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from controlplane.records import Refusal, refusal, upsert_epoch
-from controlplane.store.protocol import SessionStore
+from controlplane.store.protocol import ApplyResult, OwnerLimitReached, SessionStore
 from tether import tasks
 from tether.model import (
     BatchAck,
@@ -37,7 +37,7 @@ from tether.model import (
 
 log = logging.getLogger(__name__)
 
-FlushResult = Mapping[SessionId, SessionRecord | None]
+FlushResult = Mapping[SessionId, ApplyResult]
 
 
 class PendingWrites:
@@ -82,7 +82,11 @@ def acknowledge(
     rejections = list(invalid)
     for u in batch.upserts:
         rec = results.get(u.session.session_id)
-        if rec is None:
+        if isinstance(rec, OwnerLimitReached):
+            rejections.append(
+                Rejection(u.session.session_id, "", RejectionReason.OWNER_LIMIT, rec.detail)
+            )
+        elif rec is None:
             rejections.append(
                 Rejection(u.session.session_id, "", RejectionReason.UNKNOWN_SESSION, "not stored")
             )
@@ -92,7 +96,13 @@ def acknowledge(
             rejections.append(_refused(rec, u, why))
     for s in batch.updates:
         rec = results.get(s.session_id)
-        if rec is None:
+        if isinstance(rec, OwnerLimitReached):
+            rejections.append(
+                Rejection(
+                    s.session_id, s.position.stream_id, RejectionReason.OWNER_LIMIT, rec.detail
+                )
+            )
+        elif rec is None:
             rejections.append(
                 Rejection(
                     s.session_id,

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from controlplane.identity import TokenSettings
-from controlplane.store.protocol import SessionStore
+from controlplane.store.protocol import DEFAULT_MAX_SESSIONS_PER_OWNER, SessionStore
 from tether.grpc_security import ServerSecurity
 
 DEFAULT_SQLITE_PATH = "tether-sessions.db"
@@ -93,13 +93,18 @@ async def open_store(
     etcd_username: str | None = None,
     etcd_password: str | None = None,
     etcd_tls: EtcdTls | None = None,
+    max_sessions_per_owner: int = DEFAULT_MAX_SESSIONS_PER_OWNER,
 ) -> SessionStore:
     """Open the store a URL names (imports only the backend it needs)."""
     if isinstance(url, SqliteUrl):
         from controlplane.store.sqlite import SqliteSessionStore, SqliteStoreConfig
 
         return await SqliteSessionStore.open(
-            SqliteStoreConfig(path=url.path, session_ttl=session_ttl)
+            SqliteStoreConfig(
+                path=url.path,
+                session_ttl=session_ttl,
+                max_sessions_per_owner=max_sessions_per_owner,
+            )
         )
     from controlplane.store.etcd import EtcdSessionStore, EtcdStoreConfig
 
@@ -114,6 +119,7 @@ async def open_store(
             tls_cert=etcd_tls.cert if etcd_tls else None,
             tls_key=etcd_tls.key if etcd_tls else None,
             tls_server_name=etcd_tls.server_name if etcd_tls else None,
+            max_sessions_per_owner=max_sessions_per_owner,
         )
     )
 
@@ -149,3 +155,5 @@ class ControlPlaneConfig:
     etcd_username: str | None = None
     etcd_password: str | None = None
     etcd_tls: EtcdTls | None = None
+    max_sessions_per_owner: int = DEFAULT_MAX_SESSIONS_PER_OWNER
+    """Sessions one owner (sidecar) may hold; 0: no limit."""

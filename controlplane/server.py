@@ -83,6 +83,7 @@ async def start_control_plane(
             etcd_username=config.etcd_username,
             etcd_password=config.etcd_password,
             etcd_tls=config.etcd_tls,
+            max_sessions_per_owner=config.max_sessions_per_owner,
         )
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
     server = grpc.aio.server(interceptors=server_interceptors(authenticator))

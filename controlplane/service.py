@@ -6,6 +6,7 @@ Every bad request gets a clear status and the server keeps serving:
     INVALID_ARGUMENT     bad id, owner or page token
     NOT_FOUND            no such session
     FAILED_PRECONDITION  ClaimSession with an expected_owner_epoch that is no longer current
+    RESOURCE_EXHAUSTED   ClaimSession for an owner that holds the most sessions allowed
     UNAVAILABLE          the store failed, or the control plane is shutting down
     ABORTED              a watcher fell too far behind (watch again)
     UNAUTHENTICATED      no or bad credentials (`controlplane.identity`)
@@ -32,6 +33,7 @@ from controlplane.policy import Access, Authorizer, Denied, Read, redact
 from controlplane.store.protocol import (
     ClaimRefusedError,
     InvalidPageTokenError,
+    OwnerLimitError,
     SessionNotFoundError,
     SessionStore,
     StoreError,
@@ -245,6 +247,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
         except ClaimRefusedError as e:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except OwnerLimitError as e:
+            log.warning("claim of session %s by %s refused: %s", sid, owner, e)
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         log.info("session %s claimed by %s (owner epoch %d)", sid, owner, rec.owner_epoch)
         return pb.ClaimSessionResponse(session=convert.session_to_pb(rec))
 

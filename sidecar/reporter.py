@@ -561,16 +561,8 @@ class ReportQueue:
     ) -> bool:
         """Act on one rejection; True if it newly fenced the session."""
         sid = SessionId(r.session_id)
-        if r.reason is RejectionReason.INVALID:
-            held = self._limiter.allow("invalid")
-            if held is not None:
-                log.error(
-                    "control plane refused a report of session %r stream %r as invalid: %s%s",
-                    r.session_id,
-                    r.stream_id,
-                    r.detail,
-                    _held_note(held),
-                )
+        if r.reason in (RejectionReason.INVALID, RejectionReason.OWNER_LIMIT):
+            self._log_refused(r)
             return False
         s = self._sessions.get(sid)
         if s is None or s is not done.sessions.get(sid):
@@ -608,6 +600,31 @@ class ReportQueue:
         self._merge_update(s, update.position)
         self._wait_again(s, done.marks[sid])
         return False
+
+    def _log_refused(self, r: Rejection) -> None:
+        """Log an item the control plane will not store as it is (rate-limited)."""
+        if r.reason is RejectionReason.OWNER_LIMIT:
+            # Not stored: the session keeps working here, and a later renewal stores it
+            # once this owner holds fewer sessions. Other sidecars cannot adopt it meanwhile.
+            held = self._limiter.allow("owner_limit")
+            if held is not None:
+                log.error(
+                    "control plane refused to store session %s: %s; it cannot move to "
+                    "another sidecar until it is stored%s",
+                    r.session_id,
+                    r.detail,
+                    _held_note(held),
+                )
+            return
+        held = self._limiter.allow("invalid")
+        if held is not None:
+            log.error(
+                "control plane refused a report of session %r stream %r as invalid: %s%s",
+                r.session_id,
+                r.stream_id,
+                r.detail,
+                _held_note(held),
+            )
 
     def _recreated(self, s: _Session) -> SessionRecord:
         """The last record given to `session()`, whole, with every position given so far.

@@ -23,6 +23,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from controlplane.store.protocol import DEFAULT_MAX_SESSIONS_PER_OWNER
 from tether.api.v1 import sessions_pb2 as pb
 from tether.api.v1 import sessions_pb2_grpc as pb_grpc
 from tether.envflags import apply_env_defaults
@@ -84,6 +85,9 @@ def _run_control_plane(args: argparse.Namespace) -> int:
     if args.session_ttl <= 0 or args.flush_interval < 0 or args.shutdown_grace < 0:
         print("tether control-plane: durations must not be negative", file=sys.stderr)
         return 2
+    if args.max_sessions_per_owner < 0:
+        print("tether control-plane: --max-sessions-per-owner is negative", file=sys.stderr)
+        return 2
     try:
         security = ServerSecurity(
             cert=args.tls_cert,
@@ -123,6 +127,7 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         etcd_username=args.etcd_user,
         etcd_password=etcd_password,
         etcd_tls=etcd_tls,
+        max_sessions_per_owner=args.max_sessions_per_owner,
     )
     try:
         asyncio.run(serve(config))
@@ -158,6 +163,14 @@ def add_control_plane_parser(sub: Any) -> None:
         default=3600.0,
         metavar="SECONDS",
         help="expire sessions not reported for this long (default 3600)",
+    )
+    p.add_argument(
+        "--max-sessions-per-owner",
+        type=int,
+        default=DEFAULT_MAX_SESSIONS_PER_OWNER,
+        metavar="N",
+        help="refuse to create sessions for (or move sessions to) an owner that holds N "
+        f"already; 0: no limit (default {DEFAULT_MAX_SESSIONS_PER_OWNER})",
     )
     p.add_argument(
         "--flush-interval",

@@ -168,6 +168,8 @@ class RejectionReason(enum.Enum):
     """The session is not in the store (never created, deleted or expired)."""
     INVALID = "invalid"
     """The item is malformed and will never be accepted."""
+    OWNER_LIMIT = "owner_limit"
+    """Storing it would give its owner more sessions than the control plane allows."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,36 +4,72 @@ Implements `controlplane.store.protocol.SessionStore`, for any number of control
 replicas sharing one etcd cluster.
 
 Key space (under a configurable prefix, `/tether` by default):
-    <prefix>/sessions/<session_id>     the record (JSON, `controlplane.store.codec`)
-    <prefix>/tombstones/<session_id>   written in the same transaction as a DeleteSession
+    <prefix>/owner-gen/<owner>             put with every session given to the owner
+    <prefix>/owners/<owner>/<session_id>   one per session, empty, on the session's lease
+    <prefix>/sessions/<session_id>         the record (JSON, `controlplane.store.codec`)
+    <prefix>/tombstones/<session_id>       written in the same transaction as a DeleteSession
 
-  * Atomic, monotonic writes: read the key, merge with `controlplane.records`, then a
-    transaction that puts the result only if the key's mod revision is unchanged; on conflict
-    read again and retry. A stale write changes nothing and sends nothing.
-  * Expiry is etcd's: every write attaches the session to a lease. Leases are shared per time
-    bucket (`lease_granularity`), so a write costs no extra round trip; a session expires
-    between `session_ttl` and `session_ttl + lease_granularity` after its last write (etcd
-    may round a lease up to its minimum TTL), and `expires_at` is the lease's deadline.
-  * Watch: a range read gives the snapshot and its revision; the watch starts at the next
-    revision, so nothing is missed or repeated. etcd reports both a delete and a lease expiry
-    as DELETE; a delete by request also writes a tombstone in the same revision, which is how
-    a watcher tells DELETE from EXPIRE. Tombstones expire on their own lease.
-  * All endpoints of a cluster: aetcd's Client takes one host and port, but the pair only
-    becomes a gRPC target string, so `ipv4:a:p1,b:p2,c:p3` gives one channel that fails over
-    between members (hostnames are resolved to addresses when the store opens).
+Rules:
+  1. Atomic, monotonic writes: read the key, merge with `controlplane.records`, then a
+     transaction that puts the result only if the key's mod revision is unchanged; on
+     conflict read again and retry. A stale write changes nothing and sends nothing.
+  2. Expiry is etcd's: every write attaches the session to a lease. Leases are shared per
+     time bucket (`lease_granularity`), so a write costs no extra round trip; a session
+     expires between `session_ttl` and `session_ttl + lease_granularity` after its last write
+     (etcd may round a lease up to its minimum TTL), and `expires_at` is the lease's deadline.
+  3. The owner index mirrors the sessions exactly: every transaction that puts a session
+     puts its `owners/` key with the same lease (and deletes the previous owner's key if the
+     owner changed); a delete removes both; a lease expiry removes both in one revision.
+  4. Sessions per owner: a write that gives an owner a session first reads, in one
+     read-only transaction, the count of the owner's index keys and the mod revision of its
+     `owner-gen` key; its write transaction compares that mod revision again and puts the
+     `owner-gen` key (on the session's lease). Every write that adds to an owner's count
+     puts that key, so if the compare holds nobody added a session since the count; etcd
+     transactions are serialisable, and deletions and expiries only lower the count, so a
+     committed write leaves the owner at most at the limit, whatever the number of
+     replicas: the bound is exact. The compare reads one key, not the owner's range, so
+     etcd's apply loop pays nothing per session held. (Sessions written before the index
+     existed count from their next write; an `owner-gen` key that expires, or is put by
+     another writer, only makes the compare fail and the write retry.) Within one store
+     such writes of one owner are serialised, so they do not make each other retry.
+  5. Watch: the snapshot is read in pages of `SNAPSHOT_PAGE_SIZE` keys, every page at the
+     revision of the first (an MVCC read of one point in time); the watch starts at the next
+     revision, so nothing is missed or repeated. etcd reports both a delete and a lease
+     expiry as DELETE; a delete by request also writes a tombstone in the same revision,
+     which is how a watcher tells DELETE from EXPIRE. Tombstones expire on their own lease.
+     A page too large for one gRPC message (4 MiB) is read again with half as many keys.
+  6. A broken watch (the member it used died, the connection dropped, etcd cancelled it) is
+     opened again from the revision after the last event delivered, through the same
+     channel, which fails over to another endpoint; it gives up (StoreUnavailableError) only
+     after `watch_reconnect_timeout` seconds without success (a failed snapshot likewise).
+     If that revision has been compacted, the watch resynchronises: a snapshot at a new
+     revision (PUT per live session), DELETE or EXPIRE (as its tombstone says) for every
+     session it had shown that is gone, SYNCED, then changes, without ending the stream. For
+     this a watch keeps the ids of the sessions it has shown live: memory in the number of
+     sessions (about 100 bytes each), not in their records.
+  7. All endpoints of a cluster: aetcd's Client takes one host and port, but the pair only
+     becomes a gRPC target string, so `ipv4:a:p1,b:p2,c:p3` gives one channel that fails
+     over between members (hostnames are resolved to addresses when the store opens).
+     Watches use etcd's Watch RPC on that channel directly rather than aetcd's watcher: one
+     stream per watch (gRPC flow control bounds what a slow watcher buffers; aetcd's shared
+     watcher queues without bound) and every response seen (compaction, cancellation).
+     Watches ask etcd to fragment large responses (a catch-up batches up to a thousand
+     revisions), so none exceeds a gRPC message; a revision counts as delivered once its
+     last fragment is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import logging
 import math
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aetcd
@@ -52,8 +88,13 @@ from controlplane.store.codec import (
     encode_record,
 )
 from controlplane.store.protocol import (
+    DEFAULT_MAX_SESSIONS_PER_OWNER,
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
+    SNAPSHOT_PAGE_SIZE,
+    ApplyResult,
+    OwnerLimitError,
+    OwnerLimitReached,
     SessionNotFoundError,
     StoreUnavailableError,
 )
@@ -74,6 +115,10 @@ T = TypeVar("T")
 MAX_TXN_ATTEMPTS = 32
 """Conflicting writers on one session retry this often before giving up (UNAVAILABLE)."""
 
+WATCH_RETRY_MIN = 0.05
+WATCH_RETRY_MAX = 2.0
+"""Backoff between attempts to open a broken watch again (seconds)."""
+
 
 @dataclass(frozen=True, slots=True)
 class EtcdStoreConfig:
@@ -87,6 +132,12 @@ class EtcdStoreConfig:
     """Seconds before one etcd request fails."""
     max_concurrency: int = 64
     """Sessions of one `apply` batch written in parallel."""
+    max_sessions_per_owner: int = DEFAULT_MAX_SESSIONS_PER_OWNER
+    """Sessions one owner may hold (rule 4); 0: no limit."""
+    page_size: int = SNAPSHOT_PAGE_SIZE
+    """Keys a watch snapshot reads at a time (rule 5)."""
+    watch_reconnect_timeout: float = 60.0
+    """Seconds a broken watch keeps trying to open again before it fails (rule 6)."""
     username: str | None = None
     """etcd user (with `password`) when the cluster has authentication enabled."""
     password: str | None = None
@@ -180,6 +231,62 @@ def _is_lease_missing(error: BaseException) -> bool:
     return "lease not found" in str(error)
 
 
+def _decode(kv: Any) -> SessionRecord | None:
+    """The record a session key holds, or None (logged) if someone wrote something else
+    there: one bad key must not break listings and watches of every other session."""
+    try:
+        return decode_record(kv.value)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        log.warning("etcd key %r holds no session record (%s): skipped", bytes(kv.key)[:300], e)
+        return None
+
+
+class _Compacted(Exception):
+    """The revision a watch or a snapshot read needs has been compacted away."""
+
+
+class _WatchBroken(Exception):
+    """etcd ended or cancelled a watch stream (not a compaction)."""
+
+
+class _OwnerLocks:
+    """One lock per owner with writes in progress, dropped when its last user leaves."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, owner: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(owner, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[owner] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[owner]
+            if users == 1:
+                del self._locks[owner]
+            else:
+                self._locks[owner] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+@dataclass
+class _WatchState:
+    """Where one watch has got to (rule 6)."""
+
+    revision: int = 0
+    """Every change up to this revision has been delivered."""
+    known: set[bytes] = field(default_factory=set)
+    """Ids of the sessions the watch has shown live."""
+    tombstones: dict[bytes, int] = field(default_factory=dict)
+    """Tombstones seen and not yet matched with their delete: id -> revision."""
+
+
 class EtcdSessionStore:
     """`SessionStore` on etcd; create with `await EtcdSessionStore.open(config)`."""
 
@@ -194,13 +301,18 @@ class EtcdSessionStore:
         self._client = client
         self._clock = clock
         prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""
-        self._root = f"{prefix}/".encode()
         self._sessions = f"{prefix}/sessions/".encode()
         self._tombstones = f"{prefix}/tombstones/".encode()
+        self._owners = f"{prefix}/owners/".encode()
+        self._owner_gen = f"{prefix}/owner-gen/".encode()
+        # Sessions and tombstones, not the owner index ("owners/" < "sessions/" < "tombstones/").
+        self._watch_end = aetcd.utils.prefix_range_end(self._tombstones)
+        self._owner_locks = _OwnerLocks()
         self._leases = _Leases(client, ttl=config.session_ttl, width=config.effective_granularity())
         self._tombstone_leases = _Leases(client, ttl=config.tombstone_ttl, width=10.0)
         self._limit = asyncio.Semaphore(config.max_concurrency)
         self._closed = False
+        self._closing = asyncio.Event()
 
     @classmethod
     async def open(
@@ -208,19 +320,27 @@ class EtcdSessionStore:
     ) -> EtcdSessionStore:
         endpoints = await asyncio.to_thread(resolve_endpoints, config.endpoints)
         host, port = grpc_target(endpoints)
+        # Reconnect soon after a member comes back or another answers (rule 6); gRPC's own
+        # default backoff grows to two minutes.
+        options: dict[str, Any] = {
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.min_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": 2000,
+        }
         kwargs: dict[str, Any] = {
             "host": host,
             "port": port,
             "timeout": config.timeout,
             "username": config.username,
             "password": config.password,
+            "options": options,
         }
         client: aetcd.Client
         if config.tls_ca is not None or config.tls_cert is not None:
             from controlplane.store.etcd_tls import TlsEtcdClient
 
             if config.tls_server_name:
-                kwargs["options"] = {"grpc.ssl_target_name_override": config.tls_server_name}
+                options["grpc.ssl_target_name_override"] = config.tls_server_name
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=config.tls_ca,
                 private_key=config.tls_key,
@@ -248,27 +368,117 @@ class EtcdSessionStore:
     def _key(self, sid: SessionId) -> bytes:
         return self._sessions + sid.encode()
 
+    def _owner_range(self, owner: str) -> tuple[bytes, bytes]:
+        start = self._owners + owner.encode() + b"/"
+        return start, aetcd.utils.prefix_range_end(start)
+
+    def _owner_key(self, owner: str, sid: SessionId) -> bytes:
+        return self._owners + owner.encode() + b"/" + sid.encode()
+
+    async def _range(self, request: Any) -> Any:
+        """A raw Range call: `_Compacted` if its revision is gone, else as `_call`.
+
+        An answer too large for one gRPC message (4 MiB: large `initialize` bodies) is asked
+        for again with half the `limit`, down to one key (etcd values are at most 1.5 MiB);
+        the caller reads the `limit` that worked back from `request` (rule 5)."""
+        await self._call(self._client.connect)
+        while True:
+            try:
+                return await self._call(
+                    self._client.kvstub.Range,
+                    request,
+                    timeout=self.config.timeout,
+                    metadata=self._client.metadata,
+                )
+            except StoreUnavailableError as e:
+                cause = e.__cause__
+                if not isinstance(cause, grpc.aio.AioRpcError):
+                    raise
+                if cause.code() is grpc.StatusCode.OUT_OF_RANGE:
+                    raise _Compacted(str(cause.details())) from cause
+                if cause.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or request.limit <= 1:
+                    raise
+                request.limit = max(1, request.limit // 2)
+
     async def _read(self, sid: SessionId) -> tuple[SessionRecord | None, int]:
         kv = await self._call(self._client.get, self._key(sid))
         if kv is None:
             return None, 0
         return decode_record(kv.value), int(kv.mod_revision)
 
+    async def _write(
+        self,
+        sid: SessionId,
+        record: SessionRecord,
+        mod_revision: int,
+        previous: SessionRecord | None,
+    ) -> SessionRecord | OwnerLimitReached | None:
+        """Put `record` if the key is still at `mod_revision` (rules 1, 3, 4); return the
+        record as written, `OwnerLimitReached`, or None if another writer got there first."""
+        limit = self.config.max_sessions_per_owner
+        if limit <= 0 or (previous is not None and previous.owner == record.owner):
+            return await self._put_if_unchanged(sid, record, mod_revision, previous, None)
+        async with self._owner_locks.hold(record.owner):
+            count, generation = await self._owned(record.owner)
+            if count >= limit:
+                return OwnerLimitReached(record.owner, limit, previous)
+            return await self._put_if_unchanged(sid, record, mod_revision, previous, generation)
+
+    async def _owned(self, owner: str) -> tuple[int, int]:
+        """(sessions `owner` holds, mod revision of its `owner-gen` key), read at one
+        revision (rule 4)."""
+        start, end = self._owner_range(owner)
+        request = aetcd.rpc.TxnRequest(
+            success=[
+                aetcd.rpc.RequestOp(
+                    request_range=aetcd.rpc.RangeRequest(key=start, range_end=end, count_only=True)
+                ),
+                aetcd.rpc.RequestOp(
+                    request_range=aetcd.rpc.RangeRequest(key=self._owner_gen + owner.encode())
+                ),
+            ]
+        )
+        await self._call(self._client.connect)
+        resp = await self._call(
+            self._client.kvstub.Txn,
+            request,
+            timeout=self.config.timeout,
+            metadata=self._client.metadata,
+        )
+        count = int(resp.responses[0].response_range.count)
+        gen = resp.responses[1].response_range.kvs
+        return count, int(gen[0].mod_revision) if gen else 0
+
     async def _put_if_unchanged(
-        self, sid: SessionId, record: SessionRecord, mod_revision: int
+        self,
+        sid: SessionId,
+        record: SessionRecord,
+        mod_revision: int,
+        previous: SessionRecord | None,
+        generation: int | None,
     ) -> SessionRecord | None:
-        """Put `record` (with the lease of now) if the key is still at `mod_revision`;
-        return the record as written, or None if another writer got there first."""
+        """Put `record` and its owner index key (with the lease of now) if the key is still
+        at `mod_revision` and, given `generation`, the owner's `owner-gen` key is still at
+        that mod revision (rule 4); return the record as written, or None if the transaction
+        lost."""
         tx = self._client.transactions
         now = self._clock()
         lease_id, deadline = await self._call(self._leases.get, now)
         record = dataclasses.replace(record, expires_at=deadline)
+        compare = [tx.mod(self._key(sid)) == mod_revision]
+        success = [
+            tx.put(self._key(sid), encode_record(record), lease=lease_id),
+            tx.put(self._owner_key(record.owner, sid), b"", lease=lease_id),
+        ]
+        if generation is not None:
+            gen_key = self._owner_gen + record.owner.encode()
+            compare.append(tx.mod(gen_key) == generation)
+            success.append(tx.put(gen_key, b"", lease=lease_id))
+        if previous is not None and previous.owner != record.owner:
+            success.append(tx.delete(self._owner_key(previous.owner, sid)))
         try:
             ok, _ = await self._call(
-                self._client.transaction,
-                compare=[tx.mod(self._key(sid)) == mod_revision],
-                success=[tx.put(self._key(sid), encode_record(record), lease=lease_id)],
-                failure=[],
+                self._client.transaction, compare=compare, success=success, failure=[]
             )
         except StoreUnavailableError as e:
             if _is_lease_missing(e):
@@ -279,7 +489,7 @@ class EtcdSessionStore:
 
     async def _apply_one(
         self, sid: SessionId, writes: list[SessionWrite]
-    ) -> tuple[SessionId, SessionRecord | None]:
+    ) -> tuple[SessionId, ApplyResult]:
         async with self._limit:
             for _ in range(MAX_TXN_ATTEMPTS):
                 current, mod = await self._read(sid)
@@ -288,14 +498,12 @@ class EtcdSessionStore:
                 )
                 if not merged.changed or merged.record is None:
                     return sid, merged.record
-                written = await self._put_if_unchanged(sid, merged.record, mod)
+                written = await self._write(sid, merged.record, mod, current)
                 if written is not None:
                     return sid, written
         raise StoreUnavailableError(f"session {sid}: too many conflicting writers")
 
-    async def apply(
-        self, *, writes: Sequence[SessionWrite]
-    ) -> Mapping[SessionId, SessionRecord | None]:
+    async def apply(self, *, writes: Sequence[SessionWrite]) -> Mapping[SessionId, ApplyResult]:
         by_session: dict[SessionId, list[SessionWrite]] = {}
         for w in writes:
             by_session.setdefault(write_session_id(w), []).append(w)
@@ -319,17 +527,14 @@ class EtcdSessionStore:
         found: list[SessionRecord] = []
         # Owner filtering happens here, so read in chunks until the page (plus one, to know
         # whether there is a next page) is full or the range is exhausted.
+        limit = size + 1
         while len(found) <= size:
-            await self._call(self._client.connect)
-            resp = await self._call(
-                self._client.kvstub.Range,
-                aetcd.rpc.RangeRequest(key=start, range_end=end, limit=size + 1),
-                timeout=self.config.timeout,
-                metadata=self._client.metadata,
-            )
+            request = aetcd.rpc.RangeRequest(key=start, range_end=end, limit=limit)
+            resp = await self._range(request)
+            limit = request.limit
             for kv in resp.kvs:
-                rec = decode_record(kv.value)
-                if owner is None or rec.owner == owner:
+                rec = _decode(kv)
+                if rec is not None and (owner is None or rec.owner == owner):
                     found.append(rec)
             if not resp.more or not resp.kvs:
                 break
@@ -354,6 +559,7 @@ class EtcdSessionStore:
                     # The tombstone comes first, so watchers see it before the delete.
                     tx.put(self._tombstones + session_id.encode(), b"", lease=lease_id),
                     tx.delete(key),
+                    tx.delete(self._owner_key(current.owner, session_id)),
                 ],
                 failure=[],
             )
@@ -379,59 +585,221 @@ class EtcdSessionStore:
                 now=self._clock(),
                 ttl=self.config.session_ttl,
             )
-            written = await self._put_if_unchanged(session_id, new, mod)
+            written = await self._write(session_id, new, mod, current)
+            if isinstance(written, OwnerLimitReached):
+                raise OwnerLimitError(written.owner, written.limit)
             if written is not None:
                 return written
         raise StoreUnavailableError(f"session {session_id}: too many conflicting writers")
 
     async def watch(self) -> AsyncGenerator[SessionEvent, None]:
-        snapshot = await self._call(self._client.get_prefix, self._sessions)
-        revision = int(snapshot.header.revision)
-        for kv in snapshot:
-            rec = decode_record(kv.value)
-            yield SessionEvent(SessionEventType.PUT, rec.session_id, rec)
-        yield SessionEvent(SessionEventType.SYNCED)
+        state = _WatchState()
+        while True:
+            async with contextlib.aclosing(self._sync(state)) as snapshot:
+                async for event in snapshot:
+                    yield event
+            try:
+                async with contextlib.aclosing(self._follow(state)) as changes:
+                    async for event in changes:
+                        yield event
+                return
+            except _Compacted as e:
+                log.warning(
+                    "etcd watch: revision %d is compacted (%s); resynchronising",
+                    state.revision + 1,
+                    e,
+                )
 
-        watch = await self._call(
-            self._client.watch_prefix, self._root, start_revision=revision + 1, prev_kv=True
-        )
-        tombstones: dict[bytes, int] = {}
+    async def _sync(self, state: _WatchState) -> AsyncGenerator[SessionEvent, None]:
+        """A snapshot in pages at one revision, the sessions gone since `state` was last in
+        sync, and SYNCED (rules 5, 6). Retries if its revision is compacted mid-way or etcd
+        is unreachable, within `watch_reconnect_timeout`."""
+        end = aetcd.utils.prefix_range_end(self._sessions)
+        failing_since: float | None = None
+        while True:
+            fresh: set[bytes] = set()
+            revision = 0
+            start = self._sessions
+            limit = self.config.page_size
+            try:
+                while True:
+                    request = aetcd.rpc.RangeRequest(
+                        key=start, range_end=end, limit=limit, revision=revision
+                    )
+                    resp = await self._range(request)
+                    limit = request.limit
+                    revision = revision or int(resp.header.revision)
+                    for kv in resp.kvs:
+                        rec = _decode(kv)
+                        if rec is None:
+                            continue
+                        name = bytes(kv.key)[len(self._sessions) :]
+                        fresh.add(name)
+                        state.known.add(name)
+                        yield SessionEvent(SessionEventType.PUT, rec.session_id, rec)
+                    if not resp.more or not resp.kvs:
+                        break
+                    start = bytes(resp.kvs[-1].key) + b"\0"
+                    del resp
+                gone = state.known - fresh
+                deleted = await self._tombstoned(gone, revision) if gone else set()
+            except (_Compacted, StoreUnavailableError) as e:
+                if self.closed():
+                    return  # the watch ends with the store
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
+                    log.warning("etcd watch snapshot failed (%s); reading it again", e)
+                elif now - failing_since > self.config.watch_reconnect_timeout:
+                    raise StoreUnavailableError(f"etcd watch snapshot: {e}") from e
+                await self._pause(WATCH_RETRY_MAX)
+                continue
+            for name in sorted(gone):
+                kind = SessionEventType.DELETE if name in deleted else SessionEventType.EXPIRE
+                yield SessionEvent(kind, SessionId(name.decode()), None)
+            state.known = fresh
+            state.revision = revision
+            state.tombstones.clear()
+            yield SessionEvent(SessionEventType.SYNCED)
+            return
+
+    async def _tombstoned(self, names: set[bytes], revision: int) -> set[bytes]:
+        """Which of `names` have a tombstone at `revision` (deleted, not expired)."""
+        found: set[bytes] = set()
+        start = self._tombstones
+        end = aetcd.utils.prefix_range_end(self._tombstones)
+        while True:
+            resp = await self._range(
+                aetcd.rpc.RangeRequest(
+                    key=start,
+                    range_end=end,
+                    limit=self.config.page_size,
+                    revision=revision,
+                    keys_only=True,
+                )
+            )
+            for kv in resp.kvs:
+                name = bytes(kv.key)[len(self._tombstones) :]
+                if name in names:
+                    found.add(name)
+            if not resp.more or not resp.kvs:
+                return found
+            start = bytes(resp.kvs[-1].key) + b"\0"
+
+    def closed(self) -> bool:
+        """A method, not an attribute: it changes while a watch awaits."""
+        return self._closed
+
+    async def _pause(self, seconds: float) -> None:
+        """Backoff that ends early when the store closes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    async def _follow(self, state: _WatchState) -> AsyncGenerator[SessionEvent, None]:
+        """Changes after `state.revision`, across broken streams (rule 6). Returns when the
+        store closes; raises `_Compacted`, or `StoreUnavailableError` when giving up."""
+        broken_since: float | None = None
+        delay = WATCH_RETRY_MIN
+        while not self._closed:
+            reason = "the stream ended"
+            try:
+                async with contextlib.aclosing(self._stream(state)) as stream:
+                    async for event in stream:
+                        if event is not None:
+                            yield event
+                            continue
+                        if broken_since is not None:
+                            log.info("etcd watch open again from revision %d", state.revision + 1)
+                        broken_since = None
+                        delay = WATCH_RETRY_MIN
+            except grpc.aio.AioRpcError as e:
+                reason = f"{e.code().name}: {e.details()}"
+            except (StoreUnavailableError, _WatchBroken) as e:
+                reason = str(e)
+            if self.closed():
+                return
+            now = time.monotonic()
+            if broken_since is None:
+                broken_since = now
+                log.warning(
+                    "etcd watch broken (%s); watching again from revision %d",
+                    reason,
+                    state.revision + 1,
+                )
+            elif now - broken_since > self.config.watch_reconnect_timeout:
+                raise StoreUnavailableError(
+                    f"etcd watch: broken for {now - broken_since:.0f} s: {reason}"
+                )
+            await self._pause(delay)
+            delay = min(delay * 2, WATCH_RETRY_MAX)
+
+    async def _stream(self, state: _WatchState) -> AsyncGenerator[SessionEvent | None, None]:
+        """One Watch stream from `state.revision + 1`: None once etcd has created the watch,
+        then the session events; ends or raises when the stream does."""
+        await self._call(self._client.connect)
+        stub = aetcd.rpc.WatchStub(self._client.channel)
+        call = stub.Watch(metadata=self._client.metadata)
+        seen = state.revision
         try:
-            events = aiter(watch)
-            while True:
-                try:
-                    ev = await anext(events)
-                except StopAsyncIteration:
-                    return
-                except aetcd.exceptions.ClientError as e:
-                    raise StoreUnavailableError(f"etcd watch: {e}") from e
-                key = bytes(ev.kv.key)
-                if key.startswith(self._tombstones):
-                    name = key[len(self._tombstones) :]
-                    if ev.kind == aetcd.rtypes.EventKind.PUT:
-                        tombstones[name] = int(ev.kv.mod_revision)
-                    continue
-                if not key.startswith(self._sessions):
-                    continue
-                name = key[len(self._sessions) :]
-                sid = SessionId(name.decode())
-                if ev.kind == aetcd.rtypes.EventKind.PUT:
-                    tombstones.pop(name, None)
-                    yield SessionEvent(SessionEventType.PUT, sid, decode_record(ev.kv.value))
-                    continue
-                last = decode_record(ev.prev_kv.value) if ev.prev_kv is not None else None
-                deleted = tombstones.pop(name, None) == int(ev.kv.mod_revision)
-                kind = SessionEventType.DELETE if deleted else SessionEventType.EXPIRE
-                yield SessionEvent(kind, sid, last)
+            await call.write(
+                aetcd.rpc.WatchRequest(
+                    create_request=aetcd.rpc.WatchCreateRequest(
+                        key=self._sessions,
+                        range_end=self._watch_end,
+                        start_revision=state.revision + 1,
+                        prev_kv=True,
+                        fragment=True,
+                    )
+                )
+            )
+            async for resp in call:
+                if resp.compact_revision:
+                    raise _Compacted(f"compacted up to {resp.compact_revision}")
+                if resp.canceled:
+                    raise _WatchBroken(resp.cancel_reason or "cancelled by etcd")
+                if resp.created:
+                    yield None
+                for ev in resp.events:
+                    seen = max(seen, int(ev.kv.mod_revision))
+                    event = self._event_of(ev, state)
+                    if event is not None:
+                        yield event
+                if not resp.fragment:
+                    # A revision split over fragments counts once whole: a stream broken
+                    # half-way through one resumes at its start (a repeat is not a regression).
+                    state.revision = max(state.revision, seen)
         finally:
-            if not self._closed:
-                try:
-                    await watch.cancel()
-                except aetcd.exceptions.ClientError:
-                    log.debug("cancelling an etcd watch failed", exc_info=True)
+            call.cancel()
+
+    def _event_of(self, ev: Any, state: _WatchState) -> SessionEvent | None:
+        """The session event of one etcd event, or None (a tombstone)."""
+        key = bytes(ev.kv.key)
+        if key.startswith(self._tombstones):
+            if ev.type == aetcd.rpc.Event.PUT:
+                state.tombstones[key[len(self._tombstones) :]] = int(ev.kv.mod_revision)
+            return None
+        if not key.startswith(self._sessions):
+            return None
+        name = key[len(self._sessions) :]
+        if ev.type == aetcd.rpc.Event.PUT:
+            rec = _decode(ev.kv)
+            if rec is None:
+                return None
+            state.tombstones.pop(name, None)
+            state.known.add(name)
+            return SessionEvent(SessionEventType.PUT, rec.session_id, rec)
+        if name not in state.known:
+            return None  # never shown (a key that held no record)
+        state.known.discard(name)
+        sid = SessionId(name.decode(errors="replace"))
+        last = _decode(ev.prev_kv) if ev.HasField("prev_kv") else None
+        deleted = state.tombstones.pop(name, None) == int(ev.kv.mod_revision)
+        kind = SessionEventType.DELETE if deleted else SessionEventType.EXPIRE
+        return SessionEvent(kind, sid, last)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         await self._client.close()

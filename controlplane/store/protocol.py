@@ -8,6 +8,7 @@ encoding in `controlplane.store.codec`, and both pass `tests/contract`.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from controlplane.records import ClaimRefusedError
@@ -21,10 +22,15 @@ from tether.model import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_SESSIONS_PER_OWNER",
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
+    "SNAPSHOT_PAGE_SIZE",
+    "ApplyResult",
     "ClaimRefusedError",
     "InvalidPageTokenError",
+    "OwnerLimitError",
+    "OwnerLimitReached",
     "SessionNotFoundError",
     "SessionStore",
     "StoreError",
@@ -34,6 +40,11 @@ __all__ = [
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+SNAPSHOT_PAGE_SIZE = 500
+"""Sessions a watch's snapshot reads from the backend at a time: its memory, whatever the
+number of sessions."""
+DEFAULT_MAX_SESSIONS_PER_OWNER = 10_000
+"""Sessions one owner may hold (0: no limit); `--max-sessions-per-owner`."""
 
 
 class StoreError(Exception):
@@ -59,6 +70,41 @@ class WatchLaggedError(StoreError):
     """A watcher fell too far behind and was dropped; watch again for a fresh snapshot."""
 
 
+class OwnerLimitError(StoreError):
+    """A claim refused: it would give `owner` more than `limit` sessions."""
+
+    def __init__(self, owner: OwnerName, limit: int) -> None:
+        super().__init__(
+            f"owner {owner} already holds {limit} sessions, the most allowed "
+            "(--max-sessions-per-owner)"
+        )
+        self.owner = owner
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerLimitReached:
+    """An `apply` outcome: the session's writes were refused, because they would have given
+    `owner` (creating the session, or taking it from another owner) more than `limit`
+    sessions. `record` is the session as it stays (None: it still does not exist)."""
+
+    owner: OwnerName
+    limit: int
+    record: SessionRecord | None = None
+
+    @property
+    def detail(self) -> str:
+        return (
+            f"owner {self.owner} already holds {self.limit} sessions, the most allowed "
+            "(--max-sessions-per-owner): not stored"
+        )
+
+
+ApplyResult = SessionRecord | OwnerLimitReached | None
+"""What `apply` says of one session: its record after the writes, None if it does not exist
+(its stream updates were skipped), or why its writes were refused."""
+
+
 class SessionStore(Protocol):
     """Persistent session records.
 
@@ -71,16 +117,20 @@ class SessionStore(Protocol):
       * A session not written for `session_ttl` seconds expires: it disappears and watchers
         get an EXPIRE event (within a backend-specific delay, documented by the backend).
       * `StoreUnavailableError` means the backend failed; nothing else is raised for I/O.
+      * Sessions per owner are limited (`max_sessions_per_owner` in each backend's config, 0:
+        no limit). A write that gives an owner a session (creates it, or moves it from
+        another owner) is refused when the owner already holds the limit; the count and the
+        write are one atomic step, so concurrent writers never exceed it (each backend says
+        how). Writes to sessions an owner already holds are never refused by the limit.
       * `aclose` stops background work, ends open watches and releases the backend.
     """
 
-    async def apply(
-        self, *, writes: Sequence[SessionWrite]
-    ) -> Mapping[SessionId, SessionRecord | None]:
+    async def apply(self, *, writes: Sequence[SessionWrite]) -> Mapping[SessionId, ApplyResult]:
         """Apply a batch of writes (any sessions, any order: per session, upserts first).
 
         Returns, for each session written to, its record after the writes (None if it does
-        not exist: its stream updates were skipped). The caller derives rejections from it.
+        not exist: its stream updates were skipped), or `OwnerLimitReached` if its writes
+        were refused by the owner limit. The caller derives rejections from it.
         """
         ...
 
@@ -116,9 +166,10 @@ class SessionStore(Protocol):
     ) -> SessionRecord:
         """Give the session to `owner` with the next owner epoch, atomically.
 
-        Raises `SessionNotFoundError`, or `ClaimRefusedError` if `expected_owner_epoch` is
-        given and the session is at another epoch. From then on writes with older epochs are
-        refused.
+        Raises `SessionNotFoundError`, `ClaimRefusedError` if `expected_owner_epoch` is
+        given and the session is at another epoch, or `OwnerLimitError` if `owner` (not the
+        current owner) already holds the most sessions allowed. From then on writes with
+        older epochs are refused.
         """
         ...
 
@@ -126,8 +177,13 @@ class SessionStore(Protocol):
         """Every session as a PUT event, one SYNCED event, then every change in order.
 
         No change is lost between the snapshot and the changes, and a session is never shown
-        going backwards. Ends when the store closes; raises `WatchLaggedError` if the watcher
-        fell too far behind, `StoreUnavailableError` if the backend failed.
+        going backwards. The snapshot is read in pages of `SNAPSHOT_PAGE_SIZE` and yielded as
+        it is read: a watch's memory does not grow with the number of sessions' records.
+        A backend may resynchronise a watch whose change history is lost (etcd after a
+        compaction): it then sends a PUT for every live session, a DELETE or EXPIRE for every
+        session it had shown that is gone, and SYNCED again, then changes; the stream does
+        not end. Ends when the store closes; raises `WatchLaggedError` if the watcher fell
+        too far behind, `StoreUnavailableError` if the backend failed for good.
         """
         ...
 

@@ -5,19 +5,32 @@ Implements `controlplane.store.protocol.SessionStore` for a single control-plane
   * All SQLite work runs on one dedicated thread with one connection, so the event loop never
     blocks on disk and operations are serialised in submission order.
   * Every `apply` batch is one `BEGIN IMMEDIATE` transaction: many sessions, one fsync.
-  * Each committed change gets an in-process revision. A watch takes its snapshot on the
-    same thread (so at a known revision) and then drops queued events at or below it, and
-    any event older than one already delivered for the same session: no gap, no regression.
-  * Expiry: a sweeper task deletes sessions whose `expires_at` has passed, every
-    `sweep_interval` seconds, and watchers get EXPIRE events. Until swept, an expired row is
-    already invisible to reads and is treated as missing (and expired) by writes.
-  * Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
-    loss may drop the last transactions (acknowledged batches included).
+Rules:
+  1. Each committed change gets an in-process revision, and the store's thread hands the
+     events of a transaction to the event loop (`call_soon_threadsafe`) before it runs the
+     next operation: watchers receive changes in revision order, even if the coroutine that
+     asked for the write was cancelled meanwhile.
+  2. A watch subscribes first, then reads its snapshot in pages of `SNAPSHOT_PAGE_SIZE`
+     (keyset pagination by session id), each page on the store's thread at a known revision.
+     Page i shows the sessions in its id range as of its revision r_i, so a queued change of
+     a session in that range is delivered after SYNCED only if its revision is above r_i:
+     no change is lost and none shown twice or backwards. Memory: one page, plus one
+     (id, revision) pair per page read.
+  3. Expiry: a sweeper task deletes sessions whose `expires_at` has passed, every
+     `sweep_interval` seconds, in transactions of at most `SNAPSHOT_PAGE_SIZE` sessions, and
+     watchers get EXPIRE events. Until swept, an expired row is already invisible to reads
+     and is treated as missing (and expired) by writes.
+  4. Sessions per owner: a write that gives an owner a session counts the owner's live
+     sessions inside the same `BEGIN IMMEDIATE` transaction (writers are serialised), so the
+     limit is exact.
+  5. Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
+     loss may drop the last transactions (acknowledged batches included).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import sqlite3
@@ -37,8 +50,13 @@ from controlplane.store.codec import (
     encode_record,
 )
 from controlplane.store.protocol import (
+    DEFAULT_MAX_SESSIONS_PER_OWNER,
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
+    SNAPSHOT_PAGE_SIZE,
+    ApplyResult,
+    OwnerLimitError,
+    OwnerLimitReached,
     SessionNotFoundError,
     StoreUnavailableError,
     WatchLaggedError,
@@ -67,6 +85,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, session_id);
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
+CREATE INDEX IF NOT EXISTS sessions_by_owner_expiry ON sessions (owner, expires_at);
 """
 
 
@@ -80,6 +99,10 @@ class SqliteStoreConfig:
     0 disables the sweeper (tests call `sweep()` themselves)."""
     watch_buffer: int = 10_000
     """Events a watcher may fall behind by before it is dropped with `WatchLaggedError`."""
+    max_sessions_per_owner: int = DEFAULT_MAX_SESSIONS_PER_OWNER
+    """Sessions one owner may hold (rule 4); 0: no limit."""
+    page_size: int = SNAPSHOT_PAGE_SIZE
+    """Rows a watch snapshot or an expiry sweep reads at a time."""
 
     def effective_sweep_interval(self) -> float:
         if self.sweep_interval is not None:
@@ -115,14 +138,22 @@ class _Subscriber:
 class _Db:
     """The SQLite side: used only on the store's thread."""
 
-    def __init__(self, path: Path, ttl: float) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    def __init__(
+        self,
+        config: SqliteStoreConfig,
+        publish: Callable[[list[_Event]], None],
+    ) -> None:
+        self.conn = sqlite3.connect(config.path, isolation_level=None, check_same_thread=True)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.executescript(_SCHEMA)
-        self.ttl = ttl
+        self.ttl = config.session_ttl
+        self.limit = config.max_sessions_per_owner
+        self.page_size = config.page_size
         self.revision = 0
+        self._publish = publish
+        """Thread-safe: hands committed events to the event loop (rule 1)."""
 
     def _event(self, events: list[_Event], type_: SessionEventType, rec: SessionRecord) -> None:
         self.revision += 1
@@ -159,28 +190,48 @@ class _Db:
             self.revision = start
             raise
         self.conn.execute("COMMIT")
+        if events:
+            self._publish(events)
         return result, events
 
-    def apply(
-        self, writes: Sequence[SessionWrite], now: float
-    ) -> tuple[dict[SessionId, SessionRecord | None], list[_Event]]:
+    def _owned(self, owner: OwnerName, now: float) -> int:
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM sessions WHERE owner = ? AND expires_at > ?", (owner, now)
+        ).fetchone()
+        return int(row[0])
+
+    def apply(self, writes: Sequence[SessionWrite], now: float) -> dict[SessionId, ApplyResult]:
         by_session: dict[SessionId, list[SessionWrite]] = {}
         for w in writes:
             by_session.setdefault(write_session_id(w), []).append(w)
 
-        def body(events: list[_Event]) -> dict[SessionId, SessionRecord | None]:
-            out: dict[SessionId, SessionRecord | None] = {}
+        def body(events: list[_Event]) -> dict[SessionId, ApplyResult]:
+            out: dict[SessionId, ApplyResult] = {}
+            # Live sessions per owner, counted once per transaction and kept up to date here.
+            owned: dict[OwnerName, int] = {}
             for sid, ws in by_session.items():
-                merged = records.apply_writes(
-                    self._load(sid, now, events), ws, now=now, ttl=self.ttl
-                )
-                if merged.changed and merged.record is not None:
-                    self._save(merged.record)
-                    self._event(events, SessionEventType.PUT, merged.record)
-                out[sid] = merged.record
+                current = self._load(sid, now, events)
+                merged = records.apply_writes(current, ws, now=now, ttl=self.ttl)
+                new = merged.record
+                if not merged.changed or new is None:
+                    out[sid] = new
+                    continue
+                if self.limit > 0 and (current is None or current.owner != new.owner):
+                    count = owned.get(new.owner)
+                    if count is None:
+                        count = self._owned(new.owner, now)
+                    if count >= self.limit:
+                        out[sid] = OwnerLimitReached(new.owner, self.limit, current)
+                        continue
+                    owned[new.owner] = count + 1
+                    if current is not None and current.owner in owned:
+                        owned[current.owner] -= 1
+                self._save(new)
+                self._event(events, SessionEventType.PUT, new)
+                out[sid] = new
             return out
 
-        return self._transaction(body)
+        return self._transaction(body)[0]
 
     def get(self, sid: SessionId, now: float) -> SessionRecord | None:
         row = self.conn.execute(
@@ -200,7 +251,7 @@ class _Db:
         params.append(limit)
         return [decode_record(r[0]) for r in self.conn.execute(sql, params)]
 
-    def delete(self, sid: SessionId, now: float) -> tuple[SessionRecord | None, list[_Event]]:
+    def delete(self, sid: SessionId, now: float) -> SessionRecord | None:
         def body(events: list[_Event]) -> SessionRecord | None:
             rec = self._load(sid, now, events)
             if rec is not None:
@@ -208,11 +259,11 @@ class _Db:
                 self._event(events, SessionEventType.DELETE, rec)
             return rec
 
-        return self._transaction(body)
+        return self._transaction(body)[0]
 
     def claim(
         self, sid: SessionId, owner: OwnerName, expected: int | None, now: float
-    ) -> tuple[SessionRecord, list[_Event]]:
+    ) -> SessionRecord:
         def body(events: list[_Event]) -> SessionRecord:
             rec = self._load(sid, now, events)
             if rec is None:
@@ -220,28 +271,46 @@ class _Db:
             new = records.claim(
                 rec, owner=owner, expected_owner_epoch=expected, now=now, ttl=self.ttl
             )
+            if self.limit > 0 and owner != rec.owner and self._owned(owner, now) >= self.limit:
+                raise OwnerLimitError(owner, self.limit)
             self._save(new)
             self._event(events, SessionEventType.PUT, new)
             return new
 
-        # Not found rolls back an expiry found on the way; the sweeper publishes it later.
-        return self._transaction(body)
+        # A refusal rolls back an expiry found on the way; the sweeper publishes it later.
+        return self._transaction(body)[0]
 
-    def sweep(self, now: float) -> list[_Event]:
-        def body(events: list[_Event]) -> None:
-            rows = self.conn.execute(
-                "SELECT record FROM sessions WHERE expires_at <= ? ORDER BY expires_at", (now,)
-            ).fetchall()
-            self.conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
-            for (data,) in rows:
-                self._event(events, SessionEventType.EXPIRE, decode_record(data))
+    def sweep(self, now: float) -> int:
+        """Expire what is due, a page per transaction (rule 3); return how many."""
+        total = 0
+        while True:
 
-        return self._transaction(body)[1]
+            def body(events: list[_Event]) -> int:
+                rows = self.conn.execute(
+                    "SELECT session_id, record FROM sessions WHERE expires_at <= ? "
+                    "ORDER BY expires_at LIMIT ?",
+                    (now, self.page_size),
+                ).fetchall()
+                self.conn.executemany(
+                    "DELETE FROM sessions WHERE session_id = ?", [(r[0],) for r in rows]
+                )
+                for _, data in rows:
+                    self._event(events, SessionEventType.EXPIRE, decode_record(data))
+                return len(rows)
 
-    def snapshot(self, now: float) -> tuple[int, list[SessionRecord]]:
+            done = self._transaction(body)[0]
+            total += done
+            if done < self.page_size:
+                return total
+
+    def snapshot_page(self, after: str, now: float) -> tuple[int, list[SessionRecord]]:
+        """The next page of live sessions with ids above `after`, and the revision it shows
+        (rule 2)."""
         rows = self.conn.execute(
-            "SELECT record FROM sessions WHERE expires_at > ? ORDER BY session_id", (now,)
-        ).fetchall()
+            "SELECT record FROM sessions WHERE session_id > ? AND expires_at > ? "
+            "ORDER BY session_id LIMIT ?",
+            (after, now, self.page_size),
+        )
         return self.revision, [decode_record(r[0]) for r in rows]
 
     def close(self) -> None:
@@ -267,8 +336,13 @@ class SqliteSessionStore:
         cls, config: SqliteStoreConfig, *, clock: Callable[[], float] = time.time
     ) -> SqliteSessionStore:
         store = cls(config, clock=clock)
+        loop = asyncio.get_running_loop()
+
+        def publish(events: list[_Event]) -> None:
+            loop.call_soon_threadsafe(store._publish, events)
+
         try:
-            store._db = await store._run(_Db, config.path, config.session_ttl)
+            store._db = await store._run(_Db, config, publish)
         except BaseException:
             store._executor.shutdown(wait=False)
             raise
@@ -297,14 +371,10 @@ class SqliteSessionStore:
             for sub in self._subscribers:
                 sub.push(item)
 
-    async def apply(
-        self, *, writes: Sequence[SessionWrite]
-    ) -> Mapping[SessionId, SessionRecord | None]:
+    async def apply(self, *, writes: Sequence[SessionWrite]) -> Mapping[SessionId, ApplyResult]:
         if not writes:
             return {}
-        result, events = await self._run(self._conn.apply, writes, self._clock())
-        self._publish(events)
-        return result
+        return await self._run(self._conn.apply, writes, self._clock())
 
     async def get(self, *, session_id: SessionId) -> SessionRecord | None:
         return await self._run(self._conn.get, session_id, self._clock())
@@ -325,9 +395,7 @@ class SqliteSessionStore:
         return SessionPage(tuple(rows))
 
     async def delete(self, *, session_id: SessionId) -> SessionRecord | None:
-        rec, events = await self._run(self._conn.delete, session_id, self._clock())
-        self._publish(events)
-        return rec
+        return await self._run(self._conn.delete, session_id, self._clock())
 
     async def claim(
         self,
@@ -336,17 +404,13 @@ class SqliteSessionStore:
         owner: OwnerName,
         expected_owner_epoch: int | None = None,
     ) -> SessionRecord:
-        rec, events = await self._run(
+        return await self._run(
             self._conn.claim, session_id, owner, expected_owner_epoch, self._clock()
         )
-        self._publish(events)
-        return rec
 
     async def sweep(self) -> int:
         """Expire every session past its `expires_at` now; return how many."""
-        events = await self._run(self._conn.sweep, self._clock())
-        self._publish(events)
-        return len(events)
+        return await self._run(self._conn.sweep, self._clock())
 
     async def _sweep_loop(self, interval: float) -> None:
         while True:
@@ -364,11 +428,23 @@ class SqliteSessionStore:
         sub = _Subscriber(self.config.watch_buffer)
         self._subscribers.add(sub)
         try:
-            snapshot_rev, snapshot = await self._run(self._conn.snapshot, self._clock())
-            for rec in snapshot:
-                yield SessionEvent(SessionEventType.PUT, rec.session_id, rec)
+            # Rule 2: page i covers the ids above page_ends[i - 1] up to page_ends[i] (the last
+            # page: all above) and shows them as of page_revisions[i].
+            page_ends: list[str] = []
+            page_revisions: list[int] = []
+            after = ""
+            while True:
+                revision, page = await self._run(self._conn.snapshot_page, after, self._clock())
+                page_revisions.append(revision)
+                for rec in page:
+                    yield SessionEvent(SessionEventType.PUT, rec.session_id, rec)
+                if len(page) < self.config.page_size:
+                    break
+                after = page[-1].session_id
+                page_ends.append(after)
+                del page
             yield SessionEvent(SessionEventType.SYNCED)
-            delivered: dict[SessionId, int] = {}
+            delivered = 0
             while True:
                 while not sub.items:
                     if sub.lagged:
@@ -379,9 +455,11 @@ class SqliteSessionStore:
                     await sub.wakeup.wait()
                 rev, event = sub.items.popleft()
                 sid = event.session_id
-                if sid is None or rev <= snapshot_rev or rev <= delivered.get(sid, 0):
+                if sid is None or rev <= delivered:
                     continue
-                delivered[sid] = rev
+                if rev <= page_revisions[bisect.bisect_left(page_ends, sid)]:
+                    continue  # the snapshot already showed it
+                delivered = rev
                 yield event
         finally:
             self._subscribers.discard(sub)

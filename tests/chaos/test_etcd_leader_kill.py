@@ -10,9 +10,7 @@ so the kill costs both an election and an endpoint failover: the hardest case.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,7 +26,6 @@ from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory
 from tests.support.chaos import (
     DEADLINE_S,
-    POLL_S,
     ChaosRow,
     ChaosTable,
     PositionWatcher,
@@ -36,47 +33,16 @@ from tests.support.chaos import (
     poll_persisted,
     start_count_stream,
 )
-from tests.support.etcd import EtcdCluster, EtcdMember, etcd_available, start_etcd
-from tests.support.waiting import eventually
+from tests.support.etcd import (
+    EtcdCluster,
+    etcd_available,
+    make_leader,
+    member_ids,
+    start_etcd,
+    wait_leader,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.etcd, pytest.mark.timeout(40)]
-
-
-def _post(member: EtcdMember, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    """etcd's HTTP gateway (JSON over the v3 API)."""
-    request = urllib.request.Request(
-        f"http://{member.endpoint}{path}", data=json.dumps(body).encode(), method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=2) as resp:
-        out: dict[str, Any] = json.loads(resp.read())
-        return out
-
-
-def member_ids(cluster: EtcdCluster) -> dict[str, str]:
-    return {
-        m.name: _post(m, "/v3/maintenance/status", {})["header"]["member_id"]
-        for m in cluster.members
-    }
-
-
-def leader_of(members: list[EtcdMember], ids: dict[str, str]) -> EtcdMember | None:
-    """The member every live member agrees is the leader, or None (an election is on)."""
-    seen = {_post(m, "/v3/maintenance/status", {}).get("leader", "0") for m in members}
-    if len(seen) != 1:
-        return None
-    (leader_id,) = seen
-    return next((m for m in members if ids[m.name] == leader_id), None)
-
-
-async def wait_leader(members: list[EtcdMember], ids: dict[str, str]) -> EtcdMember:
-    leader = await eventually(
-        lambda: asyncio.to_thread(leader_of, members, ids),
-        timeout=DEADLINE_S,
-        interval=POLL_S,
-        what="an etcd leader elected",
-    )
-    assert leader is not None
-    return leader
 
 
 @dataclass
@@ -114,14 +80,8 @@ async def test_etcd_leader_killed_mid_stream(
     the kill (a write that needed the new leader)."""
     cluster = etcd_control_plane.cluster
     ids = await asyncio.to_thread(member_ids, cluster)
-    first = cluster.members[0]
-    leader = await wait_leader(cluster.members, ids)
-    if leader is not first:
-        await asyncio.to_thread(
-            _post, leader, "/v3/maintenance/transfer-leadership", {"targetID": ids[first.name]}
-        )
-        leader = await wait_leader(cluster.members, ids)
-    assert leader is first
+    leader = cluster.members[0]
+    await make_leader(cluster, leader)
     address = etcd_control_plane.running.address
     n = 200
     async with numbered_upstream(interval_ms=10) as upstream:

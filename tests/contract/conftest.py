@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,12 +46,14 @@ class StoreHarness:
     """Opens stores of one backend and makes sessions expire in that backend's way."""
 
     backend: str
-    opener: Callable[[float], Awaitable[SessionStore]]
+    opener: Callable[[float, dict[str, Any]], Awaitable[SessionStore]]
     clock: FakeClock | None
     opened: list[SessionStore]
 
-    async def open(self, *, session_ttl: float = 3600.0) -> SessionStore:
-        store = await self.opener(session_ttl)
+    async def open(self, *, session_ttl: float = 3600.0, **config: Any) -> SessionStore:
+        """A store of this backend; `config`: fields both configs have (`page_size`,
+        `max_sessions_per_owner`)."""
+        store = await self.opener(session_ttl, config)
         self.opened.append(store)
         return store
 
@@ -69,8 +72,10 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     if request.param == "sqlite":
         clock = FakeClock()
 
-        async def open_sqlite(ttl: float) -> SessionStore:
-            config = SqliteStoreConfig(path=tmp_path / "s.db", session_ttl=ttl, sweep_interval=0)
+        async def open_sqlite(ttl: float, extra: dict[str, Any]) -> SessionStore:
+            config = SqliteStoreConfig(
+                path=tmp_path / "s.db", session_ttl=ttl, sweep_interval=0, **extra
+            )
             return await SqliteSessionStore.open(config, clock=clock)
 
         h = StoreHarness("sqlite", open_sqlite, clock, opened)
@@ -78,13 +83,14 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         cluster: EtcdCluster = request.getfixturevalue("etcd_cluster")
         prefix = f"/test-{uuid.uuid4().hex[:12]}"
 
-        async def open_etcd(ttl: float) -> SessionStore:
+        async def open_etcd(ttl: float, extra: dict[str, Any]) -> SessionStore:
             host, port = cluster.endpoints[0].rsplit(":", 1)
             config = EtcdStoreConfig(
                 endpoints=((host, int(port)),),
                 prefix=prefix,
                 session_ttl=ttl,
                 lease_granularity=0.5,
+                **extra,
             )
             return await EtcdSessionStore.open(config)
 

@@ -14,8 +14,11 @@ from typing import Any
 import pytest
 
 from controlplane.store.protocol import (
+    ApplyResult,
     ClaimRefusedError,
     InvalidPageTokenError,
+    OwnerLimitError,
+    OwnerLimitReached,
     SessionNotFoundError,
     SessionStore,
 )
@@ -66,7 +69,7 @@ def update(sid: str, stream: str, seq: int, epoch: int = 1) -> StreamUpdate:
 async def create(store: SessionStore, sid: str = "s1", **kw: Any) -> SessionRecord:
     out = await store.apply(writes=[SessionUpsert(record(sid, **kw))])
     rec = out[SessionId(sid)]
-    assert rec is not None
+    assert isinstance(rec, SessionRecord)
     return rec
 
 
@@ -102,7 +105,7 @@ async def test_stream_updates_are_monotonic_and_idempotent(store: SessionStore) 
     sid = SessionId("s1")
     out = await store.apply(writes=[update("s1", "a", 5)])
     rec = out[sid]
-    assert rec is not None
+    assert isinstance(rec, SessionRecord)
     assert rec.streams[StreamId("a")].seq == 5
     # Lower, equal (a replay) and the same batch again: no-ops, not even timestamps move.
     for stale in (update("s1", "a", 3), update("s1", "a", 5), update("s1", "a", 5)):
@@ -110,7 +113,7 @@ async def test_stream_updates_are_monotonic_and_idempotent(store: SessionStore) 
         assert again == rec
     assert await store.get(session_id=sid) == rec
     rec7 = (await store.apply(writes=[update("s1", "a", 7), update("s1", "a", 6)]))[sid]
-    assert rec7 is not None
+    assert isinstance(rec7, SessionRecord)
     assert rec7.streams[StreamId("a")].seq == 7
     assert rec7.streams[StreamId("a")].last_event_id == "a.1.7"
 
@@ -125,8 +128,8 @@ async def test_one_batch_creates_and_moves_several_sessions(store: SessionStore)
         ]
     )
     s1, s2 = out[SessionId("s1")], out[SessionId("s2")]
-    assert s1 is not None
-    assert s2 is not None
+    assert isinstance(s1, SessionRecord)
+    assert isinstance(s2, SessionRecord)
     assert {k: v.seq for k, v in s1.streams.items()} == {"a": 2, "b": 1}
     assert s2.streams[StreamId("x")].seq == 9
 
@@ -151,7 +154,7 @@ async def test_claim_fences_the_old_owner(store: SessionStore) -> None:
     assert (await store.apply(writes=[zombie_meta]))[sid] == claimed
     # The new owner's first event beats everything before it.
     new = (await store.apply(writes=[update("s1", "a", 1, epoch=2)]))[sid]
-    assert new is not None
+    assert isinstance(new, SessionRecord)
     assert new.streams[StreamId("a")].order == (2, 1)
     # An epoch nobody granted is refused too.
     assert (await store.apply(writes=[update("s1", "a", 5, epoch=3)]))[sid] == new
@@ -174,7 +177,7 @@ async def test_upsert_by_owner_refreshes_metadata(store: SessionStore) -> None:
     await create(store)
     new = record("s1", upstream_session_id="s1-reinit", initialize_request=b"")
     rec = (await store.apply(writes=[SessionUpsert(new)]))[sid]
-    assert rec is not None
+    assert isinstance(rec, SessionRecord)
     assert rec.upstream_session_id == "s1-reinit"
     assert rec.initialize_request == b'{"method":"initialize"}'
 
@@ -250,7 +253,7 @@ async def test_concurrent_writers_end_at_the_maximum(store: SessionStore) -> Non
     order = seqs[::2] + seqs[1::2][::-1]
     await asyncio.gather(*(store.apply(writes=[update("s1", "a", s)]) for s in order))
     rec = await store.get(session_id=sid)
-    assert rec is not None
+    assert isinstance(rec, SessionRecord)
     assert rec.streams[StreamId("a")].seq == 50
 
 
@@ -286,8 +289,7 @@ async def test_credential_binding_is_set_once(store: SessionStore) -> None:
     assert (await store.apply(writes=[SessionUpsert(rebind)]))[sid] == rec
     assert await store.get(session_id=sid) == rec
     keep = record("s1", credential_fingerprint="", upstream_address="http://mcp:9090/mcp")
-    kept = (await store.apply(writes=[SessionUpsert(keep)]))[sid]
-    assert kept is not None
+    kept = stored((await store.apply(writes=[SessionUpsert(keep)]))[sid])
     assert kept.credential_fingerprint == "fp-alice"
     assert kept.upstream_address == "http://mcp:9090/mcp"
 
@@ -304,7 +306,170 @@ async def test_only_the_owner_writes_and_only_a_claim_moves_a_session(
     foreign = dataclasses.replace(update("s1", "a", 50), writer=OwnerName("pod-b"))
     assert (await store.apply(writes=[foreign]))[sid] == rec
     own = dataclasses.replace(update("s1", "a", 5), writer=OwnerName("pod-a"))
-    moved = (await store.apply(writes=[own]))[sid]
-    assert moved is not None
+    moved = stored((await store.apply(writes=[own]))[sid])
     assert moved.streams[StreamId("a")].seq == 5
     assert (await store.get(session_id=sid)) == moved
+
+
+async def listing(store: SessionStore, owner: str | None = None) -> list[SessionRecord]:
+    """Every session, through `list_page`."""
+    out: list[SessionRecord] = []
+    token = ""
+    while True:
+        page = await store.list_page(
+            owner=OwnerName(owner) if owner else None, page_size=7, page_token=token
+        )
+        out.extend(page.sessions)
+        if not (token := page.next_page_token):
+            return out
+
+
+def follow(state: dict[str, SessionRecord], ev: SessionEvent) -> None:
+    """Apply one watch event to a watcher's picture of the store; a session is never shown
+    going backwards."""
+    assert ev.session_id is not None
+    if ev.type is SessionEventType.PUT:
+        assert ev.session is not None
+        old = state.get(ev.session_id)
+        if old is not None:
+            assert ev.session.updated_at >= old.updated_at
+            for sid, p in old.streams.items():
+                assert ev.session.streams[sid].order >= p.order
+        state[ev.session_id] = ev.session
+    else:
+        state.pop(ev.session_id, None)
+
+
+async def test_watch_snapshot_is_read_in_pages_and_loses_no_change(
+    harness: StoreHarness,
+) -> None:
+    """A snapshot of eight pages comes complete and in id order, and changes made while it
+    is half read (in pages read and not yet read, creations, deletions) all reach the
+    watcher: its picture ends equal to the store's."""
+    store = await harness.open(page_size=4)
+    ids = [f"s{i:02d}" for i in range(30)]
+    await store.apply(
+        writes=[SessionUpsert(record(sid, owner=f"pod-{i % 3}")) for i, sid in enumerate(ids)]
+    )
+    state: dict[str, SessionRecord] = {}
+    async with contextlib.aclosing(store.watch()) as events:
+        snapshot = [await next_event(events) for _ in range(6)]  # into the second page
+        await store.apply(
+            writes=[
+                update("s01", "a", 1),
+                update("s25", "a", 1),
+                SessionUpsert(record("s02x")),
+                SessionUpsert(record("s99")),
+            ]
+        )
+        await store.apply(writes=[update("s01", "a", 2), update("s25", "a", 2)])
+        assert await store.delete(session_id=SessionId("s03")) is not None
+        assert await store.delete(session_id=SessionId("s27")) is not None
+        snapshot += await until_synced(events)
+        assert all(e.type is SessionEventType.PUT for e in snapshot)
+        shown = [e.session_id or "" for e in snapshot]
+        assert shown == sorted(set(shown))
+        assert set(ids) - {"s03", "s27"} <= set(shown)
+        for ev in snapshot:
+            follow(state, ev)
+        await create(store, "zz-end")
+        while (ev := await next_event(events)).session_id != "zz-end":
+            follow(state, ev)
+        follow(state, ev)
+    assert state == {r.session_id: r for r in await listing(store)}
+    assert state["s01"].streams[StreamId("a")].seq == 2
+    assert state["s25"].streams[StreamId("a")].seq == 2
+    assert {"s02x", "s99"} <= state.keys()
+    assert not {"s03", "s27"} & state.keys()
+
+
+def stored(result: ApplyResult) -> SessionRecord:
+    assert isinstance(result, SessionRecord), result
+    return result
+
+
+async def test_sessions_per_owner_are_limited(harness: StoreHarness) -> None:
+    store = await harness.open(max_sessions_per_owner=3)
+    for i in range(3):
+        await create(store, f"a{i}", owner="pod-a")
+    out = await store.apply(
+        writes=[
+            SessionUpsert(record("a3", owner="pod-a")),
+            update("a3", "x", 1),
+            SessionUpsert(record("b0", owner="pod-b")),
+            update("a0", "x", 1),
+        ]
+    )
+    refused = out[SessionId("a3")]
+    assert refused == OwnerLimitReached(OwnerName("pod-a"), 3, None)
+    assert "pod-a" in refused.detail
+    assert "--max-sessions-per-owner" in refused.detail
+    assert await store.get(session_id=SessionId("a3")) is None
+    # Other owners, and the sessions an owner holds, are not limited.
+    assert stored(out[SessionId("b0")]).owner == "pod-b"
+    assert stored(out[SessionId("a0")]).streams[StreamId("x")].seq == 1
+    renewed = await store.apply(writes=[SessionUpsert(record("a1", owner="pod-a"))])
+    assert stored(renewed[SessionId("a1")]).owner == "pod-a"
+    # A claim would move a session to the full owner: refused, nothing changes.
+    before = await store.get(session_id=SessionId("b0"))
+    with pytest.raises(OwnerLimitError, match="pod-a"):
+        await store.claim(session_id=SessionId("b0"), owner=OwnerName("pod-a"))
+    assert await store.get(session_id=SessionId("b0")) == before
+    # A claim away from the full owner frees a place; so does a delete.
+    claimed = await store.claim(session_id=SessionId("a0"), owner=OwnerName("pod-b"))
+    assert claimed.owner == "pod-b"
+    await create(store, "a3", owner="pod-a")
+    assert await store.delete(session_id=SessionId("a1")) is not None
+    await create(store, "a4", owner="pod-a")
+    full = await store.apply(writes=[SessionUpsert(record("a5", owner="pod-a"))])
+    assert isinstance(full[SessionId("a5")], OwnerLimitReached)
+    assert sorted(r.session_id for r in await listing(store, "pod-a")) == ["a2", "a3", "a4"]
+
+
+async def test_owner_limit_holds_against_concurrent_creators(harness: StoreHarness) -> None:
+    """Four stores on one backend (four control-plane replicas) create 24 sessions of one
+    owner at once, each write on its own: exactly the limit is stored."""
+    stores = [await harness.open(max_sessions_per_owner=5) for _ in range(4)]
+    results = await asyncio.gather(
+        *(
+            stores[i % 4].apply(writes=[SessionUpsert(record(f"c{i:02d}", owner="pod-c"))])
+            for i in range(24)
+        )
+    )
+    outcomes = [r for out in results for r in out.values()]
+    assert sum(isinstance(r, SessionRecord) for r in outcomes) == 5
+    assert sum(isinstance(r, OwnerLimitReached) for r in outcomes) == 19
+    assert len(await listing(stores[0], "pod-c")) == 5
+
+
+async def test_expired_sessions_leave_the_owner_count(harness: StoreHarness) -> None:
+    ttl = 1.0
+    store = await harness.open(session_ttl=ttl, max_sessions_per_owner=2)
+    await create(store, "e0", owner="pod-e")
+    await create(store, "e1", owner="pod-e")
+    over = await store.apply(writes=[SessionUpsert(record("e2", owner="pod-e"))])
+    assert isinstance(over[SessionId("e2")], OwnerLimitReached)
+    async with contextlib.aclosing(store.watch()) as events:
+        assert len(await until_synced(events)) == 2
+        await harness.expire(store, ttl)
+        gone = {(await next_event(events)).session_id for _ in range(2)}
+        assert gone == {"e0", "e1"}
+    await create(store, "e2", owner="pod-e")
+    await create(store, "e3", owner="pod-e")
+
+
+async def test_large_records_are_listed_and_watched_whole(store: SessionStore) -> None:
+    """Thirty sessions with 300 KB `initialize` bodies: more than one gRPC message (4 MiB)
+    holds, so a page of them is read in smaller pieces, and none is missing."""
+    body = b"x" * 300_000
+    ids = [f"big{i:02d}" for i in range(30)]
+    for sid in ids:
+        await create(store, sid, initialize_request=body)
+    listed = await listing(store)
+    assert [r.session_id for r in listed] == ids
+    page = await store.list_page(page_size=1000)
+    assert [r.session_id for r in page.sessions] == ids
+    async with contextlib.aclosing(store.watch()) as events:
+        snapshot = await until_synced(events)
+    assert [e.session_id for e in snapshot] == ids
+    assert all(e.session is not None and e.session.initialize_request == body for e in snapshot)

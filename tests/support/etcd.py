@@ -6,6 +6,8 @@ use a short heartbeat so that leader elections and lease expiry take about a sec
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import subprocess
 import time
@@ -13,8 +15,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.support.procs import free_port
+from tests.support.waiting import eventually
 
 ETCD_BINARY = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -140,3 +144,53 @@ def start_etcd(base_dir: Path, *, members: int = 1) -> EtcdCluster:
         cluster.stop()
         raise
     return cluster
+
+
+def post(member: EtcdMember, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """etcd's HTTP gateway (JSON over the v3 API); blocking."""
+    request = urllib.request.Request(
+        f"http://{member.endpoint}{path}", data=json.dumps(body).encode(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=2) as resp:
+        out: dict[str, Any] = json.loads(resp.read())
+        return out
+
+
+def member_ids(cluster: EtcdCluster) -> dict[str, str]:
+    return {
+        m.name: post(m, "/v3/maintenance/status", {})["header"]["member_id"]
+        for m in cluster.members
+    }
+
+
+def leader_of(members: list[EtcdMember], ids: dict[str, str]) -> EtcdMember | None:
+    """The member every live member agrees is the leader, or None (an election is on)."""
+    seen = {post(m, "/v3/maintenance/status", {}).get("leader", "0") for m in members}
+    if len(seen) != 1:
+        return None
+    (leader_id,) = seen
+    return next((m for m in members if ids[m.name] == leader_id), None)
+
+
+async def wait_leader(
+    members: list[EtcdMember], ids: dict[str, str], *, timeout: float = 15.0
+) -> EtcdMember:
+    leader = await eventually(
+        lambda: asyncio.to_thread(leader_of, members, ids),
+        timeout=timeout,
+        interval=0.02,
+        what="an etcd leader elected",
+    )
+    assert leader is not None
+    return leader
+
+
+async def make_leader(cluster: EtcdCluster, target: EtcdMember) -> None:
+    """Move leadership to `target` (etcd's transfer-leadership, asked of the leader)."""
+    ids = await asyncio.to_thread(member_ids, cluster)
+    leader = await wait_leader(cluster.members, ids)
+    if leader is not target:
+        body = {"targetID": ids[target.name]}
+        await asyncio.to_thread(post, leader, "/v3/maintenance/transfer-leadership", body)
+        leader = await wait_leader(cluster.members, ids)
+    assert leader is target

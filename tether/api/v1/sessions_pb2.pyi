@@ -18,6 +18,7 @@ class RejectionReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTION_REASON_FENCED: _ClassVar[RejectionReason]
     REJECTION_REASON_UNKNOWN_SESSION: _ClassVar[RejectionReason]
     REJECTION_REASON_INVALID: _ClassVar[RejectionReason]
+    REJECTION_REASON_OWNER_LIMIT: _ClassVar[RejectionReason]
 
 class SessionEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +31,7 @@ REJECTION_REASON_UNSPECIFIED: RejectionReason
 REJECTION_REASON_FENCED: RejectionReason
 REJECTION_REASON_UNKNOWN_SESSION: RejectionReason
 REJECTION_REASON_INVALID: RejectionReason
+REJECTION_REASON_OWNER_LIMIT: RejectionReason
 SESSION_EVENT_TYPE_UNSPECIFIED: SessionEventType
 SESSION_EVENT_TYPE_PUT: SessionEventType
 SESSION_EVENT_TYPE_DELETE: SessionEventType

@@ -106,7 +106,10 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchSessions(self, request, context):
-        """A snapshot of every session (PUT events), one SYNCED event, then every change.
+        """A snapshot of every session (PUT events), one SYNCED event, then every change. If the
+        store loses the change history (etcd compaction while its watch was broken), the stream
+        resynchronises without ending: PUT per live session, DELETE or EXPIRE per session shown
+        before that is gone, SYNCED again, then changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

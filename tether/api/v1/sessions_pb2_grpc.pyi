@@ -13,6 +13,9 @@ Invariants the control plane keeps (and every client may rely on):
  4. Sessions idle for longer than the control plane's TTL expire; watchers see the expiry.
  5. Ids are validated before they are used: 1 to 256 characters from
     [A-Za-z0-9._~+=:@-], not starting with '.'; anything else is INVALID_ARGUMENT.
+ 6. An owner holds at most the control plane's --max-sessions-per-owner sessions: creating
+    one more is refused (OWNER_LIMIT in ReportEvents), and so is a ClaimSession for that
+    owner (RESOURCE_EXHAUSTED).
 """
 
 from collections import abc as _abc
@@ -55,7 +58,11 @@ class SessionServiceStub:
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.DeleteSessionRequest, _sessions_pb2.DeleteSessionResponse]
     ClaimSession: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.ClaimSessionRequest, _sessions_pb2.ClaimSessionResponse]
     WatchSessions: _grpc.UnaryStreamMultiCallable[_sessions_pb2.WatchSessionsRequest, _sessions_pb2.SessionEvent]
-    """A snapshot of every session (PUT events), one SYNCED event, then every change."""
+    """A snapshot of every session (PUT events), one SYNCED event, then every change. If the
+    store loses the change history (etcd compaction while its watch was broken), the stream
+    resynchronises without ending: PUT per live session, DELETE or EXPIRE per session shown
+    before that is gone, SYNCED again, then changes.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -72,7 +79,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     DeleteSession: _aio.UnaryUnaryMultiCallable[_sessions_pb2.DeleteSessionRequest, _sessions_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     ClaimSession: _aio.UnaryUnaryMultiCallable[_sessions_pb2.ClaimSessionRequest, _sessions_pb2.ClaimSessionResponse]  # type: ignore[assignment]
     WatchSessions: _aio.UnaryStreamMultiCallable[_sessions_pb2.WatchSessionsRequest, _sessions_pb2.SessionEvent]  # type: ignore[assignment]
-    """A snapshot of every session (PUT events), one SYNCED event, then every change."""
+    """A snapshot of every session (PUT events), one SYNCED event, then every change. If the
+    store loses the change history (etcd compaction while its watch was broken), the stream
+    resynchronises without ending: PUT per live session, DELETE or EXPIRE per session shown
+    before that is gone, SYNCED again, then changes.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -122,6 +133,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _sessions_pb2.WatchSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sessions_pb2.SessionEvent], _abc.AsyncIterator[_sessions_pb2.SessionEvent]]:
-        """A snapshot of every session (PUT events), one SYNCED event, then every change."""
+        """A snapshot of every session (PUT events), one SYNCED event, then every change. If the
+        store loses the change history (etcd compaction while its watch was broken), the stream
+        resynchronises without ending: PUT per live session, DELETE or EXPIRE per session shown
+        before that is gone, SYNCED again, then changes.
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
