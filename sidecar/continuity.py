@@ -58,6 +58,11 @@ side is in `proto/tether/v1/sessions.proto`, the reporter's in `sidecar.reporter
      it ends and its upstream is closed (`Registry.client_left`): a client that resumes it
      does so on the new owner, and an upstream that serves one connection per stream (the
      official Python SDK's) must not keep sending its events to the old one.
+  11. A session the control plane does not have yet, asked for with an event id (so a
+     sidecar served it: its creation may still be on its way to the store, a client moving
+     right after `initialize`), is looked up again every `ADOPT_POLL` seconds for up to
+     `ADOPT_GRACE` seconds before it is "unknown"; one request at a time per session id
+     (rule 2), so a forged id costs at most `ADOPT_GRACE / ADOPT_POLL` lookups per request.
 """
 
 from __future__ import annotations
@@ -108,6 +113,11 @@ UNKNOWN_SESSION_TTL = 2.0
 (0 turns the cache off). Short because a session created on another sidecar just after we
 asked stays unknown here that long; its first request here failed anyway (the report had
 not landed yet), and clients start a new session on 404."""
+ADOPT_GRACE = 2.0
+ADOPT_POLL = 0.1
+"""How long, and how often, a session asked for with an event id is looked up again while the
+control plane does not have it yet (invariant 11): well above a report's way to the store
+(the reporter's and the control plane's batching, one store write)."""
 UNKNOWN_SESSION_CACHE = 1024
 """Unknown ids remembered at most (about 400 bytes each); the least recently added go first."""
 FENCED_CACHE = 10_000
@@ -489,7 +499,7 @@ class Continuity:
                 return sess
             if sess is None and sid in self.unknown_sessions:
                 return None  # answered while this request waited for the lock
-            record = await self._claim(sid)
+            record = await self._claim(sid, grace=ADOPT_GRACE if seen_epoch else 0.0)
             if record is None:
                 return sess
             if sess is not None:
@@ -503,16 +513,20 @@ class Continuity:
                 self._drop_local(sid)
             return self._install(sid, record)
 
-    async def _claim(self, sid: SessionId) -> SessionRecord | None:
+    async def _claim(self, sid: SessionId, *, grace: float = 0.0) -> SessionRecord | None:
         """The stored record, claimed for this sidecar if another owns it; None if the session
-        is unknown there or the control plane cannot say."""
+        is unknown there (still, after `grace` seconds: invariant 11) or the control plane
+        cannot say."""
         assert self.reporter is not None
         client = self.reporter.client
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + grace
         try:
-            record = await client.get_session(sid, timeout=CONTROL_PLANE_TIMEOUT)
-            if record is None:
-                self.unknown_sessions.add(sid)
-                return None
+            while (record := await client.get_session(sid, timeout=CONTROL_PLANE_TIMEOUT)) is None:
+                if loop.time() >= give_up:
+                    self.unknown_sessions.add(sid)
+                    return None
+                await asyncio.sleep(ADOPT_POLL)
             if record.owner != self.owner:
                 record = await client.claim_session(
                     sid, owner=self.owner, timeout=CONTROL_PLANE_TIMEOUT

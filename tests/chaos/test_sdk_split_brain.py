@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +43,28 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from controlplane.config import SqliteUrl
 from controlplane.server import RunningControlPlane
 from sidecar.app import RunningSidecar
 from tests.integration.conftest import SidecarFactory
 from tests.support.balancer import Balancer
+from tests.support.chaos import ChaosRow, ChaosTable
 from tests.support.control_plane import control_plane_on
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.ts_client import TsSdkClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-INTERVAL_MS = 30
-PYTHON_INTERVAL_MS = 100  # see UPSTREAM_REPLAY_WINDOW
+INTERVAL_MS = 100  # see UPSTREAM_REPLAY_WINDOW
+# UPSTREAM_REPLAY_WINDOW, not Tether nor the client SDK: each move makes the adopting sidecar
+# resume the upstream with Last-Event-ID; the demo server (official Python SDK server, mcp
+# 2.3) replays from its event store (mcp/server/streamable_http.py:964) and only then
+# registers the live stream (:980, after minting a priming event; its comment calls this
+# "replay→live-tail ordering window ... pre-existing and tracked separately"). An event the
+# tool emits in between is stored (:1092) but not sent live (:1095), so that connection never
+# carries it: seen about 1 run in 5-40 at 30 ms a tick (both SDK clients), as an upstream
+# cursor skipping one. 100 ms a tick makes the window rarer; the assertion stays exact. Tether
+# cannot see the gap: upstream ids are opaque to it.
 # What the sidecars tell clients to wait before resuming (`retry:`): both SDKs obey it.
 CLIENT_RETRY_MS = 50
 CALL_TIMEOUT_S = 60.0
@@ -120,6 +131,29 @@ def text_of(result: mcp_types.CallToolResult) -> str:
     return content.text
 
 
+def sdk_row(
+    sdk: str,
+    *,
+    every: int,
+    control_plane: RunningControlPlane,
+    n: int,
+    progress: list[int],
+    stall: float,
+) -> ChaosRow:
+    """The chaos-table row of a call whose progress was checked to be 1..n and whose result
+    came (sent: n notifications and the result)."""
+    store = "sqlite" if isinstance(control_plane.config.store, SqliteUrl) else "etcd x3"
+    received = len(progress) + 1
+    return ChaosRow(
+        f"{sdk} SDK client alternates between two live sidecars every {every} ({store})",
+        sent=n + 1,
+        received=received,
+        lost=n - len(set(progress)),
+        duplicated=len(progress) - len(set(progress)),
+        recover_s=stall,
+    )
+
+
 def call_moves(lb: Balancer) -> int:
     """How often the call's stream went on from the other sidecar: consecutive connections
     that carried any event of it (a resumed stream's marker counts: that connection was the
@@ -162,10 +196,15 @@ def transcript(lb: Balancer) -> str:
 
 @pytest.mark.parametrize("every", [1, 20])
 async def test_ts_sdk_client_alternates_between_two_live_sidecars(
-    every: int, two_sidecars: TwoSidecars, tmp_path: Path
+    every: int,
+    two_sidecars: TwoSidecars,
+    control_plane: RunningControlPlane,
+    chaos_table: ChaosTable,
+    tmp_path: Path,
 ) -> None:
-    """Cut every `every` events; the TypeScript transport resumes from the last id it got
-    (its `_handleSseStream` keeps `lastEventId` per stream, whichever attempt it is)."""
+    """Cut every `every` messages; the TypeScript transport resumes from the last id it got
+    (its `_handleSseStream` keeps `lastEventId` per stream, whichever attempt it is).
+    recover_s: the longest wait between two progress notifications."""
     n = 40
     async with (
         Balancer(two_sidecars.ports) as lb,
@@ -183,29 +222,38 @@ async def test_ts_sdk_client_alternates_between_two_live_sidecars(
     # (and each claim ends the session's streams on the sidecar left behind: more moves).
     print(f"ts sdk, cut every {every}: {call_moves(lb)} moves, {adoptions} adoptions")  # with -s
     assert call_moves(lb) >= n // every - 1, transcript(lb)
+    stall = ts.longest_gap(lambda r: r["event"] == "progress")
+    chaos_table.add(
+        sdk_row(
+            "TypeScript",
+            every=every,
+            control_plane=control_plane,
+            n=n,
+            progress=progress,
+            stall=stall,
+        )
+    )
 
 
 # --- the Python SDK ----------------------------------------------------------------------------
 
 
-# UPSTREAM_REPLAY_WINDOW, not Tether nor the client SDK: each move makes the adopting sidecar
-# resume the upstream with Last-Event-ID; the demo server (official Python SDK server, mcp
-# 2.3) replays from its event store (mcp/server/streamable_http.py:964) and only then
-# registers the live stream (:980, after minting a priming event; its comment calls this
-# "replay→live-tail ordering window ... pre-existing and tracked separately"). An event the
-# tool emits in between is stored (:1092) but not sent live (:1095), so that connection never
-# carries it: seen about 1 run in 20-40 at 30 ms a tick, as an upstream cursor skipping one.
-# 100 ms a tick makes the window rarer; the assertion stays exact.
 @pytest.mark.parametrize("every", [1, 20])
 async def test_python_sdk_client_alternates_between_two_live_sidecars(
-    every: int, two_sidecars: TwoSidecars
+    every: int,
+    two_sidecars: TwoSidecars,
+    control_plane: RunningControlPlane,
+    chaos_table: ChaosTable,
 ) -> None:
-    """The official Python SDK (mcp) through the balancer, no connection kept alive."""
+    """The official Python SDK (mcp) through the balancer, no connection kept alive.
+    recover_s: the longest wait between two progress notifications."""
     n = 40
     got: list[float] = []
+    arrived: list[float] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         got.append(progress)
+        arrived.append(time.monotonic())
 
     # (method, Last-Event-ID, status) of every request the SDK's transport made: the proof of
     # what it resumed from when a delivery assertion fails.
@@ -239,7 +287,7 @@ async def test_python_sdk_client_alternates_between_two_live_sidecars(
             result = await asyncio.wait_for(
                 c.call_tool(
                     "count",
-                    {"n": n, "interval_ms": PYTHON_INTERVAL_MS},
+                    {"n": n, "interval_ms": INTERVAL_MS},
                     progress_callback=on_progress,
                 ),
                 CALL_TIMEOUT_S,
@@ -252,3 +300,14 @@ async def test_python_sdk_client_alternates_between_two_live_sidecars(
     assert got == [float(i) for i in range(1, n + 1)], proof()
     print(f"python sdk, cut every {every}: {call_moves(lb)} moves, {adoptions} adoptions")  # -s
     assert call_moves(lb) >= n // every - 1, transcript(lb)
+    stall = max((b - a for a, b in itertools.pairwise(arrived)), default=0.0)
+    chaos_table.add(
+        sdk_row(
+            "Python",
+            every=every,
+            control_plane=control_plane,
+            n=n,
+            progress=[int(p) for p in got],
+            stall=stall,
+        )
+    )

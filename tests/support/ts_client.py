@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,8 @@ class TsSdkClient:
         self._proc = proc
         self._stderr_path = stderr_path
         self.events: list[Report] = []
+        self.arrived: list[float] = []
+        """When each of `events` arrived (monotonic clock)."""
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -149,8 +153,15 @@ class TsSdkClient:
                 f"TypeScript client exited ({self._proc.returncode})\n{self.describe()}"
             )
         report: Report = json.loads(line)
+        self.arrived.append(time.monotonic())
         self.events.append(report)
         return report
+
+    def longest_gap(self, check: Callable[[Report], bool]) -> float:
+        """The longest wait, in seconds, between two consecutive reports that `check`
+        accepts: the longest stall the client saw."""
+        times = [t for t, r in zip(self.arrived, self.events, strict=True) if check(r)]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Ask the client to close; read its last reports; kill it if it does not exit."""
