@@ -27,6 +27,7 @@ from tests.integration.conftest import SidecarFactory
 from tests.integration.test_proxy import HEADERS, MCP, count_call, final_results, initialize
 from tests.integration.test_proxy import progress_numbers as progress
 from tests.support.numbered_upstream import STATE, make_app
+from tests.support.relay import Relay
 from tests.support.sse_client import Received, events
 from tests.support.waiting import eventually
 from tether.api.client import SessionClient
@@ -277,3 +278,44 @@ async def test_a_takeover_is_pushed_to_the_old_owner(
         async with http.get(f"http://127.0.0.1:{b.port}{MCP}", headers=sse) as on_b:
             assert on_b.status == 200, await on_b.text()
             await eventually(lambda: get_streams.get(sid) == 1, timeout=10, what="B's GET")
+
+
+async def test_a_move_right_after_initialize_waits_for_the_session_to_be_stored(
+    control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Continuity invariant 11: A's path to the control plane is slow to come up, so the
+    session it made is not stored yet when the client, its first event from A in hand,
+    resumes on B. B looks again until the session is stored, adopts it, and the client gets
+    every event exactly once (not 410 "a stream this sidecar does not know")."""
+    n = 30
+    host, _, port = control_plane.address.rpartition(":")
+    path_up = asyncio.Event()
+    async with (
+        numbered_upstream(interval_ms=20) as up,
+        Relay(host, int(port), opened=path_up) as slow_path,
+    ):
+        a = await sidecar_factory(up, control_plane=f"127.0.0.1:{slow_path.port}", owner="a")
+        b = await sidecar_factory(up, control_plane=control_plane.address, owner="b")
+        sid = await initialize(http, f"http://127.0.0.1:{a.port}")
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        got: list[Received] = []
+        async with http.post(
+            f"http://127.0.0.1:{a.port}{MCP}", json=count_call(n), headers=headers
+        ) as resp:
+            async for ev in events(resp):
+                got.append(ev)
+                break
+        assert await stored(control_plane, sid) is None  # A could not report it yet
+        asyncio.get_running_loop().call_later(0.5, path_up.set)
+        resume = {**headers, "Accept": "text/event-stream", "Last-Event-ID": got[-1].id or ""}
+        async with http.get(f"http://127.0.0.1:{b.port}{MCP}", headers=resume) as on_b:
+            assert on_b.status == 200, await on_b.text()
+            got += [ev async for ev in events(on_b)]
+    assert progress(got) == list(range(1, n + 1))
+    assert len(final_results(got)) == 1
+    record = await stored(control_plane, sid)
+    assert record is not None
+    assert record.owner == "b"

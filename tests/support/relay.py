@@ -11,8 +11,13 @@ from tether.tasks import cancel_and_wait, spawn
 class Relay:
     """Forwards 127.0.0.1:<port> to a target; `cut()` drops every open connection at once."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, opened: asyncio.Event | None = None
+    ) -> None:
         self.target = (target_host, target_port)
+        self.opened = opened
+        """When given, connections are held (accepted, nothing forwarded) until it is set:
+        a path that is slow to come up."""
         self.port = 0
         self.connections = 0
         self._server: asyncio.Server | None = None
@@ -39,6 +44,8 @@ class Relay:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.opened is not None:
+            await self.opened.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
