@@ -319,3 +319,41 @@ async def test_a_move_right_after_initialize_waits_for_the_session_to_be_stored(
     record = await stored(control_plane, sid)
     assert record is not None
     assert record.owner == "b"
+
+
+async def test_a_resumed_stream_first_repeats_the_clients_own_id(
+    control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """StreamCore rule 7: on this sidecar and on another, a resumed stream starts with an
+    empty event carrying the id the client resumed from (the TypeScript SDK forgets its id
+    when a resumed stream ends before an id-bearing event), then goes on exactly once."""
+    n = 10
+    async with numbered_upstream(interval_ms=20) as up:
+        a = await sidecar_factory(up, control_plane=control_plane.address, owner="a")
+        b = await sidecar_factory(up, control_plane=control_plane.address, owner="b")
+        sid = await initialize(http, f"http://127.0.0.1:{a.port}")
+        headers = {**HEADERS, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+        got: list[Received] = []
+        async with http.post(
+            f"http://127.0.0.1:{a.port}{MCP}", json=count_call(n), headers=headers
+        ) as resp:
+            async for ev in events(resp):
+                got.append(ev)
+                break
+        for sidecar in (a, b):  # the same sidecar, then another one
+            last = got[-1].id or ""
+            resume = {**headers, "Accept": "text/event-stream", "Last-Event-ID": last}
+            async with http.get(f"http://127.0.0.1:{sidecar.port}{MCP}", headers=resume) as r:
+                assert r.status == 200, await r.text()
+                stream = events(r, include_priming=True)
+                first = await anext(stream)
+                assert (first.id, first.data) == (last, "")
+                async for ev in stream:
+                    got.append(ev)
+                    if sidecar is a:
+                        break
+    assert progress(got) == list(range(1, n + 1))
+    assert len(final_results(got)) == 1
