@@ -71,6 +71,12 @@ class Admission:
     def trusts_forwarding(self, request: web.Request) -> bool:
         return self.trusted.trusts(request.remote)
 
+    def presented(self, request: web.Request) -> str | None:
+        """The fingerprint of the request's credential; None when sessions are not bound."""
+        if not self.config.session_binding:
+            return None
+        return fingerprint(request.headers.get("Authorization"), key=self.config.fingerprint_key)
+
     def credential_matches(self, request: web.Request, sess: Session) -> bool:
         """A session belongs to the credential that created it; first sight records it."""
         if not self.config.session_binding:

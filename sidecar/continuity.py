@@ -58,11 +58,15 @@ side is in `proto/tether/v1/sessions.proto`, the reporter's in `sidecar.reporter
      it ends and its upstream is closed (`Registry.client_left`): a client that resumes it
      does so on the new owner, and an upstream that serves one connection per stream (the
      official Python SDK's) must not keep sending its events to the old one.
-  11. A session the control plane does not have yet, asked for with an event id (so a
-     sidecar served it: its creation may still be on its way to the store, a client moving
-     right after `initialize`), is looked up again every `ADOPT_POLL` seconds for up to
-     `ADOPT_GRACE` seconds before it is "unknown"; one request at a time per session id
-     (rule 2), so a forged id costs at most `ADOPT_GRACE / ADOPT_POLL` lookups per request.
+  11. A session the control plane does not have yet (its creation may still be on its way
+     to the store: a client moving right after `initialize`) is looked up again every
+     `ADOPT_POLL` seconds for up to `ADOPT_GRACE` seconds before it is "unknown"; one request
+     at a time per session id (rule 2), then the answer is remembered (rule 3), so a forged
+     id costs at most `ADOPT_GRACE / ADOPT_POLL` lookups per period.
+  12. With a control plane, a session this sidecar does not hold is served only once it is
+     adopted: a request whose credential is not the one the session is bound to claims
+     nothing and gets 404 (as for an unknown session), an unknown session 404, and while the
+     control plane cannot answer 503 — never forwarded unchecked into the upstream session.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import aiohttp
 import grpc
@@ -113,6 +118,19 @@ UNKNOWN_SESSION_TTL = 2.0
 (0 turns the cache off). Short because a session created on another sidecar just after we
 asked stays unknown here that long; its first request here failed anyway (the report had
 not landed yet), and clients start a new session on 404."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unserved:
+    """Why a session this sidecar does not hold cannot be served here (invariant 12)."""
+
+    status: int
+    reason: str
+
+
+UNKNOWN = Unserved(404, "session not found")
+UNAVAILABLE = Unserved(503, "the control plane cannot say who serves this session; retry")
+
 ADOPT_GRACE = 2.0
 ADOPT_POLL = 0.1
 """How long, and how often, a session asked for with an event id is looked up again while the
@@ -479,11 +497,16 @@ class Continuity:
 
     # -- adoption --------------------------------------------------------------------------
 
-    async def adopt(self, session_id: str, *, seen_epoch: int = 0) -> Session | None:
-        """The local session, or one adopted from the control plane; None if unknown there.
+    async def adopt(
+        self, session_id: str, *, seen_epoch: int = 0, credential: str | None = None
+    ) -> Session | Unserved | None:
+        """The local session, or one adopted from the control plane; `Unserved` when a
+        control plane is configured and the session cannot be served here (invariant 12);
+        None when there is nothing to adopt from (no control plane, an id it cannot hold).
 
         `seen_epoch` is the owner epoch of the client's `Last-Event-ID` (0 if none): above the
-        local session's, it means another sidecar served the session since (invariant 7)."""
+        local session's, it means another sidecar served the session since (invariant 7).
+        `credential` is the fingerprint the request presents (None: binding off)."""
         sess = self.registry.sessions.get(session_id)
         if self.reporter is None or (sess is not None and seen_epoch <= sess.owner_epoch):
             return sess
@@ -492,16 +515,16 @@ class Continuity:
         except InvalidIdError:
             return sess  # no lock, no call, nothing remembered (invariant 1)
         if sess is None and sid in self.unknown_sessions:
-            return None
+            return UNKNOWN
         async with self.locks.hold(sid):
             sess = self.registry.sessions.get(sid)
             if sess is not None and seen_epoch <= sess.owner_epoch:
                 return sess
             if sess is None and sid in self.unknown_sessions:
-                return None  # answered while this request waited for the lock
-            record = await self._claim(sid, grace=ADOPT_GRACE if seen_epoch else 0.0)
-            if record is None:
-                return sess
+                return UNKNOWN  # answered while this request waited for the lock
+            record = await self._claim(sid, credential=credential)
+            if isinstance(record, Unserved):
+                return sess if sess is not None else record
             if sess is not None:
                 if record.owner_epoch == sess.owner_epoch:
                     return sess  # still ours at the local epoch: the id's epoch was not real
@@ -513,20 +536,24 @@ class Continuity:
                 self._drop_local(sid)
             return self._install(sid, record)
 
-    async def _claim(self, sid: SessionId, *, grace: float = 0.0) -> SessionRecord | None:
-        """The stored record, claimed for this sidecar if another owns it; None if the session
-        is unknown there (still, after `grace` seconds: invariant 11) or the control plane
-        cannot say."""
+    async def _claim(self, sid: SessionId, *, credential: str | None) -> SessionRecord | Unserved:
+        """The stored record, claimed for this sidecar if another owns it; `Unserved` if the
+        session is unknown there (still, after `ADOPT_GRACE`: invariant 11), bound to another
+        credential (nothing is claimed: invariant 12) or the control plane cannot say."""
         assert self.reporter is not None
         client = self.reporter.client
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + grace
+        give_up = loop.time() + ADOPT_GRACE
         try:
             while (record := await client.get_session(sid, timeout=CONTROL_PLANE_TIMEOUT)) is None:
                 if loop.time() >= give_up:
                     self.unknown_sessions.add(sid)
-                    return None
+                    return UNKNOWN
                 await asyncio.sleep(ADOPT_POLL)
+            bound = record.credential_fingerprint
+            if credential is not None and bound and bound != credential:
+                log.warning("session %s: a request with another credential claims nothing", sid)
+                return UNKNOWN  # the same answer as for no session: nothing to probe
             if record.owner != self.owner:
                 record = await client.claim_session(
                     sid, owner=self.owner, timeout=CONTROL_PLANE_TIMEOUT
@@ -534,13 +561,13 @@ class Continuity:
         except SessionGoneError as exc:
             self.unknown_sessions.add(sid)
             log.warning("session %s: could not claim it: %s", sid, exc)
-            return None
+            return UNKNOWN
         except ClaimLostError as exc:
             log.warning("session %s: could not claim it: %s", sid, exc)
-            return None
+            return UNAVAILABLE
         except (grpc.aio.AioRpcError, ValueError) as exc:
             log.warning("session %s: control plane unavailable (%s)", sid, exc)
-            return None
+            return UNAVAILABLE
         return record
 
     def _install(self, sid: SessionId, record: SessionRecord) -> Session:

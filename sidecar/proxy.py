@@ -35,7 +35,7 @@ from multidict import CIMultiDict
 
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
-from sidecar.continuity import Continuity, default_owner, session_lost
+from sidecar.continuity import UNKNOWN, Continuity, Unserved, default_owner, session_lost
 from sidecar.guard import fingerprint
 from sidecar.headers import (
     LAST_EVENT_ID,
@@ -164,9 +164,9 @@ class Proxy:
         client_session = request.headers.get(SESSION_HEADER)
         last_id = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
         event_id = EventId.parse(last_id) if last_id else None
-        sess = await self._session(client_session, event_id)
-        if sess is not None and not self.admission.credential_matches(request, sess):
-            return error_response(404, "session not found")
+        sess = await self._session(request, client_session, event_id)
+        if isinstance(sess, Unserved):
+            return self._unserved(sess)
         if last_id:
             if event_id is None:
                 # Rule 5: starting afresh would silently skip what the client missed.
@@ -204,15 +204,29 @@ class Proxy:
         # Rule 2: _route owns `resp` from here: it releases it, or hands it to a pump.
         return await self._route(request, resp, headers, b"".join(body_parts))
 
+    def _unserved(self, why: Unserved) -> web.Response:
+        """Continuity invariant 12: a session that cannot be served here is not forwarded."""
+        refusal = error_response(why.status, why.reason)
+        if why.status == 503:
+            self.metrics.refused.labels("control_plane_unavailable").inc()
+            refusal.headers["Retry-After"] = "1"
+        return refusal
+
     async def _session(
-        self, client_session: str | None, event_id: EventId | None
-    ) -> Session | None:
+        self, request: web.Request, client_session: str | None, event_id: EventId | None
+    ) -> Session | Unserved | None:
         """A session this sidecar does not know may live on in the control plane; one it knows
-        at an older epoch than the client's event id was served elsewhere since."""
+        at an older epoch than the client's event id was served elsewhere since. Either way,
+        only for the credential the session is bound to."""
         if not client_session:
             return None
         seen_epoch = event_id.epoch if event_id is not None else 0
-        return await self.continuity.adopt(client_session, seen_epoch=seen_epoch)
+        sess = await self.continuity.adopt(
+            client_session, seen_epoch=seen_epoch, credential=self.admission.presented(request)
+        )
+        if isinstance(sess, Session) and not self.admission.credential_matches(request, sess):
+            return UNKNOWN
+        return sess
 
     async def _after_session_lost(
         self,
