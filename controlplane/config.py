@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from controlplane.limits import DEFAULT_MAX_CALLS_PER_PEER
 from controlplane.store.protocol import SessionStore
 from tether.grpc_security import ServerSecurity
 
@@ -144,3 +145,5 @@ class ControlPlaneConfig:
     etcd_username: str | None = None
     etcd_password: str | None = None
     etcd_tls: EtcdTls | None = None
+    max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER
+    """Concurrent ReportEvents and WatchSessions calls one peer host may hold (0: no limit)."""

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, open_store
+from controlplane.limits import MAX_MESSAGE_BYTES
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
 from tether.api.v1 import sessions_pb2, sessions_pb2_grpc
@@ -80,9 +81,19 @@ async def start_control_plane(
             etcd_tls=config.etcd_tls,
         )
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
-    server = grpc.aio.server(interceptors=server_interceptors(config.security))
+    server = grpc.aio.server(
+        interceptors=server_interceptors(config.security),
+        # Explicit, and documented in controlplane.limits: a longer message is refused by
+        # gRPC (RESOURCE_EXHAUSTED) before it is decoded.
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+    )
     try:
-        service = SessionService(store, batcher, session_ttl=config.session_ttl)
+        service = SessionService(
+            store,
+            batcher,
+            session_ttl=config.session_ttl,
+            max_calls_per_peer=config.max_calls_per_peer,
+        )
         # The generated module is untyped (protoc writes no annotations for it).
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)
         health_servicer = AsyncHealthServicer()
