@@ -150,6 +150,8 @@ class WriteBatcher:
         self._closed = False
         self._flushing = False
         self.flushes = 0
+        self.writes_submitted = 0
+        """Writes accepted by `submit` (before coalescing), flushed or not."""
         self.writes_received = 0
         self.writes_flushed = 0
 
@@ -169,7 +171,9 @@ class WriteBatcher:
             await self._room.wait()
         if self._closed:
             raise RuntimeError("write batcher is closed")
+        before = self._pending.received
         self._pending.add(writes)
+        self.writes_submitted += self._pending.received - before
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
             # Mark a failure as seen even if every submitter has gone away meanwhile.
