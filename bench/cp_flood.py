@@ -39,6 +39,8 @@ from tether.api.v1 import sessions_pb2_grpc as pb_grpc
 
 FLOODS = ("updates-known", "updates-unknown", "upserts")
 KNOWN_SESSIONS = 1_000
+DEFAULT_BATCH = 5_000
+DEFAULT_STREAMS = 4
 REPORT_METHOD = "/tether.v1.SessionService/ReportEvents"
 MANIFEST_LIMIT_MIB = 256
 """`resources.limits.memory` of the control plane in deploy/base/control-plane.yaml."""
@@ -49,6 +51,8 @@ class FloodFigures:
     store: str
     flood: str
     items: int
+    batch: int
+    streams: int
     seconds: float
     acks: int
     rejections: int
@@ -219,6 +223,8 @@ async def flood_once(
         store=store,
         flood=flood,
         items=count,
+        batch=batch,
+        streams=streams,
         seconds=seconds,
         acks=sum(a for a, _ in results),
         rejections=sum(r for _, r in results),
@@ -241,8 +247,8 @@ async def run_floods(
     *,
     tmp: Path,
     count: int,
-    batch: int,
-    streams: int,
+    batch: int = DEFAULT_BATCH,
+    streams: int = DEFAULT_STREAMS,
     stores: Sequence[str],
     floods: Sequence[str] = FLOODS,
     log: Callable[[str], None] = lambda _: None,
@@ -279,11 +285,10 @@ async def run_floods(
     return out
 
 
-def table(
-    figures: Sequence[FloodFigures], *, count: int, batch: int, streams: int
-) -> Iterator[str]:
+def table(figures: Sequence[FloodFigures]) -> Iterator[str]:
     if not figures:
         return
+    count, batch, streams = figures[0].items, figures[0].batch, figures[0].streams
     yield (
         f"### Control plane under floods: {count:,} items per flood, {streams} streams, "
         f"{batch:,} items per request"
@@ -308,8 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.cp_flood", description=__doc__)
     p.add_argument("--count", type=int, default=1_000_000, help="items per flood")
-    p.add_argument("--batch", type=int, default=5_000, help="items per request")
-    p.add_argument("--streams", type=int, default=4, help="concurrent ReportEvents calls")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="items per request")
+    p.add_argument(
+        "--streams", type=int, default=DEFAULT_STREAMS, help="concurrent ReportEvents calls"
+    )
     p.add_argument("--store", choices=["sqlite", "etcd", "both"], default="both")
     p.add_argument("--only", nargs="+", choices=FLOODS, default=list(FLOODS))
     args = p.parse_args(argv)
@@ -338,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log=log,
             )
         )
-    for line in table(figures, count=args.count, batch=args.batch, streams=args.streams):
+    for line in table(figures):
         print(line)
     cmd = " ".join(["python -m bench.cp_flood", *argv])
     print(f"Command: `{cmd}` ({time.monotonic() - started:.0f} s)")

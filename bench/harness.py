@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bench import client
+from bench import client, cp_flood
 from bench.procs import (
     NGINX_MISSING,
     Child,
@@ -59,7 +59,10 @@ from tether.model import (
 )
 
 T = TypeVar("T")
-GROUPS = ("paths", "idle", "control-plane", "resume")
+DEFAULT_GROUPS = ("paths", "idle", "control-plane", "resume")
+GROUPS = (*DEFAULT_GROUPS, "cp-flood")
+"""`cp-flood` (bench/cp_flood.py) runs only when asked for: a million items per flood takes
+minutes."""
 RATE = 1000.0
 LATENCY_SEGMENTS = 5
 CP_STREAMS = 100
@@ -76,12 +79,15 @@ class Sizes:
     cp_batches: int
     cp_updates_per_stream: int
     resumes: int
+    flood_items: int
 
 
 PRESETS = {
-    "full": Sizes({256: 500_000, 4096: 50_000}, 3, 5_000, (1_000, 10_000), 1_500, 10, 200),
-    "quick": Sizes({256: 50_000, 4096: 10_000}, 2, 1_000, (200, 1_000), 150, 10, 20),
-    "smoke": Sizes({256: 200, 4096: 200}, 1, 100, (20,), 1, 1, 3),
+    "full": Sizes(
+        {256: 500_000, 4096: 50_000}, 3, 5_000, (1_000, 10_000), 1_500, 10, 200, 1_000_000
+    ),
+    "quick": Sizes({256: 50_000, 4096: 10_000}, 2, 1_000, (200, 1_000), 150, 10, 20, 100_000),
+    "smoke": Sizes({256: 200, 4096: 200}, 1, 100, (20,), 1, 1, 3, 2_000),
 }
 
 
@@ -609,6 +615,7 @@ class Results:
     idle: list[Idle] = field(default_factory=list)
     control_plane: list[ControlPlaneFigures] = field(default_factory=list)
     resume_ms: list[float] = field(default_factory=list)
+    floods: list[cp_flood.FloodFigures] = field(default_factory=list)
     profile: list[tuple[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -620,6 +627,7 @@ def tables(res: Results) -> Iterator[str]:
         _idle_table,
         _control_plane_table,
         _resume_table,
+        _flood_table,
         targets,
         _profile_table,
     ):
@@ -739,6 +747,10 @@ def _resume_table(res: Results) -> Iterator[str]:
     yield ""
 
 
+def _flood_table(res: Results) -> Iterator[str]:
+    yield from cp_flood.table(res.floods)
+
+
 def _profile_table(res: Results) -> Iterator[str]:
     if not res.profile:
         return
@@ -784,6 +796,15 @@ def targets(res: Results) -> Iterator[str]:
                 f"≤ 1 store write per stream per flush ({c.store})",
                 f"{c.writes_per_stream_per_flush:.2f}",
                 c.writes_per_stream_per_flush <= 1.0,
+            )
+        )
+    for f in res.floods:
+        rows.append(
+            (
+                f"control plane peak RSS ≤ {cp_flood.MANIFEST_LIMIT_MIB} MiB "
+                f"({f.store}, {f.flood} flood)",
+                f"{f.peak_rss_mib:.0f} MiB",
+                f.peak_rss_mib <= cp_flood.MANIFEST_LIMIT_MIB,
             )
         )
     if res.resume_ms:
@@ -905,6 +926,8 @@ async def run(opts: Options, log: Callable[[str], None]) -> Results:
                 await step(env, log, "control-plane", _control_plane(env, sizes, opts, res, log))
             if "resume" in opts.groups:
                 res.resume_ms = await step(env, log, "resume", measure_resume(env, sizes, log))
+            if "cp-flood" in opts.groups:
+                res.floods = await step(env, log, "cp-flood", _floods(env, sizes, opts, res, log))
         finally:
             env.close()
     return res
@@ -978,6 +1001,20 @@ async def _control_plane(
     log(f"control plane etcd: {fig.updates_per_s:,.0f} updates/s")
 
 
+async def _floods(
+    env: Env, sizes: Sizes, opts: Options, res: Results, log: Callable[[str], None]
+) -> list[cp_flood.FloodFigures]:
+    stores = ["sqlite"]
+    if opts.etcd:
+        from tests.support.etcd import etcd_available
+
+        if etcd_available():
+            stores.append("etcd")
+        else:
+            res.notes.append("cp-flood on etcd skipped: no etcd binary (Debian etcd-server)")
+    return await cp_flood.run_floods(tmp=env.tmp, count=sizes.flood_items, stores=stores, log=log)
+
+
 def command_line(argv: Sequence[str]) -> str:
     return " ".join(["python -m bench", *argv])
 
@@ -993,7 +1030,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="small sizes (about 30 s)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
-    p.add_argument("--only", nargs="+", choices=GROUPS, help="run only these figure groups")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=GROUPS,
+        help="run only these figure groups (default: all but cp-flood)",
+    )
     p.add_argument("--no-nginx", action="store_true", help="leave the nginx path out")
     p.add_argument("--no-etcd", action="store_true", help="control plane on SQLite only")
     p.add_argument("--profile", action="store_true", help="py-spy the sidecar (256 B load)")
@@ -1012,7 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     opts = Options(
         preset="smoke" if args.smoke else "quick" if args.quick else "full",
-        groups=tuple(args.only or GROUPS),
+        groups=tuple(args.only or DEFAULT_GROUPS),
         nginx=not args.no_nginx,
         etcd=not args.no_etcd,
         plot_path=args.plot,
