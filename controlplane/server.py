@@ -85,7 +85,10 @@ async def start_control_plane(
         interceptors=server_interceptors(config.security),
         # Explicit, and documented in controlplane.limits: a longer message is refused by
         # gRPC (RESOURCE_EXHAUSTED) before it is decoded.
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.http2.bdp_probe", 0),
+        ],
     )
     try:
         service = SessionService(

@@ -40,6 +40,7 @@ from controlplane.limits import (
     PeerCalls,
     ReadAhead,
     RequestTooLargeError,
+    SharedReadAhead,
     check_request_items,
     peer_key,
 )
@@ -108,6 +109,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self._session_ttl = session_ttl
         """Told to reporters in every acknowledgement, so they know how often to renew."""
         self._calls = PeerCalls(max_calls_per_peer)
+        self._shared_read_ahead = SharedReadAhead()
+        self._read_room = asyncio.Event()
+        """Replaced and set whenever a stream acknowledges: wakes every reader waiting for
+        room (its own or the shared budget's)."""
         self.rejection_log = rejection_log or ThrottledLog(log)
         """Rule 2; other refusals (e.g. permission denied) may share it with their own keys."""
         self._stopping = False
@@ -170,16 +175,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
         # Unbounded in count: the read-ahead (rule 1) keeps it short, and the reader must
         # never block on it after the writer has stopped taking from it.
         in_flight: asyncio.Queue[_Pending | RequestTooLargeError | None] = asyncio.Queue()
-        budget = ReadAhead()
-        room = asyncio.Event()
+        budget = ReadAhead(self._shared_read_ahead)
 
         async def read() -> None:
             requests = aiter(request_iterator)
             try:
                 while True:
                     while not budget.may_read():
-                        room.clear()
-                        await room.wait()
+                        await self._read_room.wait()
                     request = await anext(requests, None)
                     if request is None:
                         break
@@ -190,6 +193,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                         in_flight.put_nowait(e)
                         return
                     nbytes = request.ByteSize()
+                    while not budget.may_admit(items, nbytes):
+                        await self._read_room.wait()
                     budget.read(items, nbytes)
                     batch, invalid = convert.batch_from_pb(request)
                     del request  # the decoded batch is what is kept until acknowledged
@@ -224,11 +229,17 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 del batch, results, ack, item
                 yield response
                 budget.acknowledged(items, nbytes)
-                room.set()
+                self._wake_readers()
         finally:
             await tasks.cancel_and_wait(reader)
+            budget.release_all()
+            self._wake_readers()
         if reader.cancelled() and self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
+
+    def _wake_readers(self) -> None:
+        room, self._read_room = self._read_room, asyncio.Event()
+        room.set()
 
     def _log_rejections(self, rejections: Iterable[Rejection], peer: str, key: str) -> None:
         """Rule 2: per (reason, peer host), a few lines in full, then one summary."""

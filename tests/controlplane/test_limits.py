@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from controlplane import limits
-from controlplane.limits import PeerCalls, ReadAhead, peer_key
+from controlplane.limits import PeerCalls, ReadAhead, SharedReadAhead, peer_key
 from controlplane.server import RunningControlPlane, start_control_plane
 from controlplane.store.sqlite import SqliteSessionStore, SqliteStoreConfig
 from tests.contract.conftest import FakeClock
@@ -200,6 +200,10 @@ async def test_read_ahead_stops_reading_while_the_store_is_stuck(
 def test_read_ahead_admits_one_request_past_its_limits() -> None:
     budget = ReadAhead(max_items=10, max_bytes=100, max_requests=3)
     assert budget.may_read()
+    budget.read(50, 500)  # with nothing in flight, the next request is read whatever its size
+    assert not budget.may_read()
+    budget.acknowledged(50, 500)
+    assert budget.may_read()
     budget.read(9, 50)
     assert budget.may_read()
     budget.read(9, 50)  # over the item limit by one request: no further reading
@@ -212,6 +216,31 @@ def test_read_ahead_admits_one_request_past_its_limits() -> None:
     budget.read(0, 0)
     budget.read(0, 0)
     assert not budget.may_read()  # requests
+
+
+def test_the_shared_read_ahead_binds_every_stream_up_to_a_hard_limit() -> None:
+    shared = SharedReadAhead(max_items=100, max_bytes=1000)
+    a, b = ReadAhead(shared), ReadAhead(shared)
+    assert a.may_admit(500, 5000)  # nothing held anywhere: one request of any size
+    a.read(60, 10)
+    assert b.may_admit(40, 10)
+    assert not b.may_admit(141, 10)  # a stream with nothing in flight: up to twice the limit
+    assert b.may_admit(60, 10)
+    b.read(60, 10)
+    assert not a.may_admit(1, 1)  # over the shared limit: streams with something in flight wait
+    assert ReadAhead(shared).may_admit(80, 10)
+    assert not ReadAhead(shared).may_admit(81, 10)  # the hard limit: 200 items
+    assert not ReadAhead(shared).may_admit(1, 1981)  # and 2,000 bytes
+    assert not a.may_read()  # the budget is full: a stream with requests in flight reads no more
+    assert ReadAhead(shared).may_read()  # one with none still reads (below the hard limit)
+    ReadAhead(shared).read(80, 10)
+    assert not ReadAhead(shared).may_read()  # at the hard limit nobody reads
+    shared.items -= 80
+    shared.bytes -= 10
+    a.acknowledged(60, 10)
+    assert b.may_admit(40, 10)
+    b.release_all()  # the stream ended with a request unacknowledged
+    assert (shared.items, shared.bytes) == (0, 0)
 
 
 def test_peer_calls_are_counted_and_forgotten() -> None:
@@ -234,3 +263,9 @@ def test_peer_key_is_the_host() -> None:
     assert peer_key("ipv4:10.0.0.7:51234") == "ipv4:10.0.0.7"
     assert peer_key("ipv6:[::1]:5555") == "ipv6:[::1]"
     assert peer_key("unix:/tmp/sock") == "unix:/tmp/sock"
+
+
+def test_the_sidecar_never_sends_more_items_than_the_control_plane_reads() -> None:
+    from sidecar.reporter import MAX_BATCH_ITEMS
+
+    assert MAX_BATCH_ITEMS <= limits.MAX_ITEMS_PER_REQUEST
