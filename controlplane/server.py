@@ -85,10 +85,7 @@ async def start_control_plane(
         interceptors=server_interceptors(config.security),
         # Explicit, and documented in controlplane.limits: a longer message is refused by
         # gRPC (RESOURCE_EXHAUSTED) before it is decoded.
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.http2.bdp_probe", 0),
-        ],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
     try:
         service = SessionService(
