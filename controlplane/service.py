@@ -218,7 +218,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 if item is None:
                     break
                 if isinstance(item, RequestTooLargeError):
-                    log.warning("report stream from %s ended: %s", peer, item)
+                    self.rejection_log.log(
+                        ("request too large", key),
+                        f"report streams ended for too large requests from {key}",
+                        logging.WARNING,
+                        "report stream from %s ended: %s",
+                        peer,
+                        item,
+                    )
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(item))
                 batch, invalid, future, items, nbytes = item
                 results = await _flushed(future, context, peer) if future is not None else {}
