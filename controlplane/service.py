@@ -15,8 +15,10 @@ the acknowledgement, never a failed stream: a sidecar's other sessions keep flow
 
 Rules this module keeps (the limits themselves are in `controlplane.limits`):
   1. Read-ahead is bounded: a ReportEvents stream reads its next request only while what it
-     has read and not acknowledged is under the read-ahead limits, and submitting to the
-     write batcher waits for room; a faster sender is slowed by gRPC flow control.
+     has read and not acknowledged is under its own and the shared read-ahead limits, a
+     request is converted only once admitted, and submitting to the write batcher waits for
+     room; a faster sender is slowed by gRPC flow control. A stream gives back what it held
+     when it ends, however it ends, and every acknowledgement wakes the waiting readers.
   2. Rejection lines are rate-limited per (kind, peer host): the first few in full, then one
      summary line per interval (`tether.logthrottle`); a flood writes a bounded log.
   3. Streaming calls (ReportEvents, WatchSessions) are counted per peer host and refused
