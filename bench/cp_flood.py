@@ -60,6 +60,8 @@ class FloodFigures:
     end_rss_mib: float
     log_lines: int
     serving_after: bool
+    errors: tuple[str, ...] = ()
+    """Why calls ended early (the flood's items were then not all sent)."""
 
     @property
     def items_per_s(self) -> float:
@@ -131,9 +133,11 @@ def requests(flood: str, count: int, batch: int, part: int, parts: int) -> Itera
         yield msg.SerializeToString()
 
 
-async def _one_stream(channel: grpc.aio.Channel, reqs: Iterator[bytes]) -> tuple[int, int]:
+async def _one_stream(
+    channel: grpc.aio.Channel, reqs: Iterator[bytes]
+) -> tuple[int, int, str | None]:
     """Send every request of `reqs` on one ReportEvents call, reading acks concurrently;
-    returns (acks, rejections)."""
+    returns (acks, rejections, the error that ended the call early or None)."""
     report: Any = channel.stream_stream(
         REPORT_METHOD,
         request_serializer=lambda b: b,
@@ -152,14 +156,19 @@ async def _one_stream(channel: grpc.aio.Channel, reqs: Iterator[bytes]) -> tuple
             rejections += len(msg.rejections)
 
     reader = asyncio.ensure_future(read())
+    error: str | None = None
     try:
         for raw in reqs:
             await call.write(raw)
         await call.done_writing()
         await reader
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+        # The server ended the call (a failed store write, a limit): a figure, not a crash.
+        code = await call.code()
+        error = f"{code.name}: {await call.details()}"
     finally:
         reader.cancel()
-    return acks, rejections
+    return acks, rejections, error
 
 
 async def _create_known(channel: grpc.aio.Channel) -> None:
@@ -226,12 +235,13 @@ async def flood_once(
         batch=batch,
         streams=streams,
         seconds=seconds,
-        acks=sum(a for a, _ in results),
-        rejections=sum(r for _, r in results),
+        acks=sum(r[0] for r in results),
+        rejections=sum(r[1] for r in results),
         peak_rss_mib=peak,
         end_rss_mib=end,
         log_lines=_lines(log_path) - lines_before,
         serving_after=serving,
+        errors=tuple(sorted({r[2] for r in results if r[2] is not None})),
     )
 
 
@@ -296,15 +306,16 @@ def table(figures: Sequence[FloodFigures]) -> Iterator[str]:
     yield ""
     yield (
         "| store | flood | items/s | acks | rejections | peak RSS MiB | RSS at end MiB "
-        f"| log lines | serving after | peak ≤ {MANIFEST_LIMIT_MIB} MiB |"
+        f"| log lines | serving after | peak ≤ {MANIFEST_LIMIT_MIB} MiB | calls ended early |"
     )
-    yield "|---|---|---:|---:|---:|---:|---:|---:|:---:|:---:|"
+    yield "|---|---|---:|---:|---:|---:|---:|---:|:---:|:---:|---|"
     for f in figures:
         ok = f.peak_rss_mib <= MANIFEST_LIMIT_MIB
         yield (
             f"| {f.store} | {f.flood} | {f.items_per_s:,.0f} | {f.acks:,} | {f.rejections:,} "
             f"| {f.peak_rss_mib:.0f} | {f.end_rss_mib:.0f} | {f.log_lines:,} "
-            f"| {'yes' if f.serving_after else '**no**'} | {'yes' if ok else '**no**'} |"
+            f"| {'yes' if f.serving_after else '**no**'} | {'yes' if ok else '**no**'} "
+            f"| {'; '.join(f.errors) or '-'} |"
         )
     yield ""
 
