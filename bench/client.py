@@ -179,6 +179,31 @@ def mcp_headers(session_id: str, *, sse_get: bool = False) -> dict[str, str]:
 
 
 TOOLS_CALL = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"gen"}}'
+INITIALIZE = (
+    b'{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18",'
+    b'"capabilities":{},"clientInfo":{"name":"bench","version":"1"}}}'
+)
+
+
+async def initialize(port: int) -> str:
+    """A new MCP session through `port`, made as a client makes one: a sidecar with a control
+    plane serves only sessions it saw made or can adopt."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Accept: application/json, text/event-stream\r\nConnection: close\r\n"
+        f"Content-Length: {len(INITIALIZE)}\r\n\r\n"
+    )
+    writer.write(head.encode() + INITIALIZE)
+    try:
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"mcp-session-id":
+            return value.strip().decode()
+    raise IncompleteStreamError(f"port {port}: initialize gave no session: {answer[:200]!r}")
 
 
 @dataclass(frozen=True)
@@ -219,7 +244,7 @@ async def read_post_stream(
 
 
 async def open_idle_streams(
-    port: int, count: int, *, prefix: str, parallel: int = 64, timeout: float = 120.0
+    port: int, count: int, *, parallel: int = 64, timeout: float = 120.0
 ) -> list[SSEReader]:
     """Open `count` standalone GET streams (one session each); return once every response
     head has arrived (`parallel` connection attempts at a time, so no listen queue overflows).
@@ -229,7 +254,8 @@ async def open_idle_streams(
 
     async def one(i: int) -> None:
         async with gate:
-            req = Request(port, "GET", "/mcp", mcp_headers(f"{prefix}-{i}", sse_get=True))
+            session = await initialize(port)
+            req = Request(port, "GET", "/mcp", mcp_headers(session, sse_get=True))
             reader = await open_reader(req)
             readers.append(reader)
             await reader.head_received

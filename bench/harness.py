@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bench import client
+from bench import client, cp_flood
 from bench.procs import (
     NGINX_MISSING,
     Child,
@@ -59,7 +59,10 @@ from tether.model import (
 )
 
 T = TypeVar("T")
-GROUPS = ("paths", "idle", "control-plane", "resume")
+DEFAULT_GROUPS = ("paths", "idle", "control-plane", "resume")
+GROUPS = (*DEFAULT_GROUPS, "cp-flood")
+"""`cp-flood` (bench/cp_flood.py) runs only when asked for: a million items per flood takes
+minutes."""
 RATE = 1000.0
 LATENCY_SEGMENTS = 5
 CP_STREAMS = 100
@@ -76,12 +79,15 @@ class Sizes:
     cp_batches: int
     cp_updates_per_stream: int
     resumes: int
+    flood_items: int
 
 
 PRESETS = {
-    "full": Sizes({256: 500_000, 4096: 50_000}, 3, 5_000, (1_000, 10_000), 1_500, 10, 200),
-    "quick": Sizes({256: 50_000, 4096: 10_000}, 2, 1_000, (200, 1_000), 150, 10, 20),
-    "smoke": Sizes({256: 200, 4096: 200}, 1, 100, (20,), 1, 1, 3),
+    "full": Sizes(
+        {256: 500_000, 4096: 50_000}, 3, 5_000, (1_000, 10_000), 1_500, 10, 200, 1_000_000
+    ),
+    "quick": Sizes({256: 50_000, 4096: 10_000}, 2, 1_000, (200, 1_000), 150, 10, 20, 100_000),
+    "smoke": Sizes({256: 200, 4096: 200}, 1, 100, (20,), 1, 1, 3, 2_000),
 }
 
 
@@ -216,16 +222,17 @@ async def measure_paths(
     gen = next(c for c in env.children if c.name == "generator")
     cp = next(c for c in env.children if c.name == "control-plane")
     results: list[Throughput] = []
-    serial = 0
+    # One MCP session per path, made through it before anything is measured.
+    session = {p.name: await client.initialize(p.port) for p in paths}
+    gen_session = await client.initialize(env.gen_port)
     for size, n in sizes.throughput_events.items():
         # Warm-up: the generator encodes and caches this body; each proxy serves one stream.
-        await client.read_post_stream(env.gen_port, n=n, size=size, session_id="warm-gen")
+        await client.read_post_stream(env.gen_port, n=n, size=size, session_id=gen_session)
         for p in paths:
-            await client.read_post_stream(p.port, n=200, size=size, session_id=f"warm-{p.name}")
+            await client.read_post_stream(p.port, n=200, size=size, session_id=session[p.name])
         best: dict[str, Throughput] = {}
         for _ in range(sizes.rounds):
             for p in paths:
-                serial += 1
                 procs = {"generator": gen}
                 if p.proxy is not None:
                     procs[p.name] = p.proxy
@@ -233,7 +240,7 @@ async def measure_paths(
                     procs["control plane"] = cp
                 before = cpu_snapshot(env, procs)
                 got = await client.read_post_stream(
-                    p.port, n=n, size=size, session_id=f"tp-{p.name}-{size}-{serial}"
+                    p.port, n=n, size=size, session_id=session[p.name]
                 )
                 after = cpu_snapshot(env, procs)
                 cpu = {k: after[k] - before[k] for k in after}
@@ -249,7 +256,7 @@ async def measure_paths(
     # process on this small machine) lands on every path alike rather than on one.
     segments = LATENCY_SEGMENTS if sizes.latency_events >= 1000 else 1
     samples: dict[str, list[float]] = {p.name: [] for p in paths}
-    for segment in range(segments):
+    for _ in range(segments):
         for p in paths:
             n = sizes.latency_events // segments
             got = await client.read_post_stream(
@@ -257,7 +264,7 @@ async def measure_paths(
                 n=n,
                 size=256,
                 rate=RATE,
-                session_id=f"lat-{p.name}-{segment}",
+                session_id=session[p.name],
                 timeout=n / RATE * 3 + 30,
             )
             samples[p.name] += [v / 1000 for v in got.latencies_ns]
@@ -286,11 +293,10 @@ async def profile_sidecar(
         stderr=subprocess.DEVNULL,
     )
     await asyncio.sleep(1.0)
-    n = 0
+    session = await client.initialize(side_port)
     start = time.monotonic()
     while time.monotonic() - start < 8.0:
-        n += 1
-        await client.read_post_stream(side_port, n=events, size=256, session_id=f"prof-{n}")
+        await client.read_post_stream(side_port, n=events, size=256, session_id=session)
     proc.send_signal(signal.SIGINT)
     async with asyncio.timeout(30):
         await proc.wait()
@@ -329,7 +335,7 @@ async def idle_streams(
 ) -> Idle:
     before = rss_mib(proxy.pid)
     start = time.perf_counter()
-    readers = await client.open_idle_streams(port, count, prefix=f"idle-{path}-{count}")
+    readers = await client.open_idle_streams(port, count)
     try:
         opened = time.perf_counter() - start
         await asyncio.sleep(0.5)  # let the proxy settle (reports sent, buffers allocated)
@@ -540,9 +546,10 @@ async def measure_resume(env: Env, sizes: Sizes, log: Callable[[str], None]) -> 
     port_a, port_b = free_port(), free_port()
     a = env.start_sidecar("sidecar-a", port_a)
     last_seen: list[str] = []
+    sessions = [await client.initialize(port_a) for _ in range(sizes.resumes)]
     for i in range(sizes.resumes):
         req = client.Request(
-            port_a, "GET", "/mcp?burst=5", client.mcp_headers(f"resume-{i}", sse_get=True)
+            port_a, "GET", "/mcp?burst=5", client.mcp_headers(sessions[i], sse_get=True)
         )
         reader = await client.open_reader(req, keep_ids=True)
         async with asyncio.timeout(10):
@@ -557,17 +564,17 @@ async def measure_resume(env: Env, sizes: Sizes, log: Callable[[str], None]) -> 
         deadline = time.monotonic() + 20
         for i in range(sizes.resumes):
             while True:
-                rec = await typed.get_session(SessionId(f"resume-{i}"), timeout=5)
+                rec = await typed.get_session(SessionId(sessions[i]), timeout=5)
                 if rec is not None and any(p.seq >= 5 for p in rec.streams.values()):
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"resume-{i}: position never reached the control plane")
+                    raise RuntimeError(f"resume {i}: position never reached the control plane")
                 await asyncio.sleep(0.05)
     a.stop(signal.SIGKILL)
     b = env.start_sidecar("sidecar-b", port_b)
     samples: list[float] = []
     for i, last in enumerate(last_seen):
-        headers = client.mcp_headers(f"resume-{i}", sse_get=True)
+        headers = client.mcp_headers(sessions[i], sse_get=True)
         headers["Last-Event-ID"] = last
         start = time.perf_counter()
         reader = await client.open_reader(
@@ -609,6 +616,7 @@ class Results:
     idle: list[Idle] = field(default_factory=list)
     control_plane: list[ControlPlaneFigures] = field(default_factory=list)
     resume_ms: list[float] = field(default_factory=list)
+    floods: list[cp_flood.FloodFigures] = field(default_factory=list)
     profile: list[tuple[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -620,6 +628,7 @@ def tables(res: Results) -> Iterator[str]:
         _idle_table,
         _control_plane_table,
         _resume_table,
+        _flood_table,
         targets,
         _profile_table,
     ):
@@ -739,6 +748,10 @@ def _resume_table(res: Results) -> Iterator[str]:
     yield ""
 
 
+def _flood_table(res: Results) -> Iterator[str]:
+    yield from cp_flood.table(res.floods)
+
+
 def _profile_table(res: Results) -> Iterator[str]:
     if not res.profile:
         return
@@ -784,6 +797,15 @@ def targets(res: Results) -> Iterator[str]:
                 f"≤ 1 store write per stream per flush ({c.store})",
                 f"{c.writes_per_stream_per_flush:.2f}",
                 c.writes_per_stream_per_flush <= 1.0,
+            )
+        )
+    for f in res.floods:
+        rows.append(
+            (
+                f"control plane peak RSS ≤ {cp_flood.MANIFEST_LIMIT_MIB} MiB "
+                f"({f.store}, {f.flood} flood)",
+                f"{f.peak_rss_mib:.0f} MiB",
+                f.peak_rss_mib <= cp_flood.MANIFEST_LIMIT_MIB,
             )
         )
     if res.resume_ms:
@@ -905,6 +927,8 @@ async def run(opts: Options, log: Callable[[str], None]) -> Results:
                 await step(env, log, "control-plane", _control_plane(env, sizes, opts, res, log))
             if "resume" in opts.groups:
                 res.resume_ms = await step(env, log, "resume", measure_resume(env, sizes, log))
+            if "cp-flood" in opts.groups:
+                res.floods = await step(env, log, "cp-flood", _floods(env, sizes, opts, res, log))
         finally:
             env.close()
     return res
@@ -978,6 +1002,20 @@ async def _control_plane(
     log(f"control plane etcd: {fig.updates_per_s:,.0f} updates/s")
 
 
+async def _floods(
+    env: Env, sizes: Sizes, opts: Options, res: Results, log: Callable[[str], None]
+) -> list[cp_flood.FloodFigures]:
+    stores = ["sqlite"]
+    if opts.etcd:
+        from tests.support.etcd import etcd_available
+
+        if etcd_available():
+            stores.append("etcd")
+        else:
+            res.notes.append("cp-flood on etcd skipped: no etcd binary (Debian etcd-server)")
+    return await cp_flood.run_floods(tmp=env.tmp, count=sizes.flood_items, stores=stores, log=log)
+
+
 def command_line(argv: Sequence[str]) -> str:
     return " ".join(["python -m bench", *argv])
 
@@ -993,7 +1031,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="small sizes (about 30 s)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
-    p.add_argument("--only", nargs="+", choices=GROUPS, help="run only these figure groups")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=GROUPS,
+        help="run only these figure groups (default: all but cp-flood)",
+    )
     p.add_argument("--no-nginx", action="store_true", help="leave the nginx path out")
     p.add_argument("--no-etcd", action="store_true", help="control plane on SQLite only")
     p.add_argument("--profile", action="store_true", help="py-spy the sidecar (256 B load)")
@@ -1012,7 +1055,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     opts = Options(
         preset="smoke" if args.smoke else "quick" if args.quick else "full",
-        groups=tuple(args.only or GROUPS),
+        groups=tuple(args.only or DEFAULT_GROUPS),
         nginx=not args.no_nginx,
         etcd=not args.no_etcd,
         plot_path=args.plot,

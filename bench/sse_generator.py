@@ -15,6 +15,8 @@ large slices under transport flow control, so its cost per event is close to not
   (K = 5 when not given), then idle. Every event of a GET stream carries `"k":<id>`.
 - `POST /release`: every open idle GET stream gets one event (`"released":true`), so a
   client can check that each stream still delivers; the answer is the number released.
+- `POST /mcp` with an `initialize` request: its JSON result, with a new `Mcp-Session-Id`
+  (how a sidecar with a control plane learns a session it may serve).
 - Anything else: `202 Accepted`, empty (notifications, DELETE).
 
 Every SSE response echoes the request's `Mcp-Session-Id`, so a sidecar tracks it as a
@@ -30,6 +32,7 @@ import json
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from urllib.parse import parse_qs, urlsplit
 
@@ -175,6 +178,17 @@ class Connection(asyncio.Protocol):
             else:
                 await self.write(sse_head(session_id) + self.gen.body(n, size))
                 self.transport.close()
+        elif method == "POST" and b'"initialize"' in body:
+            answer = (
+                b'{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-06-18",'
+                b'"capabilities":{},"serverInfo":{"name":"bench-generator","version":"1"}}}'
+            )
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: %s\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (uuid.uuid4().hex.encode(), len(answer), answer)
+            )
+            self.transport.close()
         elif method == "GET":
             last = headers.get("last-event-id")
             start = int(last) if last and last.isdigit() else 0

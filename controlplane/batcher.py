@@ -10,6 +10,15 @@ with the store's results (or its error) once the flush is durable.
 
 `acknowledge` turns a batch and those results into the batch's rejections: pure, so the
 fencing and unknown-session outcomes are tested without a store.
+
+Rules:
+  1. Coalescing: between two flushes, one pending write per (session, stream, epoch), the
+     greatest position; upserts are kept in order.
+  2. Bounded: at most `max_pending` pending writes (after coalescing) plus one submission.
+     `submit` waits while the pending writes are at the limit, until a flush takes them: a
+     flood of distinct sessions (which nothing coalesces) slows its senders down instead of
+     growing the pending set. A flush therefore writes at most that many, too.
+  3. A flush is never cancelled half-way; `aclose` flushes what is pending.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ from tether.model import (
 log = logging.getLogger(__name__)
 
 FlushResult = Mapping[SessionId, ApplyResult]
+
+DEFAULT_MAX_PENDING = 20_000
+"""Rule 2's limit: about 20,000 distinct (session, stream) writes wait for one flush, a few
+MiB of records; a SQLite flush of that many takes well under a second here."""
 
 
 class PendingWrites:
@@ -156,27 +169,51 @@ def _fenced(rec: SessionRecord, stream_id: str, epoch: int) -> Rejection:
 class WriteBatcher:
     """Flushes coalesced writes to a store; `start()` it, `aclose()` it (flushes the rest)."""
 
-    def __init__(self, store: SessionStore, *, flush_interval: float = 0.05) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        flush_interval: float = 0.05,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
         self._store = store
         self._interval = flush_interval
+        self._max_pending = max_pending
         self._pending = PendingWrites()
+        self._room = asyncio.Event()
+        """Set when a flush has taken the pending writes (rule 2's waiters re-check)."""
         self._future: asyncio.Future[FlushResult] | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._flushing = False
         self.flushes = 0
+        self.writes_submitted = 0
+        """Writes accepted by `submit` (before coalescing), flushed or not."""
         self.writes_received = 0
         self.writes_flushed = 0
 
     def start(self) -> None:
         self._task = tasks.spawn(self._run(), name="control-plane-write-batcher")
 
-    def submit(self, writes: Iterable[SessionWrite]) -> asyncio.Future[FlushResult]:
-        """Queue writes for the next flush; the future resolves when that flush is durable."""
+    def pending(self) -> int:
+        """Pending writes, after coalescing (at most `max_pending` plus one submission)."""
+        return len(self._pending)
+
+    async def submit(self, writes: Iterable[SessionWrite]) -> asyncio.Future[FlushResult]:
+        """Queue writes for the next flush, once there is room (rule 2); the returned future
+        resolves when that flush is durable."""
+        while len(self._pending) >= self._max_pending and not self._closed:
+            self._room.clear()
+            self._wakeup.set()
+            await self._room.wait()
         if self._closed:
             raise RuntimeError("write batcher is closed")
+        before = self._pending.received
         self._pending.add(writes)
+        self.writes_submitted += self._pending.received - before
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
             # Mark a failure as seen even if every submitter has gone away meanwhile.
@@ -191,6 +228,7 @@ class WriteBatcher:
         future, self._future = self._future, None
         received = self._pending.received
         writes = self._pending.take()
+        self._room.set()
         if future is None:
             return
         try:
@@ -226,6 +264,7 @@ class WriteBatcher:
         if self._closed:
             return
         self._closed = True
+        self._room.set()  # waiting submitters find the batcher closed
         task = self._task
         if task is not None and self._flushing:
             # Never cancel a store write half-way: let the loop finish it and return.

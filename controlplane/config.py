@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from controlplane.identity import TokenSettings
+from controlplane.limits import DEFAULT_MAX_CALLS_PER_PEER
 from controlplane.store.protocol import DEFAULT_MAX_SESSIONS_PER_OWNER, SessionStore
 from tether.grpc_security import ServerSecurity
 
@@ -157,3 +158,5 @@ class ControlPlaneConfig:
     etcd_tls: EtcdTls | None = None
     max_sessions_per_owner: int = DEFAULT_MAX_SESSIONS_PER_OWNER
     """Sessions one owner (sidecar) may hold; 0: no limit."""
+    max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER
+    """Concurrent ReportEvents and WatchSessions calls one peer host may hold (0: no limit)."""

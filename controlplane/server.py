@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, open_store
 from controlplane.identity import authenticator_for, server_interceptors
+from controlplane.limits import MAX_MESSAGE_BYTES
 from controlplane.policy import Authorizer, Policy
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
@@ -86,10 +87,19 @@ async def start_control_plane(
             max_sessions_per_owner=config.max_sessions_per_owner,
         )
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
-    server = grpc.aio.server(interceptors=server_interceptors(authenticator))
+    server = grpc.aio.server(
+        interceptors=server_interceptors(authenticator),
+        # Explicit, and documented in controlplane.limits: a longer message is refused by
+        # gRPC (RESOURCE_EXHAUSTED) before it is decoded.
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+    )
     try:
         service = SessionService(
-            store, batcher, session_ttl=config.session_ttl, authorizer=authorizer
+            store,
+            batcher,
+            session_ttl=config.session_ttl,
+            authorizer=authorizer,
+            max_calls_per_peer=config.max_calls_per_peer,
         )
         # The generated module is untyped (protoc writes no annotations for it).
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)

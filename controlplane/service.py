@@ -11,9 +11,22 @@ Every bad request gets a clear status and the server keeps serving:
     ABORTED              a watcher fell too far behind (watch again)
     UNAUTHENTICATED      no or bad credentials (`controlplane.identity`)
     PERMISSION_DENIED    the caller's roles do not allow the call (`controlplane.policy`)
+    RESOURCE_EXHAUSTED   a request over the item limit, or too many streaming calls from
+                         one peer (`controlplane.limits`)
 In ReportEvents, per-item problems (bad ids, fenced owner, unknown session, a sidecar writing a
 session it does not own or changing its credential binding) are rejections in the
 acknowledgement, never a failed stream: a sidecar's other sessions keep flowing.
+
+Rules this module keeps (the limits themselves are in `controlplane.limits`):
+  1. Read-ahead is bounded: a ReportEvents stream reads its next request only while what it
+     has read and not acknowledged is under its own and the shared read-ahead limits, a
+     request is converted only once admitted, and submitting to the write batcher waits for
+     room; a faster sender is slowed by gRPC flow control. A stream gives back what it held
+     when it ends, however it ends, and every acknowledgement wakes the waiting readers.
+  2. Rejection lines are rate-limited per (kind, peer host): the first few in full, then one
+     summary line per interval (`tether.logthrottle`); a flood writes a bounded log.
+  3. Streaming calls (ReportEvents, WatchSessions) are counted per peer host and refused
+     beyond `max_calls_per_peer`; the count is released when the call ends, however it ends.
 """
 
 from __future__ import annotations
@@ -29,6 +42,15 @@ import grpc
 
 from controlplane.batcher import FlushResult, WriteBatcher, acknowledge
 from controlplane.identity import current_principal
+from controlplane.limits import (
+    DEFAULT_MAX_CALLS_PER_PEER,
+    PeerCalls,
+    ReadAhead,
+    RequestTooLargeError,
+    SharedReadAhead,
+    check_request_items,
+    peer_key,
+)
 from controlplane.policy import Access, Authorizer, Denied, Read, redact
 from controlplane.store.protocol import (
     ClaimRefusedError,
@@ -44,6 +66,7 @@ from tether import tasks
 from tether.api import convert
 from tether.api.v1 import sessions_pb2 as pb
 from tether.api.v1 import sessions_pb2_grpc as pb_grpc
+from tether.logthrottle import ThrottledLog
 from tether.model import (
     InvalidIdError,
     OwnerName,
@@ -61,19 +84,18 @@ from tether.model import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_BATCHES_IN_FLIGHT = 256
-"""Unacknowledged batches per ReportEvents stream before the server stops reading it (gRPC
-flow control then slows the sidecar down)."""
-
-WATCH_QUEUE = 1024
-"""Events buffered between the store's watch and a slow WatchSessions client."""
+WATCH_QUEUE = 256
+"""Events buffered between the store's watch and a slow WatchSessions client (the store keeps
+its own bounded buffer behind it and drops a watcher that falls further behind)."""
 
 _WatchItem = SessionEvent | StoreError | None
 """An event, the error that ended the store's watch, or None: the watch is over."""
 
 Context = grpc.aio.ServicerContext[object, object]
 
-_Pending = tuple[ReportBatch, tuple[Rejection, ...], "asyncio.Future[FlushResult] | None"]
+_Pending = tuple[ReportBatch, tuple[Rejection, ...], "asyncio.Future[FlushResult] | None", int, int]
+"""A request read and not yet acknowledged: its batch, its invalid items, the flush it waits
+for, and its size in items and wire bytes (released from the read-ahead when acknowledged)."""
 
 
 async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
@@ -89,12 +111,21 @@ class SessionService(pb_grpc.SessionServiceServicer):
         *,
         session_ttl: float = 0.0,
         authorizer: Authorizer | None = None,
+        max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER,
+        rejection_log: ThrottledLog | None = None,
     ) -> None:
         self._store = store
         self._authorizer = authorizer or Authorizer()
         self._batcher = batcher
         self._session_ttl = session_ttl
         """Told to reporters in every acknowledgement, so they know how often to renew."""
+        self._calls = PeerCalls(max_calls_per_peer)
+        self._shared_read_ahead = SharedReadAhead()
+        self._read_room = asyncio.Event()
+        """Replaced and set whenever a stream acknowledges: wakes every reader waiting for
+        room (its own or the shared budget's)."""
+        self.rejection_log = rejection_log or ThrottledLog(log)
+        """Rule 2; other refusals (e.g. permission denied) may share it with their own keys."""
         self._stopping = False
         self._readers: set[asyncio.Task[None]] = set()
         self._watch_queues: set[asyncio.Queue[_WatchItem]] = set()
@@ -117,12 +148,37 @@ class SessionService(pb_grpc.SessionServiceServicer):
         """Stop reading reports (acknowledge what was read, then end those streams with
         UNAVAILABLE) and end every watch, so `server.stop(grace)` is not held up by them."""
         self._stopping = True
+        self.rejection_log.flush()
         for t in self._readers:
             t.cancel()
         for q in self._watch_queues:
             while q.full():
                 q.get_nowait()
             q.put_nowait(None)
+
+    @contextlib.asynccontextmanager
+    async def _streaming_call(self, context: Context) -> AsyncIterator[str]:
+        """Rule 3: count the call against its peer host for as long as it runs."""
+        key = peer_key(context.peer())
+        if not self._calls.try_open(key):
+            self.rejection_log.log(
+                ("too many calls", key),
+                f"streaming calls refused from {key} (over the per-peer limit)",
+                logging.WARNING,
+                "streaming call from %s refused: %d calls already open from that host",
+                context.peer(),
+                self._calls.open_calls(key),
+            )
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many streaming calls open from {key} "
+                f"(at most {self._calls.max_calls}); close some first",
+            )
+        try:
+            yield key
+        finally:
+            self._calls.close(key)
 
     async def ReportEvents(
         self, request_iterator: AsyncIterator[pb.ReportEventsRequest], context: Context
@@ -132,49 +188,132 @@ class SessionService(pb_grpc.SessionServiceServicer):
         access = self._access()
         if (denied := access.report()) is not None:
             await self._refuse(context, access, "ReportEvents", denied)
+        async with self._streaming_call(context) as key:
+            async for response in self._report_events(request_iterator, context, key, access):
+                yield response
+
+    async def _report_events(
+        self,
+        request_iterator: AsyncIterator[pb.ReportEventsRequest],
+        context: Context,
+        key: str,
+        access: Access,
+    ) -> AsyncIterator[pb.ReportEventsResponse]:
         peer = context.peer()
-        in_flight: asyncio.Queue[_Pending | None] = asyncio.Queue(MAX_BATCHES_IN_FLIGHT)
+        # Unbounded in count: the read-ahead (rule 1) keeps it short, and the reader must
+        # never block on it after the writer has stopped taking from it.
+        in_flight: asyncio.Queue[_Pending | RequestTooLargeError | None] = asyncio.Queue()
+        budget = ReadAhead(self._shared_read_ahead)
 
         async def read() -> None:
+            requests = aiter(request_iterator)
             try:
-                async for request in request_iterator:
+                while True:
+                    while not budget.may_read():
+                        await self._read_room.wait()
+                    request = await anext(requests, None)
+                    if request is None:
+                        break
+                    items = len(request.upserts) + len(request.updates)
+                    try:
+                        check_request_items(items)
+                    except RequestTooLargeError as e:
+                        in_flight.put_nowait(e)
+                        return
+                    nbytes = request.ByteSize()
+                    while not budget.may_admit(items, nbytes):
+                        await self._read_room.wait()
+                    budget.read(items, nbytes)
                     batch, invalid = convert.batch_from_pb(request)
-                    batch, refused = access.writes(batch)
-                    if refused:
-                        denied = Denied(f"{access.principal.id}: {refused[0].detail}")
-                        self._authorizer.log_denial(access, "ReportEvents", denied, peer)
-                        invalid = (*invalid, *refused)
+                    del request  # the decoded batch is what is kept until acknowledged
+                    batch, invalid = self._authorized(access, batch, invalid, peer)
                     writes: list[SessionWrite] = [*batch.upserts, *batch.updates]
-                    future = self._batcher.submit(writes) if writes else None
-                    await in_flight.put((batch, invalid, future))
+                    future = await self._batcher.submit(writes) if writes else None
+                    in_flight.put_nowait((batch, invalid, future, items, nbytes))
             except Exception as e:
                 # A sidecar going away mid-stream is routine; it resends what is unacked.
                 log.info("report stream from %s: reading ended: %r", peer, e)
             finally:
-                # Wake a writer waiting on an empty queue; a full one it drains on its own.
-                if not in_flight.full():
-                    in_flight.put_nowait(None)
                 self._readers.discard(reader)
 
         reader = tasks.spawn(read(), name=f"report-events-reader {peer}")
+        # However the reader ends (even cancelled before it ran), the writer wakes up; the
+        # queue has no bound, so this never blocks.
+        reader.add_done_callback(lambda _: in_flight.put_nowait(None))
         self._readers.add(reader)
         try:
             while True:
-                if reader.done() and in_flight.empty():
-                    break
                 item = await in_flight.get()
                 if item is None:
                     break
-                batch, invalid, future = item
+                if isinstance(item, RequestTooLargeError):
+                    self.rejection_log.log(
+                        ("request too large", key),
+                        f"report streams ended for too large requests from {key}",
+                        logging.WARNING,
+                        "report stream from %s ended: %s",
+                        peer,
+                        item,
+                    )
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(item))
+                batch, invalid, future, items, nbytes = item
                 results = await _flushed(future, context, peer) if future is not None else {}
                 ack = acknowledge(batch, results, invalid)
                 ack = dataclasses.replace(ack, session_ttl=self._session_ttl)
-                _log_rejections(ack.rejections, peer)
-                yield convert.ack_to_pb(ack)
+                self._log_rejections(ack.rejections, peer, key)
+                response = convert.ack_to_pb(ack)
+                del batch, results, ack, item
+                yield response
+                budget.acknowledged(items, nbytes)
+                self._wake_readers()
         finally:
             await tasks.cancel_and_wait(reader)
+            budget.release_all()
+            self._wake_readers()
         if reader.cancelled() and self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
+
+    def _authorized(
+        self,
+        access: Access,
+        batch: ReportBatch,
+        invalid: tuple[Rejection, ...],
+        peer: str,
+    ) -> tuple[ReportBatch, tuple[Rejection, ...]]:
+        """The writes the caller may make, and the others as rejections (policy rules)."""
+        batch, refused = access.writes(batch)
+        if refused:
+            denied = Denied(f"{access.principal.id}: {refused[0].detail}")
+            self._authorizer.log_denial(access, "ReportEvents", denied, peer)
+        return batch, (*invalid, *refused)
+
+    def _wake_readers(self) -> None:
+        room, self._read_room = self._read_room, asyncio.Event()
+        room.set()
+
+    def _log_rejections(self, rejections: Iterable[Rejection], peer: str, key: str) -> None:
+        """Rule 2: per (reason, peer host), a few lines in full, then one summary."""
+        for r in rejections:
+            if r.reason is RejectionReason.UNKNOWN_SESSION:
+                self.rejection_log.log(
+                    ("unknown session", key),
+                    f"reports for unknown sessions from {key}",
+                    logging.WARNING,
+                    "report from %s for unknown session %s (stream %r): skipped",
+                    peer,
+                    r.session_id,
+                    r.stream_id,
+                )
+            elif r.reason is RejectionReason.FENCED:
+                self.rejection_log.log(
+                    ("fenced", key),
+                    f"fenced reports from {key}",
+                    logging.INFO,
+                    "fenced report from %s: %s %s",
+                    peer,
+                    r.session_id,
+                    r.detail,
+                )
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
         sid = await _valid_session_id(request.session_id, context)
@@ -260,6 +399,13 @@ class SessionService(pb_grpc.SessionServiceServicer):
         read = await self._watch_access(context, owner)
         if self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
+        async with self._streaming_call(context):
+            async for event in self._watch(owner, context, read):
+                yield event
+
+    async def _watch(
+        self, owner: OwnerName | None, context: Context, read: Read
+    ) -> AsyncIterator[pb.SessionEvent]:
         # A pump task feeds a queue that `begin_shutdown` can also end: cancelling a grpc.aio
         # handler task does not end its call, so a watch must be able to finish on its own.
         queue: asyncio.Queue[_WatchItem] = asyncio.Queue(WATCH_QUEUE)
@@ -354,19 +500,6 @@ async def _flushed(future: asyncio.Future[FlushResult], context: Context, peer: 
     except Exception:
         log.exception("flushing reports from %s failed", peer)
         await _abort(context, grpc.StatusCode.INTERNAL, "flushing reports failed")
-
-
-def _log_rejections(rejections: Iterable[Rejection], peer: str) -> None:
-    for r in rejections:
-        if r.reason is RejectionReason.UNKNOWN_SESSION:
-            log.warning(
-                "report from %s for unknown session %s (stream %r): skipped",
-                peer,
-                r.session_id,
-                r.stream_id,
-            )
-        elif r.reason is RejectionReason.FENCED:
-            log.info("fenced report from %s: %s %s", peer, r.session_id, r.detail)
 
 
 async def _valid_session_id(value: str, context: Context) -> SessionId:

@@ -23,6 +23,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from controlplane.limits import DEFAULT_MAX_CALLS_PER_PEER
 from controlplane.store.protocol import DEFAULT_MAX_SESSIONS_PER_OWNER
 from tether.api.v1 import sessions_pb2 as pb
 from tether.api.v1 import sessions_pb2_grpc as pb_grpc
@@ -128,6 +129,7 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         etcd_password=etcd_password,
         etcd_tls=etcd_tls,
         max_sessions_per_owner=args.max_sessions_per_owner,
+        max_calls_per_peer=args.max_calls_per_peer,
     )
     try:
         asyncio.run(serve(config))
@@ -185,6 +187,15 @@ def add_control_plane_parser(sub: Any) -> None:
         default=5.0,
         metavar="SECONDS",
         help="time in-flight calls get on SIGTERM/SIGINT (default 5)",
+    )
+    p.add_argument(
+        "--max-calls-per-peer",
+        type=int,
+        default=DEFAULT_MAX_CALLS_PER_PEER,
+        metavar="N",
+        help="concurrent ReportEvents and WatchSessions calls one client host may hold; "
+        f"more are refused with RESOURCE_EXHAUSTED; 0 = no limit (default "
+        f"{DEFAULT_MAX_CALLS_PER_PEER}; raise it when a proxy hides the callers' addresses)",
     )
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")

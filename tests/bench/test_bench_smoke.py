@@ -62,3 +62,33 @@ def test_nginx_path(report: str) -> None:
     assert "| 4096 B | nginx (proxy_buffer_size 64k) |" in section(report, "Throughput, one stream")
     assert "| nginx |" in section(report, "Latency at 1,000 events/s")
     assert "| 20 (20) | nginx |" in section(report, "Concurrent idle SSE streams")
+
+
+def test_flood_group_prints_its_table() -> None:
+    """`python -m bench --only cp-flood` at the smoke size (2,000 items per flood): every
+    flood on every store gets its row, and the control plane answered after each."""
+    args = [sys.executable, "-m", "bench", "--smoke", "--only", "cp-flood", "--no-nginx"]
+    args += [] if etcd_available() else ["--no-etcd"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = section(done.stdout, "Control plane under floods: 2,000 items per flood")
+    stores = ["sqlite", "etcd"] if etcd_available() else ["sqlite"]
+    for store in stores:
+        for flood in ("updates-known", "updates-unknown", "upserts"):
+            row = next(line for line in table.splitlines() if f"| {store} | {flood} |" in line)
+            cells = [c.strip() for c in row.split("|")]
+            assert cells[9] == "yes", row  # serving after the flood
+    unknown = next(line for line in table.splitlines() if "| sqlite | updates-unknown |" in line)
+    assert [c.strip() for c in unknown.split("|")][5] == "2,000"  # every item was rejected
+    assert "control plane peak RSS ≤ 256 MiB (sqlite, upserts flood)" in section(
+        done.stdout, "Targets"
+    )
+
+
+def test_flood_module_runs_on_its_own() -> None:
+    args = [sys.executable, "-m", "bench.cp_flood", "--count", "300", "--batch", "100"]
+    args += ["--store", "sqlite", "--only", "updates-unknown"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| sqlite | updates-unknown |" in done.stdout
+    assert "Command: `python -m bench.cp_flood --count 300" in done.stdout
