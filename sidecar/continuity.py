@@ -45,8 +45,9 @@ side is in `proto/tether/v1/sessions.proto`, the reporter's in `sidecar.reporter
      their pumps are cancelled (so the upstream GET stream closes, and the new owner can
      open its own). A broken watch is reopened with capped, jittered backoff (one log line
      per outage, then one per `WATCH_LOG_EVERY` failures); claims made while it was down
-     are learned from the next renewal's FENCED answer (reporter rule 10), within one
-     renewal interval.
+     are learned when it is back: each session served here that its snapshot does not show
+     as ours is looked up, and dropped if another sidecar owns it now (and, should that
+     fail, from the next renewal's FENCED answer, reporter rule 10).
   9. Ownership is a lease: the reporter renews, off the event path, every session this
      sidecar serves (`Registry.serving`: a client attached or a stream open, or a request
      within the session TTL); a session nobody serves expires after the TTL.
@@ -131,6 +132,8 @@ class Unserved:
 UNKNOWN = Unserved(404, "session not found")
 UNAVAILABLE = Unserved(503, "the control plane cannot say who serves this session; retry")
 
+RECONCILE_MAX = 10_000
+"""Sessions checked one by one when a watch's snapshot leaves them out (invariant 8)."""
 ADOPT_GRACE = 2.0
 ADOPT_POLL = 0.1
 """How long, and how often, a session asked for with an event id is looked up again while the
@@ -365,13 +368,37 @@ class Continuity:
     async def _follow_watch(self) -> None:
         assert self.reporter is not None
         events = self.reporter.client.watch_sessions(owner=self.owner)
+        shown: set[str] | None = set()  # sessions the snapshot shows ours, until SYNCED
         async with contextlib.aclosing(events):
             async for event in events:
                 if event.type is SessionEventType.SYNCED:
+                    if shown is not None:
+                        missing = [s for s in self.registry.sessions if s not in shown]
+                        shown = None
+                        await self._reconcile(missing)
                     self.watch_synced.set()
                     log.info("ownership watch on %s open", self.reporter.config.target)
                 else:
+                    if shown is not None and event.session is not None:
+                        shown.add(event.session.session_id)
                     self._on_watch_event(event)
+
+    async def _reconcile(self, missing: list[str]) -> None:
+        """Invariant 8: the sessions served here that a new watch's snapshot does not show as
+        ours may have been claimed while the watch was down: ask, and drop those another
+        sidecar now owns (at most `RECONCILE_MAX` per snapshot; the renewals catch the rest)."""
+        assert self.reporter is not None
+        for session_id in missing[:RECONCILE_MAX]:
+            sess = self.registry.sessions.get(session_id)
+            try:
+                sid = parse_session_id(session_id)
+            except InvalidIdError:
+                continue
+            if sess is None:
+                continue
+            record = await self.reporter.client.get_session(sid, timeout=CONTROL_PLANE_TIMEOUT)
+            if record is not None and record.owner != self.owner:
+                self._on_watch_event(SessionEvent(SessionEventType.PUT, sid, record))
 
     def _on_watch_event(self, event: SessionEvent) -> None:
         record = event.session
