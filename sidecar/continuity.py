@@ -61,9 +61,10 @@ side is in `proto/tether/v1/sessions.proto`, the reporter's in `sidecar.reporter
      official Python SDK's) must not keep sending its events to the old one.
   11. A session the control plane does not have yet (its creation may still be on its way
      to the store: a client moving right after `initialize`) is looked up again every
-     `ADOPT_POLL` seconds for up to `ADOPT_GRACE` seconds before it is "unknown"; one request
-     at a time per session id (rule 2), then the answer is remembered (rule 3), so a forged
-     id costs at most `ADOPT_GRACE / ADOPT_POLL` lookups per period.
+     `ADOPT_POLL` seconds for up to `ADOPT_GRACE` seconds before it is "unknown", by at most
+     `ADOPT_WAITERS` requests at once (others get "unknown" after one lookup); one request at
+     a time per session id (rule 2), then the answer is remembered (rule 3): a made-up id
+     costs at most 1 + `ADOPT_GRACE / ADOPT_POLL` lookups per period.
   12. With a control plane, a session this sidecar does not hold is served only once it is
      adopted: a request whose credential is not the one the session is bound to claims
      nothing and gets 404 (as for an unknown session), an unknown session 404, and while the
@@ -134,11 +135,13 @@ UNAVAILABLE = Unserved(503, "the control plane cannot say who serves this sessio
 
 RECONCILE_MAX = 10_000
 """Sessions checked one by one when a watch's snapshot leaves them out (invariant 8)."""
-ADOPT_GRACE = 2.0
+ADOPT_GRACE = 1.0
 ADOPT_POLL = 0.1
-"""How long, and how often, a session asked for with an event id is looked up again while the
-control plane does not have it yet (invariant 11): well above a report's way to the store
-(the reporter's and the control plane's batching, one store write)."""
+ADOPT_WAITERS = 16
+"""How long, and how often, a session the control plane does not have is looked up again
+(invariant 11): well above a report's way to the store (the reporter's and the control
+plane's batching, one store write); and how many requests may wait so at once (beyond them,
+unknown at once: a flood of made-up ids costs one lookup each)."""
 UNKNOWN_SESSION_CACHE = 1024
 """Unknown ids remembered at most (about 400 bytes each); the least recently added go first."""
 FENCED_CACHE = 10_000
@@ -311,6 +314,8 @@ class Continuity:
         self.takeovers = 0
         """Sessions dropped here because the watch showed another owner."""
         self.locks = KeyedLocks()
+        self._adopt_waiters = 0
+        """Requests waiting for a session to be stored (invariant 11)."""
         self.unknown_sessions = RecentIds(capacity=UNKNOWN_SESSION_CACHE, ttl=UNKNOWN_SESSION_TTL)
         """Ids the control plane recently said it does not have (invariant 3)."""
         self.adoptions = 0
@@ -570,7 +575,9 @@ class Continuity:
         assert self.reporter is not None
         client = self.reporter.client
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + ADOPT_GRACE
+        may_wait = self._adopt_waiters < ADOPT_WAITERS
+        give_up = loop.time() + (ADOPT_GRACE if may_wait else 0.0)
+        self._adopt_waiters += may_wait
         try:
             while (record := await client.get_session(sid, timeout=CONTROL_PLANE_TIMEOUT)) is None:
                 if loop.time() >= give_up:
@@ -595,6 +602,8 @@ class Continuity:
         except (grpc.aio.AioRpcError, ValueError) as exc:
             log.warning("session %s: control plane unavailable (%s)", sid, exc)
             return UNAVAILABLE
+        finally:
+            self._adopt_waiters -= may_wait
         return record
 
     def _install(self, sid: SessionId, record: SessionRecord) -> Session:
