@@ -38,8 +38,9 @@ async def control_plane(tmp_path: Path) -> Any:
 async def test_a_control_plane_that_answers_garbage_does_not_stop_the_sidecar(
     sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
 ) -> None:
-    """The sidecar's control-plane address answers HTTP/1 junk instead of gRPC: adoption
-    gives up (the request is forwarded as it is), reporting keeps retrying, streams flow."""
+    """The sidecar's control-plane address answers HTTP/1 junk instead of gRPC: a session the
+    sidecar does not hold cannot be adopted (503, retry; never forwarded unchecked: continuity
+    invariant 12), reporting keeps retrying, the streams of its own sessions flow."""
 
     async def junk(_: web.Request) -> web.Response:
         return web.Response(body=b"\x00\xffnot grpc at all", content_type="text/html")
@@ -58,7 +59,10 @@ async def test_a_control_plane_that_answers_garbage_does_not_stop_the_sidecar(
         # A session the sidecar never saw: it asks the "control plane", survives the answer.
         other = {**HEADERS, "Mcp-Session-Id": "never-seen-here"}
         async with http.post(base + MCP, json=count_call(2), headers=other) as resp:
-            assert progress_numbers(await collect(resp)) == [1, 2]
+            assert resp.status == 503, await resp.text()
+            assert resp.headers["Retry-After"] == "1"
+        async with http.post(base + MCP, json=count_call(3), headers=headers) as resp:
+            assert progress_numbers(await collect(resp)) == [1, 2, 3]
         reporter = sidecar.proxy.continuity.reporter
         assert reporter is not None
         assert not reporter.connected
