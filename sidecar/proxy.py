@@ -36,6 +36,7 @@ from multidict import CIMultiDict
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
 from sidecar.continuity import Continuity, default_owner, session_lost
+from sidecar.drain import DrainState, holds_drain
 from sidecar.guard import fingerprint
 from sidecar.headers import (
     LAST_EVENT_ID,
@@ -60,6 +61,9 @@ from tether.model import OwnerName, parse_owner
 from tether.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("tether.sidecar.proxy")
+
+DRAIN_POLL_S = 0.05
+"""How often a drain looks at what is still in flight."""
 
 
 class Proxy:
@@ -111,6 +115,7 @@ class Proxy:
         )
         self._rewrite_endpoint = EndpointRewriter(config.upstream_base)
         self._janitor: asyncio.Task[None] | None = None
+        self.draining = DrainState(config.drain_timeout)
 
     @property
     def active_streams(self) -> int:
@@ -124,7 +129,7 @@ class Proxy:
         self._janitor = spawn(self._sweep_forever(), name="sidecar-janitor")
         await self.continuity.start()
 
-    async def drain(self) -> None:
+    async def end_streams(self) -> None:
         """End every stream cleanly, without failing its open requests: writers flush what
         they have and close, so clients reconnect (with Last-Event-ID) to another sidecar."""
         streams = [*self.registry.streams.values(), *self.registry.finishing]
@@ -132,9 +137,56 @@ class Proxy:
             stream.end("sidecar shutting down")
         await cancel_and_wait(*(s.pump for s in streams))
 
+    async def drain(self) -> bool:
+        """`sidecar.drain`: stop being ready, end the standalone streams, and wait until no
+        request is in flight upstream or the drain timeout passes; False on the timeout.
+        Concurrent callers (a retried preStop hook) all wait for the same drain."""
+        if self.draining.begin(time.monotonic()):
+            log.info(
+                "draining: %d requests in flight, at most %.0fs",
+                self.draining.in_flight,
+                self.config.drain_timeout,
+            )
+        while not self.draining.drained(time.monotonic(), upstream_busy=self._orphan_calls()):
+            # Rule 3, again each turn: a GET that arrived meanwhile is sent on as well.
+            await self._end_standalone_streams()
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self._end_standalone_streams()
+        if self.draining.timed_out(time.monotonic(), upstream_busy=self._orphan_calls()):
+            log.warning(
+                "drain timed out after %.0fs with %d requests still in flight",
+                self.config.drain_timeout,
+                self.draining.in_flight,
+            )
+            return False
+        return True
+
+    async def _end_standalone_streams(self) -> None:
+        standalone = [
+            s
+            for s in self.registry.streams.values()
+            if s.kind is StreamKind.STANDALONE and not s.ended
+        ]
+        for stream in standalone:
+            stream.end("sidecar draining")
+        await cancel_and_wait(*(s.pump for s in standalone))
+
+    def _orphan_calls(self) -> int:
+        """POST response streams still reading their upstream with no client attached: the
+        client will resume them here, so the call is still in flight."""
+        return sum(
+            1
+            for s in self.registry.streams.values()
+            if s.kind is StreamKind.POST
+            and s.clients == 0
+            and not s.ended
+            and s.pump is not None
+            and not s.pump.done()
+        )
+
     async def stop(self) -> None:
         """Stop the pumps, flush the final positions to the control plane, close."""
-        await self.drain()
+        await self.end_streams()
         await cancel_and_wait(self._janitor)
         for stream in self.registry.streams.values():
             self.continuity.report_position(stream)
@@ -158,6 +210,17 @@ class Proxy:
     # -- one request, top to bottom --------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """One request; counted in flight while it holds a drain (`sidecar.drain`, rule 3)."""
+        last_id = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
+        if not holds_drain(request.method, EventId.parse(last_id) if last_id else None):
+            return await self._handle(request)
+        self.draining.request_started()
+        try:
+            return await self._handle(request)
+        finally:
+            self.draining.request_finished()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         refusal = self.admission.refusal(request)
         if refusal is not None:
             return refusal
@@ -382,6 +445,10 @@ class Proxy:
                 old.end("replaced by a new GET stream")
                 await cancel_and_wait(old.pump)
             sess.standalone = stream.stream_id
+            if self.draining.draining:
+                # `sidecar.drain` rule 3: its priming event goes out, then the client resumes
+                # the stream on another pod.
+                stream.end("sidecar draining")
         version = self.registry.session(session_id).protocol_version if session_id else None
         priming = kind is not StreamKind.LEGACY and expects_priming(request, version)
         return await self.writer.write(request, stream, after_seq=0, priming=priming)
