@@ -108,6 +108,8 @@ UNKNOWN_SESSION_TTL = 2.0
 (0 turns the cache off). Short because a session created on another sidecar just after we
 asked stays unknown here that long; its first request here failed anyway (the report had
 not landed yet), and clients start a new session on 404."""
+LATE_RECORD_WAIT_MAX = 0.5
+"""Longest wait before `adopt_late` asks the control plane again."""
 UNKNOWN_SESSION_CACHE = 1024
 """Unknown ids remembered at most (about 400 bytes each); the least recently added go first."""
 FENCED_CACHE = 10_000
@@ -286,6 +288,9 @@ class Continuity:
         self.reinitializations = 0
         self.fenced_sessions = RecentIds(capacity=FENCED_CACHE, ttl=FENCED_TTL)
         """Sessions another sidecar took over: not reported from here (invariant 4)."""
+        self.report_interval = report_interval
+        self.rechecked_sessions = RecentIds(capacity=UNKNOWN_SESSION_CACHE, ttl=UNKNOWN_SESSION_TTL)
+        """Unknown ids `adopt_late` asked about again (invariant 3)."""
         registry.session_ended.append(self._session_ended)
 
     async def start(self) -> None:
@@ -449,7 +454,8 @@ class Continuity:
         sess = self.registry.sessions.get(session_id)
         if sess is None or (owner == self.owner and epoch <= sess.owner_epoch):
             return  # gone already, or a late answer to a report from before we took it back
-        log.warning(
+        # Routine (a client moved, a pod drained): INFO, not WARNING.
+        log.info(
             "session %s now belongs to %s (epoch %d); dropping it here", session_id, owner, epoch
         )
         self.fenced_sessions.add(session_id)
@@ -502,6 +508,23 @@ class Continuity:
                 )
                 self._drop_local(sid)
             return self._install(sid, record)
+
+    async def adopt_late(self, session_id: str) -> Session | None:
+        """`adopt` once more, for a session the control plane did not have a moment ago and
+        the upstream does not know either: it may have been created on another sidecar just
+        before its client's next request came here, its record still on the way (reports are
+        batched every `report_interval`). Waits that long, twice, then asks again, at most
+        once per id per `UNKNOWN_SESSION_TTL` (invariant 3 still bounds the calls)."""
+        if self.reporter is None or session_id in self.rechecked_sessions:
+            return None
+        try:
+            parse_session_id(session_id)
+        except InvalidIdError:
+            return None
+        self.rechecked_sessions.add(session_id)
+        await asyncio.sleep(min(LATE_RECORD_WAIT_MAX, 2 * self.report_interval))
+        self.unknown_sessions.discard(session_id)
+        return await self.adopt(session_id)
 
     async def _claim(self, sid: SessionId) -> SessionRecord | None:
         """The stored record, claimed for this sidecar if another owns it; None if the session
@@ -612,7 +635,8 @@ class Continuity:
             if version:
                 sess.protocol_version = version
             self.reinitializations += 1
-            log.warning(
+            # Routine after a move to another pod (each has its own MCP server): INFO.
+            log.info(
                 "session %s: the upstream had lost it; re-initialized as %s",
                 sess.session_id,
                 new_id,

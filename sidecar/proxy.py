@@ -249,8 +249,8 @@ class Proxy:
             headers[SESSION_HEADER] = sess.upstream_session_id
         try:
             resp = await self.upstream.forward(request, headers, body_parts)
-            if sess is not None and request.method != "DELETE" and resp.status in (400, 404):
-                retried = await self._after_session_lost(request, sess, resp, headers, body_parts)
+            if request.method != "DELETE" and resp.status in (400, 404):
+                retried = await self._session_lost(request, sess, resp, headers, body_parts)
                 if isinstance(retried, web.Response):
                     return retried
                 resp = retried
@@ -276,6 +276,56 @@ class Proxy:
             return None
         seen_epoch = event_id.epoch if event_id is not None else 0
         return await self.continuity.adopt(client_session, seen_epoch=seen_epoch)
+
+    async def _session_lost(
+        self,
+        request: web.Request,
+        sess: Session | None,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        body_parts: list[bytes],
+    ) -> aiohttp.ClientResponse | web.Response:
+        """The upstream answered 400/404: maybe it lost the session (rule 4)."""
+        client_session = request.headers.get(SESSION_HEADER)
+        if sess is not None:
+            return await self._after_session_lost(request, sess, resp, headers, body_parts)
+        if client_session:
+            return await self._late_session(request, client_session, resp, headers, body_parts)
+        return resp
+
+    async def _late_session(
+        self,
+        request: web.Request,
+        client_session: str,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        body_parts: list[bytes],
+    ) -> aiohttp.ClientResponse | web.Response:
+        """Neither the control plane nor the upstream knows the session: it may be brand new
+        on another sidecar, its record not stored yet (`Continuity.adopt_late`). Adopted, the
+        request goes again, under the session's upstream name, then as rule 4 says."""
+        try:
+            body = await resp.content.read(MAX_ERROR_BODY)
+        finally:
+            resp.release()
+        original = web.Response(
+            status=resp.status,
+            body=body,
+            headers=self._client_headers(resp, client_session, keep_length=False),
+        )
+        if not session_lost(resp.status, body):
+            return original
+        sess = await self.continuity.adopt_late(client_session)
+        if sess is None or not self.admission.credential_matches(request, sess):
+            return original
+        headers[SESSION_HEADER] = sess.upstream_session_id
+        data = b"".join(body_parts) if request.body_exists else None
+        again = await self.upstream.request(
+            request.method, request.path_qs, headers=headers, data=data
+        )
+        if again.status not in (400, 404):
+            return again
+        return await self._after_session_lost(request, sess, again, headers, body_parts)
 
     async def _after_session_lost(
         self,
@@ -372,8 +422,14 @@ class Proxy:
                 sess.credential_fingerprint = fingerprint(
                     request.headers.get("Authorization"), key=self.config.fingerprint_key
                 )
-        if session_id and resp.status < 300 and request.method != "DELETE":
-            # A session the upstream accepts: make sure the control plane knows it.
+        taken_over = (
+            session_id in self.continuity.fenced_sessions
+            and session_id not in self.registry.sessions
+        )
+        if session_id and resp.status < 300 and request.method != "DELETE" and not taken_over:
+            # A session the upstream accepts: make sure the control plane knows it (unless
+            # another sidecar took it over while this request was under way: a bare local
+            # session here would shadow the stored record on the next request).
             sess = self.registry.session(session_id)
             if sess.credential_fingerprint is None:
                 sess.credential_fingerprint = fingerprint(

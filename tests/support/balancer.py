@@ -163,7 +163,7 @@ class Balancer:
         clean_cuts: bool = False,
     ) -> None:
         assert backends, "at least one backend"
-        self.backends = backends
+        self.backends = list(backends)
         self.cut_after_events = cut_after_events
         self.clean_cuts = clean_cuts
         self.port = 0
@@ -194,6 +194,15 @@ class Balancer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def remove(self, port: int) -> None:
+        """Take a backend out of rotation, as a Service drops a terminating pod's endpoint:
+        new connections go elsewhere; open ones carry on (kube-proxy leaves them alone)."""
+        self.backends.remove(port)
+
+    def add(self, port: int) -> None:
+        """Put a backend (a new pod, once ready) into rotation."""
+        self.backends.append(port)
 
     def _pick(self) -> int:
         port = self.backends[self._next % len(self.backends)]
