@@ -481,7 +481,7 @@ class Continuity:
         `seen_epoch` is the owner epoch of the client's `Last-Event-ID` (0 if none): above the
         local session's, it means another sidecar served the session since (invariant 7)."""
         sess = self.registry.sessions.get(session_id)
-        if self.reporter is None or (sess is not None and seen_epoch <= sess.owner_epoch):
+        if self.reporter is None or self._still_ours(sess, seen_epoch):
             return sess
         try:
             sid = parse_session_id(session_id)
@@ -491,7 +491,7 @@ class Continuity:
             return None
         async with self.locks.hold(sid):
             sess = self.registry.sessions.get(sid)
-            if sess is not None and seen_epoch <= sess.owner_epoch:
+            if self._still_ours(sess, seen_epoch):
                 return sess
             if sess is None and sid in self.unknown_sessions:
                 return None  # answered while this request waited for the lock
@@ -508,6 +508,16 @@ class Continuity:
                 )
                 self._drop_local(sid)
             return self._install(sid, record)
+
+    def _still_ours(self, sess: Session | None, seen_epoch: int) -> bool:
+        """A local session to serve as it is: no later epoch seen, and not taken over (a
+        request that was under way when another sidecar took the session may have left a
+        bare local session behind; the stored record is the session)."""
+        return (
+            sess is not None
+            and seen_epoch <= sess.owner_epoch
+            and sess.session_id not in self.fenced_sessions
+        )
 
     async def adopt_late(self, session_id: str) -> Session | None:
         """`adopt` once more, for a session the control plane did not have a moment ago and

@@ -251,7 +251,8 @@ async def _ts_call(tag: str, ts: TsSdkClient, tally: Tally) -> bool:
                 tally.stall(gap)
             return True
         else:
-            tally.fail(f"{tag}: {report}")
+            recent = [r for r in ts.events[-12:] if r.get("tag") in (None, tag)]
+            tally.fail(f"{tag}: {report} after {recent}")
             return False
 
 
