@@ -53,9 +53,13 @@ def build_proxy_app(proxy: Proxy) -> web.Application:
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
 
     async def close_when_draining(_: web.Request, response: web.StreamResponse) -> None:
-        # `sidecar.drain` rule 2; aiohttp then sends `Connection: close` and closes.
+        # `sidecar.drain` rule 2. The header is set here too: aiohttp (3.14) has written its
+        # own `Connection` decision into the headers before this hook runs, so force_close
+        # alone would close the connection without telling the client, which could send its
+        # next request on it just as it closes.
         if not proxy.draining.keep_alive():
             response.force_close()
+            response.headers["Connection"] = "close"
 
     app.on_response_prepare.append(close_when_draining)
     return app
@@ -131,16 +135,25 @@ class RunningSidecar:
 
 async def drain_sidecar(proxy: Proxy, proxied: list[web.AppRunner]) -> bool:
     """Drain (`sidecar.drain`): the proxy stops being ready and waits for what is in flight;
-    the proxied port's connections close once their current request is answered (idle ones
-    at once), so clients open new ones elsewhere. False if the drain timed out."""
-    first = not proxy.draining.draining
-    waiting = proxy.drain()
-    if first:
+    the proxied port's idle connections are closed at the start and at the end (rule 5), so
+    clients open new ones elsewhere. False if the drain timed out."""
+
+    def close_idle() -> None:
         for runner in proxied:
             if runner.server is not None:
                 for conn in runner.server.connections:
-                    conn.close()
-    return await waiting
+                    if conn not in proxy.busy_connections:
+                        conn.close()
+
+    if not proxy.draining.draining:
+        waiting = spawn(proxy.drain(), name="sidecar-drain")
+        await asyncio.sleep(0)  # the drain has begun: responses say `Connection: close`
+        close_idle()
+    else:
+        waiting = spawn(proxy.drain(), name="sidecar-drain")
+    clean = await waiting
+    close_idle()
+    return clean
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -14,8 +14,14 @@ Invariants:
    POST responses included; standalone `GET` streams (and legacy `GET /sse` streams) are not:
    they never end on their own. Standalone streams are ended instead, cleanly after their last
    event, so the client resumes them (`Last-Event-ID`) on another pod.
-4. Drained means: draining, and nothing in flight, or `timeout` seconds since the drain began,
-   whichever comes first.
+4. Drained means: draining, nothing in flight and nothing arrived for `settle` seconds, or
+   `timeout` seconds since the drain began, whichever comes first. The settle time is for
+   connections whose response began before the drain: it went out saying keep-alive, so its
+   client may send its next request on it right after; that request is served (with
+   `Connection: close`) rather than met by a connection closed under it (HTTP/1.1 has no way
+   to tell a client a kept-alive connection is closing but closing it).
+5. Connections are closed by the drain when idle: at its start, and at its end (a request
+   sent on a connection at the very moment it closes fails: the race every proxy has).
 """
 
 from __future__ import annotations
@@ -39,8 +45,12 @@ class DrainState:
 
     timeout: float
     """Longest drain, in seconds (`--drain-timeout`)."""
+    settle: float = 0.5
+    """Rule 4: how long nothing may have arrived before the drain is done."""
     in_flight: int = 0
     began_at: float | None = None
+    last_activity: float = float("-inf")
+    """When a request last started or finished."""
     finished: bool = field(default=False)
     """Set once `drained` has been true: what the admin port reports afterwards."""
 
@@ -60,13 +70,15 @@ class DrainState:
         self.began_at = now
         return True
 
-    def request_started(self) -> None:
+    def request_started(self, now: float) -> None:
         self.in_flight += 1
+        self.last_activity = now
 
-    def request_finished(self) -> None:
+    def request_finished(self, now: float) -> None:
         if self.in_flight <= 0:
             raise RuntimeError("request_finished without request_started")
         self.in_flight -= 1
+        self.last_activity = now
 
     def keep_alive(self) -> bool:
         """Rule 2: whether a response prepared now may leave its connection open."""
@@ -83,7 +95,9 @@ class DrainState:
         attached (the client will resume them here): in flight too."""
         if self.began_at is None:
             return False
-        done = (self.in_flight == 0 and upstream_busy == 0) or self.remaining(now) == 0.0
+        quiet = now - max(self.last_activity, self.began_at) >= self.settle
+        idle = self.in_flight == 0 and upstream_busy == 0 and quiet
+        done = idle or self.remaining(now) == 0.0
         self.finished = self.finished or done
         return done
 

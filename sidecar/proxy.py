@@ -116,6 +116,8 @@ class Proxy:
         self._rewrite_endpoint = EndpointRewriter(config.upstream_base)
         self._janitor: asyncio.Task[None] | None = None
         self.draining = DrainState(config.drain_timeout)
+        self.busy_connections: dict[object, int] = {}
+        """Client connections with a request being handled (`sidecar.drain` rule 5)."""
 
     @property
     def active_streams(self) -> int:
@@ -212,13 +214,19 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """One request; counted in flight while it holds a drain (`sidecar.drain`, rule 3)."""
         last_id = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
-        if not holds_drain(request.method, EventId.parse(last_id) if last_id else None):
-            return await self._handle(request)
-        self.draining.request_started()
+        holds = holds_drain(request.method, EventId.parse(last_id) if last_id else None)
+        connection = request.protocol
+        self.busy_connections[connection] = self.busy_connections.get(connection, 0) + 1
+        if holds:
+            self.draining.request_started(time.monotonic())
         try:
             return await self._handle(request)
         finally:
-            self.draining.request_finished()
+            if holds:
+                self.draining.request_finished(time.monotonic())
+            left = self.busy_connections.pop(connection) - 1
+            if left:
+                self.busy_connections[connection] = left
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         refusal = self.admission.refusal(request)
