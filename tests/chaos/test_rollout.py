@@ -50,8 +50,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PODS = 3
 PY_CLIENTS = 20  # half legacy, half default ("auto")
 TS_CLIENTS = 5
-TICKS = 12
-TICK_MS = 250  # a call streams progress for 3 s
+TICKS = 10
+TICK_MS = 250  # a call streams progress for 2.5 s
 CALL_TIMEOUT_S = 25.0
 DRAIN_TIMEOUT_S = 20  # the sidecars' --drain-timeout: longer than any call
 CLIENT_RETRY_MS = 100
@@ -94,38 +94,36 @@ class Tally:
 
 
 async def start_pod(procs: ProcessPool, name: str, control_plane: str | None) -> Pod:
+    """Start the pod's processes (server and sidecar at once: the sidecar reaches its
+    upstream only when a request comes); return once both listen."""
     up = free_port()
-    server = await procs.start(
-        python_module(
-            "tether.demo_server", "--port", up, "--no-event-store", "--log-level", "WARNING"
-        ),
-        name=f"{name}-server",
-        ready_port=up,
+    server_argv = python_module(
+        "tether.demo_server", "--port", up, "--no-event-store", "--log-level", "WARNING"
     )
     if control_plane is None:
-        return Pod(name, server, up)
+        return Pod(name, await procs.start(server_argv, name=f"{name}-server", ready_port=up), up)
     port, admin = free_port(), free_port()
-    sidecar = await procs.start(
-        python_module(
-            "tether.cli",
-            "sidecar",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream",
-            f"http://127.0.0.1:{up}",
-            "--admin-listen",
-            f"127.0.0.1:{admin}",
-            "--control-plane",
-            control_plane,
-            "--owner",
-            name,
-            "--drain-timeout",
-            DRAIN_TIMEOUT_S,
-            "--client-retry-ms",
-            CLIENT_RETRY_MS,
-        ),
-        name=f"{name}-sidecar",
-        ready_port=port,
+    sidecar_argv = python_module(
+        "tether.cli",
+        "sidecar",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"http://127.0.0.1:{up}",
+        "--admin-listen",
+        f"127.0.0.1:{admin}",
+        "--control-plane",
+        control_plane,
+        "--owner",
+        name,
+        "--drain-timeout",
+        DRAIN_TIMEOUT_S,
+        "--client-retry-ms",
+        CLIENT_RETRY_MS,
+    )
+    server, sidecar = await asyncio.gather(
+        procs.start(server_argv, name=f"{name}-server", ready_port=up),
+        procs.start(sidecar_argv, name=f"{name}-sidecar", ready_port=port),
     )
     return Pod(name, server, port, sidecar, admin)
 
