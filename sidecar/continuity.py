@@ -20,7 +20,8 @@ cost unbounded memory or unbounded control-plane calls):
   2. Per-session locks (`KeyedLocks`) exist only while a task holds or awaits them.
   3. A session the control plane said it does not have is answered "unknown" from memory for
      `UNKNOWN_SESSION_TTL` seconds, for at most `UNKNOWN_SESSION_CACHE` ids: repeating an
-     unknown id costs one `GetSession` per id per period, whatever the request rate.
+     unknown id costs at most two `GetSession` per id per period, whatever the request rate
+     (the second: `adopt_late`, once the upstream did not know it either).
   4. `fenced_sessions` holds at most `FENCED_CACHE` ids for at most `FENCED_TTL` seconds, and
      lets an id go when the session is adopted again or deleted. It only saves work: the
      control plane fences a forgotten one's writes again.

@@ -158,12 +158,13 @@ async def test_unknown_and_invalid_ids_cost_bounded_calls_and_memory(
         continuity = sidecar.proxy.continuity
         base = f"http://127.0.0.1:{sidecar.port}"
 
-        # One unknown id, over and over: one GetSession per cache period.
+        # One unknown id, over and over: at most two GetSession per cache period (the second
+        # once the upstream did not know it either: a record may have been on its way).
         started = time.monotonic()
         stale = secrets.token_hex(16)
         assert await ping_all(http, base, [stale] * 1000) == {404: 1000}
         periods = 1 + int((time.monotonic() - started) / UNKNOWN_SESSION_TTL)
-        assert 1 <= counter.calls["GetSession"] <= periods
+        assert 1 <= counter.calls["GetSession"] <= 2 * periods
 
         # Invalid ids: no call, no state.
         before = counter.calls["GetSession"]
@@ -171,11 +172,12 @@ async def test_unknown_and_invalid_ids_cost_bounded_calls_and_memory(
         assert counter.calls["GetSession"] == before
         assert len(continuity.locks) == 0
 
-        # Random unknown ids: one call each (none twice), and the memory stays bounded.
+        # Random unknown ids: two calls each (the second after the upstream's 404, see
+        # `Continuity.adopt_late`), none more, and the memory stays bounded.
         before = counter.calls["GetSession"]
         fresh = [secrets.token_hex(16) for _ in range(2000)]
         assert await ping_all(http, base, fresh) == {404: 2000}
-        assert counter.calls["GetSession"] - before == len(fresh)
+        assert counter.calls["GetSession"] - before == 2 * len(fresh)
         state = state_of(continuity)
         assert 0 < state.pop("unknown") <= UNKNOWN_SESSION_CACHE  # some may have expired
         assert state == {
