@@ -11,9 +11,11 @@ Invariants:
    next request opens a new connection, which the Service sends to another pod. Requests that
    arrive meanwhile on open connections are still served.
 3. A request is in flight from its arrival until its response is completely written, streamed
-   POST responses included; standalone `GET` streams (and legacy `GET /sse` streams) are not:
-   they never end on their own. Standalone streams are ended instead, cleanly after their last
-   event, so the client resumes them (`Last-Event-ID`) on another pod.
+   POST responses included; standalone `GET` streams, legacy `GET /sse` streams and
+   2026-07-28 `subscriptions/listen` streams are not: they never end on their own. Standalone
+   and listen streams are ended instead, cleanly, so the client resumes them
+   (`Last-Event-ID`) or listens again on another pod. (A legacy SSE session lives in its
+   server and cannot move: its stream ends when the sidecar stops.)
 4. Drained means: draining, nothing in flight and nothing arrived for `settle` seconds, or
    `timeout` seconds since the drain began, whichever comes first. The settle time is for
    connections whose response began before the drain: it went out saying keep-alive, so its

@@ -116,6 +116,11 @@ class Proxy:
         self._rewrite_endpoint = EndpointRewriter(config.upstream_base)
         self._janitor: asyncio.Task[None] | None = None
         self.draining = DrainState(config.drain_timeout)
+        self._holding: set[int] = set()
+        """Requests in flight that hold a drain (`sidecar.drain` rule 3), by `id()`: aiohttp's
+        requests are not hashable; each is removed before its handler returns."""
+        self._listens: set[aiohttp.ClientResponse] = set()
+        """Upstream answers to `subscriptions/listen` being piped: a drain ends them."""
         self.busy_connections: dict[object, int] = {}
         """Client connections with a request being handled (`sidecar.drain` rule 5)."""
 
@@ -171,6 +176,9 @@ class Proxy:
         ]
         for stream in standalone:
             stream.end("sidecar draining")
+        for listen in self._listens:
+            # What the upstream sent so far goes out, then the response ends cleanly.
+            listen.content.feed_eof()
         await cancel_and_wait(*(s.pump for s in standalone))
 
     def _orphan_calls(self) -> int:
@@ -218,15 +226,21 @@ class Proxy:
         connection = request.protocol
         self.busy_connections[connection] = self.busy_connections.get(connection, 0) + 1
         if holds:
+            self._holding.add(id(request))
             self.draining.request_started(time.monotonic())
         try:
             return await self._handle(request)
         finally:
-            if holds:
-                self.draining.request_finished(time.monotonic())
+            self._release_drain(request)
             left = self.busy_connections.pop(connection) - 1
             if left:
                 self.busy_connections[connection] = left
+
+    def _release_drain(self, request: web.Request) -> None:
+        """The request no longer holds a drain: answered, or a listen stream (rule 3)."""
+        if id(request) in self._holding:
+            self._holding.discard(id(request))
+            self.draining.request_finished(time.monotonic())
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         refusal = self.admission.refusal(request)
@@ -406,7 +420,7 @@ class Proxy:
             resp.release()
             raise
         if kind is None:
-            return await self._pipe(request, resp, client_session)
+            return await self._pipe(request, resp, client_session, listen=sse and post.listen)
         return await self._open_stream(
             request, resp=resp, headers=headers, kind=kind, session_id=session_id, post=post
         )
@@ -448,9 +462,21 @@ class Proxy:
         return post
 
     async def _pipe(
-        self, request: web.Request, resp: aiohttp.ClientResponse, client_session: str | None
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        client_session: str | None,
+        *,
+        listen: bool = False,
     ) -> web.StreamResponse:
-        """Pass a response through untouched, chunk by chunk, as it arrives."""
+        """Pass a response through untouched, chunk by chunk, as it arrives. A `listen`
+        stream (2026-07-28) does not hold a drain, which ends it (`sidecar.drain` rule 3):
+        the client listens again, on a new connection, at another pod."""
+        if listen:
+            self._release_drain(request)
+            self._listens.add(resp)
+            if self.draining.draining:
+                resp.content.feed_eof()
         out = web.StreamResponse(
             status=resp.status,
             reason=resp.reason,
@@ -466,6 +492,7 @@ class Proxy:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
         finally:
+            self._listens.discard(resp)
             resp.release()
             self.writer.active -= sse
         return out

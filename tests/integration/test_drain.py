@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
-from tests.integration.conftest import SidecarFactory
+from tests.integration.conftest import SidecarFactory, serve_app
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
 from tests.support.sse_client import parse_sse
 from tests.support.waiting import eventually
@@ -83,3 +84,38 @@ async def test_drain_timeout_bounds_the_wait(
         assert await sidecar.drain() is False  # timed out, the call still running
         assert sidecar.proxy.draining.in_flight == 1
         call.close()
+
+
+async def test_drain_ends_listen_streams_instead_of_waiting_for_them(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """A 2026-07-28 `subscriptions/listen` answer never ends by itself: it does not hold the
+    drain, which ends it cleanly after what the upstream sent (the client listens again, on
+    another pod)."""
+    test_over = asyncio.Event()
+
+    async def listen(request: web.Request) -> web.StreamResponse:
+        assert (await request.json())["method"] == "subscriptions/listen"
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n\n')
+        await test_over.wait()  # a listen stream: nothing more, ever
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/mcp", listen)
+    async with serve_app(app) as upstream:
+        sidecar = await sidecar_factory(upstream)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        body = {"jsonrpc": "2.0", "id": 1, "method": "subscriptions/listen", "params": {}}
+        stream = await http.post(
+            base + MCP, json=body, headers={**HEADERS, "MCP-Protocol-Version": "2026-07-28"}
+        )
+        assert stream.status == 200
+        first = await stream.content.readuntil(b"\n\n")
+        assert b"list_changed" in first
+        assert sidecar.proxy.draining.in_flight == 0  # rule 3
+        assert await sidecar.drain() is True
+        assert await stream.read() == b""  # ended cleanly, nothing cut in half
+        assert stream.content.at_eof()
+        test_over.set()
