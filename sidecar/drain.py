@@ -28,7 +28,7 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sidecar.tracker import EventId, StreamKind
 
@@ -53,8 +53,6 @@ class DrainState:
     began_at: float | None = None
     last_activity: float = float("-inf")
     """When a request last started or finished."""
-    finished: bool = field(default=False)
-    """Set once `drained` has been true: what the admin port reports afterwards."""
 
     @property
     def draining(self) -> bool:
@@ -99,9 +97,7 @@ class DrainState:
             return False
         quiet = now - max(self.last_activity, self.began_at) >= self.settle
         idle = self.in_flight == 0 and upstream_busy == 0 and quiet
-        done = idle or self.remaining(now) == 0.0
-        self.finished = self.finished or done
-        return done
+        return idle or self.remaining(now) == 0.0
 
     def timed_out(self, now: float, *, upstream_busy: int = 0) -> bool:
         """Drained by the deadline, with work still in flight."""
