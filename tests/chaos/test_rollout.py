@@ -19,7 +19,7 @@ Tether (there the pod is the server alone and has no hook). A call fails when it
 out, answers wrongly, or when its progress notifications are not exactly 1..n in order. A
 client whose call failed starts a new client (what an application does), and goes on. Through
 Tether no call may fail; without it, the failures are measured and reported, not asserted.
-The table (`-s` shows it) is the one in the README, "What a rollout costs".
+The table (`-s` shows it) is the one in the README, "Proven under failure".
 """
 
 from __future__ import annotations
