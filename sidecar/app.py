@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -18,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar.config import SidecarConfig
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
+from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar")
 
@@ -48,17 +51,46 @@ def build_proxy_app(proxy: Proxy) -> web.Application:
     app = web.Application(client_max_size=proxy.config.max_request_body_bytes)
     app[PROXY_KEY] = proxy
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
+
+    async def close_when_draining(_: web.Request, response: web.StreamResponse) -> None:
+        # `sidecar.drain` rule 2. The header is set here too: aiohttp (3.14) has written its
+        # own `Connection` decision into the headers before this hook runs, so force_close
+        # alone would close the connection without telling the client, which could send its
+        # next request on it just as it closes.
+        if not proxy.draining.keep_alive():
+            response.force_close()
+            response.headers["Connection"] = "close"
+
+    app.on_response_prepare.append(close_when_draining)
     return app
 
 
-def build_admin_app(proxy: Proxy, ready: asyncio.Event) -> web.Application:
+def build_admin_app(
+    proxy: Proxy,
+    ready: asyncio.Event,
+    drain: Callable[[], Coroutine[Any, Any, bool]] | None = None,
+) -> web.Application:
+    """`drain`: what `/drain` runs (`drain_sidecar`); None: only the proxy's own drain."""
+    run_drain = drain if drain is not None else proxy.drain
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
+        if proxy.draining.draining:
+            return web.json_response({"status": "draining"}, status=503)
         if not ready.is_set():
             return web.json_response({"status": "starting"}, status=503)
         return web.json_response({"status": "ready", "streams": len(proxy.registry.streams)})
+
+    async def drain_handler(_: web.Request) -> web.Response:
+        """The preStop hook: answers once drained (`sidecar.drain`), so the kubelet stops the
+        MCP server only when nothing is in flight. GET for `httpGet` hooks, POST for people."""
+        # Shielded: a hook that gives up (its own timeout) does not cancel the drain.
+        clean = await asyncio.shield(spawn(run_drain(), name="sidecar-drain"))
+        return web.json_response(
+            {"status": "drained" if clean else "timed out", "in_flight": proxy.draining.in_flight}
+        )
 
     async def metrics(_: web.Request) -> web.Response:
         proxy.metrics.refresh(proxy.registry)
@@ -71,6 +103,8 @@ def build_admin_app(proxy: Proxy, ready: asyncio.Event) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/drain", drain_handler)
+    app.router.add_post("/drain", drain_handler)
     return app
 
 
@@ -84,15 +118,42 @@ class RunningSidecar:
     _runners: list[web.AppRunner]
     ready: asyncio.Event
 
+    async def drain(self) -> bool:
+        """What `/drain` on the admin port does (`sidecar.drain`); False on the timeout."""
+        return await drain_sidecar(self.proxy, self._runners[-1:])
+
     async def stop(self) -> None:
         """Graceful: not ready, streams ended (clients resume elsewhere), listeners closed,
         final positions flushed. Ending the streams first matters: aiohttp's cleanup waits for
         handlers, and a streaming handler only returns once its stream ends."""
         self.ready.clear()
-        await self.proxy.drain()
+        await self.proxy.end_streams()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.proxy.stop()
+
+
+async def drain_sidecar(proxy: Proxy, proxied: list[web.AppRunner]) -> bool:
+    """Drain (`sidecar.drain`): the proxy stops being ready and waits for what is in flight;
+    the proxied port's idle connections are closed at the start and at the end (rule 5), so
+    clients open new ones elsewhere. False if the drain timed out."""
+
+    def close_idle() -> None:
+        for runner in proxied:
+            if runner.server is not None:
+                for conn in runner.server.connections:
+                    if conn not in proxy.busy_connections:
+                        conn.close()
+
+    if not proxy.draining.draining:
+        waiting = spawn(proxy.drain(), name="sidecar-drain")
+        await asyncio.sleep(0)  # the drain has begun: responses say `Connection: close`
+        close_idle()
+    else:
+        waiting = spawn(proxy.drain(), name="sidecar-drain")
+    clean = await waiting
+    close_idle()
+    return clean
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -115,7 +176,9 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
         # proxied port is bound.
         admin_port: int | None = None
         if config.admin_host is not None and config.admin_port is not None:
-            admin = web.AppRunner(build_admin_app(proxy, ready), access_log=None)
+            # `/drain` closes the proxied port's connections: the last runner, once started.
+            admin_app = build_admin_app(proxy, ready, lambda: drain_sidecar(proxy, runners[-1:]))
+            admin = web.AppRunner(admin_app, access_log=None)
             await admin.setup()
             runners.append(admin)
             await web.TCPSite(admin, config.admin_host, config.admin_port).start()

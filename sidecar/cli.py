@@ -55,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             max_upstream_requests=args.max_upstream_requests,
             linger_max_bytes=args.linger_max_bytes,
             upstream_response_timeout=args.upstream_response_timeout,
+            drain_timeout=args.drain_timeout,
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
@@ -108,7 +109,9 @@ def add_sidecar_parser(sub: Any) -> None:
     p = sub.add_parser("sidecar", help="run the sidecar proxy in front of an MCP server")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="proxied port")
     p.add_argument("--upstream", required=True, metavar="URL", help="MCP server base URL")
-    p.add_argument("--admin-listen", metavar="HOST:PORT", help="/healthz, /readyz, /metrics")
+    p.add_argument(
+        "--admin-listen", metavar="HOST:PORT", help="/healthz, /readyz, /metrics, /drain"
+    )
     p.add_argument("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
     add_client_security_flags(p)
     p.add_argument("--owner", help="this sidecar's name in the control plane ($POD_NAME)")
@@ -167,6 +170,15 @@ def add_sidecar_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="longest wait for the upstream's response headers, then 504 (a JSON answer to a "
         "tool call comes whole, so this also bounds a tool call in JSON mode; default 300)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest drain (GET /drain on the admin port, the preStop hook): how long the "
+        "requests in flight may take to finish (default 30); terminationGracePeriodSeconds "
+        "should exceed it (see the README)",
     )
     p.add_argument(
         "--no-session-binding",

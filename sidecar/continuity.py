@@ -20,7 +20,8 @@ cost unbounded memory or unbounded control-plane calls):
   2. Per-session locks (`KeyedLocks`) exist only while a task holds or awaits them.
   3. A session the control plane said it does not have is answered "unknown" from memory for
      `UNKNOWN_SESSION_TTL` seconds, for at most `UNKNOWN_SESSION_CACHE` ids: repeating an
-     unknown id costs one `GetSession` per id per period, whatever the request rate.
+     unknown id costs the lookups of one wait (rule 11) per id per period, whatever the
+     request rate.
   4. `fenced_sessions` holds at most `FENCED_CACHE` ids for at most `FENCED_TTL` seconds, and
      lets an id go when the session is adopted again or deleted. It only saves work: the
      control plane fences a forgotten one's writes again.
@@ -322,6 +323,7 @@ class Continuity:
         self.reinitializations = 0
         self.fenced_sessions = RecentIds(capacity=FENCED_CACHE, ttl=FENCED_TTL)
         """Sessions another sidecar took over: not reported from here (invariant 4)."""
+        self.report_interval = report_interval
         registry.session_ended.append(self._session_ended)
 
     async def start(self) -> None:
@@ -509,7 +511,8 @@ class Continuity:
         sess = self.registry.sessions.get(session_id)
         if sess is None or (owner == self.owner and epoch <= sess.owner_epoch):
             return  # gone already, or a late answer to a report from before we took it back
-        log.warning(
+        # Routine (a client moved, a pod drained): INFO, not WARNING.
+        log.info(
             "session %s now belongs to %s (epoch %d); dropping it here", session_id, owner, epoch
         )
         self.fenced_sessions.add(session_id)
@@ -540,7 +543,7 @@ class Continuity:
         local session's, it means another sidecar served the session since (invariant 7).
         `credential` is the fingerprint the request presents (None: binding off)."""
         sess = self.registry.sessions.get(session_id)
-        if self.reporter is None or (sess is not None and seen_epoch <= sess.owner_epoch):
+        if self.reporter is None or self._still_ours(sess, seen_epoch):
             return sess
         try:
             sid = parse_session_id(session_id)
@@ -550,7 +553,7 @@ class Continuity:
             return UNKNOWN
         async with self.locks.hold(sid):
             sess = self.registry.sessions.get(sid)
-            if sess is not None and seen_epoch <= sess.owner_epoch:
+            if self._still_ours(sess, seen_epoch):
                 return sess
             if sess is None and sid in self.unknown_sessions:
                 return UNKNOWN  # answered while this request waited for the lock
@@ -567,6 +570,16 @@ class Continuity:
                 )
                 self._drop_local(sid)
             return self._install(sid, record)
+
+    def _still_ours(self, sess: Session | None, seen_epoch: int) -> bool:
+        """A local session to serve as it is: no later epoch seen, and not taken over (a
+        request that was under way when another sidecar took the session may have left a
+        bare local session behind; the stored record is the session)."""
+        return (
+            sess is not None
+            and seen_epoch <= sess.owner_epoch
+            and sess.session_id not in self.fenced_sessions
+        )
 
     async def _claim(self, sid: SessionId, *, credential: str | None) -> SessionRecord | Unserved:
         """The stored record, claimed for this sidecar if another owns it; `Unserved` if the
@@ -689,7 +702,8 @@ class Continuity:
             if version:
                 sess.protocol_version = version
             self.reinitializations += 1
-            log.warning(
+            # Routine after a move to another pod (each has its own MCP server): INFO.
+            log.info(
                 "session %s: the upstream had lost it; re-initialized as %s",
                 sess.session_id,
                 new_id,

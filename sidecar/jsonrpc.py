@@ -22,6 +22,9 @@ class PostBody:
     initialize: bool = False
     protocol_version: str | None = None
     """The `protocolVersion` an `initialize` request asks for."""
+    listen: bool = False
+    """A `subscriptions/listen` request (2026-07-28): its answer is a stream of notifications
+    that ends only when the client or the server ends it."""
 
 
 def read_post_body(body: bytes) -> PostBody:
@@ -34,17 +37,19 @@ def read_post_body(body: bytes) -> PostBody:
     ids: set[RequestId] = set()
     initialize = False
     version: str | None = None
+    listen = False
     for m in msgs:
         if not isinstance(m, dict):
             continue
         if "method" in m and isinstance(m.get("id"), int | str):
             ids.add(m["id"])
+        listen = listen or m.get("method") == "subscriptions/listen"
         if m.get("method") == "initialize":
             initialize = True
             params = m.get("params")
             if isinstance(params, dict) and isinstance(params.get("protocolVersion"), str):
                 version = params["protocolVersion"]
-    return PostBody(frozenset(ids), initialize, version)
+    return PostBody(frozenset(ids), initialize, version, listen)
 
 
 def answered_ids(data: str) -> list[RequestId]:

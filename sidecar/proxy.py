@@ -36,6 +36,7 @@ from multidict import CIMultiDict
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
 from sidecar.continuity import UNKNOWN, Continuity, Unserved, default_owner, session_lost
+from sidecar.drain import DrainState, holds_drain
 from sidecar.guard import fingerprint
 from sidecar.headers import (
     LAST_EVENT_ID,
@@ -60,6 +61,9 @@ from tether.model import OwnerName, parse_owner
 from tether.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("tether.sidecar.proxy")
+
+DRAIN_POLL_S = 0.05
+"""How often a drain looks at what is still in flight."""
 
 
 class Proxy:
@@ -111,6 +115,14 @@ class Proxy:
         )
         self._rewrite_endpoint = EndpointRewriter(config.upstream_base)
         self._janitor: asyncio.Task[None] | None = None
+        self.draining = DrainState(config.drain_timeout)
+        self._holding: set[int] = set()
+        """Requests in flight that hold a drain (`sidecar.drain` rule 3), by `id()`: aiohttp's
+        requests are not hashable; each is removed before its handler returns."""
+        self._listens: set[aiohttp.ClientResponse] = set()
+        """Upstream answers to `subscriptions/listen` being piped: a drain ends them."""
+        self.busy_connections: dict[object, int] = {}
+        """Client connections with a request being handled (`sidecar.drain` rule 5)."""
 
     @property
     def active_streams(self) -> int:
@@ -124,7 +136,7 @@ class Proxy:
         self._janitor = spawn(self._sweep_forever(), name="sidecar-janitor")
         await self.continuity.start()
 
-    async def drain(self) -> None:
+    async def end_streams(self) -> None:
         """End every stream cleanly, without failing its open requests: writers flush what
         they have and close, so clients reconnect (with Last-Event-ID) to another sidecar."""
         streams = [*self.registry.streams.values(), *self.registry.finishing]
@@ -132,9 +144,59 @@ class Proxy:
             stream.end("sidecar shutting down")
         await cancel_and_wait(*(s.pump for s in streams))
 
+    async def drain(self) -> bool:
+        """`sidecar.drain`: stop being ready, end the standalone streams, and wait until no
+        request is in flight upstream or the drain timeout passes; False on the timeout.
+        Concurrent callers (a retried preStop hook) all wait for the same drain."""
+        if self.draining.begin(time.monotonic()):
+            log.info(
+                "draining: %d requests in flight, at most %.0fs",
+                self.draining.in_flight,
+                self.config.drain_timeout,
+            )
+        while not self.draining.drained(time.monotonic(), upstream_busy=self._orphan_calls()):
+            # Rule 3, again each turn: a GET that arrived meanwhile is sent on as well.
+            await self._end_standalone_streams()
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self._end_standalone_streams()
+        if self.draining.timed_out(time.monotonic(), upstream_busy=self._orphan_calls()):
+            log.warning(
+                "drain timed out after %.0fs with %d requests still in flight",
+                self.config.drain_timeout,
+                self.draining.in_flight,
+            )
+            return False
+        return True
+
+    async def _end_standalone_streams(self) -> None:
+        standalone = [
+            s
+            for s in self.registry.streams.values()
+            if s.kind is StreamKind.STANDALONE and not s.ended
+        ]
+        for stream in standalone:
+            stream.end("sidecar draining")
+        for listen in self._listens:
+            # What the upstream sent so far goes out, then the response ends cleanly.
+            listen.content.feed_eof()
+        await cancel_and_wait(*(s.pump for s in standalone))
+
+    def _orphan_calls(self) -> int:
+        """POST response streams still reading their upstream with no client attached: the
+        client will resume them here, so the call is still in flight."""
+        return sum(
+            1
+            for s in self.registry.streams.values()
+            if s.kind is StreamKind.POST
+            and s.clients == 0
+            and not s.ended
+            and s.pump is not None
+            and not s.pump.done()
+        )
+
     async def stop(self) -> None:
         """Stop the pumps, flush the final positions to the control plane, close."""
-        await self.drain()
+        await self.end_streams()
         await cancel_and_wait(self._janitor)
         for stream in self.registry.streams.values():
             self.continuity.report_position(stream)
@@ -158,6 +220,29 @@ class Proxy:
     # -- one request, top to bottom --------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """One request; counted in flight while it holds a drain (`sidecar.drain`, rule 3)."""
+        last_id = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
+        holds = holds_drain(request.method, EventId.parse(last_id) if last_id else None)
+        connection = request.protocol
+        self.busy_connections[connection] = self.busy_connections.get(connection, 0) + 1
+        if holds:
+            self._holding.add(id(request))
+            self.draining.request_started(time.monotonic())
+        try:
+            return await self._handle(request)
+        finally:
+            self._release_drain(request)
+            left = self.busy_connections.pop(connection) - 1
+            if left:
+                self.busy_connections[connection] = left
+
+    def _release_drain(self, request: web.Request) -> None:
+        """The request no longer holds a drain: answered, or a listen stream (rule 3)."""
+        if id(request) in self._holding:
+            self._holding.discard(id(request))
+            self.draining.request_finished(time.monotonic())
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         refusal = self.admission.refusal(request)
         if refusal is not None:
             return refusal
@@ -299,7 +384,7 @@ class Proxy:
             resp.release()
             raise
         if kind is None:
-            return await self._pipe(request, resp, client_session)
+            return await self._pipe(request, resp, client_session, listen=sse and post.listen)
         return await self._open_stream(
             request, resp=resp, headers=headers, kind=kind, session_id=session_id, post=post
         )
@@ -323,8 +408,14 @@ class Proxy:
                 sess.credential_fingerprint = fingerprint(
                     request.headers.get("Authorization"), key=self.config.fingerprint_key
                 )
-        if session_id and resp.status < 300 and request.method != "DELETE":
-            # A session the upstream accepts: make sure the control plane knows it.
+        taken_over = (
+            session_id in self.continuity.fenced_sessions
+            and session_id not in self.registry.sessions
+        )
+        if session_id and resp.status < 300 and request.method != "DELETE" and not taken_over:
+            # A session the upstream accepts: make sure the control plane knows it (unless
+            # another sidecar took it over while this request was under way: a bare local
+            # session here would shadow the stored record on the next request).
             sess = self.registry.session(session_id)
             if sess.credential_fingerprint is None:
                 sess.credential_fingerprint = fingerprint(
@@ -335,9 +426,21 @@ class Proxy:
         return post
 
     async def _pipe(
-        self, request: web.Request, resp: aiohttp.ClientResponse, client_session: str | None
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        client_session: str | None,
+        *,
+        listen: bool = False,
     ) -> web.StreamResponse:
-        """Pass a response through untouched, chunk by chunk, as it arrives."""
+        """Pass a response through untouched, chunk by chunk, as it arrives. A `listen`
+        stream (2026-07-28) does not hold a drain, which ends it (`sidecar.drain` rule 3):
+        the client listens again, on a new connection, at another pod."""
+        if listen:
+            self._release_drain(request)
+            self._listens.add(resp)
+            if self.draining.draining:
+                resp.content.feed_eof()
         out = web.StreamResponse(
             status=resp.status,
             reason=resp.reason,
@@ -353,6 +456,7 @@ class Proxy:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
         finally:
+            self._listens.discard(resp)
             resp.release()
             self.writer.active -= sse
         return out
@@ -396,6 +500,10 @@ class Proxy:
                 old.end("replaced by a new GET stream")
                 await cancel_and_wait(old.pump)
             sess.standalone = stream.stream_id
+            if self.draining.draining:
+                # `sidecar.drain` rule 3: its priming event goes out, then the client resumes
+                # the stream on another pod.
+                stream.end("sidecar draining")
         version = self.registry.session(session_id).protocol_version if session_id else None
         priming = kind is not StreamKind.LEGACY and expects_priming(request, version)
         return await self.writer.write(request, stream, after_seq=0, priming=priming)

@@ -209,6 +209,41 @@ def test_sidecar_outlasts_its_pod_termination(
         assert now > 2 * grace, f"seed {seed}: gave up after {now:.1f}s (grace {grace}s)"
 
 
+SIDECAR_STOP_S = 5
+"""What the README's grace formula allows the sidecar to stop once the server has: end its
+streams, close its listeners, flush the last positions (it is drained by then)."""
+MARGIN_S = 5
+
+
+def test_the_mcp_server_drains_its_sidecar_before_it_stops(
+    overlay: list[Obj], clean_environ: pytest.MonkeyPatch
+) -> None:
+    """Issue #12, the order the kubelet follows on pod deletion: the server's preStop hook
+    (HTTP, on the sidecar's admin port: the server cannot run `tether`) blocks until the
+    sidecar has drained; then SIGTERM to the server; the native sidecar stops after it. The
+    grace period holds all three (README, "Rolling an MCP server")."""
+    deployment = find(overlay, "Deployment", "mcp-example")
+    spec = pod_spec(deployment)
+    (sidecar,) = spec["initContainers"]
+    (server,) = spec["containers"]
+    assert sidecar["restartPolicy"] == "Always"  # stopped after the server
+    for key, value in container_env(overlay, sidecar).items():
+        clean_environ.setenv(key, value)
+    config = config_from_args(build_parser().parse_args(sidecar["args"]))
+    hook = server["lifecycle"]["preStop"]["httpGet"]
+    assert hook["path"] == "/drain"
+    assert hook["port"] == config.admin_port
+    assert "host" not in hook  # the pod's IP: the admin port must listen on it
+    assert config.admin_host == "0.0.0.0"
+    assert "preStop" not in sidecar.get("lifecycle", {})  # drained by the server's hook
+    grace = spec["terminationGracePeriodSeconds"]
+    server_stop = demo_server.SHUTDOWN_GRACE_S
+    assert grace >= config.drain_timeout + server_stop + SIDECAR_STOP_S + MARGIN_S, (
+        f"terminationGracePeriodSeconds {grace} < drain timeout {config.drain_timeout} + "
+        f"server stop {server_stop} + sidecar stop {SIDECAR_STOP_S} + margin {MARGIN_S}"
+    )
+
+
 def test_sidecar_answers_every_name_of_the_service_in_front_of_it(
     overlay: list[Obj], clean_environ: pytest.MonkeyPatch
 ) -> None:

@@ -174,3 +174,56 @@ async def test_mcp_server_pod_deleted_mid_stream_loses_nothing(kind_cluster: Clu
     assert progress.seen == [float(i) for i in range(1, n + 1)], "lost or repeated progress"
     assert record["owner"] != doomed, "another pod's sidecar claimed the session"
     assert int(record["ownerEpoch"]) > int(session.get("ownerEpoch", 1))
+
+
+async def test_rollout_restart_mid_calls_fails_no_call(kind_cluster: Cluster) -> None:
+    """Issue #12 on a real cluster: SDK clients (legacy and default mode) call `count` back to
+    back through the Service while `kubectl rollout restart` replaces every MCP pod (demo
+    server without an event store). Each deleted pod's preStop hook drains its sidecar, so
+    calls in flight finish there and the next ones go to the new pods: no call fails, and
+    every call sees each progress notification exactly once, in order."""
+    await asyncio.to_thread(kind_cluster.apply, HERE / "overlays" / "rollout")
+    await asyncio.to_thread(kind_cluster.wait_rollouts)
+    await wait_until_served()
+
+    n = 20
+    calls = 0
+    failures: list[str] = []
+    rolling = asyncio.Event()
+    rolling.set()
+
+    async def calling(mode: str) -> None:
+        nonlocal calls
+        async with Client(MCP_URL, mode=mode) as client:
+            while rolling.is_set():
+                progress = Progress()
+                calls += 1
+                try:
+                    result = await asyncio.wait_for(
+                        client.call_tool(
+                            "count", {"n": n, "interval_ms": 200}, progress_callback=progress
+                        ),
+                        120,
+                    )
+                except Exception as exc:
+                    failures.append(f"{mode}: {exc!r}")
+                    return
+                if text_of(result) != f"counted {n}" or progress.seen != [
+                    float(i) for i in range(1, n + 1)
+                ]:
+                    failures.append(f"{mode}: {text_of(result)!r}, progress {progress.seen}")
+
+    clients = [asyncio.ensure_future(calling("legacy" if i % 2 else "auto")) for i in range(6)]
+    try:
+
+        async def all_calling() -> bool:
+            return calls >= len(clients)
+
+        await eventually(all_calling, timeout=60, interval=0.2, what="every client calling")
+        await kubectl(kind_cluster, "rollout", "restart", "deployment/mcp-example")
+        await kubectl(kind_cluster, "rollout", "status", "deployment/mcp-example", "--timeout=600s")
+    finally:
+        rolling.clear()
+        await asyncio.gather(*clients, return_exceptions=True)
+    assert failures == [], failures
+    assert calls > 2 * len(clients), "the calls went on through the rollout"

@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections import Counter
+from dataclasses import dataclass
 
-from tests.support.relay import pipe, run_pair
+from tests.support.relay import run_pair
 from tether.tasks import cancel_and_wait, spawn
 
 _HEADER_END = b"\r\n\r\n"
@@ -147,6 +149,14 @@ class _Dechunker:
         return bytes(out)
 
 
+@dataclass
+class _Times:
+    """When a proxied connection last carried bytes each way."""
+
+    up: float = 0.0
+    down: float = 0.0
+
+
 class Balancer:
     """Listens on 127.0.0.1:<port>; each new connection goes to the next of `backends`.
 
@@ -163,12 +173,15 @@ class Balancer:
         clean_cuts: bool = False,
     ) -> None:
         assert backends, "at least one backend"
-        self.backends = backends
+        self.backends = list(backends)
         self.cut_after_events = cut_after_events
         self.clean_cuts = clean_cuts
         self.port = 0
         self.connections: Counter[int] = Counter()
         self.cuts = 0
+        self.unanswered: list[tuple[int, float]] = []
+        """(backend, when) of each connection the backend closed while the client's last
+        request on it had no answer yet: a request lost to a closing connection."""
         self.downstream: list[tuple[int, bytearray]] = []
         self._next = 0
         self._cut_at: dict[bytes, int] = {}
@@ -194,6 +207,15 @@ class Balancer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def remove(self, port: int) -> None:
+        """Take a backend out of rotation, as a Service drops a terminating pod's endpoint:
+        new connections go elsewhere; open ones carry on (kube-proxy leaves them alone)."""
+        self.backends.remove(port)
+
+    def add(self, port: int) -> None:
+        """Put a backend (a new pod, once ready) into rotation."""
+        self.backends.append(port)
 
     def _pick(self) -> int:
         port = self.backends[self._next % len(self.backends)]
@@ -222,9 +244,25 @@ class Balancer:
         sent = bytearray()
         self.downstream.append((backend, sent))
         up_writer.write(head)
-        a = spawn(pipe(reader, up_writer), name="balancer-up")
-        b = spawn(self._pipe_down(up_reader, writer, cutter, sent, backend), name="balancer-down")
+        times = _Times(up=time.monotonic())
+        a = spawn(self._pipe_up(reader, up_writer, times), name="balancer-up")
+        b = spawn(
+            self._pipe_down(up_reader, writer, cutter, sent, backend, times=times),
+            name="balancer-down",
+        )
         await run_pair(a, b, (writer, up_writer), writers=self._writers, tasks=self._tasks)
+        if a.cancelled() and not b.cancelled() and times.up > times.down:
+            # The backend closed while the client's last bytes were unanswered.
+            self.unanswered.append((backend, time.monotonic()))
+
+    async def _pipe_up(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, times: _Times
+    ) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                times.up = time.monotonic()
+                writer.write(data)
+                await writer.drain()
 
     async def _pipe_down(
         self,
@@ -233,9 +271,12 @@ class Balancer:
         cutter: EventCutter,
         sent: bytearray,
         backend: int,
+        *,
+        times: _Times,
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                times.down = time.monotonic()
                 forward, cut = cutter.feed(data)
                 sent += forward
                 writer.write(forward)

@@ -100,7 +100,13 @@ async function call(tag, tool, args) {
         const text = (result.content ?? []).filter(c => c.type === 'text').map(c => c.text).join('');
         report('result', { tag, text, is_error: result.isError === true });
     } catch (error) {
-        report('error', { tag, message: String(error?.message ?? error), code: error?.code ?? null });
+        // `cause`: what undici says under its "fetch failed" (a reset, a refused connection...).
+        report('error', {
+            tag,
+            message: String(error?.message ?? error),
+            code: error?.code ?? null,
+            cause: error?.cause ? String(error.cause?.code ?? error.cause?.message ?? error.cause) : null,
+        });
     }
 }
 
