@@ -302,8 +302,9 @@ async def test_without_a_policy_a_token_caller_is_a_sidecar_only(
         everything = c.watch_sessions()
         assert await code_of(anext(everything)) == grpc.StatusCode.PERMISSION_DENIED
         await everything.aclose()
+        # Outside the home namespace the pod's name carries its namespace (identity rule 6).
         ack = await report(
-            c, ReportBatch(1, upserts=(SessionUpsert(record("s1", "tether-admin-0")),))
+            c, ReportBatch(1, upserts=(SessionUpsert(record("s1", "tether-admin-0@ops")),))
         )
         assert ack.rejections == ()
     # One log line for the five refused lists (the rest held back for the next line).
