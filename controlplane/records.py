@@ -22,7 +22,18 @@ Rules:
   8. The credential binding is set once, at creation: an upsert whose non-empty
      `credential_fingerprint` differs from the stored one is refused whole (an empty one keeps
      the stored one), so no write can hand a session to another credential.
-Refused writes change nothing; `refusal` says why, for the acknowledgement.
+  9. Re-creation over a tombstone: a deleted or expired session leaves a `Tombstone` (its
+     id, last owner, last owner epoch and credential fingerprint) for one `session_ttl`. An
+     upsert that would create the session while its tombstone lasts is refused whole
+     (`recreation_refusal`) unless its credential fingerprint is the tombstone's and its
+     epoch is above the tombstone's, or equal to it with the tombstone's owner: the last
+     owner re-sending a session the store lost or let expire while it still serves it (the
+     reporter's re-creation, a renewal after a partition). So delete-and-re-create cannot
+     rebind a session to another credential, and no owner epoch goes backwards (a sidecar
+     fenced before the delete is below the epoch it was fenced at). A created session's
+     tombstone is gone.
+Refused writes change nothing; `refusal` and `recreation_refusal` say why, for the
+acknowledgement.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from dataclasses import dataclass
 
 from tether.model import (
     OwnerName,
+    SessionId,
     SessionRecord,
     SessionUpsert,
     SessionWrite,
@@ -50,6 +62,52 @@ class MergeResult:
 
     record: SessionRecord | None
     changed: bool
+    refused_recreation: str = ""
+    """Rule 9: why an upsert that would have created the session was refused ("": none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What a deleted or expired session leaves behind for a while (rule 9)."""
+
+    session_id: SessionId
+    owner: OwnerName
+    owner_epoch: int
+    credential_fingerprint: str
+    expires_at: float
+    """When the tombstone is forgotten: one `session_ttl` after the session ended."""
+
+
+def tombstone_of(record: SessionRecord, *, ended_at: float, ttl: float) -> Tombstone:
+    """The tombstone `record` leaves when it is deleted or expires at `ended_at`."""
+    return Tombstone(
+        record.session_id,
+        record.owner,
+        record.owner_epoch,
+        record.credential_fingerprint,
+        ended_at + ttl,
+    )
+
+
+def recreation_refusal(tombstone: Tombstone | None, upsert: SessionUpsert) -> str:
+    """Why rule 9 refuses `upsert` creating a session over `tombstone` ("" if allowed)."""
+    if tombstone is None:
+        return ""
+    new = upsert.session
+    if new.credential_fingerprint != tombstone.credential_fingerprint:
+        return (
+            "this session was deleted or expired bound to another credential; "
+            "its id cannot be re-created with a different credential fingerprint"
+        )
+    epoch = upsert_epoch(upsert)
+    if epoch > tombstone.owner_epoch or (
+        epoch == tombstone.owner_epoch and new.owner == tombstone.owner
+    ):
+        return ""
+    return (
+        f"this session was deleted or expired at owner epoch {tombstone.owner_epoch} "
+        f"(owner {tombstone.owner!r}); it cannot be re-created at epoch {epoch} by {new.owner!r}"
+    )
 
 
 class ClaimRefusedError(Exception):
@@ -115,13 +173,16 @@ def apply_writes(
     *,
     now: float,
     ttl: float,
+    tombstone: Tombstone | None = None,
 ) -> MergeResult:
-    """Apply the writes of one session, upserts first, to `current` (None if missing)."""
+    """Apply the writes of one session, upserts first, to `current` (None if missing; then
+    `tombstone` is what it left, if it lasts: rule 9)."""
     upserts = [w for w in writes if isinstance(w, SessionUpsert)]
     updates = [w for w in writes if isinstance(w, StreamUpdate)]
     record = current
     changed = False
     streams: dict[StreamId, StreamPosition] = dict(current.streams) if current else {}
+    refused_recreation = ""
 
     for upsert in upserts:
         new = upsert.session
@@ -129,6 +190,9 @@ def apply_writes(
         if refusal(record, upsert) is not None:
             continue
         if record is None:
+            if why := recreation_refusal(tombstone, upsert):
+                refused_recreation = why
+                continue
             streams = {}
             _merge_streams(streams, new.streams.values(), epoch)
             record = dataclasses.replace(new, owner_epoch=epoch, created_at=now)
@@ -151,7 +215,7 @@ def apply_writes(
             changed = True
 
     if record is None or not changed:
-        return MergeResult(current, False)
+        return MergeResult(current, False, refused_recreation)
     record = dataclasses.replace(record, streams=streams, updated_at=now, expires_at=now + ttl)
     return MergeResult(record, True)
 

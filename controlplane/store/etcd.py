@@ -8,6 +8,7 @@ Key space (under a configurable prefix, `/tether` by default):
     <prefix>/owners/<owner>/<session_id>   one per session, empty, on the session's lease
     <prefix>/sessions/<session_id>         the record (JSON, `controlplane.store.codec`)
     <prefix>/tombstones/<session_id>       written in the same transaction as a DeleteSession
+    <prefix>/graves/<session_id>           the session's `records.Tombstone` (rule 8)
 
 Rules:
   1. Atomic, monotonic writes: read the key, merge with `controlplane.records`, then a
@@ -47,6 +48,13 @@ Rules:
      session it had shown that is gone, SYNCED, then changes, without ending the stream. For
      this a watch keeps the ids of the sessions it has shown live: memory in the number of
      sessions (about 100 bytes each), not in their records.
+  8. Re-creation tombstones (`controlplane.records` rule 9; not the `tombstones/` keys of
+     rule 5, which only tell DELETE from EXPIRE): every transaction that puts a session
+     also puts its `graves/` key (owner, epoch, fingerprint) on a lease of twice the TTL
+     from the same bucket, so it outlives the session's lease by one `session_ttl` whether
+     the session is deleted (the delete rewrites it) or its lease expires (no one is there
+     to write anything then). A creation reads the grave, and its transaction compares the
+     grave's mod revision too: the check and the creation are atomic.
   7. All endpoints of a cluster: aetcd's Client takes one host and port, but the pair only
      becomes a gRPC target string, so `ipv4:a:p1,b:p2,c:p3` gives one channel that fails
      over between members (hostnames are resolved to addresses when the store opens).
@@ -64,6 +72,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import math
 import socket
@@ -95,6 +104,7 @@ from controlplane.store.protocol import (
     ApplyResult,
     OwnerLimitError,
     OwnerLimitReached,
+    RecreationRefused,
     SessionNotFoundError,
     StoreUnavailableError,
 )
@@ -241,6 +251,34 @@ def _decode(kv: Any) -> SessionRecord | None:
         return None
 
 
+def _encode_grave(t: records.Tombstone) -> bytes:
+    return json.dumps(
+        {
+            "owner": t.owner,
+            "owner_epoch": t.owner_epoch,
+            "credential_fingerprint": t.credential_fingerprint,
+            "expires_at": t.expires_at,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _decode_grave(sid: SessionId, data: bytes) -> records.Tombstone | None:
+    """A `graves/` key's tombstone; None (logged) if it holds something else."""
+    try:
+        d = json.loads(data)
+        return records.Tombstone(
+            sid,
+            OwnerName(str(d["owner"])),
+            int(d["owner_epoch"]),
+            str(d["credential_fingerprint"]),
+            float(d["expires_at"]),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("etcd grave of session %s unreadable (%s): ignored", sid, e)
+        return None
+
+
 class _Compacted(Exception):
     """The revision a watch or a snapshot read needs has been compacted away."""
 
@@ -305,11 +343,15 @@ class EtcdSessionStore:
         self._tombstones = f"{prefix}/tombstones/".encode()
         self._owners = f"{prefix}/owners/".encode()
         self._owner_gen = f"{prefix}/owner-gen/".encode()
+        self._graves = f"{prefix}/graves/".encode()  # outside the watched range
         # Sessions and tombstones, not the owner index ("owners/" < "sessions/" < "tombstones/").
         self._watch_end = aetcd.utils.prefix_range_end(self._tombstones)
         self._owner_locks = _OwnerLocks()
         self._leases = _Leases(client, ttl=config.session_ttl, width=config.effective_granularity())
         self._tombstone_leases = _Leases(client, ttl=config.tombstone_ttl, width=10.0)
+        self._grave_leases = _Leases(
+            client, ttl=2 * config.session_ttl, width=config.effective_granularity()
+        )
         self._limit = asyncio.Semaphore(config.max_concurrency)
         self._closed = False
         self._closing = asyncio.Event()
@@ -406,23 +448,47 @@ class EtcdSessionStore:
             return None, 0
         return decode_record(kv.value), int(kv.mod_revision)
 
+    async def _read_grave(self, sid: SessionId) -> tuple[records.Tombstone | None, int]:
+        """The session's tombstone if it lasts (rule 8), and its key's mod revision."""
+        kv = await self._call(self._client.get, self._graves + sid.encode())
+        if kv is None:
+            return None, 0
+        tombstone = _decode_grave(sid, bytes(kv.value))
+        if tombstone is not None and tombstone.expires_at <= self._clock():
+            tombstone = None
+        return tombstone, int(kv.mod_revision)
+
+    async def _grave_put(self, record: SessionRecord, ended_at: float) -> Any:
+        """The transaction op that leaves `record`'s tombstone, should it end at `ended_at`."""
+        lease_id, deadline = await self._call(self._grave_leases.get, self._clock())
+        grave = records.tombstone_of(record, ended_at=ended_at, ttl=self.config.session_ttl)
+        grave = dataclasses.replace(grave, expires_at=max(grave.expires_at, deadline))
+        return self._client.transactions.put(
+            self._graves + record.session_id.encode(), _encode_grave(grave), lease=lease_id
+        )
+
     async def _write(
         self,
         sid: SessionId,
         record: SessionRecord,
         mod_revision: int,
         previous: SessionRecord | None,
+        grave_revision: int | None = None,
     ) -> SessionRecord | OwnerLimitReached | None:
         """Put `record` if the key is still at `mod_revision` (rules 1, 3, 4); return the
         record as written, `OwnerLimitReached`, or None if another writer got there first."""
         limit = self.config.max_sessions_per_owner
         if limit <= 0 or (previous is not None and previous.owner == record.owner):
-            return await self._put_if_unchanged(sid, record, mod_revision, previous, None)
+            return await self._put_if_unchanged(
+                sid, record, mod_revision, previous, None, grave_revision=grave_revision
+            )
         async with self._owner_locks.hold(record.owner):
             count, generation = await self._owned(record.owner)
             if count >= limit:
                 return OwnerLimitReached(record.owner, limit, previous)
-            return await self._put_if_unchanged(sid, record, mod_revision, previous, generation)
+            return await self._put_if_unchanged(
+                sid, record, mod_revision, previous, generation, grave_revision=grave_revision
+            )
 
     async def _owned(self, owner: str) -> tuple[int, int]:
         """(sessions `owner` holds, mod revision of its `owner-gen` key), read at one
@@ -456,6 +522,8 @@ class EtcdSessionStore:
         mod_revision: int,
         previous: SessionRecord | None,
         generation: int | None,
+        *,
+        grave_revision: int | None = None,
     ) -> SessionRecord | None:
         """Put `record` and its owner index key (with the lease of now) if the key is still
         at `mod_revision` and, given `generation`, the owner's `owner-gen` key is still at
@@ -469,7 +537,10 @@ class EtcdSessionStore:
         success = [
             tx.put(self._key(sid), encode_record(record), lease=lease_id),
             tx.put(self._owner_key(record.owner, sid), b"", lease=lease_id),
+            await self._grave_put(record, deadline),
         ]
+        if grave_revision is not None:
+            compare.append(tx.mod(self._graves + sid.encode()) == grave_revision)
         if generation is not None:
             gen_key = self._owner_gen + record.owner.encode()
             compare.append(tx.mod(gen_key) == generation)
@@ -483,6 +554,7 @@ class EtcdSessionStore:
         except StoreUnavailableError as e:
             if _is_lease_missing(e):
                 self._leases.forget()
+                self._grave_leases.forget()
                 return None
             raise
         return record if ok else None
@@ -493,12 +565,19 @@ class EtcdSessionStore:
         async with self._limit:
             for _ in range(MAX_TXN_ATTEMPTS):
                 current, mod = await self._read(sid)
+                grave, grave_mod = (None, None) if current else await self._read_grave(sid)
                 merged = records.apply_writes(
-                    current, writes, now=self._clock(), ttl=self.config.session_ttl
+                    current,
+                    writes,
+                    now=self._clock(),
+                    ttl=self.config.session_ttl,
+                    tombstone=grave,
                 )
+                if merged.refused_recreation and merged.record is None:
+                    return sid, RecreationRefused(merged.refused_recreation)
                 if not merged.changed or merged.record is None:
                     return sid, merged.record
-                written = await self._write(sid, merged.record, mod, current)
+                written = await self._write(sid, merged.record, mod, current, grave_mod)
                 if written is not None:
                     return sid, written
         raise StoreUnavailableError(f"session {sid}: too many conflicting writers")
@@ -552,6 +631,7 @@ class EtcdSessionStore:
             if current is None:
                 return None
             lease_id, _ = await self._call(self._tombstone_leases.get, self._clock())
+            grave = await self._grave_put(current, self._clock())
             ok, _ = await self._call(
                 self._client.transaction,
                 compare=[tx.mod(key) == mod],
@@ -560,6 +640,7 @@ class EtcdSessionStore:
                     tx.put(self._tombstones + session_id.encode(), b"", lease=lease_id),
                     tx.delete(key),
                     tx.delete(self._owner_key(current.owner, session_id)),
+                    grave,
                 ],
                 failure=[],
             )

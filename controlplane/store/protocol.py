@@ -31,6 +31,7 @@ __all__ = [
     "InvalidPageTokenError",
     "OwnerLimitError",
     "OwnerLimitReached",
+    "RecreationRefused",
     "SessionNotFoundError",
     "SessionStore",
     "StoreError",
@@ -100,7 +101,15 @@ class OwnerLimitReached:
         )
 
 
-ApplyResult = SessionRecord | OwnerLimitReached | None
+@dataclass(frozen=True, slots=True)
+class RecreationRefused:
+    """An `apply` outcome: the session does not exist, and the upsert that would have created
+    it was refused by its tombstone (`controlplane.records` rule 9); `detail` says why."""
+
+    detail: str
+
+
+ApplyResult = SessionRecord | OwnerLimitReached | RecreationRefused | None
 """What `apply` says of one session: its record after the writes, None if it does not exist
 (its stream updates were skipped), or why its writes were refused."""
 
@@ -122,6 +131,9 @@ class SessionStore(Protocol):
         another owner) is refused when the owner already holds the limit; the count and the
         write are one atomic step, so concurrent writers never exceed it (each backend says
         how). Writes to sessions an owner already holds are never refused by the limit.
+      * A deleted or expired session leaves a tombstone for `session_ttl` seconds; a
+        re-creation it refuses (`controlplane.records` rule 9) is `RecreationRefused`, and
+        the check and the creation are one atomic step (each backend says how).
       * `aclose` stops background work, ends open watches and releases the backend.
     """
 
@@ -129,8 +141,9 @@ class SessionStore(Protocol):
         """Apply a batch of writes (any sessions, any order: per session, upserts first).
 
         Returns, for each session written to, its record after the writes (None if it does
-        not exist: its stream updates were skipped), or `OwnerLimitReached` if its writes
-        were refused by the owner limit. The caller derives rejections from it.
+        not exist: its stream updates were skipped), `OwnerLimitReached` if its writes
+        were refused by the owner limit, or `RecreationRefused` if the upsert creating it was
+        refused by its tombstone. The caller derives rejections from it.
         """
         ...
 

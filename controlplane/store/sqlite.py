@@ -23,7 +23,12 @@ Rules:
   4. Sessions per owner: a write that gives an owner a session counts the owner's live
      sessions inside the same `BEGIN IMMEDIATE` transaction (writers are serialised), so the
      limit is exact.
-  5. Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
+  5. Tombstones (`controlplane.records` rule 9): a delete, and an expiry found by a read or
+     a sweep, put the session's tombstone in the same transaction, kept until one
+     `session_ttl` after the session ended; the sweeper removes tombstones past that. A
+     creation reads the tombstone and removes it inside the `BEGIN IMMEDIATE` transaction
+     that inserts the session, so the check and the creation are atomic.
+  6. Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
      loss may drop the last transactions (acknowledged batches included).
 """
 
@@ -57,6 +62,7 @@ from controlplane.store.protocol import (
     ApplyResult,
     OwnerLimitError,
     OwnerLimitReached,
+    RecreationRefused,
     SessionNotFoundError,
     StoreUnavailableError,
     WatchLaggedError,
@@ -86,6 +92,14 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, session_id);
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
 CREATE INDEX IF NOT EXISTS sessions_by_owner_expiry ON sessions (owner, expires_at);
+CREATE TABLE IF NOT EXISTS tombstones (
+    session_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    owner_epoch INTEGER NOT NULL,
+    credential_fingerprint TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tombstones_by_expiry ON tombstones (expires_at);
 """
 
 
@@ -168,9 +182,29 @@ class _Db:
         rec = decode_record(row[0])
         if row[1] <= now:
             self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+            self._bury(rec, rec.expires_at)
             self._event(events, SessionEventType.EXPIRE, rec)
             return None
         return rec
+
+    def _bury(self, rec: SessionRecord, ended_at: float) -> None:
+        """Leave `rec`'s tombstone (rule 5)."""
+        t = records.tombstone_of(rec, ended_at=ended_at, ttl=self.ttl)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tombstones (session_id, owner, owner_epoch, "
+            "credential_fingerprint, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (t.session_id, t.owner, t.owner_epoch, t.credential_fingerprint, t.expires_at),
+        )
+
+    def _tombstone(self, sid: SessionId, now: float) -> records.Tombstone | None:
+        row = self.conn.execute(
+            "SELECT owner, owner_epoch, credential_fingerprint, expires_at FROM tombstones "
+            "WHERE session_id = ? AND expires_at > ?",
+            (sid, now),
+        ).fetchone()
+        if row is None:
+            return None
+        return records.Tombstone(sid, OwnerName(row[0]), int(row[1]), str(row[2]), row[3])
 
     def _save(self, rec: SessionRecord) -> None:
         self.conn.execute(
@@ -211,8 +245,14 @@ class _Db:
             owned: dict[OwnerName, int] = {}
             for sid, ws in by_session.items():
                 current = self._load(sid, now, events)
-                merged = records.apply_writes(current, ws, now=now, ttl=self.ttl)
+                tombstone = self._tombstone(sid, now) if current is None else None
+                merged = records.apply_writes(
+                    current, ws, now=now, ttl=self.ttl, tombstone=tombstone
+                )
                 new = merged.record
+                if merged.refused_recreation and new is None:
+                    out[sid] = RecreationRefused(merged.refused_recreation)
+                    continue
                 if not merged.changed or new is None:
                     out[sid] = new
                     continue
@@ -227,6 +267,8 @@ class _Db:
                     if current is not None and current.owner in owned:
                         owned[current.owner] -= 1
                 self._save(new)
+                if current is None:
+                    self.conn.execute("DELETE FROM tombstones WHERE session_id = ?", (sid,))
                 self._event(events, SessionEventType.PUT, new)
                 out[sid] = new
             return out
@@ -256,6 +298,7 @@ class _Db:
             rec = self._load(sid, now, events)
             if rec is not None:
                 self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+                self._bury(rec, now)
                 self._event(events, SessionEventType.DELETE, rec)
             return rec
 
@@ -295,7 +338,11 @@ class _Db:
                     "DELETE FROM sessions WHERE session_id = ?", [(r[0],) for r in rows]
                 )
                 for _, data in rows:
-                    self._event(events, SessionEventType.EXPIRE, decode_record(data))
+                    rec = decode_record(data)
+                    self._bury(rec, rec.expires_at)
+                    self._event(events, SessionEventType.EXPIRE, rec)
+                if len(rows) < self.page_size:
+                    self.conn.execute("DELETE FROM tombstones WHERE expires_at <= ?", (now,))
                 return len(rows)
 
             done = self._transaction(body)[0]
