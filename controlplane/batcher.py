@@ -22,8 +22,8 @@ from controlplane.records import Refusal, refusal, upsert_epoch
 from controlplane.store.protocol import (
     ApplyResult,
     OwnerLimitReached,
-    RecreationRefused,
     SessionStore,
+    WritesRefused,
 )
 from tether import tasks
 from tether.model import (
@@ -87,7 +87,7 @@ def acknowledge(
     rejections = list(invalid)
     for u in batch.upserts:
         rec = results.get(u.session.session_id)
-        if isinstance(rec, (OwnerLimitReached, RecreationRefused)):
+        if isinstance(rec, (OwnerLimitReached, WritesRefused)):
             rejections.append(_not_stored(u.session.session_id, "", rec))
         elif rec is None:
             rejections.append(
@@ -99,7 +99,7 @@ def acknowledge(
             rejections.append(_refused(rec, u, why))
     for s in batch.updates:
         rec = results.get(s.session_id)
-        if isinstance(rec, (OwnerLimitReached, RecreationRefused)):
+        if isinstance(rec, (OwnerLimitReached, WritesRefused)):
             rejections.append(_not_stored(s.session_id, s.position.stream_id, rec))
         elif rec is None:
             rejections.append(
@@ -118,7 +118,7 @@ def acknowledge(
 
 
 def _not_stored(
-    sid: SessionId, stream_id: str, why: OwnerLimitReached | RecreationRefused
+    sid: SessionId, stream_id: str, why: OwnerLimitReached | WritesRefused
 ) -> Rejection:
     """A session whose writes the store refused whole. A refused re-creation is INVALID,
     not UNKNOWN_SESSION: sending the record again would fail the same way (records rule 9)."""

@@ -32,6 +32,13 @@ Rules:
      rebind a session to another credential, and no owner epoch goes backwards (a sidecar
      fenced before the delete is below the epoch it was fenced at). A created session's
      tombstone is gone.
+  10. An upstream session belongs to one session: an upsert naming a non-empty
+     `upstream_session_id` that another live session has (`upstream_holders`, which the
+     store reads for the ids `new_upstream_ids` lists, atomically with the write) is
+     refused, and so are the session's other writes in the batch. Otherwise whoever read
+     the id (a viewer's listing, a log) could create a session of its own bound to its own
+     credential, and a sidecar would forward its requests into another client's upstream
+     session.
 Refused writes change nothing; `refusal` and `recreation_refusal` say why, for the
 acknowledgement.
 """
@@ -40,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tether.model import (
@@ -62,8 +69,8 @@ class MergeResult:
 
     record: SessionRecord | None
     changed: bool
-    refused_recreation: str = ""
-    """Rule 9: why an upsert that would have created the session was refused ("": none)."""
+    refused: str = ""
+    """Rules 9 and 10: why the session's writes were refused whole ("": they were not)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +174,31 @@ def upsert_epoch(upsert: SessionUpsert) -> int:
     return max(upsert.session.owner_epoch, 1)
 
 
+def new_upstream_ids(current: SessionRecord | None, writes: Iterable[SessionWrite]) -> set[str]:
+    """The upstream session ids the upserts among `writes` would give the session and that
+    it does not have yet: those whose holders rule 10 needs."""
+    have = current.upstream_session_id if current is not None else ""
+    return {
+        w.session.upstream_session_id
+        for w in writes
+        if isinstance(w, SessionUpsert) and w.session.upstream_session_id not in ("", have)
+    }
+
+
+def upstream_refusal(
+    session_id: SessionId, upsert: SessionUpsert, holders: Mapping[str, SessionId]
+) -> str:
+    """Why rule 10 refuses `upsert` ("" if allowed); `holders`: live holder per upstream id."""
+    upstream = upsert.session.upstream_session_id
+    holder = holders.get(upstream) if upstream else None
+    if holder is None or holder == session_id:
+        return ""
+    return (
+        "the upstream session this session names belongs to another session; "
+        "an upstream session belongs to one session only"
+    )
+
+
 def apply_writes(
     current: SessionRecord | None,
     writes: Iterable[SessionWrite],
@@ -174,15 +206,23 @@ def apply_writes(
     now: float,
     ttl: float,
     tombstone: Tombstone | None = None,
+    upstream_holders: Mapping[str, SessionId] | None = None,
 ) -> MergeResult:
     """Apply the writes of one session, upserts first, to `current` (None if missing; then
-    `tombstone` is what it left, if it lasts: rule 9)."""
+    `tombstone` is what it left, if it lasts: rule 9). `upstream_holders`: the live session
+    holding each id of `new_upstream_ids` (rule 10)."""
+    writes = list(writes)
     upserts = [w for w in writes if isinstance(w, SessionUpsert)]
+    if upstream_holders:
+        for upsert in upserts:
+            sid = upsert.session.session_id
+            if why := upstream_refusal(sid, upsert, upstream_holders):
+                return MergeResult(current, False, why)
     updates = [w for w in writes if isinstance(w, StreamUpdate)]
     record = current
     changed = False
     streams: dict[StreamId, StreamPosition] = dict(current.streams) if current else {}
-    refused_recreation = ""
+    refused = ""
 
     for upsert in upserts:
         new = upsert.session
@@ -191,7 +231,7 @@ def apply_writes(
             continue
         if record is None:
             if why := recreation_refusal(tombstone, upsert):
-                refused_recreation = why
+                refused = why
                 continue
             streams = {}
             _merge_streams(streams, new.streams.values(), epoch)
@@ -215,7 +255,7 @@ def apply_writes(
             changed = True
 
     if record is None or not changed:
-        return MergeResult(current, False, refused_recreation)
+        return MergeResult(current, False, refused)
     record = dataclasses.replace(record, streams=streams, updated_at=now, expires_at=now + ttl)
     return MergeResult(record, True)
 

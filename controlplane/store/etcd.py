@@ -9,6 +9,7 @@ Key space (under a configurable prefix, `/tether` by default):
     <prefix>/sessions/<session_id>         the record (JSON, `controlplane.store.codec`)
     <prefix>/tombstones/<session_id>       written in the same transaction as a DeleteSession
     <prefix>/graves/<session_id>           the session's `records.Tombstone` (rule 8)
+    <prefix>/upstreams/<upstream_id>       the session naming that upstream session (rule 9)
 
 Rules:
   1. Atomic, monotonic writes: read the key, merge with `controlplane.records`, then a
@@ -55,6 +56,11 @@ Rules:
      the session is deleted (the delete rewrites it) or its lease expires (no one is there
      to write anything then). A creation reads the grave, and its transaction compares the
      grave's mod revision too: the check and the creation are atomic.
+  9. Upstream sessions (`controlplane.records` rule 10): every transaction that puts a
+     session with an upstream session id puts `upstreams/<id>` = its session id on the
+     session's lease. A write naming an id its session does not have yet reads that key and
+     the holder's record (a holder counts if it is live and still names the id), and its
+     transaction compares the key's mod revision: check and write are atomic.
   7. All endpoints of a cluster: aetcd's Client takes one host and port, but the pair only
      becomes a gRPC target string, so `ipv4:a:p1,b:p2,c:p3` gives one channel that fails
      over between members (hostnames are resolved to addresses when the store opens).
@@ -104,9 +110,9 @@ from controlplane.store.protocol import (
     ApplyResult,
     OwnerLimitError,
     OwnerLimitReached,
-    RecreationRefused,
     SessionNotFoundError,
     StoreUnavailableError,
+    WritesRefused,
 )
 from tether.model import (
     OwnerName,
@@ -344,6 +350,7 @@ class EtcdSessionStore:
         self._owners = f"{prefix}/owners/".encode()
         self._owner_gen = f"{prefix}/owner-gen/".encode()
         self._graves = f"{prefix}/graves/".encode()  # outside the watched range
+        self._upstreams = f"{prefix}/upstreams/".encode()  # likewise
         # Sessions and tombstones, not the owner index ("owners/" < "sessions/" < "tombstones/").
         self._watch_end = aetcd.utils.prefix_range_end(self._tombstones)
         self._owner_locks = _OwnerLocks()
@@ -458,6 +465,24 @@ class EtcdSessionStore:
             tombstone = None
         return tombstone, int(kv.mod_revision)
 
+    async def _holders(
+        self, upstream_ids: set[str], guards: list[tuple[bytes, int]]
+    ) -> dict[str, SessionId]:
+        """The live session holding each of `upstream_ids` (rule 9); appends each index key
+        and the mod revision read to `guards`."""
+        out: dict[str, SessionId] = {}
+        for upstream in upstream_ids:
+            key = self._upstreams + upstream.encode()
+            kv = await self._call(self._client.get, key)
+            guards.append((key, int(kv.mod_revision) if kv is not None else 0))
+            if kv is None:
+                continue
+            holder = SessionId(bytes(kv.value).decode(errors="replace"))
+            rec, _ = await self._read(holder)
+            if rec is not None and rec.upstream_session_id == upstream:
+                out[upstream] = holder
+        return out
+
     async def _grave_put(self, record: SessionRecord, ended_at: float) -> Any:
         """The transaction op that leaves `record`'s tombstone, should it end at `ended_at`."""
         lease_id, deadline = await self._call(self._grave_leases.get, self._clock())
@@ -473,21 +498,21 @@ class EtcdSessionStore:
         record: SessionRecord,
         mod_revision: int,
         previous: SessionRecord | None,
-        grave_revision: int | None = None,
+        guards: Sequence[tuple[bytes, int]] = (),
     ) -> SessionRecord | OwnerLimitReached | None:
         """Put `record` if the key is still at `mod_revision` (rules 1, 3, 4); return the
         record as written, `OwnerLimitReached`, or None if another writer got there first."""
         limit = self.config.max_sessions_per_owner
         if limit <= 0 or (previous is not None and previous.owner == record.owner):
             return await self._put_if_unchanged(
-                sid, record, mod_revision, previous, None, grave_revision=grave_revision
+                sid, record, mod_revision, previous, None, guards=guards
             )
         async with self._owner_locks.hold(record.owner):
             count, generation = await self._owned(record.owner)
             if count >= limit:
                 return OwnerLimitReached(record.owner, limit, previous)
             return await self._put_if_unchanged(
-                sid, record, mod_revision, previous, generation, grave_revision=grave_revision
+                sid, record, mod_revision, previous, generation, guards=guards
             )
 
     async def _owned(self, owner: str) -> tuple[int, int]:
@@ -523,7 +548,7 @@ class EtcdSessionStore:
         previous: SessionRecord | None,
         generation: int | None,
         *,
-        grave_revision: int | None = None,
+        guards: Sequence[tuple[bytes, int]] = (),
     ) -> SessionRecord | None:
         """Put `record` and its owner index key (with the lease of now) if the key is still
         at `mod_revision` and, given `generation`, the owner's `owner-gen` key is still at
@@ -539,8 +564,11 @@ class EtcdSessionStore:
             tx.put(self._owner_key(record.owner, sid), b"", lease=lease_id),
             await self._grave_put(record, deadline),
         ]
-        if grave_revision is not None:
-            compare.append(tx.mod(self._graves + sid.encode()) == grave_revision)
+        if record.upstream_session_id:
+            upstream_key = self._upstreams + record.upstream_session_id.encode()
+            success.append(tx.put(upstream_key, sid.encode(), lease=lease_id))
+        # Rules 8 and 9: the tombstone and the upstream holders read are still as read.
+        compare.extend(tx.mod(key) == revision for key, revision in guards)
         if generation is not None:
             gen_key = self._owner_gen + record.owner.encode()
             compare.append(tx.mod(gen_key) == generation)
@@ -565,19 +593,25 @@ class EtcdSessionStore:
         async with self._limit:
             for _ in range(MAX_TXN_ATTEMPTS):
                 current, mod = await self._read(sid)
-                grave, grave_mod = (None, None) if current else await self._read_grave(sid)
+                guards: list[tuple[bytes, int]] = []
+                grave = None
+                if current is None:
+                    grave, grave_mod = await self._read_grave(sid)
+                    guards.append((self._graves + sid.encode(), grave_mod))
+                holders = await self._holders(records.new_upstream_ids(current, writes), guards)
                 merged = records.apply_writes(
                     current,
                     writes,
                     now=self._clock(),
                     ttl=self.config.session_ttl,
                     tombstone=grave,
+                    upstream_holders=holders,
                 )
-                if merged.refused_recreation and merged.record is None:
-                    return sid, RecreationRefused(merged.refused_recreation)
+                if merged.refused and not merged.changed:
+                    return sid, WritesRefused(merged.refused)
                 if not merged.changed or merged.record is None:
                     return sid, merged.record
-                written = await self._write(sid, merged.record, mod, current, grave_mod)
+                written = await self._write(sid, merged.record, mod, current, guards)
                 if written is not None:
                     return sid, written
         raise StoreUnavailableError(f"session {sid}: too many conflicting writers")

@@ -31,12 +31,12 @@ __all__ = [
     "InvalidPageTokenError",
     "OwnerLimitError",
     "OwnerLimitReached",
-    "RecreationRefused",
     "SessionNotFoundError",
     "SessionStore",
     "StoreError",
     "StoreUnavailableError",
     "WatchLaggedError",
+    "WritesRefused",
 ]
 
 DEFAULT_PAGE_SIZE = 100
@@ -102,14 +102,15 @@ class OwnerLimitReached:
 
 
 @dataclass(frozen=True, slots=True)
-class RecreationRefused:
-    """An `apply` outcome: the session does not exist, and the upsert that would have created
-    it was refused by its tombstone (`controlplane.records` rule 9); `detail` says why."""
+class WritesRefused:
+    """An `apply` outcome: the session's writes were refused whole, by its tombstone or by
+    another session holding the upstream session it names (`controlplane.records` rules 9
+    and 10); `detail` says why. The session stays as it was."""
 
     detail: str
 
 
-ApplyResult = SessionRecord | OwnerLimitReached | RecreationRefused | None
+ApplyResult = SessionRecord | OwnerLimitReached | WritesRefused | None
 """What `apply` says of one session: its record after the writes, None if it does not exist
 (its stream updates were skipped), or why its writes were refused."""
 
@@ -132,8 +133,11 @@ class SessionStore(Protocol):
         write are one atomic step, so concurrent writers never exceed it (each backend says
         how). Writes to sessions an owner already holds are never refused by the limit.
       * A deleted or expired session leaves a tombstone for `session_ttl` seconds; a
-        re-creation it refuses (`controlplane.records` rule 9) is `RecreationRefused`, and
+        re-creation it refuses (`controlplane.records` rule 9) is `WritesRefused`, and
         the check and the creation are one atomic step (each backend says how).
+      * An upstream session belongs to one session: a write naming an `upstream_session_id`
+        another live session has is `WritesRefused` (`controlplane.records` rule 10), the
+        check and the write one atomic step.
       * `aclose` stops background work, ends open watches and releases the backend.
     """
 
@@ -142,8 +146,8 @@ class SessionStore(Protocol):
 
         Returns, for each session written to, its record after the writes (None if it does
         not exist: its stream updates were skipped), `OwnerLimitReached` if its writes
-        were refused by the owner limit, or `RecreationRefused` if the upsert creating it was
-        refused by its tombstone. The caller derives rejections from it.
+        were refused by the owner limit, or `WritesRefused` (records rules 9 and 10). The
+        caller derives rejections from it.
         """
         ...
 

@@ -28,7 +28,11 @@ Rules:
      `session_ttl` after the session ended; the sweeper removes tombstones past that. A
      creation reads the tombstone and removes it inside the `BEGIN IMMEDIATE` transaction
      that inserts the session, so the check and the creation are atomic.
-  6. Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
+  6. Upstream sessions (`controlplane.records` rule 10): `upstream_sessions` maps an
+     upstream session id to the session that named it last; a delete or an expiry removes
+     the session's row. A holder counts only if it is live and still names that id, so a
+     row left behind refuses nothing. The lookup and the write share the transaction.
+  7. Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
      loss may drop the last transactions (acknowledged batches included).
 """
 
@@ -62,10 +66,10 @@ from controlplane.store.protocol import (
     ApplyResult,
     OwnerLimitError,
     OwnerLimitReached,
-    RecreationRefused,
     SessionNotFoundError,
     StoreUnavailableError,
     WatchLaggedError,
+    WritesRefused,
 )
 from tether import tasks
 from tether.model import (
@@ -100,6 +104,10 @@ CREATE TABLE IF NOT EXISTS tombstones (
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tombstones_by_expiry ON tombstones (expires_at);
+CREATE TABLE IF NOT EXISTS upstream_sessions (
+    upstream_session_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -187,8 +195,28 @@ class _Db:
             return None
         return rec
 
+    def _holders(self, upstream_ids: set[str], now: float) -> dict[str, SessionId]:
+        """The live session holding each of `upstream_ids` (rule 6)."""
+        out: dict[str, SessionId] = {}
+        for upstream in upstream_ids:
+            row = self.conn.execute(
+                "SELECT s.record FROM upstream_sessions u JOIN sessions s "
+                "ON s.session_id = u.session_id "
+                "WHERE u.upstream_session_id = ? AND s.expires_at > ?",
+                (upstream, now),
+            ).fetchone()
+            if row is not None:
+                holder = decode_record(row[0])
+                if holder.upstream_session_id == upstream:
+                    out[upstream] = holder.session_id
+        return out
+
     def _bury(self, rec: SessionRecord, ended_at: float) -> None:
-        """Leave `rec`'s tombstone (rule 5)."""
+        """Leave `rec`'s tombstone (rule 5) and free its upstream session (rule 6)."""
+        self.conn.execute(
+            "DELETE FROM upstream_sessions WHERE upstream_session_id = ? AND session_id = ?",
+            (rec.upstream_session_id, rec.session_id),
+        )
         t = records.tombstone_of(rec, ended_at=ended_at, ttl=self.ttl)
         self.conn.execute(
             "INSERT OR REPLACE INTO tombstones (session_id, owner, owner_epoch, "
@@ -246,12 +274,18 @@ class _Db:
             for sid, ws in by_session.items():
                 current = self._load(sid, now, events)
                 tombstone = self._tombstone(sid, now) if current is None else None
+                holders = self._holders(records.new_upstream_ids(current, ws), now)
                 merged = records.apply_writes(
-                    current, ws, now=now, ttl=self.ttl, tombstone=tombstone
+                    current,
+                    ws,
+                    now=now,
+                    ttl=self.ttl,
+                    tombstone=tombstone,
+                    upstream_holders=holders,
                 )
                 new = merged.record
-                if merged.refused_recreation and new is None:
-                    out[sid] = RecreationRefused(merged.refused_recreation)
+                if merged.refused and not merged.changed:
+                    out[sid] = WritesRefused(merged.refused)
                     continue
                 if not merged.changed or new is None:
                     out[sid] = new
@@ -269,6 +303,11 @@ class _Db:
                 self._save(new)
                 if current is None:
                     self.conn.execute("DELETE FROM tombstones WHERE session_id = ?", (sid,))
+                upstream = new.upstream_session_id
+                if upstream and (current is None or current.upstream_session_id != upstream):
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO upstream_sessions VALUES (?, ?)", (upstream, sid)
+                    )
                 self._event(events, SessionEventType.PUT, new)
                 out[sid] = new
             return out

@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from controlplane.store.protocol import RecreationRefused
+from controlplane.store.protocol import WritesRefused
 from controlplane.store.sqlite import SqliteSessionStore, SqliteStoreConfig
 from tests.contract.conftest import FakeClock
 from tether.model import (
@@ -72,7 +72,7 @@ async def test_tombstones_last_one_ttl_and_are_swept(tmp_path: Path) -> None:
         await store.apply(writes=[SessionUpsert(alice)])
         assert await store.delete(session_id=sid) is not None
         refused = (await store.apply(writes=[SessionUpsert(mallory)]))[sid]
-        assert isinstance(refused, RecreationRefused)
+        assert isinstance(refused, WritesRefused)
         clock.advance(11)
         await store.sweep()
         with contextlib.closing(sqlite3.connect(path)) as db:

@@ -19,7 +19,7 @@ from controlplane.records import (
     refusal,
     tombstone_of,
 )
-from controlplane.store.protocol import RecreationRefused
+from controlplane.store.protocol import WritesRefused
 from tether.model import (
     OwnerName,
     RejectionReason,
@@ -256,13 +256,13 @@ def test_rule9_recreation_over_a_tombstone(
     assert (why == "") is allowed, what
     merged = apply_writes(None, [upsert, upd(1, epoch)], now=105, ttl=10, tombstone=tomb)
     assert (merged.record is not None) is allowed, what
-    assert merged.refused_recreation == why
+    assert merged.refused == why
     assert recreation_refusal(None, upsert) == ""
 
 
-def test_acknowledge_reports_a_refused_recreation_as_invalid() -> None:
+def test_acknowledge_reports_a_refused_as_invalid() -> None:
     batch = ReportBatch(3, upserts=(SessionUpsert(bound()),), updates=(upd(1),))
-    ack = acknowledge(batch, {SID: RecreationRefused("re-created with another credential")})
+    ack = acknowledge(batch, {SID: WritesRefused("re-created with another credential")})
     got = [(r.stream_id, r.reason, r.detail) for r in ack.rejections]
     assert got == [
         ("", RejectionReason.INVALID, "re-created with another credential"),
