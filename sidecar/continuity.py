@@ -22,8 +22,11 @@ cost unbounded memory or unbounded control-plane calls):
      `UNKNOWN_SESSION_TTL` seconds, for at most `UNKNOWN_SESSION_CACHE` ids: repeating an
      unknown id costs one `GetSession` per id per period, whatever the request rate.
   4. `fenced_sessions` holds at most `FENCED_CACHE` ids for at most `FENCED_TTL` seconds, and
-     lets an id go when the session is adopted again or deleted. It only saves work: the
-     control plane fences a forgotten one's writes again.
+     lets an id go when the session is adopted again or deleted. It saves work (the
+     control plane fences a forgotten one's writes again), and it keeps a session taken
+     from here and then gone from the control plane (its new owner deleted it) gone:
+     `taken_and_gone` (a request naming it is answered 404, not passed through to the
+     upstream session it named).
   5. A session that ends here (deleted, expired, fenced) is released in the reporter
      (`Reporter.forget` or `Reporter.release`), whose per-session state is bounded too.
 
@@ -416,6 +419,12 @@ class Continuity:
                 owner_epoch=tracker.epoch,
             ),
         )
+
+    def taken_and_gone(self, session_id: str) -> bool:
+        """Rule 4: another sidecar took the session from here and it is not served here now
+        (call when adoption found nothing): passing its id through would hand the upstream
+        session it named to whoever sends it."""
+        return session_id in self.fenced_sessions and session_id not in self.registry.sessions
 
     def forget(self, session_id: str) -> None:
         """The client deleted the session: forget everything about it here."""

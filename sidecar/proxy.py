@@ -165,7 +165,7 @@ class Proxy:
         last_id = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
         event_id = EventId.parse(last_id) if last_id else None
         sess = await self._session(client_session, event_id)
-        if sess is not None and not self.admission.credential_matches(request, sess):
+        if self._not_for_caller(request, client_session, sess):
             return error_response(404, "session not found")
         if last_id:
             if event_id is None:
@@ -213,6 +213,15 @@ class Proxy:
             return None
         seen_epoch = event_id.epoch if event_id is not None else 0
         return await self.continuity.adopt(client_session, seen_epoch=seen_epoch)
+
+    def _not_for_caller(
+        self, request: web.Request, client_session: str | None, sess: Session | None
+    ) -> bool:
+        """A session bound to another credential, or one taken from here and gone since
+        (continuity rule 4): either way, not this caller's to reach."""
+        if sess is not None:
+            return not self.admission.credential_matches(request, sess)
+        return bool(client_session) and self.continuity.taken_and_gone(client_session or "")
 
     async def _after_session_lost(
         self,
