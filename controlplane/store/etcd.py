@@ -455,33 +455,53 @@ class EtcdSessionStore:
             return None, 0
         return decode_record(kv.value), int(kv.mod_revision)
 
-    async def _read_grave(self, sid: SessionId) -> tuple[records.Tombstone | None, int]:
-        """The session's tombstone if it lasts (rule 8), and its key's mod revision."""
-        kv = await self._call(self._client.get, self._graves + sid.encode())
-        if kv is None:
-            return None, 0
-        tombstone = _decode_grave(sid, bytes(kv.value))
-        if tombstone is not None and tombstone.expires_at <= self._clock():
-            tombstone = None
-        return tombstone, int(kv.mod_revision)
+    async def _get_many(self, keys: Sequence[bytes]) -> list[Any]:
+        """The key-values of `keys` (None where absent), read at one revision, one round trip."""
+        request = aetcd.rpc.TxnRequest(
+            success=[
+                aetcd.rpc.RequestOp(request_range=aetcd.rpc.RangeRequest(key=key)) for key in keys
+            ]
+        )
+        await self._call(self._client.connect)
+        resp = await self._call(
+            self._client.kvstub.Txn,
+            request,
+            timeout=self.config.timeout,
+            metadata=self._client.metadata,
+        )
+        return [r.response_range.kvs[0] if r.response_range.kvs else None for r in resp.responses]
 
-    async def _holders(
-        self, upstream_ids: set[str], guards: list[tuple[bytes, int]]
-    ) -> dict[str, SessionId]:
-        """The live session holding each of `upstream_ids` (rule 9); appends each index key
-        and the mod revision read to `guards`."""
-        out: dict[str, SessionId] = {}
-        for upstream in upstream_ids:
-            key = self._upstreams + upstream.encode()
-            kv = await self._call(self._client.get, key)
-            guards.append((key, int(kv.mod_revision) if kv is not None else 0))
+    async def _guards(
+        self, sid: SessionId, current: SessionRecord | None, writes: Sequence[SessionWrite]
+    ) -> tuple[records.Tombstone | None, dict[str, SessionId], list[tuple[bytes, int]]]:
+        """What rules 8 and 9 need to write `sid`: its tombstone (if it is missing), the live
+        holders of the upstream ids its upserts would give it, and the keys read with their
+        mod revisions, for the write to compare. One read (two if some id has a holder)."""
+        upstream_ids = sorted(records.new_upstream_ids(current, writes))
+        keys = [self._upstreams + u.encode() for u in upstream_ids]
+        if current is None:
+            keys.append(self._graves + sid.encode())
+        if not keys:
+            return None, {}, []
+        kvs = await self._get_many(keys)
+        guards = [
+            (k, int(kv.mod_revision) if kv is not None else 0)
+            for k, kv in zip(keys, kvs, strict=True)
+        ]
+        grave = None
+        if current is None and (kv := kvs.pop()) is not None:
+            grave = _decode_grave(sid, bytes(kv.value))
+            if grave is not None and grave.expires_at <= self._clock():
+                grave = None
+        holders: dict[str, SessionId] = {}
+        for upstream, kv in zip(upstream_ids, kvs, strict=True):
             if kv is None:
                 continue
             holder = SessionId(bytes(kv.value).decode(errors="replace"))
             rec, _ = await self._read(holder)
             if rec is not None and rec.upstream_session_id == upstream:
-                out[upstream] = holder
-        return out
+                holders[upstream] = holder
+        return grave, holders, guards
 
     async def _grave_put(self, record: SessionRecord, ended_at: float) -> Any:
         """The transaction op that leaves `record`'s tombstone, should it end at `ended_at`."""
@@ -593,12 +613,7 @@ class EtcdSessionStore:
         async with self._limit:
             for _ in range(MAX_TXN_ATTEMPTS):
                 current, mod = await self._read(sid)
-                guards: list[tuple[bytes, int]] = []
-                grave = None
-                if current is None:
-                    grave, grave_mod = await self._read_grave(sid)
-                    guards.append((self._graves + sid.encode(), grave_mod))
-                holders = await self._holders(records.new_upstream_ids(current, writes), guards)
+                grave, holders, guards = await self._guards(sid, current, writes)
                 merged = records.apply_writes(
                     current,
                     writes,
