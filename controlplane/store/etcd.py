@@ -49,6 +49,15 @@ Rules:
      session it had shown that is gone, SYNCED, then changes, without ending the stream. For
      this a watch keeps the ids of the sessions it has shown live: memory in the number of
      sessions (about 100 bytes each), not in their records.
+  7. All endpoints of a cluster: aetcd's Client takes one host and port, but the pair only
+     becomes a gRPC target string, so `ipv4:a:p1,b:p2,c:p3` gives one channel that fails
+     over between members (hostnames are resolved to addresses when the store opens).
+     Watches use etcd's Watch RPC on that channel directly rather than aetcd's watcher: one
+     stream per watch (gRPC flow control bounds what a slow watcher buffers; aetcd's shared
+     watcher queues without bound) and every response seen (compaction, cancellation).
+     Watches ask etcd to fragment large responses (a catch-up batches up to a thousand
+     revisions), so none exceeds a gRPC message; a revision counts as delivered once its
+     last fragment is.
   8. Re-creation tombstones (`controlplane.records` rule 9; not the `tombstones/` keys of
      rule 5, which only tell DELETE from EXPIRE): every transaction that puts a session
      also puts its `graves/` key (owner, epoch, fingerprint) on a lease of twice the TTL
@@ -61,15 +70,6 @@ Rules:
      session's lease. A write naming an id its session does not have yet reads that key and
      the holder's record (a holder counts if it is live and still names the id), and its
      transaction compares the key's mod revision: check and write are atomic.
-  7. All endpoints of a cluster: aetcd's Client takes one host and port, but the pair only
-     becomes a gRPC target string, so `ipv4:a:p1,b:p2,c:p3` gives one channel that fails
-     over between members (hostnames are resolved to addresses when the store opens).
-     Watches use etcd's Watch RPC on that channel directly rather than aetcd's watcher: one
-     stream per watch (gRPC flow control bounds what a slow watcher buffers; aetcd's shared
-     watcher queues without bound) and every response seen (compaction, cancellation).
-     Watches ask etcd to fragment large responses (a catch-up batches up to a thousand
-     revisions), so none exceeds a gRPC message; a revision counts as delivered once its
-     last fragment is.
 """
 
 from __future__ import annotations
