@@ -40,7 +40,7 @@ def upserts(n: int, owners: int) -> list[SessionUpsert]:
         SessionUpsert(
             SessionRecord(
                 SessionId(f"s{i:07d}"),
-                "u",
+                f"u{i:07d}",  # one upstream session per session (records rule 10)
                 "http://mcp:8080/mcp",
                 OwnerName(f"pod-{i % owners}"),
                 1,

@@ -28,7 +28,12 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from controlplane.records import Refusal, refusal, upsert_epoch
-from controlplane.store.protocol import ApplyResult, OwnerLimitReached, SessionStore
+from controlplane.store.protocol import (
+    ApplyResult,
+    OwnerLimitReached,
+    SessionStore,
+    WritesRefused,
+)
 from tether import tasks
 from tether.model import (
     BatchAck,
@@ -95,10 +100,8 @@ def acknowledge(
     rejections = list(invalid)
     for u in batch.upserts:
         rec = results.get(u.session.session_id)
-        if isinstance(rec, OwnerLimitReached):
-            rejections.append(
-                Rejection(u.session.session_id, "", RejectionReason.OWNER_LIMIT, rec.detail)
-            )
+        if isinstance(rec, (OwnerLimitReached, WritesRefused)):
+            rejections.append(_not_stored(u.session.session_id, "", rec))
         elif rec is None:
             rejections.append(
                 Rejection(u.session.session_id, "", RejectionReason.UNKNOWN_SESSION, "not stored")
@@ -109,12 +112,8 @@ def acknowledge(
             rejections.append(_refused(rec, u, why))
     for s in batch.updates:
         rec = results.get(s.session_id)
-        if isinstance(rec, OwnerLimitReached):
-            rejections.append(
-                Rejection(
-                    s.session_id, s.position.stream_id, RejectionReason.OWNER_LIMIT, rec.detail
-                )
-            )
+        if isinstance(rec, (OwnerLimitReached, WritesRefused)):
+            rejections.append(_not_stored(s.session_id, s.position.stream_id, rec))
         elif rec is None:
             rejections.append(
                 Rejection(
@@ -129,6 +128,16 @@ def acknowledge(
         elif (why := refusal(rec, s)) is not None:
             rejections.append(_refused(rec, s, why))
     return BatchAck(batch.batch_id, tuple(rejections))
+
+
+def _not_stored(
+    sid: SessionId, stream_id: str, why: OwnerLimitReached | WritesRefused
+) -> Rejection:
+    """A session whose writes the store refused whole. A refused re-creation is INVALID,
+    not UNKNOWN_SESSION: sending the record again would fail the same way (records rule 9)."""
+    if isinstance(why, OwnerLimitReached):
+        return Rejection(sid, stream_id, RejectionReason.OWNER_LIMIT, why.detail)
+    return Rejection(sid, stream_id, RejectionReason.INVALID, why.detail)
 
 
 def _refused(rec: SessionRecord, write: SessionWrite, why: Refusal) -> Rejection:

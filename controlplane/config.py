@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from controlplane.identity import TokenSettings
+from controlplane.identity import HOME_NAMESPACE, TokenSettings
 from controlplane.limits import DEFAULT_MAX_CALLS_PER_PEER
 from controlplane.store.protocol import DEFAULT_MAX_SESSIONS_PER_OWNER, SessionStore
 from tether.grpc_security import ServerSecurity
@@ -151,6 +151,8 @@ class ControlPlaneConfig:
     """TLS, mutual TLS and a bearer token on the gRPC port (plaintext when None)."""
     tokens: TokenSettings | None = None
     """Verify Kubernetes ServiceAccount tokens (`controlplane.identity` rule 3)."""
+    home_namespace: str = HOME_NAMESPACE
+    """Whose pods act under their bare pod name (`controlplane.identity` rule 6)."""
     policy_file: Path | None = None
     """Roles of principals (`controlplane.policy`); None: authenticated callers are sidecars."""
     etcd_username: str | None = None

@@ -26,8 +26,15 @@ Rules:
   5. With no caller authentication configured at all, every caller is the anonymous
      development caller (trusted); a warning says so once, at start-up.
   6. A principal's `name` is the owner name it acts as (the policy's rules compare it with a
-     session's owner): the pod of a token, the last path segment of a URI SAN, the CN; None
-     when that is not a valid owner name (such a principal cannot act as a sidecar).
+     session's owner), unique in the cluster: a pod's name is unique only in its namespace,
+     so the namespace is part of it. A pod of the home namespace (`--home-namespace`, where
+     the control plane and its sidecars run; `tether` by default) is `<pod>`, a pod of any
+     other namespace `<pod>@<namespace>` (`@` is in no pod name nor namespace, so no two
+     pods share a name). The pod is that of a token (rule 3), or of a URI SAN of the SPIFFE
+     form `.../ns/<namespace>/pod/<pod>` (`.../ns/<namespace>/sa/<account>` names its
+     account the same way: pods sharing that certificate share the name); any other URI SAN
+     names no one; a CN is its own name (the operator's CA chose it). None when that is not
+     a valid owner name: such a principal cannot act as a sidecar.
   7. The JWKS file is read again when it changes (keys rotate; a mounted ConfigMap is
      replaced), looked at on every verification by its size, mtime and inode. A new file that
      cannot be read or holds no usable key keeps the last good set and logs why.
@@ -123,6 +130,9 @@ class Principal:
         return self.kind in (PrincipalKind.ANONYMOUS, PrincipalKind.SHARED_TOKEN)
 
 
+HOME_NAMESPACE = "tether"
+"""The namespace whose pods act under their bare pod name (rule 6): that of the manifests."""
+
 ANONYMOUS = Principal(PrincipalKind.ANONYMOUS, ("anonymous",))
 SHARED_TOKEN = Principal(PrincipalKind.SHARED_TOKEN, ("shared-token",))
 
@@ -134,7 +144,22 @@ def _owner_name(value: str) -> OwnerName | None:
         return None
 
 
-def certificate_principal(pem: bytes) -> Principal:
+def pod_owner_name(pod: str, namespace: str, home: str) -> OwnerName | None:
+    """The owner name of pod `namespace/pod` (rule 6); None if it is not a valid one."""
+    if not pod or not namespace or "@" in pod or "@" in namespace:
+        return None
+    return _owner_name(pod if namespace == home else f"{pod}@{namespace}")
+
+
+def _uri_owner_name(uri: str, home: str) -> OwnerName | None:
+    """Rule 6 for a URI SAN: only `.../ns/<namespace>/pod/<pod>` (or `/sa/<account>`)."""
+    parts = uri.rstrip("/").split("/")
+    if len(parts) < 4 or parts[-4] != "ns" or parts[-2] not in ("pod", "sa"):
+        return None
+    return pod_owner_name(parts[-1], parts[-3], home)
+
+
+def certificate_principal(pem: bytes, *, home_namespace: str = HOME_NAMESPACE) -> Principal:
     """The principal a client certificate names (rules 4 and 6)."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
@@ -147,8 +172,7 @@ def certificate_principal(pem: bytes) -> Principal:
         uris = []
     if uris:
         uri = uris[0]
-        last = uri.rstrip("/").rpartition("/")[2]
-        return Principal(PrincipalKind.CERTIFICATE, (uri,), _owner_name(last))
+        return Principal(PrincipalKind.CERTIFICATE, (uri,), _uri_owner_name(uri, home_namespace))
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
         raise AuthenticationError("the client certificate has neither a URI SAN nor a CN")
@@ -219,10 +243,11 @@ class TokenSettings:
 class TokenVerifier:
     """Verifies projected ServiceAccount tokens offline (rule 3)."""
 
-    def __init__(self, settings: TokenSettings) -> None:
+    def __init__(self, settings: TokenSettings, *, home_namespace: str = HOME_NAMESPACE) -> None:
         if not settings.audience or not settings.issuer:
             raise SecurityConfigError("--jwt-jwks-file needs --jwt-audience and --jwt-issuer")
         self.settings = settings
+        self.home_namespace = home_namespace
         self.keys = JwksFile(settings.jwks_file)
         self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
         self._keys_read = self.keys.reloads
@@ -268,10 +293,10 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as e:
             raise AuthenticationError(f"token refused: {e}") from e
-        return _pod_principal(claims), float(claims["exp"])
+        return _pod_principal(claims, self.home_namespace), float(claims["exp"])
 
 
-def _pod_principal(claims: Mapping[str, Any]) -> Principal:
+def _pod_principal(claims: Mapping[str, Any], home: str) -> Principal:
     k8s = claims.get("kubernetes.io")
     k8s = k8s if isinstance(k8s, dict) else {}
     namespace = k8s.get("namespace")
@@ -286,7 +311,9 @@ def _pod_principal(claims: Mapping[str, Any]) -> Principal:
         # `kubectl create token`: an operator's tool, never a sidecar (no name to act as).
         return Principal(PrincipalKind.SERVICE_ACCOUNT, (account_id,), None)
     subjects = (f"pod:{namespace}/{pod_name}", account_id)
-    return Principal(PrincipalKind.SERVICE_ACCOUNT, subjects, _owner_name(pod_name))
+    return Principal(
+        PrincipalKind.SERVICE_ACCOUNT, subjects, pod_owner_name(pod_name, namespace, home)
+    )
 
 
 # --- the decision ----------------------------------------------------------------------------
@@ -301,7 +328,9 @@ class Authenticator:
         shared_token: str | None = None,
         tokens: TokenVerifier | None = None,
         client_certificates: bool = False,
+        home_namespace: str = HOME_NAMESPACE,
     ) -> None:
+        self._home = home_namespace
         self._shared = f"Bearer {shared_token}".encode() if shared_token else None
         self._tokens = tokens
         self._certificates = client_certificates
@@ -339,7 +368,7 @@ class Authenticator:
         if self._shared is not None:
             raise AuthenticationError("missing or wrong bearer token")
         if peer_certificate is not None:
-            return certificate_principal(peer_certificate)
+            return certificate_principal(peer_certificate, home_namespace=self._home)
         if self._tokens is not None or self._certificates:
             raise AuthenticationError("no credentials: send a ServiceAccount token")
         return ANONYMOUS
@@ -463,15 +492,21 @@ def _wrapped(handler: Any, enter: Callable[[Any], Awaitable[None]]) -> Any:
 
 
 def authenticator_for(
-    security: ServerSecurity | None, tokens: TokenSettings | None
+    security: ServerSecurity | None,
+    tokens: TokenSettings | None,
+    *,
+    home_namespace: str = HOME_NAMESPACE,
 ) -> Authenticator:
     """The authenticator of a control plane's settings (`ServerSecurity`, token settings);
     reads the shared token and the JWKS now, so a bad file fails start-up."""
     shared = read_token(security.token_file, "--auth-token-file") if security else None
     return Authenticator(
         shared_token=shared,
-        tokens=TokenVerifier(tokens) if tokens is not None else None,
+        tokens=(
+            TokenVerifier(tokens, home_namespace=home_namespace) if tokens is not None else None
+        ),
         client_certificates=security is not None and security.client_ca is not None,
+        home_namespace=home_namespace,
     )
 
 

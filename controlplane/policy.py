@@ -26,8 +26,9 @@ Rules:
      DELETE does); WatchSessions filtered to its own name; GetSession of any session,
      unredacted (adoption needs the whole record: the fingerprint to check the client's
      credential, the `initialize` body to re-initialize the upstream).
-  4. viewer: ListSessions, GetSession and WatchSessions, with `credential_fingerprint` and
-     `initialize_request` emptied (`redact`).
+  4. viewer: ListSessions, GetSession and WatchSessions, with `credential_fingerprint`,
+     `initialize_request`, `upstream_session_id` and the streams' `upstream_event_id`
+     emptied (`redact`): what binds a session and what reaches its upstream session.
   5. admin: what a viewer may, unredacted, and DeleteSession of any session.
   6. A principal without a usable name (identity rule 6) cannot act as a sidecar.
   7. Anything else is PERMISSION_DENIED with a message naming the principal, the call and
@@ -133,8 +134,18 @@ def _binding(item: Any, where: str) -> Binding:
 
 
 def redact(record: SessionRecord) -> SessionRecord:
-    """A viewer's copy of a record (rule 4): no credential fingerprint, no `initialize`."""
-    return dataclasses.replace(record, credential_fingerprint="", initialize_request=b"")
+    """A viewer's copy of a record (rule 4): no credential fingerprint, no `initialize`, no
+    upstream session id nor upstream stream cursors (what reaches the upstream session)."""
+    streams = {
+        sid: dataclasses.replace(p, upstream_event_id="") for sid, p in record.streams.items()
+    }
+    return dataclasses.replace(
+        record,
+        credential_fingerprint="",
+        initialize_request=b"",
+        upstream_session_id="",
+        streams=streams,
+    )
 
 
 @dataclass(frozen=True, slots=True)

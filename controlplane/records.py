@@ -22,18 +22,37 @@ Rules:
   8. The credential binding is set once, at creation: an upsert whose non-empty
      `credential_fingerprint` differs from the stored one is refused whole (an empty one keeps
      the stored one), so no write can hand a session to another credential.
-Refused writes change nothing; `refusal` says why, for the acknowledgement.
+  9. Re-creation over a tombstone: a deleted or expired session leaves a `Tombstone` (its
+     id, last owner, last owner epoch and credential fingerprint) for one `session_ttl`. An
+     upsert that would create the session while its tombstone lasts is refused whole
+     (`recreation_refusal`) unless its credential fingerprint is the tombstone's and its
+     epoch is above the tombstone's, or equal to it with the tombstone's owner: the last
+     owner re-sending a session the store lost or let expire while it still serves it (the
+     reporter's re-creation, a renewal after a partition). So delete-and-re-create cannot
+     rebind a session to another credential, and no owner epoch goes backwards (a sidecar
+     fenced before the delete is below the epoch it was fenced at). A created session's
+     tombstone is gone.
+  10. An upstream session belongs to one session: an upsert naming a non-empty
+     `upstream_session_id` that another live session has (`upstream_holders`, which the
+     store reads for the ids `new_upstream_ids` lists, atomically with the write) is
+     refused, and so are the session's other writes in the batch. Otherwise whoever read
+     the id (a viewer's listing, a log) could create a session of its own bound to its own
+     credential, and a sidecar would forward its requests into another client's upstream
+     session.
+Refused writes change nothing; `refusal` and `recreation_refusal` say why, for the
+acknowledgement.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tether.model import (
     OwnerName,
+    SessionId,
     SessionRecord,
     SessionUpsert,
     SessionWrite,
@@ -50,6 +69,52 @@ class MergeResult:
 
     record: SessionRecord | None
     changed: bool
+    refused: str = ""
+    """Rules 9 and 10: why the session's writes were refused whole ("": they were not)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What a deleted or expired session leaves behind for a while (rule 9)."""
+
+    session_id: SessionId
+    owner: OwnerName
+    owner_epoch: int
+    credential_fingerprint: str
+    expires_at: float
+    """When the tombstone is forgotten: one `session_ttl` after the session ended."""
+
+
+def tombstone_of(record: SessionRecord, *, ended_at: float, ttl: float) -> Tombstone:
+    """The tombstone `record` leaves when it is deleted or expires at `ended_at`."""
+    return Tombstone(
+        record.session_id,
+        record.owner,
+        record.owner_epoch,
+        record.credential_fingerprint,
+        ended_at + ttl,
+    )
+
+
+def recreation_refusal(tombstone: Tombstone | None, upsert: SessionUpsert) -> str:
+    """Why rule 9 refuses `upsert` creating a session over `tombstone` ("" if allowed)."""
+    if tombstone is None:
+        return ""
+    new = upsert.session
+    if new.credential_fingerprint != tombstone.credential_fingerprint:
+        return (
+            "this session was deleted or expired bound to another credential; "
+            "its id cannot be re-created with a different credential fingerprint"
+        )
+    epoch = upsert_epoch(upsert)
+    if epoch > tombstone.owner_epoch or (
+        epoch == tombstone.owner_epoch and new.owner == tombstone.owner
+    ):
+        return ""
+    return (
+        f"this session was deleted or expired at owner epoch {tombstone.owner_epoch} "
+        f"(owner {tombstone.owner!r}); it cannot be re-created at epoch {epoch} by {new.owner!r}"
+    )
 
 
 class ClaimRefusedError(Exception):
@@ -109,19 +174,55 @@ def upsert_epoch(upsert: SessionUpsert) -> int:
     return max(upsert.session.owner_epoch, 1)
 
 
+def new_upstream_ids(current: SessionRecord | None, writes: Iterable[SessionWrite]) -> set[str]:
+    """The upstream session ids the upserts among `writes` would give the session and that
+    it does not have yet: those whose holders rule 10 needs."""
+    have = current.upstream_session_id if current is not None else ""
+    return {
+        w.session.upstream_session_id
+        for w in writes
+        if isinstance(w, SessionUpsert) and w.session.upstream_session_id not in ("", have)
+    }
+
+
+def upstream_refusal(
+    session_id: SessionId, upsert: SessionUpsert, holders: Mapping[str, SessionId]
+) -> str:
+    """Why rule 10 refuses `upsert` ("" if allowed); `holders`: live holder per upstream id."""
+    upstream = upsert.session.upstream_session_id
+    holder = holders.get(upstream) if upstream else None
+    if holder is None or holder == session_id:
+        return ""
+    return (
+        "the upstream session this session names belongs to another session; "
+        "an upstream session belongs to one session only"
+    )
+
+
 def apply_writes(
     current: SessionRecord | None,
     writes: Iterable[SessionWrite],
     *,
     now: float,
     ttl: float,
+    tombstone: Tombstone | None = None,
+    upstream_holders: Mapping[str, SessionId] | None = None,
 ) -> MergeResult:
-    """Apply the writes of one session, upserts first, to `current` (None if missing)."""
+    """Apply the writes of one session, upserts first, to `current` (None if missing; then
+    `tombstone` is what it left, if it lasts: rule 9). `upstream_holders`: the live session
+    holding each id of `new_upstream_ids` (rule 10)."""
+    writes = list(writes)
     upserts = [w for w in writes if isinstance(w, SessionUpsert)]
+    if upstream_holders:
+        for upsert in upserts:
+            sid = upsert.session.session_id
+            if why := upstream_refusal(sid, upsert, upstream_holders):
+                return MergeResult(current, False, why)
     updates = [w for w in writes if isinstance(w, StreamUpdate)]
     record = current
     changed = False
     streams: dict[StreamId, StreamPosition] = dict(current.streams) if current else {}
+    refused = ""
 
     for upsert in upserts:
         new = upsert.session
@@ -129,6 +230,9 @@ def apply_writes(
         if refusal(record, upsert) is not None:
             continue
         if record is None:
+            if why := recreation_refusal(tombstone, upsert):
+                refused = why
+                continue
             streams = {}
             _merge_streams(streams, new.streams.values(), epoch)
             record = dataclasses.replace(new, owner_epoch=epoch, created_at=now)
@@ -151,7 +255,7 @@ def apply_writes(
             changed = True
 
     if record is None or not changed:
-        return MergeResult(current, False)
+        return MergeResult(current, False, refused)
     record = dataclasses.replace(record, streams=streams, updated_at=now, expires_at=now + ttl)
     return MergeResult(record, True)
 

@@ -75,7 +75,9 @@ async def start_control_plane(
 ) -> RunningControlPlane:
     """Open the store (unless given one), start serving on `config.listen`. Bad security
     settings (`SecurityConfigError`, `PolicyError`) raise before anything is opened."""
-    authenticator = authenticator_for(config.security, config.tokens)
+    authenticator = authenticator_for(
+        config.security, config.tokens, home_namespace=config.home_namespace
+    )
     authorizer = Authorizer(Policy.load(config.policy_file) if config.policy_file else None)
     if store is None:
         store = await open_store(

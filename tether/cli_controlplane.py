@@ -73,7 +73,7 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         StoreUrlError,
         parse_store_url,
     )
-    from controlplane.identity import TokenSettings
+    from controlplane.identity import HOME_NAMESPACE, TokenSettings
     from controlplane.policy import PolicyError
     from controlplane.server import serve
     from controlplane.store.protocol import StoreError
@@ -124,6 +124,7 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         security=security,
         tokens=tokens,
+        home_namespace=args.home_namespace or HOME_NAMESPACE,
         policy_file=args.policy_file,
         etcd_username=args.etcd_user,
         etcd_password=etcd_password,
@@ -221,6 +222,12 @@ def add_control_plane_parser(sub: Any) -> None:
     )
     p.add_argument("--jwt-audience", metavar="AUD", help="audience the tokens must carry")
     p.add_argument("--jwt-issuer", metavar="ISS", help="issuer the tokens must name")
+    p.add_argument(
+        "--home-namespace",
+        metavar="NS",
+        help="namespace whose pods act as sidecars under their bare pod name (default tether, "
+        "the manifests' namespace); a pod of another namespace is <pod>@<namespace>",
+    )
     p.add_argument(
         "--policy-file",
         type=Path,

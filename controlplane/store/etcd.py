@@ -8,6 +8,8 @@ Key space (under a configurable prefix, `/tether` by default):
     <prefix>/owners/<owner>/<session_id>   one per session, empty, on the session's lease
     <prefix>/sessions/<session_id>         the record (JSON, `controlplane.store.codec`)
     <prefix>/tombstones/<session_id>       written in the same transaction as a DeleteSession
+    <prefix>/graves/<session_id>           the session's `records.Tombstone` (rule 8)
+    <prefix>/upstreams/<upstream_id>       the session naming that upstream session (rule 9)
 
 Rules:
   1. Atomic, monotonic writes: read the key, merge with `controlplane.records`, then a
@@ -56,6 +58,18 @@ Rules:
      Watches ask etcd to fragment large responses (a catch-up batches up to a thousand
      revisions), so none exceeds a gRPC message; a revision counts as delivered once its
      last fragment is.
+  8. Re-creation tombstones (`controlplane.records` rule 9; not the `tombstones/` keys of
+     rule 5, which only tell DELETE from EXPIRE): every transaction that puts a session
+     also puts its `graves/` key (owner, epoch, fingerprint) on a lease of twice the TTL
+     from the same bucket, so it outlives the session's lease by one `session_ttl` whether
+     the session is deleted (the delete rewrites it) or its lease expires (no one is there
+     to write anything then). A creation reads the grave, and its transaction compares the
+     grave's mod revision too: the check and the creation are atomic.
+  9. Upstream sessions (`controlplane.records` rule 10): every transaction that puts a
+     session with an upstream session id puts `upstreams/<id>` = its session id on the
+     session's lease. A write naming an id its session does not have yet reads that key and
+     the holder's record (a holder counts if it is live and still names the id), and its
+     transaction compares the key's mod revision: check and write are atomic.
 """
 
 from __future__ import annotations
@@ -64,6 +78,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import math
 import socket
@@ -97,6 +112,7 @@ from controlplane.store.protocol import (
     OwnerLimitReached,
     SessionNotFoundError,
     StoreUnavailableError,
+    WritesRefused,
 )
 from tether.model import (
     OwnerName,
@@ -241,6 +257,34 @@ def _decode(kv: Any) -> SessionRecord | None:
         return None
 
 
+def _encode_grave(t: records.Tombstone) -> bytes:
+    return json.dumps(
+        {
+            "owner": t.owner,
+            "owner_epoch": t.owner_epoch,
+            "credential_fingerprint": t.credential_fingerprint,
+            "expires_at": t.expires_at,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _decode_grave(sid: SessionId, data: bytes) -> records.Tombstone | None:
+    """A `graves/` key's tombstone; None (logged) if it holds something else."""
+    try:
+        d = json.loads(data)
+        return records.Tombstone(
+            sid,
+            OwnerName(str(d["owner"])),
+            int(d["owner_epoch"]),
+            str(d["credential_fingerprint"]),
+            float(d["expires_at"]),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("etcd grave of session %s unreadable (%s): ignored", sid, e)
+        return None
+
+
 class _Compacted(Exception):
     """The revision a watch or a snapshot read needs has been compacted away."""
 
@@ -305,11 +349,16 @@ class EtcdSessionStore:
         self._tombstones = f"{prefix}/tombstones/".encode()
         self._owners = f"{prefix}/owners/".encode()
         self._owner_gen = f"{prefix}/owner-gen/".encode()
+        self._graves = f"{prefix}/graves/".encode()  # outside the watched range
+        self._upstreams = f"{prefix}/upstreams/".encode()  # likewise
         # Sessions and tombstones, not the owner index ("owners/" < "sessions/" < "tombstones/").
         self._watch_end = aetcd.utils.prefix_range_end(self._tombstones)
         self._owner_locks = _OwnerLocks()
         self._leases = _Leases(client, ttl=config.session_ttl, width=config.effective_granularity())
         self._tombstone_leases = _Leases(client, ttl=config.tombstone_ttl, width=10.0)
+        self._grave_leases = _Leases(
+            client, ttl=2 * config.session_ttl, width=config.effective_granularity()
+        )
         self._limit = asyncio.Semaphore(config.max_concurrency)
         self._closed = False
         self._closing = asyncio.Event()
@@ -406,23 +455,85 @@ class EtcdSessionStore:
             return None, 0
         return decode_record(kv.value), int(kv.mod_revision)
 
+    async def _get_many(self, keys: Sequence[bytes]) -> list[Any]:
+        """The key-values of `keys` (None where absent), read at one revision, one round trip."""
+        request = aetcd.rpc.TxnRequest(
+            success=[
+                aetcd.rpc.RequestOp(request_range=aetcd.rpc.RangeRequest(key=key)) for key in keys
+            ]
+        )
+        await self._call(self._client.connect)
+        resp = await self._call(
+            self._client.kvstub.Txn,
+            request,
+            timeout=self.config.timeout,
+            metadata=self._client.metadata,
+        )
+        return [r.response_range.kvs[0] if r.response_range.kvs else None for r in resp.responses]
+
+    async def _guards(
+        self, sid: SessionId, current: SessionRecord | None, writes: Sequence[SessionWrite]
+    ) -> tuple[records.Tombstone | None, dict[str, SessionId], list[tuple[bytes, int]]]:
+        """What rules 8 and 9 need to write `sid`: its tombstone (if it is missing), the live
+        holders of the upstream ids its upserts would give it, and the keys read with their
+        mod revisions, for the write to compare. One read (two if some id has a holder)."""
+        upstream_ids = sorted(records.new_upstream_ids(current, writes))
+        keys = [self._upstreams + u.encode() for u in upstream_ids]
+        if current is None:
+            keys.append(self._graves + sid.encode())
+        if not keys:
+            return None, {}, []
+        kvs = await self._get_many(keys)
+        guards = [
+            (k, int(kv.mod_revision) if kv is not None else 0)
+            for k, kv in zip(keys, kvs, strict=True)
+        ]
+        grave = None
+        if current is None and (kv := kvs.pop()) is not None:
+            grave = _decode_grave(sid, bytes(kv.value))
+            if grave is not None and grave.expires_at <= self._clock():
+                grave = None
+        holders: dict[str, SessionId] = {}
+        for upstream, kv in zip(upstream_ids, kvs, strict=True):
+            if kv is None:
+                continue
+            holder = SessionId(bytes(kv.value).decode(errors="replace"))
+            rec, _ = await self._read(holder)
+            if rec is not None and rec.upstream_session_id == upstream:
+                holders[upstream] = holder
+        return grave, holders, guards
+
+    async def _grave_put(self, record: SessionRecord, ended_at: float) -> Any:
+        """The transaction op that leaves `record`'s tombstone, should it end at `ended_at`."""
+        lease_id, deadline = await self._call(self._grave_leases.get, self._clock())
+        grave = records.tombstone_of(record, ended_at=ended_at, ttl=self.config.session_ttl)
+        grave = dataclasses.replace(grave, expires_at=max(grave.expires_at, deadline))
+        return self._client.transactions.put(
+            self._graves + record.session_id.encode(), _encode_grave(grave), lease=lease_id
+        )
+
     async def _write(
         self,
         sid: SessionId,
         record: SessionRecord,
         mod_revision: int,
         previous: SessionRecord | None,
+        guards: Sequence[tuple[bytes, int]] = (),
     ) -> SessionRecord | OwnerLimitReached | None:
         """Put `record` if the key is still at `mod_revision` (rules 1, 3, 4); return the
         record as written, `OwnerLimitReached`, or None if another writer got there first."""
         limit = self.config.max_sessions_per_owner
         if limit <= 0 or (previous is not None and previous.owner == record.owner):
-            return await self._put_if_unchanged(sid, record, mod_revision, previous, None)
+            return await self._put_if_unchanged(
+                sid, record, mod_revision, previous, None, guards=guards
+            )
         async with self._owner_locks.hold(record.owner):
             count, generation = await self._owned(record.owner)
             if count >= limit:
                 return OwnerLimitReached(record.owner, limit, previous)
-            return await self._put_if_unchanged(sid, record, mod_revision, previous, generation)
+            return await self._put_if_unchanged(
+                sid, record, mod_revision, previous, generation, guards=guards
+            )
 
     async def _owned(self, owner: str) -> tuple[int, int]:
         """(sessions `owner` holds, mod revision of its `owner-gen` key), read at one
@@ -456,6 +567,8 @@ class EtcdSessionStore:
         mod_revision: int,
         previous: SessionRecord | None,
         generation: int | None,
+        *,
+        guards: Sequence[tuple[bytes, int]] = (),
     ) -> SessionRecord | None:
         """Put `record` and its owner index key (with the lease of now) if the key is still
         at `mod_revision` and, given `generation`, the owner's `owner-gen` key is still at
@@ -469,7 +582,13 @@ class EtcdSessionStore:
         success = [
             tx.put(self._key(sid), encode_record(record), lease=lease_id),
             tx.put(self._owner_key(record.owner, sid), b"", lease=lease_id),
+            await self._grave_put(record, deadline),
         ]
+        if record.upstream_session_id:
+            upstream_key = self._upstreams + record.upstream_session_id.encode()
+            success.append(tx.put(upstream_key, sid.encode(), lease=lease_id))
+        # Rules 8 and 9: the tombstone and the upstream holders read are still as read.
+        compare.extend(tx.mod(key) == revision for key, revision in guards)
         if generation is not None:
             gen_key = self._owner_gen + record.owner.encode()
             compare.append(tx.mod(gen_key) == generation)
@@ -483,6 +602,7 @@ class EtcdSessionStore:
         except StoreUnavailableError as e:
             if _is_lease_missing(e):
                 self._leases.forget()
+                self._grave_leases.forget()
                 return None
             raise
         return record if ok else None
@@ -493,12 +613,20 @@ class EtcdSessionStore:
         async with self._limit:
             for _ in range(MAX_TXN_ATTEMPTS):
                 current, mod = await self._read(sid)
+                grave, holders, guards = await self._guards(sid, current, writes)
                 merged = records.apply_writes(
-                    current, writes, now=self._clock(), ttl=self.config.session_ttl
+                    current,
+                    writes,
+                    now=self._clock(),
+                    ttl=self.config.session_ttl,
+                    tombstone=grave,
+                    upstream_holders=holders,
                 )
+                if merged.refused and not merged.changed:
+                    return sid, WritesRefused(merged.refused)
                 if not merged.changed or merged.record is None:
                     return sid, merged.record
-                written = await self._write(sid, merged.record, mod, current)
+                written = await self._write(sid, merged.record, mod, current, guards)
                 if written is not None:
                     return sid, written
         raise StoreUnavailableError(f"session {sid}: too many conflicting writers")
@@ -552,6 +680,7 @@ class EtcdSessionStore:
             if current is None:
                 return None
             lease_id, _ = await self._call(self._tombstone_leases.get, self._clock())
+            grave = await self._grave_put(current, self._clock())
             ok, _ = await self._call(
                 self._client.transaction,
                 compare=[tx.mod(key) == mod],
@@ -560,6 +689,7 @@ class EtcdSessionStore:
                     tx.put(self._tombstones + session_id.encode(), b"", lease=lease_id),
                     tx.delete(key),
                     tx.delete(self._owner_key(current.owner, session_id)),
+                    grave,
                 ],
                 failure=[],
             )

@@ -36,6 +36,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "WatchLaggedError",
+    "WritesRefused",
 ]
 
 DEFAULT_PAGE_SIZE = 100
@@ -100,7 +101,16 @@ class OwnerLimitReached:
         )
 
 
-ApplyResult = SessionRecord | OwnerLimitReached | None
+@dataclass(frozen=True, slots=True)
+class WritesRefused:
+    """An `apply` outcome: the session's writes were refused whole, by its tombstone or by
+    another session holding the upstream session it names (`controlplane.records` rules 9
+    and 10); `detail` says why. The session stays as it was."""
+
+    detail: str
+
+
+ApplyResult = SessionRecord | OwnerLimitReached | WritesRefused | None
 """What `apply` says of one session: its record after the writes, None if it does not exist
 (its stream updates were skipped), or why its writes were refused."""
 
@@ -122,6 +132,12 @@ class SessionStore(Protocol):
         another owner) is refused when the owner already holds the limit; the count and the
         write are one atomic step, so concurrent writers never exceed it (each backend says
         how). Writes to sessions an owner already holds are never refused by the limit.
+      * A deleted or expired session leaves a tombstone for `session_ttl` seconds; a
+        re-creation it refuses (`controlplane.records` rule 9) is `WritesRefused`, and
+        the check and the creation are one atomic step (each backend says how).
+      * An upstream session belongs to one session: a write naming an `upstream_session_id`
+        another live session has is `WritesRefused` (`controlplane.records` rule 10), the
+        check and the write one atomic step.
       * `aclose` stops background work, ends open watches and releases the backend.
     """
 
@@ -129,8 +145,9 @@ class SessionStore(Protocol):
         """Apply a batch of writes (any sessions, any order: per session, upserts first).
 
         Returns, for each session written to, its record after the writes (None if it does
-        not exist: its stream updates were skipped), or `OwnerLimitReached` if its writes
-        were refused by the owner limit. The caller derives rejections from it.
+        not exist: its stream updates were skipped), `OwnerLimitReached` if its writes
+        were refused by the owner limit, or `WritesRefused` (records rules 9 and 10). The
+        caller derives rejections from it.
         """
         ...
 

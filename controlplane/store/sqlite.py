@@ -23,7 +23,16 @@ Rules:
   4. Sessions per owner: a write that gives an owner a session counts the owner's live
      sessions inside the same `BEGIN IMMEDIATE` transaction (writers are serialised), so the
      limit is exact.
-  5. Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
+  5. Tombstones (`controlplane.records` rule 9): a delete, and an expiry found by a read or
+     a sweep, put the session's tombstone in the same transaction, kept until one
+     `session_ttl` after the session ended; the sweeper removes tombstones past that. A
+     creation reads the tombstone and removes it inside the `BEGIN IMMEDIATE` transaction
+     that inserts the session, so the check and the creation are atomic.
+  6. Upstream sessions (`controlplane.records` rule 10): `upstream_sessions` maps an
+     upstream session id to the session that named it last; a delete or an expiry removes
+     the session's row. A holder counts only if it is live and still names that id, so a
+     row left behind refuses nothing. The lookup and the write share the transaction.
+  7. Durability: `synchronous=NORMAL` with WAL survives a process crash or restart; a power
      loss may drop the last transactions (acknowledged batches included).
 """
 
@@ -60,6 +69,7 @@ from controlplane.store.protocol import (
     SessionNotFoundError,
     StoreUnavailableError,
     WatchLaggedError,
+    WritesRefused,
 )
 from tether import tasks
 from tether.model import (
@@ -86,6 +96,18 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, session_id);
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
 CREATE INDEX IF NOT EXISTS sessions_by_owner_expiry ON sessions (owner, expires_at);
+CREATE TABLE IF NOT EXISTS tombstones (
+    session_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    owner_epoch INTEGER NOT NULL,
+    credential_fingerprint TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tombstones_by_expiry ON tombstones (expires_at);
+CREATE TABLE IF NOT EXISTS upstream_sessions (
+    upstream_session_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -168,9 +190,49 @@ class _Db:
         rec = decode_record(row[0])
         if row[1] <= now:
             self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+            self._bury(rec, rec.expires_at)
             self._event(events, SessionEventType.EXPIRE, rec)
             return None
         return rec
+
+    def _holders(self, upstream_ids: set[str], now: float) -> dict[str, SessionId]:
+        """The live session holding each of `upstream_ids` (rule 6)."""
+        out: dict[str, SessionId] = {}
+        for upstream in upstream_ids:
+            row = self.conn.execute(
+                "SELECT s.record FROM upstream_sessions u JOIN sessions s "
+                "ON s.session_id = u.session_id "
+                "WHERE u.upstream_session_id = ? AND s.expires_at > ?",
+                (upstream, now),
+            ).fetchone()
+            if row is not None:
+                holder = decode_record(row[0])
+                if holder.upstream_session_id == upstream:
+                    out[upstream] = holder.session_id
+        return out
+
+    def _bury(self, rec: SessionRecord, ended_at: float) -> None:
+        """Leave `rec`'s tombstone (rule 5) and free its upstream session (rule 6)."""
+        self.conn.execute(
+            "DELETE FROM upstream_sessions WHERE upstream_session_id = ? AND session_id = ?",
+            (rec.upstream_session_id, rec.session_id),
+        )
+        t = records.tombstone_of(rec, ended_at=ended_at, ttl=self.ttl)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tombstones (session_id, owner, owner_epoch, "
+            "credential_fingerprint, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (t.session_id, t.owner, t.owner_epoch, t.credential_fingerprint, t.expires_at),
+        )
+
+    def _tombstone(self, sid: SessionId, now: float) -> records.Tombstone | None:
+        row = self.conn.execute(
+            "SELECT owner, owner_epoch, credential_fingerprint, expires_at FROM tombstones "
+            "WHERE session_id = ? AND expires_at > ?",
+            (sid, now),
+        ).fetchone()
+        if row is None:
+            return None
+        return records.Tombstone(sid, OwnerName(row[0]), int(row[1]), str(row[2]), row[3])
 
     def _save(self, rec: SessionRecord) -> None:
         self.conn.execute(
@@ -211,8 +273,20 @@ class _Db:
             owned: dict[OwnerName, int] = {}
             for sid, ws in by_session.items():
                 current = self._load(sid, now, events)
-                merged = records.apply_writes(current, ws, now=now, ttl=self.ttl)
+                tombstone = self._tombstone(sid, now) if current is None else None
+                holders = self._holders(records.new_upstream_ids(current, ws), now)
+                merged = records.apply_writes(
+                    current,
+                    ws,
+                    now=now,
+                    ttl=self.ttl,
+                    tombstone=tombstone,
+                    upstream_holders=holders,
+                )
                 new = merged.record
+                if merged.refused and not merged.changed:
+                    out[sid] = WritesRefused(merged.refused)
+                    continue
                 if not merged.changed or new is None:
                     out[sid] = new
                     continue
@@ -227,6 +301,13 @@ class _Db:
                     if current is not None and current.owner in owned:
                         owned[current.owner] -= 1
                 self._save(new)
+                if current is None:
+                    self.conn.execute("DELETE FROM tombstones WHERE session_id = ?", (sid,))
+                upstream = new.upstream_session_id
+                if upstream and (current is None or current.upstream_session_id != upstream):
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO upstream_sessions VALUES (?, ?)", (upstream, sid)
+                    )
                 self._event(events, SessionEventType.PUT, new)
                 out[sid] = new
             return out
@@ -256,6 +337,7 @@ class _Db:
             rec = self._load(sid, now, events)
             if rec is not None:
                 self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+                self._bury(rec, now)
                 self._event(events, SessionEventType.DELETE, rec)
             return rec
 
@@ -295,7 +377,11 @@ class _Db:
                     "DELETE FROM sessions WHERE session_id = ?", [(r[0],) for r in rows]
                 )
                 for _, data in rows:
-                    self._event(events, SessionEventType.EXPIRE, decode_record(data))
+                    rec = decode_record(data)
+                    self._bury(rec, rec.expires_at)
+                    self._event(events, SessionEventType.EXPIRE, rec)
+                if len(rows) < self.page_size:
+                    self.conn.execute("DELETE FROM tombstones WHERE expires_at <= ?", (now,))
                 return len(rows)
 
             done = self._transaction(body)[0]

@@ -42,7 +42,7 @@ async def test_writes_survive_losing_a_member(cluster: EtcdCluster) -> None:
     store = await open_store(url, session_ttl=60)
     try:
         for i in range(2):
-            rec = SessionRecord(SessionId(f"s{i}"), "u", "up:1", OwnerName("pod"), 1)
+            rec = SessionRecord(SessionId(f"s{i}"), f"u{i}", "up:1", OwnerName("pod"), 1)
             async with asyncio.timeout(15):
                 out = await store.apply(writes=[SessionUpsert(rec)])
             assert out[rec.session_id] is not None

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from controlplane.store.protocol import WritesRefused
 from controlplane.store.sqlite import SqliteSessionStore, SqliteStoreConfig
 from tests.contract.conftest import FakeClock
 from tether.model import (
@@ -53,3 +55,28 @@ async def _until_synced(events: AsyncIterator[SessionEvent]) -> AsyncIterator[Se
         if e.type is SessionEventType.SYNCED:
             return
         yield e
+
+
+async def test_tombstones_last_one_ttl_and_are_swept(tmp_path: Path) -> None:
+    """controlplane.store.sqlite rule 5: a deleted session's tombstone refuses a rebinding
+    while it lasts, and the sweeper removes it after one TTL (bounded)."""
+    clock = FakeClock()
+    path = tmp_path / "s.db"
+    store = await SqliteSessionStore.open(
+        SqliteStoreConfig(path=path, session_ttl=10, sweep_interval=0), clock=clock
+    )
+    try:
+        sid = SessionId("s1")
+        alice = SessionRecord(sid, "s1", "up:1", OwnerName("pod"), 1, credential_fingerprint="a")
+        mallory = SessionRecord(sid, "s1", "up:1", OwnerName("x"), 1, credential_fingerprint="m")
+        await store.apply(writes=[SessionUpsert(alice)])
+        assert await store.delete(session_id=sid) is not None
+        refused = (await store.apply(writes=[SessionUpsert(mallory)]))[sid]
+        assert isinstance(refused, WritesRefused)
+        clock.advance(11)
+        await store.sweep()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT COUNT(*) FROM tombstones").fetchone() == (0,)
+        assert isinstance((await store.apply(writes=[SessionUpsert(mallory)]))[sid], SessionRecord)
+    finally:
+        await store.aclose()

@@ -21,6 +21,7 @@ from controlplane.store.protocol import (
     OwnerLimitReached,
     SessionNotFoundError,
     SessionStore,
+    WritesRefused,
 )
 from tests.contract.conftest import StoreHarness
 from tether.model import (
@@ -473,3 +474,78 @@ async def test_large_records_are_listed_and_watched_whole(store: SessionStore) -
         snapshot = await until_synced(events)
     assert [e.session_id for e in snapshot] == ids
     assert all(e.session is not None and e.session.initialize_request == body for e in snapshot)
+
+
+async def test_a_deleted_session_is_recreated_only_by_its_last_owner_and_credential(
+    store: SessionStore,
+) -> None:
+    """records rule 9: a delete leaves a tombstone; re-creating the id needs the tombstone's
+    fingerprint, and its epoch (the same owner), or a higher one."""
+    sid = SessionId("s1")
+    await create(store, credential_fingerprint="fp-alice")
+    claimed = await store.claim(session_id=sid, owner=OwnerName("pod-b"))
+    assert claimed.owner_epoch == 2
+    assert await store.delete(session_id=sid) is not None
+    refused = {
+        "another credential": record("s1", owner="pod-b", epoch=3, credential_fingerprint="fp-m"),
+        "no credential": record("s1", owner="pod-b", epoch=2, credential_fingerprint=""),
+        "below the last epoch": record("s1", epoch=1, credential_fingerprint="fp-alice"),
+        "another owner, same epoch": record("s1", epoch=2, credential_fingerprint="fp-alice"),
+    }
+    for what, rec in refused.items():
+        out = (await store.apply(writes=[SessionUpsert(rec), update("s1", "a", 1, 2)]))[sid]
+        assert isinstance(out, WritesRefused), what
+        assert await store.get(session_id=sid) is None, what
+    # Its last owner, at its last epoch and with its credential: the store lost it.
+    again = record("s1", owner="pod-b", epoch=2, credential_fingerprint="fp-alice")
+    back = stored((await store.apply(writes=[SessionUpsert(again)]))[sid])
+    assert (back.owner, back.owner_epoch, back.credential_fingerprint) == ("pod-b", 2, "fp-alice")
+
+
+async def test_an_expired_session_leaves_a_tombstone_and_other_ids_none(
+    harness: StoreHarness,
+) -> None:
+    ttl = 2.0  # the tombstone lasts one more TTL: beyond what `expire` lets pass (ttl + 1)
+    store = await harness.open(session_ttl=ttl)
+    sid = SessionId("idle")
+    await create(store, "idle", credential_fingerprint="fp-alice")
+    async with contextlib.aclosing(store.watch()) as events:
+        await until_synced(events)
+        await harness.expire(store, ttl)
+        assert (await next_event(events)).type is SessionEventType.EXPIRE
+    rebind = record("idle", owner="pod-x", epoch=1, credential_fingerprint="fp-mallory")
+    assert isinstance((await store.apply(writes=[SessionUpsert(rebind)]))[sid], WritesRefused)
+    # The owner renewing the session it still serves (after a partition) brings it back.
+    renewal = record("idle", credential_fingerprint="fp-alice")
+    assert stored((await store.apply(writes=[SessionUpsert(renewal)]))[sid]).owner_epoch == 1
+    # A fresh id has no tombstone: any credential creates it.
+    await create(store, "fresh", credential_fingerprint="fp-mallory")
+
+
+async def test_an_upstream_session_belongs_to_one_session(harness: StoreHarness) -> None:
+    """records rule 10: no session may name the upstream session of another live one; once
+    that session is gone (deleted, expired) or names another one, the id is free."""
+    store = await harness.open()
+    await create(store, "alice", upstream_session_id="up-alice", credential_fingerprint="fp-a")
+    borrowed = record("mallory", owner="pod-m", upstream_session_id="up-alice")
+    out = await store.apply(writes=[SessionUpsert(borrowed), update("mallory", "a", 1)])
+    assert isinstance(out[SessionId("mallory")], WritesRefused)
+    assert await store.get(session_id=SessionId("mallory")) is None
+    # An existing session cannot move onto it either, and stays as it was.
+    mine = await create(store, "mallory", owner="pod-m", upstream_session_id="up-m")
+    moved = dataclasses.replace(mine, upstream_session_id="up-alice")
+    out = await store.apply(writes=[SessionUpsert(moved)])
+    assert isinstance(out[SessionId("mallory")], WritesRefused)
+    assert await store.get(session_id=SessionId("mallory")) == mine
+    # Two new sessions racing for one upstream session: one wins.
+    racers = [record(f"r{i}", upstream_session_id="up-race") for i in range(4)]
+    outs = await asyncio.gather(*(store.apply(writes=[SessionUpsert(r)]) for r in racers))
+    won = [o for out in outs for o in out.values() if isinstance(o, SessionRecord)]
+    assert len(won) == 1
+    # The owner re-initializing its session elsewhere frees the old upstream id...
+    alice = stored((await store.apply(writes=[SessionUpsert(record("alice"))]))[SessionId("alice")])
+    assert alice.upstream_session_id == "alice"
+    await create(store, "late", upstream_session_id="up-alice")
+    # ...and so does a delete.
+    assert await store.delete(session_id=SessionId("late")) is not None
+    await create(store, "later", upstream_session_id="up-alice")

@@ -25,10 +25,12 @@ from controlplane.identity import (
     TokenSettings,
     TokenVerifier,
     certificate_principal,
+    pod_owner_name,
 )
 from tests.support.certs import CertificateAuthority
 from tests.support.tokens import AUDIENCE, ISSUER, TokenIssuer, write_jwks
 from tether.grpc_security import SecurityConfigError
+from tether.model import OwnerName
 
 
 @pytest.fixture
@@ -66,8 +68,35 @@ def test_a_token_names_its_pod(issuer: TokenIssuer, verifier: TokenVerifier) -> 
     p = verifier.verify(issuer.token("sidecar-a", namespace="prod", service_account="mcp"))
     assert p.kind is PrincipalKind.SERVICE_ACCOUNT
     assert p.subjects == ("pod:prod/sidecar-a", "system:serviceaccount:prod:mcp")
-    assert p.name == "sidecar-a"
+    assert p.name == "sidecar-a@prod"  # rule 6: outside the home namespace, qualified
     assert not p.trusted
+    home = verifier.verify(issuer.token("sidecar-a", namespace="tether"))
+    assert home.name == "sidecar-a"
+
+
+def test_owner_names_are_unique_across_namespaces(tmp_path: Path) -> None:
+    """Rule 6: the same pod name in two namespaces gives two names; a URI SAN names a pod
+    only in the SPIFFE `ns/<namespace>/pod/<pod>` (or `sa/<account>`) form."""
+    assert pod_owner_name("mcp-0", "tether", "tether") == "mcp-0"
+    assert pod_owner_name("mcp-0", "dev", "tether") == "mcp-0@dev"
+    assert pod_owner_name("mcp-0.dev", "tether", "tether") != pod_owner_name(
+        "mcp-0", "dev", "tether"
+    )
+    ca = CertificateAuthority(tmp_path)
+    names: dict[str, OwnerName | None] = {}
+    for uri in (
+        "spiffe://td/ns/tether/pod/mcp-0",
+        "spiffe://td/ns/dev/pod/mcp-0",
+        "spiffe://td/ns/dev/sa/tether-mcp",
+        "spiffe://td/workload/mcp-0",
+        "https://example.org/mcp-0",
+    ):
+        pair = ca.issue(f"c{len(names)}", server=False, uris=(uri,))
+        names[uri] = certificate_principal(pair.cert.read_bytes()).name
+    assert list(names.values()) == ["mcp-0", "mcp-0@dev", "tether-mcp@dev", None, None]
+    other_home = ca.issue("h", server=False, uris=("spiffe://td/ns/tether/pod/mcp-0",))
+    p = certificate_principal(other_home.cert.read_bytes(), home_namespace="mcp")
+    assert p.name == "mcp-0@tether"
 
 
 @pytest.mark.parametrize(

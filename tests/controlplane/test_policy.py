@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,12 @@ def test_nameless_principal_cannot_act_as_a_sidecar() -> None:
 
 
 def test_redaction_empties_the_secrets_only() -> None:
-    r = redact(record())
+    position = StreamPosition(StreamId("a"), "a.1.3", "up-7", 3, 1)
+    r = redact(dataclasses.replace(record(), streams={StreamId("a"): position}))
     assert (r.credential_fingerprint, r.initialize_request) == ("", b"")
+    # What reaches the upstream session: its id, and the upstream's event ids.
+    assert (r.upstream_session_id, r.streams[StreamId("a")].upstream_event_id) == ("", "")
+    assert r.streams[StreamId("a")] == dataclasses.replace(position, upstream_event_id="")
     assert (r.session_id, r.owner, r.upstream_address) == ("s1", "sidecar-a", "up:1")
 
 

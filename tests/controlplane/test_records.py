@@ -15,8 +15,11 @@ from controlplane.records import (
     Refusal,
     apply_writes,
     claim,
+    recreation_refusal,
     refusal,
+    tombstone_of,
 )
+from controlplane.store.protocol import WritesRefused
 from tether.model import (
     OwnerName,
     RejectionReason,
@@ -228,3 +231,40 @@ def test_pending_writes_keep_writers_apart() -> None:
     out = apply_writes(current, pending.take(), now=2, ttl=10).record
     assert out is not None
     assert out.streams[StreamId("a")].seq == 3
+
+
+@pytest.mark.parametrize(
+    ("what", "owner", "epoch", "fp", "allowed"),
+    [
+        ("the last owner, its epoch and credential", "pod-b", 2, "fp-alice", True),
+        ("a higher epoch, same credential", "pod-a", 3, "fp-alice", True),
+        ("another credential", "pod-b", 2, "fp-mallory", False),
+        ("another credential, higher epoch", "pod-b", 9, "fp-mallory", False),
+        ("no credential", "pod-b", 2, "", False),
+        ("a fenced owner below the last epoch", "pod-a", 1, "fp-alice", False),
+        ("another owner at the last epoch", "pod-a", 2, "fp-alice", False),
+    ],
+)
+def test_rule9_recreation_over_a_tombstone(
+    what: str, owner: str, epoch: int, fp: str, allowed: bool
+) -> None:
+    last = dataclasses.replace(bound(), owner=POD_B, owner_epoch=2)
+    tomb = tombstone_of(last, ended_at=100, ttl=10)
+    assert (tomb.owner_epoch, tomb.expires_at) == (2, 110)
+    upsert = SessionUpsert(bound(fp, owner=OwnerName(owner), owner_epoch=epoch))
+    why = recreation_refusal(tomb, upsert)
+    assert (why == "") is allowed, what
+    merged = apply_writes(None, [upsert, upd(1, epoch)], now=105, ttl=10, tombstone=tomb)
+    assert (merged.record is not None) is allowed, what
+    assert merged.refused == why
+    assert recreation_refusal(None, upsert) == ""
+
+
+def test_acknowledge_reports_a_refused_as_invalid() -> None:
+    batch = ReportBatch(3, upserts=(SessionUpsert(bound()),), updates=(upd(1),))
+    ack = acknowledge(batch, {SID: WritesRefused("re-created with another credential")})
+    got = [(r.stream_id, r.reason, r.detail) for r in ack.rejections]
+    assert got == [
+        ("", RejectionReason.INVALID, "re-created with another credential"),
+        ("a", RejectionReason.INVALID, "re-created with another credential"),
+    ]

@@ -473,9 +473,12 @@ def test_prod_callers_prove_who_they_are_and_the_policy_names_them(
     key = _mounted(mcp, sidecar, env["TETHER_FINGERPRINT_KEY_FILE"])
     assert key["secret"]["secretName"] == "tether-fingerprint-key"
     assert "optional" not in key["secret"]
-    # The sidecar's owner name is its pod's name: what the token proves.
+    # The sidecar's owner name is its pod's name: what the token proves. Bare, because the
+    # MCP pods run in the control plane's namespace, its home namespace (identity rule 6).
     assert env["POD_NAME"] == "<metadata.name>"
     assert "TETHER_OWNER" not in env
+    assert cp_env["TETHER_HOME_NAMESPACE"] == "<metadata.namespace>"
+    assert mcp["metadata"]["namespace"] == plane["metadata"]["namespace"]
 
 
 def test_dev_keeps_the_development_defaults(rendered: dict[str, list[Obj]]) -> None:

@@ -108,7 +108,9 @@ async def planes(setup: Setup) -> AsyncIterator[Planes]:
     """Start control planes over TLS: `await planes(mtls=..., policy=...)`."""
     started: list[RunningControlPlane] = []
 
-    async def start(*, mtls: bool = False, policy: bool = True) -> RunningControlPlane:
+    async def start(
+        *, mtls: bool = False, policy: bool = True, home_namespace: str = "tether"
+    ) -> RunningControlPlane:
         security = ServerSecurity(
             cert=setup.server.cert,
             key=setup.server.key,
@@ -121,6 +123,7 @@ async def planes(setup: Setup) -> AsyncIterator[Planes]:
                 security=security,
                 tokens=TokenSettings(setup.jwks, AUDIENCE, ISSUER),
                 policy_file=setup.policy if policy else None,
+                home_namespace=home_namespace,
             )
         )
         started.append(cp)
@@ -302,14 +305,46 @@ async def test_without_a_policy_a_token_caller_is_a_sidecar_only(
         everything = c.watch_sessions()
         assert await code_of(anext(everything)) == grpc.StatusCode.PERMISSION_DENIED
         await everything.aclose()
+        # Outside the home namespace the pod's name carries its namespace (identity rule 6).
         ack = await report(
-            c, ReportBatch(1, upserts=(SessionUpsert(record("s1", "tether-admin-0")),))
+            c, ReportBatch(1, upserts=(SessionUpsert(record("s1", "tether-admin-0@ops")),))
         )
         assert ack.rejections == ()
     # One log line for the five refused lists (the rest held back for the next line).
     denials = [r for r in caplog.records if "may not ListSessions" in r.getMessage()]
     assert len(denials) == 1
     assert "pod:ops/tether-admin-0 (roles: sidecar) may not ListSessions" in denials[0].getMessage()
+
+
+async def test_pods_outside_the_home_namespace_act_under_a_qualified_name(
+    setup: Setup, planes: Planes
+) -> None:
+    """identity rule 6 through a real control plane: with home namespace `mcp`, pod mcp-0 of
+    namespace tether is `mcp-0@tether`, and a certificate of .../ns/mcp/pod/mcp-0 is `mcp-0`."""
+    cp = await planes(policy=False, home_namespace="mcp")
+    async with client(setup, cp, token=setup.token_file("mcp-0")) as c:
+        bare = await report(c, ReportBatch(1, upserts=(SessionUpsert(record("s1", "mcp-0")),)))
+        assert [r.reason for r in bare.rejections] == [RejectionReason.INVALID]
+        assert "'mcp-0@tether'" in bare.rejections[0].detail
+        qualified = record("s2", "mcp-0@tether")
+        ack = await report(c, ReportBatch(2, upserts=(SessionUpsert(qualified),)))
+        assert ack.rejections == ()
+
+    cp = await planes(mtls=True, policy=False, home_namespace="mcp")
+    home = setup.cert("home", uris=("spiffe://tether.test/ns/mcp/pod/mcp-0",))
+    away = setup.cert("away", uris=("spiffe://tether.test/ns/tether/pod/mcp-0",))
+    async with client(setup, cp, pair=home) as c:
+        ack = await report(c, ReportBatch(1, upserts=(SessionUpsert(record("s3", "mcp-0")),)))
+        assert ack.rejections == ()
+    async with client(setup, cp, pair=away) as c:
+        ack = await report(
+            c, ReportBatch(1, upserts=(SessionUpsert(record("s4", "mcp-0@tether")),))
+        )
+        assert ack.rejections == ()
+        # Not the owner of the home namespace's pod's session of the same pod name.
+        assert await code_of(c.delete_session(SessionId("s3"), timeout=5)) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
 
 
 async def test_bad_tokens_are_unauthenticated(setup: Setup, planes: Planes) -> None:
