@@ -43,8 +43,9 @@ Rules:
      calls do not pay for a signature check each: PyJWT's parsing costs about 0.5 ms a token.
   9. Authentication happens when a call starts: a report stream opened with a token stays open
      after the token expires (as Kubernetes watches do); the next stream needs a fresh one.
-  10. Refusals are logged at most once per `REFUSAL_LOG_INTERVAL` per reason (`LogLimiter`,
-     bounded), with the count held back, so a flood of bad calls writes few lines.
+  10. Refusals are logged at most once per `REFUSAL_LOG_INTERVAL` per kind of reason
+     (`LogLimiter`, bounded; the kind leaves out what the caller chose, such as a key id), with
+     the count held back, so a flood of bad calls writes few lines, however varied.
 """
 
 from __future__ import annotations
@@ -94,7 +95,13 @@ VERIFIED_TOKENS = 1024
 
 
 class AuthenticationError(Exception):
-    """The call's credentials do not authenticate it; the message says why (sent to it)."""
+    """The call's credentials do not authenticate it; the message says why (sent to it).
+    `kind` is the message without what the caller chose (a key id, a parser's complaint):
+    refusals are logged per kind (rule 10), so a caller cannot multiply the lines."""
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind or message
 
 
 class PrincipalKind(enum.Enum):
@@ -164,7 +171,9 @@ def certificate_principal(pem: bytes, *, home_namespace: str = HOME_NAMESPACE) -
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError as e:
-        raise AuthenticationError(f"unreadable client certificate: {e}") from e
+        raise AuthenticationError(
+            f"unreadable client certificate: {e}", kind="unreadable client certificate"
+        ) from e
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
@@ -276,11 +285,15 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as e:
-            raise AuthenticationError(f"bearer token is not a JWT: {e}") from e
+            raise AuthenticationError(
+                f"bearer token is not a JWT: {e}", kind="bearer token is not a JWT"
+            ) from e
         kid = header.get("kid")
         key = self.keys.key(kid if isinstance(kid, str) else None)
         if key is None:
-            raise AuthenticationError(f"token signed with unknown key {kid!r}")
+            raise AuthenticationError(
+                f"token signed with unknown key {kid!r}", kind="token signed with an unknown key"
+            )
         try:
             claims = jwt.decode(
                 token,
@@ -292,7 +305,9 @@ class TokenVerifier:
                 options={"require": ["exp", "aud", "iss"]},
             )
         except jwt.PyJWTError as e:
-            raise AuthenticationError(f"token refused: {e}") from e
+            raise AuthenticationError(
+                f"token refused: {e}", kind=f"token refused: {type(e).__name__}"
+            ) from e
         return _pod_principal(claims, self.home_namespace), float(claims["exp"])
 
 
@@ -449,7 +464,7 @@ class AuthenticationInterceptor(_ServerInterceptor):
                 authorization=authorization, peer_certificate=pems[0] if pems else None
             )
         except AuthenticationError as e:
-            held = self._refusals.allow((str(e)[:200],), time.monotonic())
+            held = self._refusals.allow((e.kind,), time.monotonic())
             if held is not None:
                 log.warning(
                     "unauthenticated call from %s: %s%s", context.peer(), e, held_note(held)

@@ -616,3 +616,23 @@ async def test_sidecar_end_to_end_over_mutual_tls(
         assert stored is not None
         assert stored.owner == "sidecar-m"
         assert await adm.get_session(sids[1], timeout=5) is None
+
+
+async def test_varied_bad_tokens_do_not_multiply_the_log(
+    setup: Setup, planes: Planes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """identity rule 10: forty tokens signed with forty different unknown key ids, and forty
+    different garbage tokens, each refused; the log gets one line per kind of refusal, not
+    one per key id or per token."""
+    cp = await planes()
+    for i in range(40):
+        forged = TokenIssuer(kid=f"kid-{i}")
+        garbage = f"garbage.{i}.token"
+        for token in (forged.token("sidecar-a"), garbage):
+            path = write_token(setup.tmp / f"bad-{i}", token)
+            async with client(setup, cp, token=path) as c:
+                assert await code_of(c.get_session(SessionId("s1"), timeout=5)) == (
+                    grpc.StatusCode.UNAUTHENTICATED
+                )
+    lines = [r for r in caplog.records if "unauthenticated call" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
