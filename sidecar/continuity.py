@@ -70,6 +70,9 @@ side is in `proto/tether/v1/sessions.proto`, the reporter's in `sidecar.reporter
      adopted: a request whose credential is not the one the session is bound to claims
      nothing and gets 404 (as for an unknown session), an unknown session 404, and while the
      control plane cannot answer 503 — never forwarded unchecked into the upstream session.
+  13. A session deleted in the control plane while served here (at this sidecar's epoch) is
+     dropped here as soon as the watch shows it: its streams end ("session deleted"), it is
+     no longer renewed (so not re-created), and its client's next request gets 404.
 """
 
 from __future__ import annotations
@@ -409,8 +412,11 @@ class Continuity:
 
     def _on_watch_event(self, event: SessionEvent) -> None:
         record = event.session
+        if event.type is SessionEventType.DELETE:
+            self._deleted_elsewhere(event)
+            return
         if event.type is not SessionEventType.PUT or record is None:
-            return  # deletes and expiries of our sessions: left to the client and the lease
+            return  # expiries of our sessions: the lease renews what is still served
         if record.owner == self.owner:
             return
         sess = self.registry.sessions.get(record.session_id)
@@ -420,6 +426,26 @@ class Continuity:
         if self.reporter is not None:
             self.reporter.fence(record.session_id, epoch=record.owner_epoch, owner=record.owner)
         self._taken_over(record.session_id, record.owner, record.owner_epoch)
+
+    def _deleted_elsewhere(self, event: SessionEvent) -> None:
+        """Invariant 13: the session was deleted in the control plane (an operator, or its
+        client through another sidecar) while served here at that epoch: end it here too,
+        and stop renewing it, so that it is not brought back."""
+        record = event.session
+        session_id = event.session_id or (record.session_id if record is not None else None)
+        sess = self.registry.sessions.get(session_id) if session_id else None
+        if session_id is None or sess is None:
+            return
+        if record is not None and (
+            record.owner != self.owner or record.owner_epoch != sess.owner_epoch
+        ):
+            return  # the delete of another incarnation of the session
+        log.warning("session %s was deleted in the control plane; ending it here", session_id)
+        for stream in self.registry.drop_session(session_id):
+            stream.end("session deleted")
+            if stream.pump is not None:
+                stream.pump.cancel()
+        self.forget(session_id)
 
     # -- reporting (never awaits) ----------------------------------------------------------
 

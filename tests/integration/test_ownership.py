@@ -357,3 +357,42 @@ async def test_a_resumed_stream_first_repeats_the_clients_own_id(
                         break
     assert progress(got) == list(range(1, n + 1))
     assert len(final_results(got)) == 1
+
+
+async def test_a_session_deleted_in_the_control_plane_ends_where_it_is_served(
+    control_plane: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Continuity invariant 13: an operator deletes a session (`tether sessions delete`)
+    while its client holds a GET stream on A. A ends the stream at once ("session deleted"),
+    closes its upstream stream, does not bring the session back with its renewals, and the
+    client's next request gets 404 (so it starts a new session)."""
+    async with single_get_upstream(interval_ms=600_000) as (up, get_streams):
+        a = await sidecar_factory(
+            up, control_plane=control_plane.address, owner="a", renew_interval=0.2
+        )
+        await watching(a)
+        sid = await initialize(http, f"http://127.0.0.1:{a.port}")
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        sse = {**headers, "Accept": "text/event-stream"}
+        await eventually(lambda: stored(control_plane, sid), timeout=10, what="session stored")
+        async with http.get(f"http://127.0.0.1:{a.port}{MCP}", headers=sse) as on_a:
+            assert on_a.status == 200
+            await eventually(lambda: get_streams.get(sid) == 1, timeout=10, what="A's GET")
+            async with grpc.aio.insecure_channel(control_plane.address) as channel:
+                await SessionClient(channel).delete_session(SessionId(sid), timeout=5)
+            try:
+                async with asyncio.timeout(5):
+                    rest = await on_a.content.read()
+            except TimeoutError:
+                pytest.fail("A's GET stream stayed open after the session was deleted")
+        assert b": tether: stream ended: session deleted" in rest
+        await eventually(
+            lambda: not get_streams.get(sid), timeout=5, what="A's upstream GET stream closed"
+        )
+        await asyncio.sleep(1.0)  # five renewal intervals
+        assert await stored(control_plane, sid) is None
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        async with http.post(f"http://127.0.0.1:{a.port}{MCP}", json=ping, headers=headers) as r:
+            assert r.status == 404, await r.text()

@@ -10,6 +10,7 @@ whatever its name; only the timestamps, which the control plane sets, are taken 
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ async def test_a_recreated_session_keeps_its_credential_binding(
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    """Sidecar A creates a session for Bearer alice; the control plane loses it while A keeps
+    """Sidecar A creates a session for Bearer alice; the store loses it while A keeps
     streaming; A re-creates it. The stored record is the original one (with the new
     positions), and a new sidecar B serves it to alice only."""
     plane = await start_control_plane(
@@ -162,7 +163,10 @@ async def test_a_recreated_session_keeps_its_credential_binding(
             assert original is not None
             assert original.credential_fingerprint == fingerprint("Bearer alice", key=None)
 
-            await client.delete_session(sid, timeout=DEADLINE)
+            # The store loses the session (no delete through the API, which A would be told
+            # of and obey: continuity invariant 13; no tombstone either).
+            with sqlite3.connect(tmp_path / "s.db") as db:
+                db.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
             assert await client.get_session(sid, timeout=DEADLINE) is None
             # A keeps streaming: its next positions are refused as unknown, and it re-creates
             # the session.
