@@ -387,7 +387,15 @@ class SessionService(pb_grpc.SessionServiceServicer):
         except ClaimRefusedError as e:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except OwnerLimitError as e:
-            log.warning("claim of session %s by %s refused: %s", sid, owner, e)
+            self.rejection_log.log(
+                ("owner limit", owner),
+                f"claims refused to {owner} over the per-owner limit",
+                logging.WARNING,
+                "claim of session %s by %s refused: %s",
+                sid,
+                owner,
+                e,
+            )
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         log.info("session %s claimed by %s (owner epoch %d)", sid, owner, rec.owner_epoch)
         return pb.ClaimSessionResponse(session=convert.session_to_pb(rec))
