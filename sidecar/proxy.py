@@ -177,8 +177,7 @@ class Proxy:
         for stream in standalone:
             stream.end("sidecar draining")
         for listen in self._listens:
-            # What the upstream sent so far goes out, then the response ends cleanly.
-            listen.content.feed_eof()
+            _end_listen(listen)
         await cancel_and_wait(*(s.pump for s in standalone))
 
     def _orphan_calls(self) -> int:
@@ -440,7 +439,7 @@ class Proxy:
             self._release_drain(request)
             self._listens.add(resp)
             if self.draining.draining:
-                resp.content.feed_eof()
+                _end_listen(resp)
         out = web.StreamResponse(
             status=resp.status,
             reason=resp.reason,
@@ -526,3 +525,13 @@ def stream_kind(method: str, session_id: str | None, *, sse: bool) -> StreamKind
     if method == "GET":
         return StreamKind.LEGACY
     return None  # stateless (2026-07-28): nothing to resume, nothing to track
+
+
+def _end_listen(resp: aiohttp.ClientResponse) -> None:
+    """End a listen stream for its client (what the upstream sent so far goes out, then the
+    response ends cleanly) and close its upstream connection first: the upstream is still
+    sending, so the connection is mid-body and must not go back to the pool, where the next
+    request would read those bytes as its answer."""
+    if resp.connection is not None:
+        resp.connection.close()
+    resp.content.feed_eof()

@@ -83,7 +83,7 @@ async def test_a_listen_stream_ended_by_a_drain_does_not_poison_the_upstream_con
     ]
     # Seen: a 502 "Bad status line ... b'52'": the listen stream's upstream connection went
     # back to the pool with the stream still arriving on it, and the next request read it.
-    assert not wrong, f"answers that are not their own: {wrong[:3]}"  # DEFECT
+    assert not wrong, f"answers that are not their own: {wrong[:3]}"  # was a defect (fixed)
 
 
 async def test_sigterm_during_a_drain_ends_the_drain_and_the_stop(
