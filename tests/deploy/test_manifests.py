@@ -165,9 +165,9 @@ def test_tether_runs_as_a_native_sidecar_of_the_mcp_server(overlay: list[Obj]) -
     assert env["TETHER_CONTROL_PLANE"] == "tether-control-plane:50051"
     (server,) = spec["containers"]
     assert server["command"] == ["python", "-m", "tether.demo_server"]
-    # Clients reach the sidecar's port, not the server's.
+    # Clients reach the sidecar's port, not the server's, and not its admin port (`/drain`).
     service = find(overlay, "Service", "mcp-example")
-    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http", "admin"}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
 
 
 def test_network_policy_admits_only_sidecars_and_the_cli(overlay: list[Obj]) -> None:
