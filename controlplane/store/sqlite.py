@@ -293,7 +293,7 @@ class _Db:
                 if self.limit > 0 and (current is None or current.owner != new.owner):
                     count = owned.get(new.owner)
                     if count is None:
-                        count = self._owned(new.owner, now)
+                        count = owned[new.owner] = self._owned(new.owner, now)
                     if count >= self.limit:
                         out[sid] = OwnerLimitReached(new.owner, self.limit, current)
                         continue
