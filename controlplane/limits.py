@@ -54,12 +54,25 @@ with the unbounded read-ahead before; at 5,000 it fell to about 70,000) while a 
 at most about 30,000 decoded items (about 10-20 MiB)."""
 
 TOTAL_READ_AHEAD_ITEMS = 40_000
-TOTAL_READ_AHEAD_BYTES = 16 << 20
+TOTAL_READ_AHEAD_BYTES = 8 << 20
 """Rule 3's limits, over all ReportEvents streams of the process."""
+
+GRPC_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Without BDP probing a stream's flow-control window stays at gRPC's 64 KiB, so gRPC
+    # itself does not read a flooding stream's messages far ahead of the servicer (with it,
+    # 16 streams of maximal requests held over 500 MiB).
+    ("grpc.http2.bdp_probe", 0),
+]
+"""The server's gRPC options that bound what gRPC buffers below the servicer (rule 1)."""
 
 DEFAULT_MAX_CALLS_PER_PEER = 64
 """Rule 4's default: a sidecar opens one ReportEvents and at most one WatchSessions call, so
-64 leaves room for a node's worth of sidecars behind one address (a NAT or a proxy)."""
+64 leaves room for a node's worth of sidecars behind one address (a NAT or a proxy). Each call
+can hold about 12 MiB under a flood of maximal requests (one decoded request waiting for
+admission, gRPC's buffers), so where every caller has an address of its own (Kubernetes pods)
+set 8: the manifests do (`deploy/base/kustomization.yaml`), and 8 such calls peak at about
+190 MiB, inside the manifest's 256 MiB (`tests/integration/test_probe2_flood.py`)."""
 
 
 class RequestTooLargeError(Exception):

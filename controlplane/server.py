@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, open_store
 from controlplane.identity import authenticator_for, server_interceptors
-from controlplane.limits import MAX_MESSAGE_BYTES
+from controlplane.limits import GRPC_SERVER_OPTIONS
 from controlplane.policy import Authorizer, Policy
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
@@ -91,9 +91,9 @@ async def start_control_plane(
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
     server = grpc.aio.server(
         interceptors=server_interceptors(authenticator),
-        # Explicit, and documented in controlplane.limits: a longer message is refused by
-        # gRPC (RESOURCE_EXHAUSTED) before it is decoded.
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        # Documented in controlplane.limits: a longer message is refused by gRPC
+        # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
+        options=GRPC_SERVER_OPTIONS,
     )
     try:
         service = SessionService(
