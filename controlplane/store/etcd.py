@@ -125,6 +125,13 @@ from tether.model import (
     write_session_id,
 )
 
+FULL_OWNER_MEMO = 0.1
+FULL_OWNERS_KEPT = 1024
+"""An owner found at its session limit is refused again without counting for this many
+seconds (creations of one owner are serialised, so a flood of creations over the limit would
+otherwise cost one count round trip each, one after the other); at most this many owners are
+remembered. A delete or a claim through this store forgets the owner at once; a place freed
+through another replica (or by an expiry) is taken after the memo (the next renewal)."""
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -354,6 +361,8 @@ class EtcdSessionStore:
         # Sessions and tombstones, not the owner index ("owners/" < "sessions/" < "tombstones/").
         self._watch_end = aetcd.utils.prefix_range_end(self._tombstones)
         self._owner_locks = _OwnerLocks()
+        self._full_owners: dict[str, float] = {}
+        """Owners found at their limit, and when (monotonic): see `FULL_OWNER_MEMO`."""
         self._leases = _Leases(client, ttl=config.session_ttl, width=config.effective_granularity())
         self._tombstone_leases = _Leases(client, ttl=config.tombstone_ttl, width=10.0)
         self._grave_leases = _Leases(
@@ -528,8 +537,15 @@ class EtcdSessionStore:
                 sid, record, mod_revision, previous, None, guards=guards
             )
         async with self._owner_locks.hold(record.owner):
+            now = time.monotonic()
+            if now - self._full_owners.get(record.owner, -math.inf) < FULL_OWNER_MEMO:
+                return OwnerLimitReached(record.owner, limit, previous)
             count, generation = await self._owned(record.owner)
             if count >= limit:
+                self._full_owners.pop(record.owner, None)
+                self._full_owners[record.owner] = now
+                while len(self._full_owners) > FULL_OWNERS_KEPT:
+                    del self._full_owners[next(iter(self._full_owners))]
                 return OwnerLimitReached(record.owner, limit, previous)
             return await self._put_if_unchanged(
                 sid, record, mod_revision, previous, generation, guards=guards
@@ -694,6 +710,7 @@ class EtcdSessionStore:
                 failure=[],
             )
             if ok:
+                self._full_owners.pop(current.owner, None)  # a place is free now
                 return current
         raise StoreUnavailableError(f"session {session_id}: too many conflicting writers")
 
@@ -719,6 +736,7 @@ class EtcdSessionStore:
             if isinstance(written, OwnerLimitReached):
                 raise OwnerLimitError(written.owner, written.limit)
             if written is not None:
+                self._full_owners.pop(current.owner, None)  # a place is free now
                 return written
         raise StoreUnavailableError(f"session {session_id}: too many conflicting writers")
 
