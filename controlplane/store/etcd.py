@@ -464,12 +464,11 @@ class EtcdSessionStore:
             return None, 0
         return decode_record(kv.value), int(kv.mod_revision)
 
-    async def _get_many(self, keys: Sequence[bytes]) -> list[Any]:
-        """The key-values of `keys` (None where absent), read at one revision, one round trip."""
+    async def _read_at_once(self, ranges: Sequence[Any]) -> list[Any]:
+        """The answers of `ranges` (RangeRequests), read at one revision in one round trip
+        (a transaction of reads only)."""
         request = aetcd.rpc.TxnRequest(
-            success=[
-                aetcd.rpc.RequestOp(request_range=aetcd.rpc.RangeRequest(key=key)) for key in keys
-            ]
+            success=[aetcd.rpc.RequestOp(request_range=r) for r in ranges]
         )
         await self._call(self._client.connect)
         resp = await self._call(
@@ -478,7 +477,12 @@ class EtcdSessionStore:
             timeout=self.config.timeout,
             metadata=self._client.metadata,
         )
-        return [r.response_range.kvs[0] if r.response_range.kvs else None for r in resp.responses]
+        return [r.response_range for r in resp.responses]
+
+    async def _get_many(self, keys: Sequence[bytes]) -> list[Any]:
+        """The key-values of `keys` (None where absent), read at one revision, one round trip."""
+        answers = await self._read_at_once([aetcd.rpc.RangeRequest(key=key) for key in keys])
+        return [a.kvs[0] if a.kvs else None for a in answers]
 
     async def _guards(
         self, sid: SessionId, current: SessionRecord | None, writes: Sequence[SessionWrite]
@@ -555,25 +559,14 @@ class EtcdSessionStore:
         """(sessions `owner` holds, mod revision of its `owner-gen` key), read at one
         revision (rule 4)."""
         start, end = self._owner_range(owner)
-        request = aetcd.rpc.TxnRequest(
-            success=[
-                aetcd.rpc.RequestOp(
-                    request_range=aetcd.rpc.RangeRequest(key=start, range_end=end, count_only=True)
-                ),
-                aetcd.rpc.RequestOp(
-                    request_range=aetcd.rpc.RangeRequest(key=self._owner_gen + owner.encode())
-                ),
+        held, gen_key = await self._read_at_once(
+            [
+                aetcd.rpc.RangeRequest(key=start, range_end=end, count_only=True),
+                aetcd.rpc.RangeRequest(key=self._owner_gen + owner.encode()),
             ]
         )
-        await self._call(self._client.connect)
-        resp = await self._call(
-            self._client.kvstub.Txn,
-            request,
-            timeout=self.config.timeout,
-            metadata=self._client.metadata,
-        )
-        count = int(resp.responses[0].response_range.count)
-        gen = resp.responses[1].response_range.kvs
+        count = int(held.count)
+        gen = gen_key.kvs
         return count, int(gen[0].mod_revision) if gen else 0
 
     async def _put_if_unchanged(
