@@ -366,6 +366,39 @@ async def test_bad_tokens_are_unauthenticated(setup: Setup, planes: Planes) -> N
             ), what
 
 
+ALICE = {**HEADERS, "Authorization": "Bearer alice-secret"}
+"""The headers of Alice's requests."""
+
+
+async def alice_session_through_a_sidecar(
+    setup: Setup,
+    cp: RunningControlPlane,
+    sidecar_factory: SidecarFactory,
+    upstream: str,
+    http: aiohttp.ClientSession,
+) -> tuple[str, SessionId]:
+    """A sidecar proving its name with a ServiceAccount token, and a session Alice's bearer
+    token made through it, stored: the sidecar's base URL and the session id."""
+    sidecar = await sidecar_factory(
+        upstream,
+        control_plane=cp.address,
+        control_plane_security=ClientSecurity(
+            ca=setup.ca.pair.cert, token_file=setup.token_file("sidecar-a")
+        ),
+        owner="sidecar-a",
+        fingerprint_key=FINGERPRINT_KEY,
+    )
+    base = f"http://127.0.0.1:{sidecar.port}"
+    async with http.post(base + MCP, json=INITIALIZE, headers=ALICE) as resp:
+        assert resp.status == 200
+        sid = SessionId(resp.headers["Mcp-Session-Id"])
+        await resp.read()
+    reporter = sidecar.proxy.continuity.reporter
+    assert reporter is not None
+    await asyncio.wait_for(reporter.flushed(), DEADLINE)
+    return base, sid
+
+
 async def test_the_attack_is_refused_at_the_first_step(
     setup: Setup,
     planes: Planes,
@@ -378,24 +411,7 @@ async def test_the_attack_is_refused_at_the_first_step(
     step is refused on its own, whether the attacker has no credential or a sidecar's."""
     cp = await planes()
     async with numbered_upstream() as up:
-        sidecar = await sidecar_factory(
-            up,
-            control_plane=cp.address,
-            control_plane_security=ClientSecurity(
-                ca=setup.ca.pair.cert, token_file=setup.token_file("sidecar-a")
-            ),
-            owner="sidecar-a",
-            fingerprint_key=FINGERPRINT_KEY,
-        )
-        base = f"http://127.0.0.1:{sidecar.port}"
-        alice = {**HEADERS, "Authorization": "Bearer alice-secret"}
-        async with http.post(base + MCP, json=INITIALIZE, headers=alice) as resp:
-            assert resp.status == 200
-            sid = SessionId(resp.headers["Mcp-Session-Id"])
-            await resp.read()
-        reporter = sidecar.proxy.continuity.reporter
-        assert reporter is not None
-        await asyncio.wait_for(reporter.flushed(), DEADLINE)
+        base, sid = await alice_session_through_a_sidecar(setup, cp, sidecar_factory, up, http)
         admin = setup.token_file("admin-0", namespace="ops", service_account="tether-admin")
         async with client(setup, cp, token=admin) as adm:
             victim = await adm.get_session(sid, timeout=5)
@@ -453,7 +469,7 @@ async def test_the_attack_is_refused_at_the_first_step(
         async with http.post(base + MCP, json=ping, headers=mallory) as resp:
             assert resp.status == 404
         async with http.post(
-            base + MCP, json=ping, headers={**alice, "Mcp-Session-Id": sid}
+            base + MCP, json=ping, headers={**ALICE, "Mcp-Session-Id": sid}
         ) as resp:
             assert resp.status == 200
             await resp.read()

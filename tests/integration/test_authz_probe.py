@@ -17,16 +17,15 @@ from tests.integration.conftest import SidecarFactory
 from tests.integration.test_authz import (
     DEADLINE,
     FINGERPRINT_KEY,
-    INITIALIZE,
     Planes,
     Setup,
+    alice_session_through_a_sidecar,
     client,
     code_of,
     record,
     report,
 )
 from tests.integration.test_proxy import HEADERS, MCP
-from tether.grpc_security import ClientSecurity
 from tether.model import OwnerName, ReportBatch, SessionId, SessionUpsert
 
 setup = test_authz.setup  # fixtures shared with the authorization tests
@@ -48,24 +47,7 @@ async def test_a_sidecar_cannot_rebind_a_session_by_claim_delete_and_recreate(
     credential; a sidecar then serves Mallory the victim's session and upstream session."""
     cp = await planes()
     async with numbered_upstream() as up:
-        sidecar = await sidecar_factory(
-            up,
-            control_plane=cp.address,
-            control_plane_security=ClientSecurity(
-                ca=setup.ca.pair.cert, token_file=setup.token_file("sidecar-a")
-            ),
-            owner="sidecar-a",
-            fingerprint_key=FINGERPRINT_KEY,
-        )
-        base = f"http://127.0.0.1:{sidecar.port}"
-        alice = {**HEADERS, "Authorization": "Bearer alice-secret"}
-        async with http.post(base + MCP, json=INITIALIZE, headers=alice) as resp:
-            assert resp.status == 200
-            sid = SessionId(resp.headers["Mcp-Session-Id"])
-            await resp.read()
-        reporter = sidecar.proxy.continuity.reporter
-        assert reporter is not None
-        await asyncio.wait_for(reporter.flushed(), DEADLINE)
+        base, sid = await alice_session_through_a_sidecar(setup, cp, sidecar_factory, up, http)
 
         mallory_fp = hmac.new(FINGERPRINT_KEY, b"Bearer mallory", hashlib.sha256).hexdigest()
         async with client(setup, cp, token=setup.token_file("evil")) as evil:
@@ -151,24 +133,7 @@ async def test_a_new_session_cannot_borrow_another_sessions_upstream_session(
     Tether session id, not the upstream session behind it."""
     cp = await planes()
     async with numbered_upstream(strict_sessions=True) as up:
-        sidecar = await sidecar_factory(
-            up,
-            control_plane=cp.address,
-            control_plane_security=ClientSecurity(
-                ca=setup.ca.pair.cert, token_file=setup.token_file("sidecar-a")
-            ),
-            owner="sidecar-a",
-            fingerprint_key=FINGERPRINT_KEY,
-        )
-        base = f"http://127.0.0.1:{sidecar.port}"
-        alice = {**HEADERS, "Authorization": "Bearer alice-secret"}
-        async with http.post(base + MCP, json=INITIALIZE, headers=alice) as resp:
-            assert resp.status == 200
-            sid = SessionId(resp.headers["Mcp-Session-Id"])
-            await resp.read()
-        reporter = sidecar.proxy.continuity.reporter
-        assert reporter is not None
-        await asyncio.wait_for(reporter.flushed(), DEADLINE)
+        base, sid = await alice_session_through_a_sidecar(setup, cp, sidecar_factory, up, http)
         viewer = setup.token_file("viewer-0", namespace="ops", service_account="tether-viewer")
         async with client(setup, cp, token=viewer) as v:
             (listed,) = (await v.list_sessions(timeout=5)).sessions
