@@ -441,10 +441,7 @@ class Continuity:
         ):
             return  # the delete of another incarnation of the session
         log.warning("session %s was deleted in the control plane; ending it here", session_id)
-        for stream in self.registry.drop_session(session_id):
-            stream.end("session deleted")
-            if stream.pump is not None:
-                stream.pump.cancel()
+        self._drop_local(session_id, deleted=True)
         self.forget(session_id)
 
     # -- reporting (never awaits) ----------------------------------------------------------
@@ -544,15 +541,17 @@ class Continuity:
         self.fenced_sessions.add(session_id)
         self._drop_local(session_id)
 
-    def _drop_local(self, session_id: str) -> None:
-        """End the session's streams here and cancel their pumps (closing the upstream). A
-        POST response still in flight is the exception (invariant 10): it finishes on the
-        connection its client reads, without reporting (the session is no longer ours)."""
+    def _drop_local(self, session_id: str, *, deleted: bool = False) -> None:
+        """End the session's streams here and cancel their pumps (closing the upstream). When
+        it was taken over, a POST response still in flight is the exception (invariant 10): it
+        finishes on the connection its client reads, without reporting (the session is no
+        longer ours). When it was `deleted` (invariant 13), everything ends."""
         for stream in self.registry.drop_session(session_id):
-            if stream.kind is StreamKind.POST and not stream.ended and stream.clients:
+            in_flight = stream.kind is StreamKind.POST and not stream.ended and stream.clients
+            if in_flight and not deleted:
                 self.registry.finishing.add(stream)
                 continue
-            stream.end(TAKEN_OVER)
+            stream.end("session deleted" if deleted else TAKEN_OVER)
             if stream.pump is not None:
                 stream.pump.cancel()
 
