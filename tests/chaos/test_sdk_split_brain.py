@@ -51,7 +51,7 @@ from tests.support.balancer import Balancer
 from tests.support.chaos import ChaosRow, ChaosTable
 from tests.support.control_plane import control_plane_on
 from tests.support.procs import ProcessPool, free_port, python_module
-from tests.support.ts_client import TsSdkClient
+from tests.support.ts_client import TsSdkClient, longest_gap
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -300,7 +300,7 @@ async def test_python_sdk_client_alternates_between_two_live_sidecars(
     assert got == [float(i) for i in range(1, n + 1)], proof()
     print(f"python sdk, cut every {every}: {call_moves(lb)} moves, {adoptions} adoptions")  # -s
     assert call_moves(lb) >= n // every - 1, transcript(lb)
-    stall = max((b - a for a, b in itertools.pairwise(arrived)), default=0.0)
+    stall = longest_gap(arrived)
     chaos_table.add(
         sdk_row(
             "Python",

@@ -160,8 +160,7 @@ class TsSdkClient:
     def longest_gap(self, check: Callable[[Report], bool]) -> float:
         """The longest wait, in seconds, between two consecutive reports that `check`
         accepts: the longest stall the client saw."""
-        times = [t for t, r in zip(self.arrived, self.events, strict=True) if check(r)]
-        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+        return longest_gap([t for t, r in zip(self.arrived, self.events, strict=True) if check(r)])
 
     async def close(self, timeout: float = 10.0) -> None:
         """Ask the client to close; read its last reports; kill it if it does not exit."""
@@ -208,3 +207,8 @@ def collapse_repeats(lines: list[str]) -> list[str]:
             out.append(lines[i])
             i += 1
     return out
+
+
+def longest_gap(times: list[float]) -> float:
+    """The longest wait between two consecutive `times` (0 for fewer than two)."""
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
