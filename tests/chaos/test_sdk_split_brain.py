@@ -32,7 +32,6 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from sidecar.app import RunningSidecar
 from tests.integration.conftest import SidecarFactory
 from tests.support.balancer import Balancer
 from tests.support.chaos import ChaosRow, ChaosTable
-from tests.support.control_plane import control_plane_on
+from tests.support.control_plane import control_plane_on_sqlite_and_etcd
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.ts_client import TsSdkClient, longest_gap
 
@@ -76,13 +75,7 @@ CALL_TIMEOUT_S = 60.0
 # resumed elsewhere"). Cut after that priming event, a client never initializes.
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd x3", marks=pytest.mark.etcd)])
-async def control_plane(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[RunningControlPlane]:
-    """The control plane on SQLite, or on a real three-member etcd cluster."""
-    async with control_plane_on(request.param, tmp_path) as running:
-        yield running
+control_plane = control_plane_on_sqlite_and_etcd  # SQLite, then a three-member etcd
 
 
 @dataclass

@@ -6,8 +6,6 @@ client must see every event exactly once, in order, with the store never going b
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,19 +23,13 @@ from tests.support.chaos import (
     assert_exactly_once,
     poll_persisted,
 )
-from tests.support.control_plane import control_plane_on
+from tests.support.control_plane import control_plane_on_sqlite_and_etcd
 from tests.support.sse_client import Received, events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd x3", marks=pytest.mark.etcd)])
-async def control_plane(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[RunningControlPlane]:
-    """The control plane on SQLite, or on a real three-member etcd cluster."""
-    async with control_plane_on(request.param, tmp_path) as running:
-        yield running
+control_plane = control_plane_on_sqlite_and_etcd  # SQLite, then a three-member etcd
 
 
 @pytest.mark.parametrize("every", [1, 20])

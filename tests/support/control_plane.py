@@ -38,3 +38,15 @@ async def control_plane_on(store: str, tmp_path: Path) -> AsyncIterator[RunningC
         await running.stop()
         if cluster is not None:
             await asyncio.to_thread(cluster.stop)
+
+
+@pytest.fixture(
+    name="control_plane", params=["sqlite", pytest.param("etcd x3", marks=pytest.mark.etcd)]
+)
+async def control_plane_on_sqlite_and_etcd(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[RunningControlPlane]:
+    """The `control_plane` fixture of scenarios run on both stores: a SQLite file, then a real
+    three-member etcd cluster. A module uses it as `control_plane = control_plane_on_...`."""
+    async with control_plane_on(request.param, tmp_path) as running:
+        yield running
