@@ -1,5 +1,5 @@
 """Outside probe of the rendered manifests (issues 11 and 12): who can reach `/drain`. The
-assertion that fails is marked DEFECT."""
+assertion that failed, since fixed, is marked "Fixed"."""
 
 from __future__ import annotations
 
@@ -66,6 +66,6 @@ def test_the_drain_endpoint_is_not_open_to_every_pod(
         for rule in pol["spec"].get("ingress", [])
         if "from" not in rule and any(p.get("port") in drain_ports for p in rule.get("ports", []))
     ]
-    assert (exposed, open_to_all) == ([], []), (  # was a defect (fixed)
+    assert (exposed, open_to_all) == ([], []), (  # Fixed
         f"/drain reachable through Services {exposed} and from every pod via {open_to_all}"
     )

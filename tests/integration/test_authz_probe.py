@@ -1,5 +1,5 @@
-"""Hostile callers of the control plane (issue 11), found by an outside tester: each test is a
-defect on today's code; the assertion that fails is marked DEFECT."""
+"""Hostile callers of the control plane (issue 11), found by an outside tester: each test was a
+defect when written, fixed since; its failing assertion is marked "Fixed"."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ async def test_a_sidecar_cannot_rebind_a_session_by_claim_delete_and_recreate(
         async with http.post(base + MCP, json=ping, headers=mallory) as resp:
             mallory_status = resp.status
             await resp.read()
-    # DEFECT: the delete passes, the re-creation rebinds the session to Mallory's credential
+    # Fixed: the delete passes, the re-creation rebinds the session to Mallory's credential
     # (upstream session id included), and a sidecar then serves Mallory the session.
     rebound = after is not None and after.credential_fingerprint == mallory_fp
     kept = after is not None and after.upstream_session_id == victim.upstream_session_id
@@ -111,7 +111,7 @@ async def test_a_pod_of_another_namespace_cannot_act_as_a_sidecar_of_the_same_na
         finally:
             await watch.aclose()
         deleted = await code_of(intruder.delete_session(SessionId("s1"), timeout=5))
-    # DEFECT: pod dev/mcp-0 watches (with fingerprints) and deletes tether/mcp-0's session.
+    # Fixed: pod dev/mcp-0 watches (with fingerprints) and deletes tether/mcp-0's session.
     assert (seen, deleted) == (
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.PERMISSION_DENIED,
@@ -161,7 +161,7 @@ async def test_a_new_session_cannot_borrow_another_sessions_upstream_session(
                 statuses[mine] = resp.status
                 await resp.read()
     assert statuses["mallory-2"] == 404  # the upstream refuses a session it does not know
-    # DEFECT: the session Mallory made reaches Alice's upstream session through the sidecar.
+    # Fixed: the session Mallory made reaches Alice's upstream session through the sidecar.
     assert (ack.rejections == (), statuses["mallory-1"]) != (True, 200), (
         f"Mallory's own session naming Alice's upstream session {upstream_sid!r} was stored "
         f"and served: ping {statuses['mallory-1']}"
@@ -184,7 +184,7 @@ async def test_a_certificate_of_another_namespace_cannot_act_as_a_sidecar_of_the
     async with client(setup, cp, pair=intruder) as x:
         full = await code_of(x.get_session(SessionId("s1"), timeout=5))
         deleted = await code_of(x.delete_session(SessionId("s1"), timeout=5))
-    # DEFECT: spiffe://.../ns/dev/pod/mcp-0 deletes the session of .../ns/tether/pod/mcp-0.
+    # Fixed: spiffe://.../ns/dev/pod/mcp-0 deletes the session of .../ns/tether/pod/mcp-0.
     assert deleted == grpc.StatusCode.PERMISSION_DENIED, (
         f"another namespace's certificate acted as sidecar mcp-0: get {full}, delete {deleted}"
     )
@@ -207,7 +207,7 @@ async def test_a_fenced_sidecar_cannot_recreate_a_session_below_its_last_epoch(
         await b.delete_session(SessionId("s1"), timeout=5)
         ack = await report(a, ReportBatch(2, upserts=(SessionUpsert(record("s1", "sidecar-a")),)))
         after = await a.get_session(SessionId("s1"), timeout=5)
-    # DEFECT: re-created at epoch 1 after the store gave out epoch 2.
+    # Fixed: re-created at epoch 1 after the store gave out epoch 2.
     assert after is None or after.owner_epoch > 2, (
         f"re-created by {after.owner} at epoch {after.owner_epoch} (rejections {ack.rejections})"
     )

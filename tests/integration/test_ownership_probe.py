@@ -1,6 +1,6 @@
 """Ownership probes by an outside tester (issue 10): each test but the first (a sidecar
-restarted under its own name, which holds) is a defect on today's code; the assertion that
-fails is marked DEFECT."""
+restarted under its own name, which holds) was a defect
+when written, fixed since; its failing assertion is marked "Fixed"."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ async def test_a_request_with_the_wrong_credential_does_not_take_the_session_ove
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     ended = await on_a.content.read()
-        # DEFECT: B claimed the session for requests it refused, and A cut Alice's stream.
+        # Fixed: B claimed the session for requests it refused, and A cut Alice's stream.
         cut = b"taken over" in ended
         assert ((record.owner, record.owner_epoch), cut) == (("a", 1), False), (
             f"refused requests moved the session to {record.owner!r} "
@@ -228,7 +228,7 @@ async def test_a_session_not_stored_yet_is_not_recreated_blank_by_another_sideca
         record.credential_fingerprint == fingerprint("Bearer alice-secret", key=None),
         mallory_status,
     )
-    # DEFECT: B created the session at epoch 1 without its `initialize` (A fenced off), or
+    # Fixed: B created the session at epoch 1 without its `initialize` (A fenced off), or
     # B served Mallory.
     assert got == (True, True, True, 404), (
         f"GET on B: {get_status}; stored: owner {record.owner!r} epoch {record.owner_epoch}, "
@@ -279,7 +279,7 @@ async def test_a_call_moved_before_its_session_is_stored_is_resumed(
             await asyncio.wait_for(reporter.flushed(), 10)
             assert await stored(cp, sid) is not None  # B may adopt it from now on
         await sidecar_factory.stop_all()
-    # DEFECT: 410 on the first resume, and again after A stored the session (B's cache).
+    # Fixed: 410 on the first resume, and again after A stored the session (B's cache).
     assert statuses[-1] == 200, f"resumes on B: {statuses}"
     assert progress(got) == list(range(1, 31))
 
@@ -321,7 +321,7 @@ async def test_the_credential_binding_holds_while_the_control_plane_is_down(
                 await r.read()
         await sidecar_factory.stop_all()
     assert statuses["alice on A"] == 200
-    # DEFECT: B forwards Mallory's request into Alice's session without checking the binding.
+    # Fixed: B forwards Mallory's request into Alice's session without checking the binding.
     assert statuses["mallory on B"] != 200, statuses
 
 
@@ -374,7 +374,7 @@ async def test_a_takeover_during_a_watch_gap_is_pushed_when_the_watch_returns(
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(10):
                         rest = await on_a.content.read()
-            # DEFECT: A never learns; Alice's stream and the upstream's GET stay with A.
+            # Fixed: A never learns; Alice's stream and the upstream's GET stay with A.
             assert b"taken over by another sidecar" in rest, (
                 f"A kept serving a session B owns at epoch 2 after its watch came back: "
                 f"{a.proxy.continuity.takeovers} takeovers seen"

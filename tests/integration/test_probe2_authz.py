@@ -1,6 +1,6 @@
 """Outside probes (issue 11 residuals) against a real control plane over TLS with a JWKS and
-a policy, made as in `test_authz`. Each test shows one defect on today's code; the assertion
-that fails is marked DEFECT."""
+a policy, made as in `test_authz`. Each test showed one defect when written, fixed since;
+its failing assertion is marked "Fixed"."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ async def test_distinct_unknown_kids_do_not_multiply_refusal_log_lines(
     lines = [r for r in caplog.records if "unauthenticated call" in r.getMessage()]
     assert lines, "the refusals are logged at all"
     # A rate-limited log writes a bounded number of lines per interval, whatever the kids.
-    assert len(lines) <= 5, f"{len(lines)} lines for {ATTEMPTS} refusals"  # was a defect (fixed)
+    assert len(lines) <= 5, f"{len(lines)} lines for {ATTEMPTS} refusals"  # Fixed
 
 
 async def test_refused_claims_over_the_owner_limit_do_not_each_write_a_line(
@@ -101,4 +101,4 @@ async def test_distinct_malformed_tokens_do_not_multiply_refusal_log_lines(
             )
     lines = [r for r in caplog.records if "unauthenticated call" in r.getMessage()]
     assert lines, "the refusals are logged at all"
-    assert len(lines) <= 5, f"{len(lines)} lines for {ATTEMPTS} refusals"  # was a defect (fixed)
+    assert len(lines) <= 5, f"{len(lines)} lines for {ATTEMPTS} refusals"  # Fixed

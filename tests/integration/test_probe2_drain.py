@@ -1,6 +1,6 @@
 """Outside probes of the drain (issue 12) against a real sidecar and real upstreams on
-loopback. Each test shows one defect on today's code; the assertion that fails is marked
-DEFECT."""
+loopback. Each test showed one defect when written, fixed since;
+its failing assertion is marked "Fixed"."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ async def test_a_listen_stream_ended_by_a_drain_does_not_poison_the_upstream_con
     ]
     # Seen: a 502 "Bad status line ... b'52'": the listen stream's upstream connection went
     # back to the pool with the stream still arriving on it, and the next request read it.
-    assert not wrong, f"answers that are not their own: {wrong[:3]}"  # was a defect (fixed)
+    assert not wrong, f"answers that are not their own: {wrong[:3]}"  # Fixed
 
 
 async def test_sigterm_during_a_drain_ends_the_drain_and_the_stop(

@@ -1,7 +1,8 @@
 """Outside probe of the control plane's abuse limits (issue 11): one caller, as many report
 streams as its host may open, requests as large as gRPC admits, and never an ack read. A real
 `tether control-plane` process (the production command) on SQLite; its peak resident memory
-is read from /proc. The assertion that fails is marked DEFECT."""
+is read from /proc. The assertion that
+failed, since fixed, is marked "Fixed"."""
 
 from __future__ import annotations
 
@@ -101,4 +102,4 @@ async def test_a_caller_that_never_reads_acks_stays_within_the_memory_limit(
     finally:
         cp.stop(timeout=10)
     print(f"peak RSS {peak:.0f} MiB")
-    assert peak < MANIFEST_LIMIT_MIB, f"peak RSS {peak:.0f} MiB"  # was a defect (fixed)
+    assert peak < MANIFEST_LIMIT_MIB, f"peak RSS {peak:.0f} MiB"  # Fixed
