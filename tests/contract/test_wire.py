@@ -100,6 +100,22 @@ def test_session_round_trips(rec: SessionRecord) -> None:
     assert dataclasses.replace(back, **times_of_rec) == rec
 
 
+def test_times_come_back_as_the_floats_they_were() -> None:
+    """Found by Hypothesis in CI: `seconds * 1e9` rounded the product before it was made whole
+    nanoseconds, so 102347109.037037 came back as 102347109.03703701."""
+    rec = SessionRecord(
+        session_id=SessionId("s"),
+        upstream_session_id="u",
+        upstream_address="http://mcp:3000/mcp",
+        owner=OwnerName("o"),
+        owner_epoch=1,
+        created_at=102347109.037037,
+        updated_at=1796178107.9114387,
+        expires_at=4_000_000_000.000001,
+    )
+    assert convert.session_from_pb(convert.session_to_pb(rec)) == rec
+
+
 @given(records, st.sampled_from([SessionEventType.PUT, SessionEventType.DELETE]))
 def test_event_round_trips(rec: SessionRecord, kind: SessionEventType) -> None:
     ev = SessionEvent(kind, rec.session_id, rec)

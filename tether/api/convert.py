@@ -9,6 +9,8 @@ domain and `google.protobuf.Timestamp` on the wire, durations float seconds and
 
 from __future__ import annotations
 
+import math
+
 from google.protobuf import timestamp_pb2
 
 from tether.api.v1 import sessions_pb2 as pb
@@ -33,9 +35,17 @@ from tether.model import (
 _NANOS = 1_000_000_000
 
 
+def _nanoseconds(seconds: float) -> int:
+    """`seconds` in whole nanoseconds, rounded once: `seconds * 1e9` would round the product
+    to a float first (its last bit is worth 16 ns near 1e17), so a time would not come back
+    as the float it was. The whole seconds are exact; only the fraction is scaled."""
+    whole = math.floor(seconds)
+    return whole * _NANOS + round((seconds - whole) * _NANOS)
+
+
 def _ts_to_pb(seconds: float, out: timestamp_pb2.Timestamp) -> None:
     if seconds:
-        out.FromNanoseconds(round(seconds * _NANOS))
+        out.FromNanoseconds(_nanoseconds(seconds))
 
 
 def _ts_from_pb(msg: pb.Session, field: str) -> float:
@@ -180,7 +190,7 @@ def ack_to_pb(ack: BatchAck) -> pb.ReportEventsResponse:
         batch_id=ack.batch_id, rejections=[rejection_to_pb(r) for r in ack.rejections]
     )
     if ack.session_ttl > 0:
-        msg.session_ttl.FromNanoseconds(round(ack.session_ttl * _NANOS))
+        msg.session_ttl.FromNanoseconds(_nanoseconds(ack.session_ttl))
     return msg
 
 
