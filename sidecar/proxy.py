@@ -228,7 +228,13 @@ class Proxy:
             self._holding.add(id(request))
             self.draining.request_started(time.monotonic())
         try:
-            return await self._handle(request)
+            response = await self._handle(request)
+            if self.draining.draining:
+                # Rule 2 for a response begun before the drain: its headers said keep-alive,
+                # but its connection closes as it ends, so no request follows on a connection
+                # the stopping pod would cut unanswered.
+                response.force_close()
+            return response
         finally:
             self._release_drain(request)
             left = self.busy_connections.pop(connection) - 1
