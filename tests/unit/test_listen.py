@@ -101,7 +101,7 @@ def test_a_relisten_drops_its_acknowledgement_and_asks_for_a_refetch_of_each_sub
 def test_a_listen_lost_before_its_acknowledgement_passes_the_next_one() -> None:
     k = keeper()
     k.opened()
-    assert k.feed(b"event: message\r\ndata: {\"jsonrpc\"").out == b""  # cut mid-event
+    assert k.feed(b'event: message\r\ndata: {"jsonrpc"').out == b""  # cut mid-event
     k.opened()
     msgs = client_reads(k.feed(ack()).out)
     assert [m["method"] for m in msgs] == [ACKNOWLEDGED]  # nothing to refetch: never acked
