@@ -162,3 +162,7 @@ class ControlPlaneConfig:
     """Sessions one owner (sidecar) may hold; 0: no limit."""
     max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER
     """Concurrent ReportEvents and WatchSessions calls one peer host may hold (0: no limit)."""
+    store_probe_interval: float = 2.0
+    """Seconds between the store probes that gRPC health follows (`controlplane.health`)."""
+    store_probe_timeout: float = 3.0
+    """A store probe not answered within this many seconds failed."""

@@ -63,6 +63,10 @@ GRPC_SERVER_OPTIONS = [
     # itself does not read a flooding stream's messages far ahead of the servicer (with it,
     # 16 streams of maximal requests held over 500 MiB).
     ("grpc.http2.bdp_probe", 0),
+    # gRPC binds with SO_REUSEPORT by default on Linux: a second control plane started on a
+    # busy port would share it, and clients would alternate between two stores. Off, the bind
+    # fails and the process says so (`controlplane.server`).
+    ("grpc.so_reuseport", 0),
 ]
 """The server's gRPC options that bound what gRPC buffers below the servicer (rule 1)."""
 

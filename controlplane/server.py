@@ -4,7 +4,8 @@ checking and server reflection (so `grpcurl` can list and call everything).
 `start_control_plane` returns a running instance (tests bind port 0 and read `.port`);
 `serve` runs one until SIGTERM or SIGINT. Shutdown order, so that nothing acknowledged is lost
 and nothing hangs:
-  1. health reports NOT_SERVING (load balancers stop sending new streams);
+  1. the store probe stops and health reports NOT_SERVING (load balancers stop sending new
+     streams; while running, health follows the store: `controlplane.health`);
   2. report streams stop reading, acknowledge what they read, end with UNAVAILABLE (the
      sidecars reconnect to another replica and resend what is unacknowledged); watches end;
   3. `server.stop(grace)`: in-flight unary calls finish within the grace period;
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, open_store
+from controlplane.health import LIVENESS_SERVICE, StoreHealth
 from controlplane.identity import authenticator_for, server_interceptors
 from controlplane.limits import GRPC_SERVER_OPTIONS
 from controlplane.policy import Authorizer, Policy
@@ -33,6 +35,7 @@ from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
 from tether.api.v1 import sessions_pb2, sessions_pb2_grpc
 from tether.grpc_security import add_port
+from tether.ports import check_free, split_hostport
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class RunningControlPlane:
     batcher: WriteBatcher
     service: SessionService
     health: AsyncHealthServicer
+    store_health: StoreHealth
     _stopped: bool = False
 
     @property
@@ -62,6 +66,7 @@ class RunningControlPlane:
             return
         self._stopped = True
         grace = self.config.shutdown_grace if grace is None else grace
+        await self.store_health.stop()  # controlplane.health rule 2
         await self.health.enter_graceful_shutdown()
         self.service.begin_shutdown()
         await self.server.stop(grace)
@@ -95,6 +100,14 @@ async def start_control_plane(
         # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
         options=GRPC_SERVER_OPTIONS,
     )
+    health_servicer = AsyncHealthServicer()
+    store_health = StoreHealth(
+        store,
+        health_servicer,
+        ("", SERVICE_NAME),
+        interval=config.store_probe_interval,
+        timeout=config.store_probe_timeout,
+    )
     try:
         service = SessionService(
             store,
@@ -105,27 +118,35 @@ async def start_control_plane(
         )
         # The generated module is untyped (protoc writes no annotations for it).
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)
-        health_servicer = AsyncHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
+        try:
+            host, listen_port = split_hostport(config.listen)
+        except ValueError as e:
+            raise OSError(f"cannot listen on {config.listen!r}: {e}") from e
+        check_free(host, listen_port, what="cannot listen on")
         try:
             port = add_port(server, config.listen, config.security)
         except RuntimeError as e:  # grpc reports a failed bind this way
             raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from e
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
+        await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await store_health.check_once()  # the first verdict before the first call
         batcher.start()
         await server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        store_health.start()
     except BaseException:
+        await store_health.stop()
         await server.stop(None)
         await batcher.aclose()
         await store.aclose()
         raise
-    running = RunningControlPlane(config, server, port, store, batcher, service, health_servicer)
+    running = RunningControlPlane(
+        config, server, port, store, batcher, service, health_servicer, store_health
+    )
     # `address` is where a local client connects; the bind address may be wider (0.0.0.0).
     log.info(
         "control plane serving on %s (bound to %s:%d, store %s)",

@@ -18,8 +18,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import SidecarConfig
+from sidecar.health import UpstreamProbe
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
+from sidecar.readiness import Inputs, readiness
+from tether.ports import check_free
 from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar")
@@ -69,19 +72,30 @@ def build_admin_app(
     proxy: Proxy,
     ready: asyncio.Event,
     drain: Callable[[], Coroutine[Any, Any, bool]] | None = None,
+    *,
+    probe: UpstreamProbe | None = None,
 ) -> web.Application:
-    """`drain`: what `/drain` runs (`drain_sidecar`); None: only the proxy's own drain."""
+    """`drain`: what `/drain` runs (`drain_sidecar`); None: only the proxy's own drain.
+    `probe`: the upstream probe readiness follows (`sidecar.readiness`); None: not probed."""
     run_drain = drain if drain is not None else proxy.drain
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        if proxy.draining.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        if not ready.is_set():
-            return web.json_response({"status": "starting"}, status=503)
-        return web.json_response({"status": "ready", "streams": len(proxy.registry.streams)})
+        reporter = proxy.continuity.reporter
+        verdict = readiness(
+            Inputs(
+                started=ready.is_set(),
+                draining=proxy.draining.draining,
+                upstream_up=probe.state.up if probe is not None else True,
+                upstream_detail=probe.state.detail if probe is not None else "",
+                control_plane_connected=reporter.connected if reporter is not None else None,
+                ready_requires_control_plane=proxy.config.ready_requires_control_plane,
+                streams=len(proxy.registry.streams),
+            )
+        )
+        return web.json_response(verdict.body, status=verdict.http_status)
 
     async def drain_handler(_: web.Request) -> web.Response:
         """The preStop hook: answers once drained (`sidecar.drain`), so the kubelet stops the
@@ -117,6 +131,7 @@ class RunningSidecar:
     admin_port: int | None
     _runners: list[web.AppRunner]
     ready: asyncio.Event
+    probe: UpstreamProbe
 
     async def drain(self) -> bool:
         """What `/drain` on the admin port does (`sidecar.drain`); False on the timeout."""
@@ -127,6 +142,7 @@ class RunningSidecar:
         final positions flushed. Ending the streams first matters: aiohttp's cleanup waits for
         handlers, and a streaming handler only returns once its stream ends."""
         self.ready.clear()
+        await self.probe.stop()
         await self.proxy.end_streams()
         for runner in reversed(self._runners):
             await runner.cleanup()
@@ -164,20 +180,31 @@ def _bound_port(runner: web.AppRunner) -> int:
 
 
 async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
-    """Start the proxied and admin listeners; returns once both accept connections."""
+    """Start the proxied and admin listeners; returns once both accept connections. A busy
+    address raises `PortInUseError` (one line) before anything starts."""
+    if config.admin_host is not None and config.admin_port is not None:
+        check_free(config.admin_host, config.admin_port, what="--admin-listen")
+    check_free(config.listen_host, config.listen_port, what="--listen")
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUEST_LINES)  # once: same object
     metrics = Metrics()
     proxy = Proxy(config, metrics)
     await proxy.start()
     ready = asyncio.Event()
     runners: list[web.AppRunner] = []
+    probe = UpstreamProbe(
+        config.upstream,
+        interval=config.upstream_probe_interval,
+        timeout=config.upstream_probe_timeout,
+    )
     try:
         # The admin port comes up first: liveness answers at once, readiness once the
         # proxied port is bound.
         admin_port: int | None = None
         if config.admin_host is not None and config.admin_port is not None:
             # `/drain` closes the proxied port's connections: the last runner, once started.
-            admin_app = build_admin_app(proxy, ready, lambda: drain_sidecar(proxy, runners[-1:]))
+            admin_app = build_admin_app(
+                proxy, ready, lambda: drain_sidecar(proxy, runners[-1:]), probe=probe
+            )
             admin = web.AppRunner(admin_app, access_log=None)
             await admin.setup()
             runners.append(admin)
@@ -190,7 +217,9 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
         runners.append(runner)
         await web.TCPSite(runner, config.listen_host, config.listen_port).start()
         port = _bound_port(runner)
+        await probe.start()
     except BaseException:
+        await probe.stop()
         for r in runners:
             await r.cleanup()
         await proxy.stop()
@@ -208,7 +237,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
         config.upstream,
         f", admin on {config.admin_host}:{admin_port}" if admin_port else "",
     )
-    return RunningSidecar(proxy, port, admin_port, runners, ready)
+    return RunningSidecar(proxy, port, admin_port, runners, ready, probe)
 
 
 async def run_until_signalled(config: SidecarConfig) -> None:

@@ -56,6 +56,8 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             linger_max_bytes=args.linger_max_bytes,
             upstream_response_timeout=args.upstream_response_timeout,
             drain_timeout=args.drain_timeout,
+            upstream_probe_interval=args.upstream_probe_interval,
+            ready_requires_control_plane=args.ready_requires_control_plane,
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
@@ -101,7 +103,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tether sidecar: {exc}", file=sys.stderr)
         return 2
     log.info("event loop: %s", args.event_loop)
-    run(run_until_signalled(config), factory)
+    try:
+        run(run_until_signalled(config), factory)
+    except OSError as exc:  # a busy or unusable address (`tether.ports`)
+        log.debug("sidecar failed to start", exc_info=True)
+        print(f"tether sidecar: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -179,6 +186,21 @@ def add_sidecar_parser(sub: Any) -> None:
         help="longest drain (GET /drain on the admin port, the preStop hook): how long the "
         "requests in flight may take to finish (default 30); terminationGracePeriodSeconds "
         "should exceed it (see the README)",
+    )
+    p.add_argument(
+        "--upstream-probe-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between TCP connects to the upstream; /readyz fails while they fail "
+        "(0: no probe)",
+    )
+    p.add_argument(
+        "--ready-requires-control-plane",
+        action="store_true",
+        help="/readyz fails while no report stream to the control plane is open (off: a "
+        "control plane outage is shown in /readyz's body and a metric, and does not take "
+        "every pod out of its Service)",
     )
     p.add_argument(
         "--no-session-binding",

@@ -92,6 +92,15 @@ class SidecarConfig:
     """Longest drain (`/drain`, the preStop hook): how long requests in flight may take to
     finish before the pod goes on stopping. Size `terminationGracePeriodSeconds` from it."""
 
+    upstream_probe_interval: float = 2.0
+    """Seconds between TCP connects to the upstream that readiness follows (`sidecar.health`);
+    0: no probe, the upstream counts as reachable."""
+    upstream_probe_timeout: float = 1.0
+    """A probe connect not accepted within this many seconds failed."""
+    ready_requires_control_plane: bool = False
+    """Not ready while no report stream to the control plane is open (`sidecar.readiness`
+    rule 2 says why this is off by default)."""
+
     def __post_init__(self) -> None:
         parts = urlsplit(self.upstream)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -122,6 +131,8 @@ class SidecarConfig:
         for name in ("max_event_bytes", "max_request_body_bytes"):
             if getattr(self, name) < 1024:
                 raise ConfigError(f"{name} must be at least 1024 bytes")
+        if self.upstream_probe_interval < 0:
+            raise ConfigError("upstream_probe_interval must be >= 0")
         if self.upstream_dead_after < 2:
             raise ConfigError("upstream_dead_after must be at least 2 seconds")
         for name in (
@@ -134,6 +145,7 @@ class SidecarConfig:
             "stream_linger",
             "upstream_response_timeout",
             "drain_timeout",
+            "upstream_probe_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

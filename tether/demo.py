@@ -20,6 +20,7 @@ from controlplane.config import ControlPlaneConfig, SqliteUrl
 from controlplane.server import RunningControlPlane, start_control_plane
 from sidecar.app import start_sidecar
 from sidecar.config import SidecarConfig
+from tether.ports import check_free
 from tether.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("tether.demo")
@@ -83,6 +84,12 @@ def _free_port() -> int:
 
 async def run_demo(args: argparse.Namespace) -> int:
     host = args.host
+    # Every port before anything starts: a busy one is one line (`tether.ports`), and the MCP
+    # server's readiness check would otherwise take whoever holds its port for it.
+    check_free(host, args.port, what="--port")
+    check_free(host, args.admin_port, what="--admin-port")
+    check_free("127.0.0.1", args.mcp_port, what="--mcp-port")
+    check_free("127.0.0.1", args.control_plane_port, what="--control-plane-port")
     mcp_port = args.mcp_port or _free_port()
     server = Supervised(
         [
