@@ -84,6 +84,11 @@ async def start_control_plane(
         config.security, config.tokens, home_namespace=config.home_namespace
     )
     authorizer = Authorizer(Policy.load(config.policy_file) if config.policy_file else None)
+    try:
+        host, listen_port = split_hostport(config.listen)
+    except ValueError as e:
+        raise OSError(f"cannot listen on {config.listen!r}: {e}") from e
+    check_free(host, listen_port, what="cannot listen on")  # before the store is opened
     if store is None:
         store = await open_store(
             config.store,
@@ -122,11 +127,6 @@ async def start_control_plane(
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        try:
-            host, listen_port = split_hostport(config.listen)
-        except ValueError as e:
-            raise OSError(f"cannot listen on {config.listen!r}: {e}") from e
-        check_free(host, listen_port, what="cannot listen on")
         try:
             port = add_port(server, config.listen, config.security)
         except RuntimeError as e:  # grpc reports a failed bind this way

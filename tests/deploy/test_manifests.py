@@ -133,8 +133,12 @@ def test_control_plane_probes_grpc_health_and_has_a_budget(overlay: list[Obj]) -
     deployment = find(overlay, "Deployment", "tether-control-plane")
     (container,) = pod_spec(deployment)["containers"]
     assert container["args"] == ["control-plane"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": 50051}, probe
+    # Readiness follows the store; liveness and startup ask for the service that stays
+    # SERVING while the process answers (`controlplane.health` rule 1): a restart cannot bring
+    # etcd back.
+    assert container["readinessProbe"]["grpc"] == {"port": 50051}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051, "service": "liveness"}, probe
     env = container_env(overlay, container)
     assert env["TETHER_LISTEN"] == "0.0.0.0:50051"
     service = find(overlay, "Service", "tether-control-plane")
