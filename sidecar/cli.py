@@ -16,6 +16,7 @@ from sidecar.reconnect import ReconnectConfig
 from sidecar.tracker import TrackerLimits
 from tether.envflags import apply_env_defaults
 from tether.grpc_security import add_client_security_flags, client_security
+from tether.ports import control_plane_target
 
 log = logging.getLogger("tether.sidecar")
 
@@ -27,8 +28,12 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         if args.admin_listen
         else (None, None)
     )
+    control_plane = None
     if args.control_plane:
-        parse_hostport(args.control_plane, what="--control-plane")
+        try:
+            control_plane = control_plane_target(args.control_plane)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     if args.owner:
         from tether.model import InvalidIdError, parse_owner
 
@@ -43,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             upstream=args.upstream,
             admin_host=admin_host,
             admin_port=admin_port,
-            control_plane=args.control_plane,
+            control_plane=control_plane,
             owner=args.owner,
             report_interval=args.report_interval,
             renew_interval=args.renew_interval,
@@ -119,7 +124,11 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument(
         "--admin-listen", metavar="HOST:PORT", help="/healthz, /readyz, /metrics, /drain"
     )
-    p.add_argument("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
+    p.add_argument(
+        "--control-plane",
+        metavar="HOST[:PORT]",
+        help="control plane gRPC address (port 50051 if none is given)",
+    )
     add_client_security_flags(p)
     p.add_argument("--owner", help="this sidecar's name in the control plane ($POD_NAME)")
     p.add_argument(

@@ -14,19 +14,57 @@ from collections.abc import Sequence
 from tether import __version__
 from tether.envflags import apply_env_defaults
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already states one or there
+    is none to state (no value, a switch that is off, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default in (argparse.SUPPRESS, [])
+            or action.nargs == 0
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _add_log_level(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    parser.add_argument(
+        "--log-level",
+        default="INFO" if top else argparse.SUPPRESS,
+        type=str.upper,
+        choices=LOG_LEVELS,
+        # Below the top level the variable is read by the top-level flag (one place).
+        help="logging threshold (default: INFO)" + ("" if top else " [env TETHER_LOG_LEVEL]"),
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below `parser`, depth first."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
         description="Keeps MCP sessions and their SSE streams alive across failures.",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging threshold (default: INFO)",
-    )
+    _add_log_level(parser, top=True)
     apply_env_defaults(parser)  # TETHER_LOG_LEVEL
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -38,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_control_plane_parser(sub)
     add_sessions_parser(sub)
     add_demo_parser(sub)
+    for child in _subparsers(parser):
+        child.formatter_class = DefaultsHelpFormatter
+        # `tether sidecar --log-level debug` too: given after the subcommand it wins;
+        # absent there, it leaves the top-level value (or TETHER_LOG_LEVEL) alone.
+        _add_log_level(child, top=False)
     return parser
 
 

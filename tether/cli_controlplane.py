@@ -1,7 +1,10 @@
 """`tether control-plane` (run the control plane) and `tether sessions` (inspect it).
 
     tether control-plane --listen HOST:PORT --store sqlite:///PATH | etcd://HOST:PORT[,...]
-    tether sessions list|get ID|watch|delete ID --control-plane HOST:PORT [-o table|json]
+    tether sessions list|get ID|watch [--all]|delete ID --control-plane HOST[:PORT] [-o json]
+
+`get` takes an id or a unique prefix of one; `watch` prints a session's line when its owner,
+epoch or streams change and counts the position updates between (`--all`: every change).
 
 `-o json` prints the protobuf JSON mapping of the response, as grpcurl prints it: `list` one
 ListSessionsResponse (all pages merged unless `--page-token` asks for one page), `get` a
@@ -24,7 +27,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controlplane.limits import DEFAULT_MAX_CALLS_PER_PEER
-from controlplane.store.protocol import DEFAULT_MAX_SESSIONS_PER_OWNER
+from controlplane.store.protocol import DEFAULT_MAX_SESSIONS_PER_OWNER, MAX_PAGE_SIZE
 from tether.api.v1 import sessions_pb2 as pb
 from tether.api.v1 import sessions_pb2_grpc as pb_grpc
 from tether.envflags import apply_env_defaults
@@ -36,6 +39,9 @@ from tether.grpc_security import (
     open_channel,
     read_file,
 )
+from tether.ports import control_plane_target
+from tether.prefix import PrefixMatch
+from tether.watchview import WatchEvent, WatchView
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_CONTROL_PLANE = os.environ.get("TETHER_CONTROL_PLANE", DEFAULT_LISTEN)
@@ -337,8 +343,34 @@ async def _list(stub: Any, args: argparse.Namespace, out: TextIO) -> None:
         out.write(f"next page: --page-token {merged.next_page_token}\n")
 
 
+class CommandError(Exception):
+    """A `tether sessions` command cannot do what was asked; the message is the error line."""
+
+
+async def _resolve_prefix(stub: Any, prefix: str) -> str:
+    """The one session id starting with `prefix` (`tether.prefix`), else `CommandError`."""
+    match = PrefixMatch(prefix)
+    request = pb.ListSessionsRequest(page_size=MAX_PAGE_SIZE)
+    while not match.done:
+        page = await stub.ListSessions(request, timeout=RPC_TIMEOUT)
+        match.feed(s.session_id for s in page.sessions)
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    if match.unique is None:
+        raise CommandError(match.error())
+    return match.unique
+
+
 async def _get(stub: Any, args: argparse.Namespace, out: TextIO) -> None:
-    s = await stub.GetSession(pb.GetSessionRequest(session_id=args.id), timeout=RPC_TIMEOUT)
+    """An exact id first (one call); else the one session whose id starts with it."""
+    try:
+        s = await stub.GetSession(pb.GetSessionRequest(session_id=args.id), timeout=RPC_TIMEOUT)
+    except grpc.aio.AioRpcError as e:
+        if e.code() is not grpc.StatusCode.NOT_FOUND:
+            raise
+        session_id = await _resolve_prefix(stub, args.id)
+        s = await stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=RPC_TIMEOUT)
     if args.output == "json":
         out.write(_json(s) + "\n")
     else:
@@ -355,35 +387,49 @@ async def _delete(stub: Any, args: argparse.Namespace, out: TextIO) -> None:
         out.write(f"deleted session {reply.session.session_id}\n")
 
 
+def _watch_event(ev: pb.SessionEvent) -> WatchEvent:
+    s = ev.session
+    return WatchEvent(
+        kind=_EVENT_NAMES.get(ev.type, str(ev.type)),
+        session_id=ev.session_id or s.session_id,
+        owner=s.owner,
+        epoch=s.owner_epoch,
+        streams=len(s.streams),
+        seq=sum(p.seq for p in s.streams),
+    )
+
+
 async def _watch(stub: Any, args: argparse.Namespace, out: TextIO) -> None:
     call = stub.WatchSessions(pb.WatchSessionsRequest(owner=args.owner or ""))
-    header_done = False
+    view = WatchView(show_all=args.all)
     async for ev in call:
         if args.output == "json":
             out.write(_json(ev, one_line=True) + "\n")
         else:
-            if not header_done:
-                out.write("EVENT   SESSION  OWNER  EPOCH  STREAMS\n")
-                header_done = True
-            kind = _EVENT_NAMES.get(ev.type, str(ev.type))
-            if ev.type == pb.SESSION_EVENT_TYPE_SYNCED:
-                out.write("-- synced: changes follow --\n")
-            else:
-                s = ev.session
-                out.write(
-                    f"{kind:<7} {ev.session_id}  {s.owner or '-'}  {s.owner_epoch}"
-                    f"  {len(s.streams)}\n"
-                )
+            for line in view.feed(_watch_event(ev)):
+                out.write(line + "\n")
         out.flush()
 
 
 Command = Callable[[Any, argparse.Namespace, TextIO], Coroutine[Any, Any, None]]
 
 
+def rpc_error_line(target: str, e: grpc.aio.AioRpcError) -> str:
+    """One line for a failed call (never the error's multi-line repr)."""
+    details = " ".join((e.details() or "").split())[:500]
+    code = e.code()
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return f"control plane {target} unavailable: {details}"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"control plane {target} did not answer in time: {details}"
+    return f"{code.name}: {details}"
+
+
 async def _call_control_plane(command: Command, args: argparse.Namespace) -> int:
     try:
-        channel = open_channel(args.control_plane, client_security(args))
-    except SecurityConfigError as e:
+        target = control_plane_target(args.control_plane)
+        channel = open_channel(target, client_security(args))
+    except (SecurityConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     async with channel:
@@ -391,7 +437,10 @@ async def _call_control_plane(command: Command, args: argparse.Namespace) -> int
         try:
             await command(stub, args, sys.stdout)
         except grpc.aio.AioRpcError as e:
-            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            print(f"error: {rpc_error_line(target, e)}", file=sys.stderr)
+            return 1
+        except CommandError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 1
     return 0
 
@@ -408,9 +457,10 @@ def _add_connection_flags(p: argparse.ArgumentParser, *, leaf: bool) -> None:
     # `tether sessions list -o json` work; a subcommand's flag only counts if given.
     p.add_argument(
         "--control-plane",
-        metavar="HOST:PORT",
+        metavar="HOST[:PORT]",
         default=argparse.SUPPRESS if leaf else DEFAULT_CONTROL_PLANE,
-        help=f"control plane address (default $TETHER_CONTROL_PLANE or {DEFAULT_LISTEN})",
+        help=f"control plane address, port 50051 if none is given (default "
+        f"$TETHER_CONTROL_PLANE or {DEFAULT_LISTEN})",
     )
     p.add_argument(
         "-o",
@@ -437,12 +487,21 @@ def add_sessions_parser(sub: Any) -> None:
     ls.add_argument("--page-token", help="print only the page this token starts")
     ls.set_defaults(run=_sessions_runner(_list))
 
-    get = actions.add_parser("get", help="show one session")
-    get.add_argument("id", metavar="ID")
+    get = actions.add_parser("get", help="show one session (by its id or a unique prefix)")
+    get.add_argument("id", metavar="ID", help="a session id, or the start of exactly one")
     get.set_defaults(run=_sessions_runner(_get))
 
-    watch = actions.add_parser("watch", help="print every session, then every change")
+    watch = actions.add_parser(
+        "watch",
+        help="print every session, then every change (position updates coalesced)",
+    )
     watch.add_argument("--owner", help="only sessions owned by this sidecar")
+    watch.add_argument(
+        "--all",
+        action="store_true",
+        help="print every change, position updates included (default: a session's line is "
+        "printed when its owner, epoch or streams change; UPDATES counts the others)",
+    )
     watch.set_defaults(run=_sessions_runner(_watch))
 
     delete = actions.add_parser("delete", help="delete one session")

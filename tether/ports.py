@@ -48,3 +48,33 @@ def check_free(host: str, port: int, *, what: str) -> None:
             except OSError as exc:
                 reason = (exc.strerror or str(exc)).lower()
                 raise PortInUseError(f"{what} {shown}: {reason}") from exc
+
+
+DEFAULT_CONTROL_PLANE_PORT = 50051
+
+
+def control_plane_target(value: str, *, what: str = "--control-plane") -> str:
+    """`HOST[:PORT]` -> the gRPC target `HOST:PORT` (port 50051 when none is given); a URL
+    or an empty host is a ValueError whose message says what to write instead."""
+    text = value.strip()
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        hint = rest.split("/", 1)[0] or "HOST:PORT"
+        raise ValueError(
+            f"{what}: expected HOST[:PORT], got the URL {value!r} "
+            f"(gRPC takes no {scheme}:// scheme; try {what} {hint})"
+        )
+    if text.startswith("["):  # [v6] or [v6]:port
+        close = text.find("]")
+        rest = text[close + 1 :] if close > 0 else "?"
+        if rest == "":
+            return f"{text}:{DEFAULT_CONTROL_PLANE_PORT}"
+        if not (rest.startswith(":") and rest[1:].isdigit()):
+            raise ValueError(f"{what}: expected HOST[:PORT], got {value!r}")
+        return text
+    if text.count(":") > 1:  # a bare IPv6 address
+        return f"[{text}]:{DEFAULT_CONTROL_PLANE_PORT}"
+    host, sep, port = text.partition(":")
+    if not host or "/" in text or (sep and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"{what}: expected HOST[:PORT], got {value!r}")
+    return text if sep else f"{host}:{DEFAULT_CONTROL_PLANE_PORT}"

@@ -131,8 +131,93 @@ async def test_sessions_list_get_delete(
 
     code, out, err = await run_sessions(["get", "s1", *cp], capsys)
     assert (code, out) == (1, "")
-    assert err.startswith("error: NOT_FOUND")
+    assert err == "error: no session id is or starts with 's1'\n"
 
     code, _, err = await run_sessions(["get", "a/b", *cp], capsys)
     assert code == 1
     assert err.startswith("error: INVALID_ARGUMENT")
+
+
+async def test_sessions_get_takes_a_unique_prefix(
+    control_plane: RunningControlPlane, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await seed(control_plane.address)  # s0, s1, s2
+    cp = ["--control-plane", control_plane.address]
+    code, out, _ = await run_sessions(["get", "s", *cp], capsys)
+    assert code == 1
+    code, out, err = await run_sessions(["get", "s", *cp], capsys)
+    assert (code, out) == (1, "")
+    assert err == "error: 's' is the start of 3 session ids: s0, s1, s2\n"
+    code, out, err = await run_sessions(["get", "x", *cp], capsys)
+    assert err == "error: no session id is or starts with 'x'\n"
+    code, out, _ = await run_sessions(["get", "s1", *cp, "-o", "json"], capsys)
+    assert json.loads(out)["sessionId"] == "s1"
+
+
+async def test_sessions_get_by_prefix_over_several_pages(
+    control_plane: RunningControlPlane, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with grpc.aio.insecure_channel(control_plane.address) as ch:
+        stub = sessions_pb2_grpc.SessionServiceStub(ch)
+        call = stub.ReportEvents(None)
+        ids = [f"a{i:04}" for i in range(1500)] + ["b-unique"]
+        await call.write(
+            pb.ReportEventsRequest(
+                batch_id=1,
+                upserts=[
+                    pb.SessionUpsert(session=pb.Session(session_id=i, owner="p")) for i in ids
+                ],
+            )
+        )
+        await call.read()
+        await call.done_writing()
+    code, out, err = await run_sessions(
+        ["get", "b-", "--control-plane", control_plane.address], capsys
+    )
+    assert code == 0, err
+    assert "b-unique" in out
+
+
+async def test_a_dead_control_plane_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = await run_sessions(["list", "--control-plane", "127.0.0.1:1"], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith("error: control plane 127.0.0.1:1 unavailable: ")
+    assert err.count("\n") == 1
+    assert "AioRpcError" not in err
+
+
+def test_control_plane_addresses(capsys: pytest.CaptureFixture[str]) -> None:
+    args: Any = build_parser().parse_args(["sessions", "list", "--control-plane", "http://cp"])
+    assert args.run(args) == 2
+    assert "try --control-plane cp" in capsys.readouterr().err
+
+
+def test_log_level_after_the_subcommand() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["sidecar", "--listen", ":1", "--upstream", "u"]).log_level == "INFO"
+    for argv in (
+        ["--log-level", "debug", "sidecar", "--listen", ":1", "--upstream", "u"],
+        ["sidecar", "--log-level", "debug", "--listen", ":1", "--upstream", "u"],
+        ["sessions", "list", "--log-level", "DEBUG"],
+        ["control-plane", "--log-level", "debug"],
+    ):
+        assert parser.parse_args(argv).log_level == "DEBUG", argv
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["sidecar"], ["(default: 0.05)", "(default: 10000)", "(default: asyncio)"]),
+        (["control-plane"], ["(default 127.0.0.1:50051)", "(default 3600)"]),
+        (["sessions", "list"], ["(default: 0)", "(default: INFO)"]),
+        (["demo"], ["(default 8930; 0 = any)", "(default: 8933)"]),
+    ],
+)
+def test_help_shows_the_defaults(
+    argv: list[str], shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in shown:
+        assert default in text, default
