@@ -17,6 +17,7 @@ from mcp.shared.exceptions import MCPError
 
 from tests.integration.test_proxy import HEADERS, MCP, initialize
 from tests.support.procs import ProcessPool, free_port, python_module
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -94,9 +95,10 @@ async def listed(cp: str) -> list[str]:
 
 
 async def wait_listed(cp: str, sid: str) -> None:
-    async with asyncio.timeout(DEADLINE):
-        while sid not in await listed(cp):
-            await asyncio.sleep(0.1)  # poll: the report is on its way
+    async def shown() -> bool:
+        return sid in await listed(cp)
+
+    await eventually(shown, timeout=DEADLINE, interval=0.1, what="the session reported")
 
 
 async def test_a_deleted_session_gets_404_and_does_not_come_back(
@@ -116,14 +118,15 @@ async def test_a_deleted_session_gets_404_and_does_not_come_back(
         code, out, err = await tether("sessions", "delete", sid, "--control-plane", cp)
         assert (code, out) == (0, f"deleted session {sid}\n"), err
 
-        async def answer() -> int:
+        async def answer_unless(ok: int) -> int | None:
             async with http.post(base + MCP, json=ping, headers=headers) as resp:
                 await resp.read()
-                return resp.status
+                return None if resp.status == ok else resp.status
 
-        async with asyncio.timeout(DEADLINE):
-            while (status := await answer()) == 200:
-                await asyncio.sleep(0.05)  # poll: the watch brings the delete to the sidecar
+        # The watch brings the delete to the sidecar: until then the session is served.
+        status = await eventually(
+            lambda: answer_unless(200), timeout=DEADLINE, what="the session ended"
+        )
         assert status == 404
         await asyncio.sleep(float(RENEW) * 5)  # five renewals: the scenario, not a wait
         assert sid not in await listed(cp)
@@ -138,20 +141,22 @@ async def test_the_sdk_client_learns_its_session_is_gone(
     cp, base = await stack(procs, tmp_path)
     async with Client(f"{base}/mcp", mode="legacy") as client:
         assert (await client.call_tool("echo", {"text": "a"})).content
-        async with asyncio.timeout(DEADLINE):
-            while not (sessions := await listed(cp)):
-                await asyncio.sleep(0.1)  # poll: the report is on its way
-        (first,) = sessions
+        (first,) = await eventually(
+            lambda: listed(cp), timeout=DEADLINE, interval=0.1, what="the session reported"
+        )
         code, _, err = await tether("sessions", "delete", first, "--control-plane", cp)
         assert code == 0, err
-        async with asyncio.timeout(DEADLINE):
-            while True:
-                try:
-                    await client.call_tool("echo", {"text": "b"})
-                except MCPError as exc:
-                    assert "session not found" in str(exc)
-                    break
-                await asyncio.sleep(0.05)  # poll: the watch brings the delete to the sidecar
+
+        async def refused() -> str | None:
+            try:
+                await client.call_tool("echo", {"text": "b"})
+            except MCPError as exc:
+                return str(exc)
+            return None  # the watch has not brought the delete to the sidecar yet
+
+        error = await eventually(refused, timeout=DEADLINE, what="the call refused")
+        assert error is not None
+        assert "session not found" in error
     async with Client(f"{base}/mcp", mode="legacy") as client:
         result: Any = await client.call_tool("echo", {"text": "c"})
         assert result.content[0].text == "c"
