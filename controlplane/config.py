@@ -1,7 +1,8 @@
 """Control-plane configuration: store URLs and the server's settings, as frozen dataclasses.
 
 Store URLs (the `--store` flag):
-    sqlite:///relative/or/absolute/path.db     (sqlite:////abs also accepted)
+    sqlite:///relative/path.db                 relative to the working directory
+    sqlite:////var/lib/tether/sessions.db      an absolute path: four slashes
     etcd://host1:2379,host2:2379[/prefix]      every member of one cluster; prefix /tether
 """
 
@@ -64,16 +65,35 @@ def _parse_endpoint(text: str, url: str) -> tuple[str, int]:
     return host, port
 
 
+_SQLITE_FORMS = (
+    "sqlite:///relative/path.db (three slashes: relative to the working directory) or "
+    "sqlite:////absolute/path.db (four)"
+)
+
+
+def _parse_sqlite(url: str) -> SqliteUrl:
+    """SQLAlchemy's form: `sqlite:///` + the path, so a relative path follows three slashes
+    and an absolute one four. Anything else is refused with the path it would have meant."""
+    if not url.startswith("sqlite://"):
+        raise StoreUrlError(f"{url!r}: expected {_SQLITE_FORMS}")
+    rest = url[len("sqlite://") :]
+    if not rest.startswith("/"):
+        host = rest.split("/", 1)[0]
+        raise StoreUrlError(f"{url!r}: SQLite URLs name no host ({host!r}); {_SQLITE_FORMS}")
+    path = unquote(rest[1:])
+    if "?" in rest or "#" in rest:
+        raise StoreUrlError(f"{url!r}: SQLite URLs take no query or fragment; {_SQLITE_FORMS}")
+    if path.startswith("//"):
+        raise StoreUrlError(f"{url!r}: too many slashes (path {path!r}); {_SQLITE_FORMS}")
+    if not path or path.endswith("/") or Path(path).name in ("", ".", ".."):
+        raise StoreUrlError(f"{url!r}: the SQLite path {path!r} names no file; {_SQLITE_FORMS}")
+    return SqliteUrl(Path(path))
+
+
 def parse_store_url(url: str) -> StoreUrl:
     """Parse a `--store` URL; raise `StoreUrlError` with a readable reason."""
-    if url.startswith("sqlite://"):
-        rest = url[len("sqlite://") :]
-        if not rest.startswith("/") or rest == "/":
-            raise StoreUrlError(f"{url!r}: {_EXPECTED}")
-        path = unquote(rest[1:])
-        if not path or path.endswith("/"):
-            raise StoreUrlError(f"{url!r}: the SQLite path names no file")
-        return SqliteUrl(Path(path))
+    if url.startswith("sqlite:"):
+        return _parse_sqlite(url)
     if url.startswith("etcd://"):
         rest = url[len("etcd://") :]
         hosts, slash, prefix = rest.partition("/")

@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from controlplane.batcher import WriteBatcher
-from controlplane.config import ControlPlaneConfig, open_store
+from controlplane.config import ControlPlaneConfig, SqliteUrl, open_store
 from controlplane.health import LIVENESS_SERVICE, StoreHealth
 from controlplane.identity import authenticator_for, server_interceptors
 from controlplane.limits import GRPC_SERVER_OPTIONS
@@ -153,10 +153,18 @@ async def start_control_plane(
         running.address,
         config.listen.rpartition(":")[0],
         port,
-        config.store,
+        _shown_store(config),
     )
     authenticator.warn_if_development()
     return running
+
+
+def _shown_store(config: ControlPlaneConfig) -> str:
+    """The store URL, and where a relative SQLite path resolved to."""
+    url = config.store
+    if isinstance(url, SqliteUrl) and not url.path.is_absolute():
+        return f"{url} = {url.path.absolute()}"
+    return str(url)
 
 
 async def serve(config: ControlPlaneConfig) -> None:

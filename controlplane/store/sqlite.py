@@ -421,6 +421,11 @@ class SqliteSessionStore:
     async def open(
         cls, config: SqliteStoreConfig, *, clock: Callable[[], float] = time.time
     ) -> SqliteSessionStore:
+        parent = config.path.parent
+        if not parent.is_dir():
+            raise StoreUnavailableError(
+                f"sqlite {config.path}: directory {parent.absolute()} does not exist"
+            )
         store = cls(config, clock=clock)
         loop = asyncio.get_running_loop()
 
@@ -444,7 +449,8 @@ class SqliteSessionStore:
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
         except sqlite3.Error as e:
-            raise StoreUnavailableError(f"sqlite: {e}") from e
+            # The path in every error: a relative one resolves against the working directory.
+            raise StoreUnavailableError(f"sqlite {self.config.path}: {e}") from e
 
     @property
     def _conn(self) -> _Db:

@@ -42,6 +42,12 @@ def test_store_urls(url: str, parsed: object) -> None:
         "sqlite://",
         "sqlite:///",
         "sqlite:///dir/",
+        "sqlite:/x.db",
+        "sqlite:x.db",
+        "sqlite://host/x.db",
+        "sqlite://///x.db",
+        "sqlite:///x.db?mode=ro",
+        "sqlite:///d/..",
         "etcd://",
         "etcd://host",
         "etcd://host:port",
@@ -54,6 +60,24 @@ def test_store_urls(url: str, parsed: object) -> None:
 def test_bad_store_urls_say_why(url: str) -> None:
     with pytest.raises(StoreUrlError, match=r"etcd|sqlite|port|prefix|host|file|endpoint"):
         parse_store_url(url)
+
+
+def test_sqlite_errors_show_both_forms_and_the_path() -> None:
+    with pytest.raises(StoreUrlError) as caught:
+        parse_store_url("sqlite://///var/x.db")
+    assert "path '//var/x.db'" in str(caught.value)
+    assert "sqlite:///relative/path.db" in str(caught.value)
+    assert "sqlite:////absolute/path.db" in str(caught.value)
+
+
+async def test_a_sqlite_store_in_a_missing_directory_names_it(tmp_path: Path) -> None:
+    from controlplane.config import open_store
+    from controlplane.store.protocol import StoreUnavailableError
+
+    missing = tmp_path / "nowhere" / "s.db"
+    with pytest.raises(StoreUnavailableError) as caught:
+        await open_store(SqliteUrl(missing), session_ttl=60)
+    assert str(caught.value) == f"sqlite {missing}: directory {missing.parent} does not exist"
 
 
 def test_control_plane_flags() -> None:
