@@ -82,11 +82,14 @@ class StoreHealth:
     async def check_once(self) -> None:
         """One probe; on a change of verdict, set the status and log it."""
         why = await probe_store(self.store, self.timeout)
+        first = self.state.up is None
         change = self.state.observe(why is None, why or "")
         if change is None:
             return
         if change.up:
-            log.info("store reachable: health SERVING")
+            # The first verdict, up, is the normal start: nothing to say.
+            if not first:
+                log.info("store reachable again: health SERVING")
         else:
             log.warning("store unreachable (%s): health NOT_SERVING", change.detail)
         for name in self.served:

@@ -60,11 +60,13 @@ class UpstreamProbe:
 
     async def check_once(self) -> None:
         why = await connect_probe(self.host, self.port, self.timeout)
+        first = self.state.up is None
         change = self.state.observe(why is None, why or "")
         if change is None:
             return
         if change.up:
-            log.info("upstream %s:%d reachable", self.host, self.port)
+            if not first:  # the first verdict, up, is the normal start: nothing to say
+                log.info("upstream %s:%d reachable again", self.host, self.port)
         else:
             log.warning("upstream unreachable: %s (not ready)", change.detail)
 
