@@ -16,6 +16,9 @@ promises for this revision, one test each:
 5. `Mcp-Method` / `Mcp-Name` headers that contradict the body are refused (400, -32020)
    without the request reaching the server.
 
+And the bound of 1 and 3: past the sidecar's reconnect policy the listen stream is lost and a
+waiting request fails, as they would without the sidecar.
+
 No sleep here is a wait: the one `asyncio.sleep` is the outage's length (test 3), and every
 wait has a deadline.
 """
@@ -36,6 +39,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ResourceUpdated, ToolsListChanged
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, HEADER_MISMATCH, PROTOCOL_VERSION_META_KEY
 
+from sidecar.reconnect import ReconnectConfig
 from tests.integration.conftest import SidecarFactory
 from tests.integration.test_demo_server import start_demo, text_of
 from tests.support.procs import ProcessPool
@@ -197,6 +201,28 @@ async def test_a_call_that_must_not_repeat_fails_at_once(
         # The new process starts with an empty list: had the sidecar sent "lost" on to it,
         # this would be its second entry.
         assert structured(await client.call_tool("remember", {"text": "after"})) == {"result": 1}
+
+
+async def test_past_the_reconnect_policy_the_client_is_told(
+    procs: ProcessPool, sidecar_factory: SidecarFactory
+) -> None:
+    """The bound of 1 and 3: a server that stays down loses the listen stream (abruptly, as
+    the server's own death would) and fails a waiting request with the sidecar's error."""
+    server, port = await start_demo(procs)
+    short = ReconnectConfig(initial_delay=0.05, max_delay=0.2, max_attempts=3, max_elapsed=2.0)
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}", reconnect=short)
+    async with Client(mcp_url(sidecar.port)) as client:
+        assert client.protocol_version == STATELESS
+        await client.list_tools(cache_mode="bypass")
+        async with client.listen(resource_subscriptions=[TOPIC_A]) as subscription:
+            server.kill()
+            await server.wait_exit()
+            with pytest.raises(SubscriptionLost):
+                await next_events(aiter(subscription), 1)
+        with pytest.raises(MCPError) as failed:
+            async with asyncio.timeout(WAIT_S):
+                await client.call_tool("echo", {"text": "x"})
+        assert failed.value.message.startswith(UNREACHABLE), failed.value.message
 
 
 # --- 5: routing headers that contradict the body ---------------------------------------------
