@@ -179,6 +179,35 @@ async def test_safe_requests_wait_for_the_restarted_server(
         assert structured(await client.call_tool("server_info"))["pid"] != first_pid
 
 
+async def test_a_client_connecting_during_the_outage_waits_for_the_server(
+    procs: ProcessPool, sidecar_factory: SidecarFactory
+) -> None:
+    """`server/discover` is re-issued too, so a client that connects while the server is down
+    gets the stateless revision once it is back. (Only if it is back within the SDK's probe
+    timeout, `DISCOVER_TIMEOUT_SECONDS`, 10 s: past it the SDK falls back to `initialize`.)"""
+    server, port = await start_demo(procs)
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}", reconnect=PATIENT)
+    server.kill()
+    await server.wait_exit()
+    connected = asyncio.Event()
+
+    async def connect_and_echo() -> tuple[str, str]:
+        # One task enters and leaves the client: the SDK's cancel scopes require it.
+        async with Client(mcp_url(sidecar.port)) as client:
+            connected.set()
+            echoed = text_of(await client.call_tool("echo", {"text": "x"}))
+            return client.protocol_version, echoed
+
+    async with asyncio.TaskGroup() as tg:
+        session = tg.create_task(connect_and_echo(), name="connect")
+        await asyncio.sleep(OUTAGE_S)  # the outage itself: how long the server stays down
+        assert not connected.is_set(), "the client connected while the server was down"
+        await server.start(ready_port=port)
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.wait([session])
+    assert session.result() == (STATELESS, "x")
+
+
 async def test_a_call_that_must_not_repeat_fails_at_once(
     procs: ProcessPool, sidecar_factory: SidecarFactory
 ) -> None:
