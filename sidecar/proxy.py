@@ -438,7 +438,13 @@ class Proxy:
                 learn=call.method == "tools/list",
             )
         return await self._open_stream(
-            request, resp=resp, headers=headers, kind=kind, session_id=session_id, post=post
+            request,
+            resp=resp,
+            headers=headers,
+            kind=kind,
+            session_id=session_id,
+            post=post,
+            learn=call.method == "tools/list",
         )
 
     def _note_request(
@@ -572,6 +578,7 @@ class Proxy:
         kind: StreamKind,
         session_id: str | None,
         post: PostBody,
+        learn: bool = False,
     ) -> web.StreamResponse:
         reconnect_headers = CIMultiDict(headers)
         for name in ("Content-Type", "Content-Length"):
@@ -589,6 +596,8 @@ class Proxy:
             request_ids=post.request_ids,
             rewrite=self._rewrite_endpoint if kind is StreamKind.LEGACY else None,
         )
+        if learn:  # `sidecar.reissue` rule 2: a tools/list answer names the safe tools
+            stream.core.on_answer = self.resilient.hints.learn_answer
         if kind is StreamKind.LEGACY:
             stream.credential_fingerprint = fingerprint(
                 request.headers.get("Authorization"), key=self.config.fingerprint_key

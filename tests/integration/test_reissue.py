@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from sidecar.listen import ACKNOWLEDGED, SUBSCRIPTION_ID
@@ -293,19 +294,31 @@ async def test_mcp_headers_that_disagree_with_the_body_are_refused_before_forwar
         assert status == 200
 
 
+@pytest.mark.parametrize("answer", ["sse", "json"])
 async def test_a_session_request_is_sent_again_too(
-    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+    answer: str, sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:
-    """Older revisions: the same rules (here on a session the upstream still has)."""
-    script = Script(plans={"tools/list": ["reset", "json"]})
+    """Older revisions: the same rules, on a session the upstream still has. A `tools/list`
+    answered on a tracked session stream (ids rewritten) or in JSON teaches as well."""
+    script = Script(plans={"tools/list": ["reset", answer], "tools/call": ["reset", "json"]})
     async with scripted(script) as up:
         sidecar = await sidecar_factory(up, reconnect=FAST)
         base = f"http://127.0.0.1:{sidecar.port}"
         old = {**HEADERS, "MCP-Protocol-Version": "2025-11-25", "Mcp-Session-Id": "s1"}
         async with http.post(base + MCP, json=request("tools/list"), headers=old) as resp:
             assert resp.status == 200
-            assert json.loads(await resp.read())["result"]["tools"] == TOOLS
+            body = await resp.read()
+        if answer == "sse":
+            events = parse_sse(body)
+            assert all(e.id for e in events)  # a tracked stream: every event has our id
+            assert json.loads(events[-1].data)["result"]["tools"] == TOOLS
+        else:
+            assert json.loads(body)["result"]["tools"] == TOOLS
         assert script.hits["tools/list"] == 2
+        call = request("tools/call", 3, name="read")
+        async with http.post(base + MCP, json=call, headers=old) as resp:
+            assert resp.status == 200
+        assert script.hits["tools/call"] == 2
 
 
 # -- listen streams ----------------------------------------------------------------------------
