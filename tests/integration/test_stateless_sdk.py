@@ -10,7 +10,8 @@ promises for this revision, one test each:
    subscribed resource updated), then what the restarted server publishes.
 2. Directly against the server the same kill ends the iterator with `SubscriptionLost`.
 3. `tools/list` and a call to a read-only tool sent while the server is down wait in the
-   sidecar and are answered once it is back.
+   sidecar and are answered once it is back; so does a client connecting meanwhile (its
+   `server/discover` probe).
 4. A call to a tool that is neither read-only nor idempotent fails at once with the sidecar's
    "upstream unreachable" error, and never runs.
 5. `Mcp-Method` / `Mcp-Name` headers that contradict the body are refused (400, -32020)
@@ -19,7 +20,7 @@ promises for this revision, one test each:
 And the bound of 1 and 3: past the sidecar's reconnect policy the listen stream is lost and a
 waiting request fails, as they would without the sidecar.
 
-No sleep here is a wait: the one `asyncio.sleep` is the outage's length (test 3), and every
+No sleep here is a wait: the `asyncio.sleep`s are the outage's length (`OUTAGE_S`), and every
 wait has a deadline.
 """
 
@@ -54,7 +55,8 @@ TOPIC_B = f"{NOTIFY_URI_PREFIX}b"
 WAIT_S = 20.0
 """Deadline for anything that should happen, a restart on a loaded machine included."""
 OUTAGE_S = 1.0
-"""How long the server stays down in test 3 (the scenario, not a wait)."""
+"""How long the server stays down in the tests of requests sent meanwhile (the scenario, not a
+wait)."""
 PROMPT_S = 3.0
 """What "at once" allows a request the sidecar must not re-issue: far below what the default
 policy's ten jittered attempts (about 13 s on average) would spend on re-issuing it."""
