@@ -240,13 +240,7 @@ class Proxy:
             self._holding.add(id(request))
             self.draining.request_started(time.monotonic())
         try:
-            response = await self._handle(request)
-            if self.draining.draining:
-                # Rule 2 for a response begun before the drain: its headers said keep-alive,
-                # but its connection closes as it ends, so no request follows on a connection
-                # the stopping pod would cut unanswered.
-                response.force_close()
-            return response
+            return await self._handle(request)
         finally:
             self._release_drain(request)
             left = self.busy_connections.pop(connection) - 1
