@@ -111,6 +111,7 @@ from tether.model import (
     parse_owner,
     parse_session_id,
 )
+from tether.rpcerrors import one_line
 
 log = logging.getLogger("tether.sidecar.continuity")
 
@@ -524,7 +525,9 @@ class Continuity:
         except (SessionGoneError, InvalidIdError):
             pass
         except grpc.aio.AioRpcError as exc:
-            log.warning("session %s: delete in the control plane failed: %s", session_id, exc)
+            log.warning(
+                "session %s: delete in the control plane failed: %s", session_id, one_line(exc)
+            )
 
     def _fenced(self, session_id: SessionId, rejection: Rejection) -> None:
         """Another sidecar claimed the session: stop serving it here (we are the zombie)."""
@@ -638,7 +641,7 @@ class Continuity:
             log.warning("session %s: could not claim it: %s", sid, exc)
             return UNAVAILABLE
         except (grpc.aio.AioRpcError, ValueError) as exc:
-            log.warning("session %s: control plane unavailable (%s)", sid, exc)
+            log.warning("session %s: control plane unavailable (%s)", sid, one_line(exc))
             return UNAVAILABLE
         finally:
             self._adopt_waiters -= may_wait

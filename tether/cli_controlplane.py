@@ -41,6 +41,7 @@ from tether.grpc_security import (
 )
 from tether.ports import control_plane_target
 from tether.prefix import PrefixMatch
+from tether.rpcerrors import one_line
 from tether.watchview import WatchEvent, WatchView
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -416,13 +417,13 @@ Command = Callable[[Any, argparse.Namespace, TextIO], Coroutine[Any, Any, None]]
 
 def rpc_error_line(target: str, e: grpc.aio.AioRpcError) -> str:
     """One line for a failed call (never the error's multi-line repr)."""
-    details = " ".join((e.details() or "").split())[:500]
+    text = one_line(e)
     code = e.code()
     if code is grpc.StatusCode.UNAVAILABLE:
-        return f"control plane {target} unavailable: {details}"
+        return f"control plane {target} unavailable: {text.partition(': ')[2]}"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"control plane {target} did not answer in time: {details}"
-    return f"{code.name}: {details}"
+        return f"control plane {target} did not answer in time: {text.partition(': ')[2]}"
+    return text
 
 
 async def _call_control_plane(command: Command, args: argparse.Namespace) -> int:

@@ -124,6 +124,7 @@ from tether.model import (
     SessionWrite,
     write_session_id,
 )
+from tether.rpcerrors import one_line
 
 FULL_OWNER_MEMO = 0.1
 FULL_OWNERS_KEPT = 1024
@@ -421,7 +422,7 @@ class EtcdSessionStore:
         try:
             return await fn(*args, **kwargs)
         except (aetcd.exceptions.ClientError, grpc.aio.AioRpcError) as e:
-            raise StoreUnavailableError(f"etcd: {e}") from e
+            raise StoreUnavailableError(f"etcd: {one_line(e)}") from e
 
     def _key(self, sid: SessionId) -> bytes:
         return self._sessions + sid.encode()
