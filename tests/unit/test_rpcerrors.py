@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 
 from tests.support.procs import free_port
 from tether.api.v1 import sessions_pb2 as pb
@@ -13,13 +14,10 @@ from tether.rpcerrors import MAX_CHARS, one_line
 async def test_a_real_unavailable_error_is_one_line() -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
         stub = sessions_pb2_grpc.SessionServiceStub(channel)
-        try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetSession(pb.GetSessionRequest(session_id="s"), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            assert "\n" in str(exc)  # what it replaces
-            text = one_line(exc)
-        else:
-            raise AssertionError("nothing listens there")
+    assert "\n" in str(caught.value)  # what it replaces
+    text = one_line(caught.value)
     assert text.startswith("UNAVAILABLE: ")
     assert "\n" not in text
     assert "AioRpcError" not in text
