@@ -1,9 +1,9 @@
 """What `tether sessions watch` prints, sans-IO: events in, lines out.
 
 Rules:
-1. Columns are aligned: each column is as wide as its longest value so far (the header's
-   included), so a line never shifts the columns of the ones before it, and a long session id
-   widens its column for the lines after it.
+1. Columns are aligned: each column starts wide enough for its usual values (`MIN_WIDTHS`) and
+   is as wide as its longest value so far, so a longer value (a long session id) widens its
+   column for the lines after it and never shifts the ones before it.
 2. Position updates are coalesced: a PUT is printed when something the table shows other than
    positions changed (a new session, another owner or epoch, streams added or ended); a PUT
    that only moved stream positions is counted and printed with the next line of that session
@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 MAX_TRACKED = 100_000
 HEADER = ("EVENT", "SESSION", "OWNER", "EPOCH", "STREAMS", "SEQ", "UPDATES")
+MIN_WIDTHS = (6, 36, 16, 5, 7, 6, 7)
+"""Widths the columns start at: every event name, a UUID session id, a pod name's usual length,
+so that most watches never widen a column (rule 1)."""
 SYNCED_LINE = "-- synced: changes follow --"
 
 
@@ -51,7 +54,7 @@ class WatchView:
     def __init__(self, *, show_all: bool = False, max_tracked: int = MAX_TRACKED) -> None:
         self.show_all = show_all
         self.max_tracked = max_tracked
-        self._widths = [len(h) for h in HEADER]
+        self._widths = [max(len(h), w) for h, w in zip(HEADER, MIN_WIDTHS, strict=True)]
         self._header_done = False
         self._shown: OrderedDict[str, tuple[Shown, int]] = OrderedDict()
         """Session -> what its last line showed, and position updates coalesced since."""

@@ -3,6 +3,7 @@ output against a real control plane on port 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,50 @@ def test_help_shows_the_defaults(
     text = " ".join(capsys.readouterr().out.split())
     for default in shown:
         assert default in text, default
+
+
+async def test_sessions_watch_coalesces_position_updates(
+    control_plane: RunningControlPlane,
+) -> None:
+    import argparse
+    import asyncio
+    import io
+
+    from tests.support.waiting import eventually
+    from tether.tasks import spawn
+
+    await seed(control_plane.address)  # s0, s1, s2; s1 has a stream
+    out = io.StringIO()
+    async with grpc.aio.insecure_channel(control_plane.address) as ch:
+        stub = sessions_pb2_grpc.SessionServiceStub(ch)
+        args = argparse.Namespace(owner=None, all=False, output="table")
+        watching = spawn(cli_controlplane._watch(stub, args, out), name="test-watch")
+        try:
+            await eventually(lambda: "synced" in out.getvalue(), timeout=10, what="snapshot")
+            call = stub.ReportEvents(None)
+            for seq in (5, 6, 7):
+                pos = pb.StreamPosition(stream_id="st", last_event_id=f"st.1.{seq}", seq=seq)
+                pos.owner_epoch = 1
+                update = pb.StreamUpdate(session_id="s1", position=pos)
+                await call.write(pb.ReportEventsRequest(batch_id=seq, updates=[update]))
+                await call.read()
+            await call.done_writing()
+            await stub.DeleteSession(pb.DeleteSessionRequest(session_id="s1"))
+            await eventually(lambda: "DELETE" in out.getvalue(), timeout=10, what="the delete")
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["EVENT", "SESSION", "OWNER", "EPOCH", "STREAMS", "SEQ", "UPDATES"]
+    assert [line.split()[:2] for line in lines[1:4]] == [
+        ["PUT", "s0"],
+        ["PUT", "s1"],
+        ["PUT", "s2"],
+    ]
+    # The three position updates are not lines of their own: the delete counts them.
+    assert lines[4] == "-- synced: changes follow --"
+    rest = lines[5:]
+    assert len(rest) == 1, lines
+    assert rest[0].split() == ["DELETE", "s1", "pod-a", "1", "1", "7", "3"]
+    assert lines[0].index("OWNER") == lines[1].index("pod-a") == rest[0].index("pod-a")

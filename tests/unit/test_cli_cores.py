@@ -86,11 +86,13 @@ def test_all_prints_every_change() -> None:
 
 def test_columns_stay_aligned_as_they_widen() -> None:
     view = WatchView()
-    lines = view.feed(put("s1")) + view.feed(put("a-much-longer-session-id", owner="o"))
+    lines = view.feed(put("s1")) + view.feed(put("s" * 50, owner="o"))
     lines += view.feed(put("s2"))
-    _, _, long_line, short_line = lines
-    column = long_line.index("o ")
-    assert short_line.index("pod-a") == column  # the lines after it follow the wider column
+    header, first, long_line, short_line = lines
+    assert header.index("OWNER") == first.index("pod-a") < long_line.index(" o ") + 1
+    assert short_line.index("pod-a") == long_line.index(" o ") + 1  # later lines follow it
+    (expired,) = view.feed(WatchEvent("EXPIRE", "s3"))
+    assert expired.index(" - ") + 1 == short_line.index("pod-a")
 
 
 def test_remembered_sessions_are_bounded() -> None:
