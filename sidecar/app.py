@@ -109,6 +109,9 @@ def build_admin_app(
 
     async def metrics(_: web.Request) -> web.Response:
         proxy.metrics.refresh(proxy.registry)
+        proxy.metrics.upstream_reachable.set(
+            1 if probe is None or probe.state.up else 0  # read at scrape time
+        )
         body = generate_latest(proxy.metrics.registry)
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST

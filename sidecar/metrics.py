@@ -84,6 +84,11 @@ class Metrics:
         )
         self.live_streams = Gauge("tether_sidecar_streams", "Streams in memory", registry=r)
         self.sessions = Gauge("tether_sidecar_sessions", "Sessions in memory", registry=r)
+        self.upstream_reachable = Gauge(
+            "tether_sidecar_upstream_reachable",
+            "1 while the upstream accepts TCP connections (the probe /readyz follows)",
+            registry=r,
+        )
         self.buffered_bytes = Gauge(
             "tether_sidecar_replay_buffer_bytes", "Bytes held in replay buffers", registry=r
         )

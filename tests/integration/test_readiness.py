@@ -49,6 +49,8 @@ async def test_not_ready_while_the_upstream_is_unreachable(
     body = await eventually(unready, timeout=10, what="/readyz 503 with the upstream down")
     assert (body["status"], body["upstream"]) == ("upstream unreachable", "unreachable")
     assert f"127.0.0.1:{port}" in body["detail"]
+    async with http.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics") as resp:
+        assert "tether_sidecar_upstream_reachable 0.0" in await resp.text()
 
     upstream = await start_upstream(port)
     try:
