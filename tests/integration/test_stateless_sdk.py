@@ -315,9 +315,10 @@ async def test_contradicting_routing_headers_are_refused_before_the_server(
     headers: dict[str, str],
 ) -> None:
     _, port = await start_demo(procs)
-    # The relay counts the sidecar's connections to the server: none may open for a refusal.
+    # The relay counts the sidecar's connections to the server: none may open for a refusal
+    # (the readiness probe's connects would count too: off here).
     async with Relay("127.0.0.1", port) as relay:
-        sidecar = await sidecar_factory(f"http://127.0.0.1:{relay.port}")
+        sidecar = await sidecar_factory(f"http://127.0.0.1:{relay.port}", upstream_probe_interval=0)
         async with http.post(mcp_url(sidecar.port), json=body, headers=headers) as resp:
             assert resp.status == 400, await resp.text()
             reply = await resp.json()
