@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar.config import SidecarConfig
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
+from sidecar.tracing import Tracing, tracing_from_env
 from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar")
@@ -163,11 +164,14 @@ def _bound_port(runner: web.AppRunner) -> int:
     raise RuntimeError("listener has no TCP address")
 
 
-async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
-    """Start the proxied and admin listeners; returns once both accept connections."""
+async def start_sidecar(config: SidecarConfig, *, tracing: Tracing | None = None) -> RunningSidecar:
+    """Start the proxied and admin listeners; returns once both accept connections.
+    `tracing`: None for what `config.tracing` and the `OTEL_*` variables say."""
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUEST_LINES)  # once: same object
     metrics = Metrics()
-    proxy = Proxy(config, metrics)
+    if tracing is None:
+        tracing = tracing_from_env(config.tracing)
+    proxy = Proxy(config, metrics, tracing=tracing)
     await proxy.start()
     ready = asyncio.Event()
     runners: list[web.AppRunner] = []

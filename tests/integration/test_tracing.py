@@ -1,0 +1,280 @@
+"""OpenTelemetry tracing (`sidecar.tracing`): traces continue through the sidecar, across an
+upstream break, a client's resume, an adoption and a re-initialization; off, it costs nothing.
+
+A real sidecar in process, real aiohttp upstreams on loopback (behind a cuttable TCP relay), a
+real control plane over SQLite; spans go to the SDK's in-memory exporter. The process tests run
+`tether sidecar` itself: with `--tracing` it exports over OTLP/gRPC (to a real OTLP receiver,
+the collector's own generated service), without it no OpenTelemetry module is even imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import grpc
+import pytest
+from aiohttp import web
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+import controlplane.identity
+import controlplane.server
+from sidecar.app import RunningSidecar, start_sidecar
+from sidecar.config import SidecarConfig
+from sidecar.tracing_otel import OtelTracing
+from tests.integration.conftest import serve_app
+from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize, progress_numbers
+from tests.support.control_plane import control_plane_on
+from tests.support.numbered_upstream import make_app
+from tests.support.relay import Relay
+from tests.support.sse_client import Received, collect, events
+from tests.support.waiting import eventually
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+DEADLINE = 20.0
+
+
+def traceparent(trace_id: str, parent_id: str) -> str:
+    return f"00-{trace_id}-{parent_id}-01"
+
+
+def new_ids() -> tuple[str, str]:
+    """A (trace id, span id) pair as a caller would make them."""
+    return secrets.token_hex(16), secrets.token_hex(8)
+
+
+@dataclass
+class Seen:
+    """What an upstream was sent: (method, traceparent) per request, in order."""
+
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+def watched(app: web.Application, seen: Seen) -> web.Application:
+    """The app, noting each request's `traceparent` as its response starts."""
+
+    async def note(request: web.Request, _: web.StreamResponse) -> None:
+        seen.requests.append((request.method, request.headers.get("traceparent")))
+
+    app.on_response_prepare.append(note)
+    return app
+
+
+@asynccontextmanager
+async def traced_sidecar(
+    upstream: str, provider: TracerProvider, **config: Any
+) -> AsyncIterator[RunningSidecar]:
+    sidecar = await start_sidecar(
+        SidecarConfig(listen_host="127.0.0.1", listen_port=0, upstream=upstream, **config),
+        tracing=OtelTracing(provider),
+    )
+    try:
+        yield sidecar
+    finally:
+        await sidecar.stop()
+
+
+@pytest.fixture
+def exported() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def named(spans: Sequence[ReadableSpan], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+def hex_trace(span: ReadableSpan) -> str:
+    assert span.context is not None
+    return f"{span.context.trace_id:032x}"
+
+
+def hex_span(span: ReadableSpan) -> str:
+    assert span.context is not None
+    return f"{span.context.span_id:016x}"
+
+
+def parent_of(span: ReadableSpan) -> str | None:
+    return f"{span.parent.span_id:016x}" if span.parent is not None else None
+
+
+def server_span(spans: Sequence[ReadableSpan], trace_id: str, method: str) -> ReadableSpan:
+    found = [
+        s
+        for s in spans
+        if s.kind is SpanKind.SERVER and hex_trace(s) == trace_id and s.name == method
+    ]
+    assert len(found) == 1, [(s.name, dict(s.attributes or {})) for s in found]
+    return found[0]
+
+
+async def test_a_stream_cut_upstream_and_resumed_by_its_client_stays_in_the_callers_trace(
+    exported: tuple[TracerProvider, InMemorySpanExporter], http: aiohttp.ClientSession
+) -> None:
+    """The POST continues the caller's trace; the upstream gets a `traceparent` of that trace;
+    the upstream connection is cut mid-stream and the sidecar's reconnect (with the upstream's
+    Last-Event-ID) is a span of the stream, in the same trace; the client drops, resumes with
+    Last-Event-ID and that request is a server span of its trace too."""
+    provider, exporter = exported
+    seen = Seen()
+    async with (
+        serve_app(watched(make_app(interval_ms=5), seen)) as up,
+        Relay("127.0.0.1", int(up.rpartition(":")[2])) as relay,
+        traced_sidecar(f"http://127.0.0.1:{relay.port}", provider) as sidecar,
+    ):
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        trace_id, caller_span = new_ids()
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        post = {**headers, "traceparent": traceparent(trace_id, caller_span)}
+        async with http.post(base + MCP, json=count_call(80, interval_ms=5), headers=post) as r:
+            assert r.status == 200
+            got: list[Received] = []
+            async for ev in events(r):
+                got.append(ev)
+                if len(got) == 10:
+                    relay.cut()  # the upstream connection breaks mid-stream
+                if len(got) == 30:
+                    break  # the client drops too
+        last = got[-1].id
+        assert last is not None
+        _, resume_span = new_ids()
+        resume = {
+            **headers,
+            "Accept": "text/event-stream",
+            "Last-Event-ID": last,
+            "traceparent": traceparent(trace_id, resume_span),
+        }
+        async with http.get(base + MCP, headers=resume) as r:
+            assert r.status == 200
+            got += await collect(r)
+        assert progress_numbers(got) == list(range(1, 81))
+        spans = await eventually(
+            lambda: (s := exporter.get_finished_spans()) and named(s, "tether.stream") and s,
+            timeout=DEADLINE,
+            what="the stream's span to end",
+        )
+
+    request = server_span(spans, trace_id, "POST")
+    assert parent_of(request) == caller_span
+    attributes = dict(request.attributes or {})
+    assert attributes["mcp.method.name"] == "tools/call"
+    assert attributes["mcp.session.id"] == sid
+    # The client stopped reading mid-stream: its request ended so, not with a status.
+    assert [e.name for e in request.events] == ["tether.client.disconnected"]
+
+    # The upstream POST: a client span under the request, whose id the upstream was sent.
+    (upstream_post,) = [
+        s for s in spans if s.kind is SpanKind.CLIENT and parent_of(s) == hex_span(request)
+    ]
+    posts = [tp for method, tp in seen.requests if method == "POST" and tp and trace_id in tp]
+    assert posts == [traceparent(trace_id, hex_span(upstream_post))]
+
+    (stream,) = named(spans, "tether.stream")
+    assert hex_trace(stream) == trace_id
+    assert parent_of(stream) == hex_span(request)
+    assert dict(stream.attributes or {})["tether.stream.state"] == "complete"
+    assert any(e.name == "tether.upstream.ended" for e in stream.events)
+
+    reconnects = named(spans, "tether.reconnect")
+    assert reconnects, "the cut was not followed by a reconnect span"
+    assert all(parent_of(s) == hex_span(stream) for s in reconnects)
+    assert any(dict(s.attributes or {})["tether.reconnect.resumed"] for s in reconnects)
+    # Each reconnect's GET carried a traceparent of the caller's trace, naming its own span.
+    reconnect_gets = {
+        hex_span(s) for s in spans if s.kind is SpanKind.CLIENT and s.name == "GET"
+    } & {tp.split("-")[2] for method, tp in seen.requests if method == "GET" and tp}
+    assert reconnect_gets
+    assert all(trace_id in tp for method, tp in seen.requests if method == "GET" and tp is not None)
+
+    resumed = server_span(spans, trace_id, "GET")
+    assert parent_of(resumed) == resume_span
+    assert dict(resumed.attributes or {})["tether.resume.last_event_id"] == last
+    assert dict(resumed.attributes or {})["http.response.status_code"] == 200
+
+
+async def test_adoption_and_reinitialization_are_spans_of_the_request_that_caused_them(
+    exported: tuple[TracerProvider, InMemorySpanExporter],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A session made through sidecar A is used through sidecar B, whose MCP server never saw
+    it: B's request span holds `tether.adopt` (with the control-plane calls, their
+    `traceparent` in the gRPC metadata) and `tether.reinitialize` (with its two upstream
+    POSTs), all in the caller's trace."""
+    provider, exporter = exported
+    seen_b = Seen()
+    noted = MetadataSeen()
+    production = controlplane.identity.server_interceptors
+    monkeypatch.setattr(
+        controlplane.server, "server_interceptors", lambda sec: [*production(sec), noted]
+    )
+    async with (
+        control_plane_on("sqlite", tmp_path) as plane,  # with `noted` among its interceptors
+        serve_app(make_app(strict_sessions=True)) as up_a,
+        serve_app(watched(make_app(strict_sessions=True), seen_b)) as up_b,
+        # Stopped before the control plane (they flush to it): entered after it.
+        traced_sidecar(up_a, provider, control_plane=plane.address, owner="a") as a,
+        traced_sidecar(up_b, provider, control_plane=plane.address, owner="b") as b,
+    ):
+        sid = await initialize(http, f"http://127.0.0.1:{a.port}")
+        assert a.proxy.continuity.reporter is not None
+        await asyncio.wait_for(a.proxy.continuity.reporter.flushed(), DEADLINE)
+        trace_id, caller_span = new_ids()
+        ping = {"jsonrpc": "2.0", "id": 5, "method": "ping"}
+        call = {**HEADERS, "Mcp-Session-Id": sid}
+        call["traceparent"] = traceparent(trace_id, caller_span)
+        async with http.post(f"http://127.0.0.1:{b.port}{MCP}", json=ping, headers=call) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+    spans = exporter.get_finished_spans()
+    request = server_span(spans, trace_id, "POST")
+    assert parent_of(request) == caller_span
+    assert dict(request.attributes or {})["mcp.method.name"] == "ping"
+
+    (adopt,) = [s for s in named(spans, "tether.adopt") if hex_trace(s) == trace_id]
+    assert parent_of(adopt) == hex_span(request)
+    assert dict(adopt.attributes or {})["tether.adopt.outcome"] == "adopted"
+    rpcs = {s.name: s for s in spans if parent_of(s) == hex_span(adopt)}
+    assert "tether.v1.SessionService/GetSession" in rpcs
+    claim = rpcs["tether.v1.SessionService/ClaimSession"]
+    assert claim.kind is SpanKind.CLIENT
+    assert traceparent(trace_id, hex_span(claim)) in noted.traceparents
+
+    (reinit,) = [s for s in named(spans, "tether.reinitialize") if hex_trace(s) == trace_id]
+    assert parent_of(reinit) == hex_span(request)
+    replayed = [s for s in spans if parent_of(s) == hex_span(reinit)]
+    assert [s.name for s in replayed] == ["POST", "POST"]  # initialize, then initialized
+    sent = {tp for _, tp in seen_b.requests if tp}
+    assert {traceparent(trace_id, hex_span(s)) for s in replayed} <= sent
+
+
+class MetadataSeen(_ServerInterceptor):
+    """Notes the `traceparent` of every call the control plane receives."""
+
+    def __init__(self) -> None:
+        self.traceparents: list[str] = []
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        for key, value in details.invocation_metadata or ():
+            if key == "traceparent":
+                self.traceparents.append(value)
+        return await continuation(details)
