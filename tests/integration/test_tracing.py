@@ -10,6 +10,7 @@ the collector's own generated service), without it no OpenTelemetry module is ev
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -35,6 +37,7 @@ from tests.integration.conftest import serve_app
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize, progress_numbers
 from tests.support.control_plane import control_plane_on
 from tests.support.numbered_upstream import make_app
+from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.relay import Relay
 from tests.support.sse_client import Received, collect, events
 from tests.support.waiting import eventually
@@ -278,3 +281,116 @@ class MetadataSeen(_ServerInterceptor):
             if key == "traceparent":
                 self.traceparents.append(value)
         return await continuation(details)
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver (the collector's generated service): what it was sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[tuple[str, str, dict[str, str]]]:
+        """(service.name, span name, its string attributes, with `trace_id`) of each span."""
+        out = []
+        for request in self.requests:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                )
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        attributes = {a.key: a.value.string_value for a in span.attributes}
+                        attributes["trace_id"] = span.trace_id.hex()
+                        out.append((service, span.name, attributes))
+        return out
+
+
+@asynccontextmanager
+async def otlp_receiver() -> AsyncIterator[tuple[OtlpReceiver, int]]:
+    receiver = OtlpReceiver()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield receiver, port
+    finally:
+        await server.stop(None)
+
+
+def sidecar_process_argv(port: int, upstream: str, *extra: str) -> list[str]:
+    return python_module(
+        "tether.cli", "sidecar", "--listen", f"127.0.0.1:{port}", "--upstream", upstream, *extra
+    )
+
+
+async def test_tether_sidecar_with_tracing_exports_over_otlp_as_the_otel_variables_say(
+    procs: ProcessPool, http: aiohttp.ClientSession
+) -> None:
+    """`tether sidecar --tracing` with only the standard variables set: its spans reach an
+    OTLP/gRPC receiver, in the caller's trace, under the default service name."""
+    async with serve_app(make_app()) as up, otlp_receiver() as (receiver, otlp_port):
+        port = free_port()
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+        }
+        env_off = {k: "" for k in os.environ if k.startswith("OTEL_")}
+        sidecar = await procs.start(
+            sidecar_process_argv(port, up, "--tracing"),
+            name="traced-sidecar",
+            ready_port=port,
+            env={**env_off, **env},
+        )
+        trace_id, caller_span = new_ids()
+        headers = {**HEADERS, "traceparent": traceparent(trace_id, caller_span)}
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        async with http.post(f"http://127.0.0.1:{port}{MCP}", json=ping, headers=headers) as r:
+            assert r.status == 200
+        ours = await eventually(
+            lambda: [s for s in receiver.spans() if s[2]["trace_id"] == trace_id],
+            timeout=DEADLINE,
+            what="the request's spans at the OTLP receiver",
+        )
+        assert await sidecar.stop() == 0
+    assert {(service, name) for service, name, _ in ours} >= {
+        ("tether-sidecar", "POST"),  # the proxied request, then the upstream request
+    }
+    assert any(a.get("mcp.method.name") == "ping" for _, _, a in ours)
+
+
+async def test_without_tracing_no_opentelemetry_module_is_imported(
+    procs: ProcessPool, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Off (the default), tracing costs nothing: the sidecar process never imports
+    OpenTelemetry (`-X importtime` lists every module it imports, at start-up or later), and a
+    caller's `traceparent` passes through to the upstream untouched."""
+    seen = Seen()
+    async with serve_app(watched(make_app(), seen)) as up:
+        port = free_port()
+        argv = sidecar_process_argv(port, up)
+        argv.insert(1, "-Ximporttime")
+        otel = {k: "" for k in os.environ if k.startswith("OTEL_")}
+        sidecar = await procs.start(argv, name="plain-sidecar", ready_port=port, env=otel)
+        trace_id, caller_span = new_ids()
+        sent = traceparent(trace_id, caller_span)
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        async with http.post(
+            f"http://127.0.0.1:{port}{MCP}", json=ping, headers={**HEADERS, "traceparent": sent}
+        ) as r:
+            assert r.status == 200
+        assert await sidecar.stop() == 0
+    imported = sidecar.log_path.read_text()
+    assert "import time:" in imported  # -X importtime did list the imports
+    assert "sidecar.proxy" in imported
+    assert "opentelemetry" not in imported
+    assert seen.requests == [("POST", sent)]
