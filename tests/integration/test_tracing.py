@@ -317,7 +317,8 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 async def otlp_receiver() -> AsyncIterator[tuple[OtlpReceiver, int]]:
     receiver = OtlpReceiver()
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    # The generated gRPC module is untyped.
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
