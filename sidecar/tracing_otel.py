@@ -8,22 +8,18 @@ spans are named by their method, gRPC client spans `package.Service/Method`; MCP
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import grpc
 from aiohttp import web
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from sidecar.tracing import Attribute, Attributes
+from tether.otel import sdk_provider
 
 if TYPE_CHECKING:
     _UnaryUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
@@ -167,40 +163,8 @@ class UnaryCallSpans(_UnaryUnaryInterceptor):
             return call
 
 
-def _exporter(name: str) -> SpanExporter:
-    """The exporter `OTEL_TRACES_EXPORTER` names, as the SDK's auto-configuration resolves it:
-    `otlp` is OTLP over gRPC, or over HTTP when `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` is
-    `http/protobuf`; others by their entry point (`console`, `otlp_proto_http`, ...)."""
-    if name == "otlp":
-        protocol = (
-            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-            or "grpc"
-        ).strip()
-        by_protocol = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
-        if protocol not in by_protocol:
-            raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r}")
-        name = by_protocol[protocol]
-    found = entry_points(group="opentelemetry_traces_exporter", name=name)
-    if not found:
-        raise ValueError(f"OTEL_TRACES_EXPORTER: no exporter named {name!r} is installed")
-    exporter = next(iter(found)).load()()
-    if not isinstance(exporter, SpanExporter):
-        raise ValueError(f"OTEL_TRACES_EXPORTER: {name!r} is not a span exporter")
-    return exporter
-
-
 def sdk_tracing() -> OtelTracing:
-    """A `TracerProvider` configured by the `OTEL_*` variables (`sidecar.tracing` rule 4):
-    resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), sampler
-    (`OTEL_TRACES_SAMPLER`), exporters (`OTEL_TRACES_EXPORTER`, default `otlp`; `none` for
-    none), batching (`OTEL_BSP_*`) and each exporter's own `OTEL_EXPORTER_OTLP_*`."""
-    resource = Resource.create()
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
-    exporters = [_exporter(n) for n in names if n and n != "none"]
-    provider = TracerProvider(resource=resource)
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    """OpenTelemetry's SDK as the `OTEL_*` variables say (`tether.otel`, `sidecar.tracing`
+    rule 4), under the service name `tether-sidecar` unless they name one."""
+    provider = sdk_provider(DEFAULT_SERVICE_NAME)
     return OtelTracing(provider, on_shutdown=provider.shutdown)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import sys
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +29,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-import controlplane.identity
-import controlplane.server
+from controlplane.config import ControlPlaneConfig, SqliteUrl
+from controlplane.server import RunningControlPlane, start_control_plane
 from sidecar.app import RunningSidecar, start_sidecar
 from sidecar.config import SidecarConfig
 from sidecar.tracing_otel import OtelTracing
 from tests.integration.conftest import serve_app
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize, progress_numbers
-from tests.support.control_plane import control_plane_on
 from tests.support.numbered_upstream import make_app
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.relay import Relay
@@ -88,6 +88,20 @@ async def traced_sidecar(
         yield sidecar
     finally:
         await sidecar.stop()
+
+
+@asynccontextmanager
+async def traced_control_plane(
+    tmp_path: Path, provider: TracerProvider
+) -> AsyncIterator[RunningControlPlane]:
+    plane = await start_control_plane(
+        ControlPlaneConfig(listen="127.0.0.1:0", store=SqliteUrl(tmp_path / "sessions.db")),
+        tracer_provider=provider,
+    )
+    try:
+        yield plane
+    finally:
+        await plane.stop()
 
 
 @pytest.fixture
@@ -215,7 +229,6 @@ async def test_adoption_and_reinitialization_are_spans_of_the_request_that_cause
     exported: tuple[TracerProvider, InMemorySpanExporter],
     http: aiohttp.ClientSession,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A session made through sidecar A is used through sidecar B, whose MCP server never saw
     it: B's request span holds `tether.adopt` (with the control-plane calls, their
@@ -223,13 +236,8 @@ async def test_adoption_and_reinitialization_are_spans_of_the_request_that_cause
     POSTs), all in the caller's trace."""
     provider, exporter = exported
     seen_b = Seen()
-    noted = MetadataSeen()
-    production = controlplane.identity.server_interceptors
-    monkeypatch.setattr(
-        controlplane.server, "server_interceptors", lambda sec: [*production(sec), noted]
-    )
     async with (
-        control_plane_on("sqlite", tmp_path) as plane,  # with `noted` among its interceptors
+        traced_control_plane(tmp_path, provider) as plane,
         serve_app(make_app(strict_sessions=True)) as up_a,
         serve_app(watched(make_app(strict_sessions=True), seen_b)) as up_b,
         # Stopped before the control plane (they flush to it): entered after it.
@@ -258,7 +266,11 @@ async def test_adoption_and_reinitialization_are_spans_of_the_request_that_cause
     assert "tether.v1.SessionService/GetSession" in rpcs
     claim = rpcs["tether.v1.SessionService/ClaimSession"]
     assert claim.kind is SpanKind.CLIENT
-    assert traceparent(trace_id, hex_span(claim)) in noted.traceparents
+    # The control plane continued the trace from the call's metadata.
+    (served,) = [s for s in spans if s.kind is SpanKind.SERVER and parent_of(s) == hex_span(claim)]
+    assert served.name == "tether.v1.SessionService/ClaimSession"
+    assert hex_trace(served) == trace_id
+    assert dict(served.attributes or {})["rpc.grpc.status_code"] == 0
 
     (reinit,) = [s for s in named(spans, "tether.reinitialize") if hex_trace(s) == trace_id]
     assert parent_of(reinit) == hex_span(request)
@@ -266,21 +278,6 @@ async def test_adoption_and_reinitialization_are_spans_of_the_request_that_cause
     assert [s.name for s in replayed] == ["POST", "POST"]  # initialize, then initialized
     sent = {tp for _, tp in seen_b.requests if tp}
     assert {traceparent(trace_id, hex_span(s)) for s in replayed} <= sent
-
-
-class MetadataSeen(_ServerInterceptor):
-    """Notes the `traceparent` of every call the control plane receives."""
-
-    def __init__(self) -> None:
-        self.traceparents: list[str] = []
-
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
-    ) -> Any:
-        for key, value in details.invocation_metadata or ():
-            if key == "traceparent":
-                self.traceparents.append(value)
-        return await continuation(details)
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -370,28 +367,46 @@ async def test_tether_sidecar_with_tracing_exports_over_otlp_as_the_otel_variabl
 
 
 async def test_without_tracing_no_opentelemetry_module_is_imported(
-    procs: ProcessPool, http: aiohttp.ClientSession, tmp_path: Path
+    procs: ProcessPool, http: aiohttp.ClientSession
 ) -> None:
-    """Off (the default), tracing costs nothing: the sidecar process never imports
-    OpenTelemetry (`-X importtime` lists every module it imports, at start-up or later), and a
+    """Off (the default), tracing costs nothing: neither `tether sidecar` nor `tether
+    control-plane` ever imports OpenTelemetry (`-X importtime` lists every module a process
+    imports, at start-up or later) while a session is created, reported and used, and a
     caller's `traceparent` passes through to the upstream untouched."""
     seen = Seen()
+    otel_unset = {k: "" for k in os.environ if k.startswith("OTEL_")}
+    cp_port, port = free_port(), free_port()
+    plane = await procs.start(
+        [
+            sys.executable,
+            "-Ximporttime",
+            *python_module("tether.cli", "control-plane")[1:],
+            "--listen",
+            f"127.0.0.1:{cp_port}",
+            "--store",
+            f"sqlite:///{procs.log_dir / 'sessions.db'}",
+        ],
+        name="plain-control-plane",
+        ready_port=cp_port,
+        env=otel_unset,
+    )
     async with serve_app(watched(make_app(), seen)) as up:
-        port = free_port()
-        argv = sidecar_process_argv(port, up)
+        argv = sidecar_process_argv(port, up, "--control-plane", f"127.0.0.1:{cp_port}")
         argv.insert(1, "-Ximporttime")
-        otel = {k: "" for k in os.environ if k.startswith("OTEL_")}
-        sidecar = await procs.start(argv, name="plain-sidecar", ready_port=port, env=otel)
+        sidecar = await procs.start(argv, name="plain-sidecar", ready_port=port, env=otel_unset)
+        base = f"http://127.0.0.1:{port}"
+        sid = await initialize(http, base)
         trace_id, caller_span = new_ids()
         sent = traceparent(trace_id, caller_span)
         ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
-        async with http.post(
-            f"http://127.0.0.1:{port}{MCP}", json=ping, headers={**HEADERS, "traceparent": sent}
-        ) as r:
+        headers = {**HEADERS, "Mcp-Session-Id": sid, "traceparent": sent}
+        async with http.post(base + MCP, json=ping, headers=headers) as r:
             assert r.status == 200
-        assert await sidecar.stop() == 0
-    imported = sidecar.log_path.read_text()
-    assert "import time:" in imported  # -X importtime did list the imports
-    assert "sidecar.proxy" in imported
-    assert "opentelemetry" not in imported
-    assert seen.requests == [("POST", sent)]
+        assert await sidecar.stop() == 0  # after flushing its reports to the control plane
+    assert await plane.stop() == 0
+    for process, module in ((sidecar, "sidecar.proxy"), (plane, "controlplane.service")):
+        imported = process.log_path.read_text()
+        assert "import time:" in imported  # -X importtime did list the imports
+        assert module in imported
+        assert "opentelemetry" not in imported, process.name
+    assert seen.requests[-1] == ("POST", sent)
