@@ -63,7 +63,7 @@ from sidecar.reissue import (
 from sidecar.resilient import Resilient, end_upstream
 from sidecar.resume import Resume
 from sidecar.streams import Registry, Session
-from sidecar.tracing import NO_TRACING, Span, Tracing
+from sidecar.tracing import NO_SPAN, NO_TRACING, Span, Tracing
 from sidecar.tracker import EventId, StreamKind
 from sidecar.upstream import UPSTREAM_ERRORS, BodyTooLargeError, Upstream, UpstreamTimeoutError
 from sidecar.writer import Writer
@@ -262,6 +262,8 @@ class Proxy:
 
     async def _traced(self, request: web.Request) -> web.StreamResponse:
         """`_handle` inside the request's server span (`sidecar.tracing`)."""
+        if not self.tracing.enabled:
+            return await self._handle(request, NO_SPAN)
         with self.tracing.request(request) as span:
             session_id = request.headers.get(SESSION_HEADER)
             if session_id:

@@ -110,6 +110,8 @@ class _NoSpan:
         pass
 
 
+NO_SPAN: Span = _NoSpan()
+"""The span hooks get with tracing off; also for a caller that skips a hook when off."""
 _NO_SPAN = _NoSpan()
 
 
