@@ -1,10 +1,12 @@
-"""OpenTelemetry tracing (`sidecar.tracing`): traces continue through the sidecar, across an
-upstream break, a client's resume, an adoption and a re-initialization; off, it costs nothing.
+"""OpenTelemetry tracing (`sidecar.tracing`, `controlplane.tracing`): traces continue through
+the sidecar, across an upstream break, a client's resume, an adoption (into the control
+plane), a re-initialization and re-issues; off, it costs nothing.
 
 A real sidecar in process, real aiohttp upstreams on loopback (behind a cuttable TCP relay), a
 real control plane over SQLite; spans go to the SDK's in-memory exporter. The process tests run
 `tether sidecar` itself: with `--tracing` it exports over OTLP/gRPC (to a real OTLP receiver,
-the collector's own generated service), without it no OpenTelemetry module is even imported.
+the collector's own generated service), without it neither it nor `tether control-plane`
+imports anything of OpenTelemetry.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sidecar.config import SidecarConfig
 from sidecar.tracing_otel import OtelTracing
 from tests.integration.conftest import serve_app
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize, progress_numbers
+from tests.integration.test_reissue import FAST, Script, post, request, scripted
 from tests.support.numbered_upstream import make_app
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.relay import Relay
@@ -295,8 +298,8 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def spans(self) -> list[tuple[str, str, dict[str, str]]]:
         """(service.name, span name, its string attributes, with `trace_id`) of each span."""
         out = []
-        for request in self.requests:
-            for resource_spans in request.resource_spans:
+        for export in self.requests:
+            for resource_spans in export.resource_spans:
                 service = next(
                     a.value.string_value
                     for a in resource_spans.resource.attributes
@@ -410,3 +413,41 @@ async def test_without_tracing_no_opentelemetry_module_is_imported(
         assert module in imported
         assert "opentelemetry" not in imported, process.name
     assert seen.requests[-1] == ("POST", sent)
+
+
+async def test_each_reissue_is_a_span_between_the_attempts_it_separates(
+    exported: tuple[TracerProvider, InMemorySpanExporter], http: aiohttp.ClientSession
+) -> None:
+    """A safe 2026-07-28 request whose upstream resets, then answers 503, then answers: three
+    upstream client spans under the request, with a `tether.reissue` span (the wait, and why)
+    before each attempt after the first."""
+    provider, exporter = exported
+    script = Script(plans={"tools/list": ["reset", "503", "sse"]})
+    async with scripted(script) as up, traced_sidecar(up, provider, reconnect=FAST) as sidecar:
+        trace_id, caller_span = new_ids()
+        status, _ = await post(
+            http,
+            f"http://127.0.0.1:{sidecar.port}",
+            request("tools/list"),
+            traceparent=traceparent(trace_id, caller_span),
+        )
+        assert status == 200
+    spans = exporter.get_finished_spans()
+    request_span = server_span(spans, trace_id, "POST")
+    children = sorted(
+        (s for s in spans if parent_of(s) == hex_span(request_span)),
+        key=lambda s: s.start_time or 0,
+    )
+    assert [s.name for s in children] == [
+        "POST",
+        "tether.reissue",
+        "POST",
+        "tether.reissue",
+        "POST",
+    ]
+    waits = [dict(s.attributes or {}) for s in children if s.name == "tether.reissue"]
+    assert [w["tether.reissue.attempt"] for w in waits] == [1, 2]
+    assert "answered 503" in str(waits[1]["tether.reissue.reason"])
+    statuses = [dict(s.attributes or {}).get("http.response.status_code") for s in children]
+    assert statuses[2::2] == [503, 200]
+    assert script.hits["tools/list"] == 3
