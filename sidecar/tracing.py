@@ -158,11 +158,16 @@ def tracing_from_env(enabled: bool) -> Tracing:
 
 
 def require_sdk() -> None:
-    """Raise `TracingUnavailableError` unless the `tracing` extra is installed (the CLI asks
-    before it starts anything)."""
+    """Raise `TracingUnavailableError` unless the `tracing` extra is installed and the
+    `OTEL_*` variables name exporters it has (the CLI asks before it starts anything)."""
     try:
         import sidecar.tracing_otel  # noqa: F401 - the check is the import
+        from tether.otel import check_env
     except ImportError as exc:
         raise TracingUnavailableError(
             f"--tracing needs OpenTelemetry's SDK: pip install 'tether[tracing]' ({exc})"
         ) from exc
+    try:
+        check_env()
+    except ValueError as exc:
+        raise TracingUnavailableError(str(exc)) from exc

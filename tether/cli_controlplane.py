@@ -464,10 +464,15 @@ def add_sessions_parser(sub: Any) -> None:
 
 
 def _tracing_missing() -> str | None:
-    """Why `--tracing` cannot work here (the `tracing` extra is not installed), or None."""
+    """Why `--tracing` cannot work here (the `tracing` extra is not installed, an `OTEL_*`
+    variable names an exporter it does not have), or None."""
     try:
         import controlplane.tracing  # noqa: F401 - the check is the import
-        import tether.otel  # noqa: F401 - the check is the import
+        from tether.otel import check_env
     except ImportError as exc:
         return f"--tracing needs OpenTelemetry's SDK: pip install 'tether[tracing]' ({exc})"
+    try:
+        check_env()
+    except ValueError as exc:
+        return str(exc)
     return None

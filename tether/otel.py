@@ -9,7 +9,7 @@ auto-configuration does; the only default of its own is the service name.
 from __future__ import annotations
 
 import os
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -18,10 +18,30 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 _BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
 
 
+def exporter_names() -> list[str]:
+    """The exporters `OTEL_TRACES_EXPORTER` names (default `otlp`; `none`: no exporter)."""
+    names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
+    return [n for n in names if n and n != "none"]
+
+
+def check_env() -> None:
+    """Raise ValueError, saying which variable is wrong, for an exporter or OTLP protocol the
+    SDK would not find; nothing is created (the commands call it before they start)."""
+    for name in exporter_names():
+        _entry_point(name)
+
+
 def span_exporter(name: str) -> SpanExporter:
     """The exporter `OTEL_TRACES_EXPORTER` names: `otlp` is OTLP over gRPC, or over HTTP when
     `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` is `http/protobuf`; any other name is an installed
     exporter's entry point (`console`, `otlp_proto_http`, ...). Raises ValueError otherwise."""
+    exporter = _entry_point(name).load()()
+    if not isinstance(exporter, SpanExporter):
+        raise ValueError(f"OTEL_TRACES_EXPORTER: {name!r} is not a span exporter")
+    return exporter
+
+
+def _entry_point(name: str) -> EntryPoint:
     if name == "otlp":
         protocol = (
             os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
@@ -34,10 +54,7 @@ def span_exporter(name: str) -> SpanExporter:
     found = entry_points(group="opentelemetry_traces_exporter", name=name)
     if not found:
         raise ValueError(f"OTEL_TRACES_EXPORTER: no exporter named {name!r} is installed")
-    exporter = next(iter(found)).load()()
-    if not isinstance(exporter, SpanExporter):
-        raise ValueError(f"OTEL_TRACES_EXPORTER: {name!r} is not a span exporter")
-    return exporter
+    return next(iter(found))
 
 
 def sdk_provider(default_service_name: str) -> TracerProvider:
@@ -49,8 +66,7 @@ def sdk_provider(default_service_name: str) -> TracerProvider:
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: default_service_name}))
-    names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
-    exporters = [span_exporter(n) for n in names if n and n != "none"]
+    exporters = [span_exporter(n) for n in exporter_names()]
     provider = TracerProvider(resource=resource)
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))

@@ -451,3 +451,37 @@ async def test_each_reissue_is_a_span_between_the_attempts_it_separates(
     statuses = [dict(s.attributes or {}).get("http.response.status_code") for s in children]
     assert statuses[2::2] == [503, 200]
     assert script.hits["tools/list"] == 3
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sidecar", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9"],
+        ["control-plane", "--listen", "127.0.0.1:0"],
+    ],
+    ids=["sidecar", "control-plane"],
+)
+async def test_an_otel_variable_tracing_cannot_use_stops_the_command_saying_which(
+    command: list[str],
+) -> None:
+    """A typo in `OTEL_TRACES_EXPORTER` or the OTLP protocol stops `--tracing` at once (exit 2,
+    the variable named), instead of a traceback once it has started."""
+    for variable, value, said in (
+        ("OTEL_TRACES_EXPORTER", "zipkinn", "no exporter named 'zipkinn'"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "unsupported protocol 'http/json'"),
+    ):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        proc = await asyncio.create_subprocess_exec(
+            *python_module("tether.cli", *command, "--tracing"),
+            env={**env, variable: value},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
+        finally:
+            if proc.returncode is None:  # it started instead: stop it
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 2, err
+        assert f"{variable}: {said}" in err.decode()
