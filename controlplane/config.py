@@ -186,3 +186,6 @@ class ControlPlaneConfig:
     """Seconds between the store probes that gRPC health follows (`controlplane.health`)."""
     store_probe_timeout: float = 3.0
     """A store probe not answered within this many seconds failed."""
+    tracing: bool = False
+    """A server span per unary call (`controlplane.tracing`; the `tracing` extra), exported as
+    the standard `OTEL_*` variables say."""

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,6 +39,9 @@ from tether.api.v1 import sessions_pb2, sessions_pb2_grpc
 from tether.grpc_security import add_port
 from tether.ports import check_free, split_hostport
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
@@ -53,6 +58,8 @@ class RunningControlPlane:
     health: AsyncHealthServicer
     store_health: StoreHealth
     _stopped: bool = False
+    flush_traces: Callable[[], object] | None = None
+    """Exports the spans still buffered (`--tracing`); blocks, so it runs in a thread."""
 
     @property
     def address(self) -> str:
@@ -72,14 +79,20 @@ class RunningControlPlane:
         await self.server.stop(grace)
         await self.batcher.aclose()
         await self.store.aclose()
+        if self.flush_traces is not None:
+            await asyncio.to_thread(self.flush_traces)
         log.info("control plane stopped")
 
 
 async def start_control_plane(
-    config: ControlPlaneConfig, *, store: SessionStore | None = None
+    config: ControlPlaneConfig,
+    *,
+    store: SessionStore | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> RunningControlPlane:
     """Open the store (unless given one), start serving on `config.listen`. Bad security
-    settings (`SecurityConfigError`, `PolicyError`) raise before anything is opened."""
+    settings (`SecurityConfigError`, `PolicyError`) raise before anything is opened.
+    `tracer_provider`: trace the unary calls there (tests), whatever `config.tracing` says."""
     authenticator = authenticator_for(
         config.security, config.tokens, home_namespace=config.home_namespace
     )
@@ -99,8 +112,12 @@ async def start_control_plane(
             max_sessions_per_owner=config.max_sessions_per_owner,
         )
     batcher = WriteBatcher(store, flush_interval=config.flush_interval)
+    interceptors: Sequence[Any] = server_interceptors(authenticator)
+    flush_traces: Callable[[], object] | None = None
+    if config.tracing or tracer_provider is not None:
+        interceptors, flush_traces = _traced(interceptors, tracer_provider)
     server = grpc.aio.server(
-        interceptors=server_interceptors(authenticator),
+        interceptors=interceptors,
         # Documented in controlplane.limits: a longer message is refused by gRPC
         # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
         options=GRPC_SERVER_OPTIONS,
@@ -145,7 +162,15 @@ async def start_control_plane(
         await store.aclose()
         raise
     running = RunningControlPlane(
-        config, server, port, store, batcher, service, health_servicer, store_health
+        config,
+        server,
+        port,
+        store,
+        batcher,
+        service,
+        health_servicer,
+        store_health,
+        flush_traces=flush_traces,
     )
     # `address` is where a local client connects; the bind address may be wider (0.0.0.0).
     log.info(
@@ -165,6 +190,23 @@ def _shown_store(config: ControlPlaneConfig) -> str:
     if isinstance(url, SqliteUrl) and not url.path.is_absolute():
         return f"{url} = {url.path.absolute()}"
     return str(url)
+
+
+def _traced(
+    interceptors: Sequence[Any], provider: TracerProvider | None
+) -> tuple[list[Any], Callable[[], object] | None]:
+    """Tracing on (`controlplane.tracing`, imported only now): its interceptor goes first, so
+    a call the authenticator refuses is a span too. Without a provider, the SDK as the
+    `OTEL_*` variables configure it, flushed at the stop."""
+    from controlplane.tracing import DEFAULT_SERVICE_NAME, UnaryServerSpans
+
+    flush: Callable[[], object] | None = None
+    if provider is None:
+        from tether.otel import sdk_provider
+
+        sdk = sdk_provider(DEFAULT_SERVICE_NAME)
+        provider, flush = sdk, sdk.shutdown
+    return [UnaryServerSpans(provider), *interceptors], flush
 
 
 async def serve(config: ControlPlaneConfig) -> None:

@@ -23,6 +23,7 @@ from sidecar.health import UpstreamProbe
 from sidecar.metrics import Metrics
 from sidecar.proxy import DRAIN_POLL_S, Proxy
 from sidecar.readiness import Inputs, readiness
+from sidecar.tracing import Tracing, tracing_from_env
 from tether.ports import check_free
 from tether.tasks import spawn
 
@@ -180,15 +181,18 @@ def _bound_port(runner: web.AppRunner) -> int:
     raise RuntimeError("listener has no TCP address")
 
 
-async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
+async def start_sidecar(config: SidecarConfig, *, tracing: Tracing | None = None) -> RunningSidecar:
     """Start the proxied and admin listeners; returns once both accept connections. A busy
-    address raises `PortInUseError` (one line) before anything starts."""
+    address raises `PortInUseError` (one line) before anything starts. `tracing`: None for
+    what `config.tracing` and the `OTEL_*` variables say."""
     if config.admin_host is not None and config.admin_port is not None:
         check_free(config.admin_host, config.admin_port, what="--admin-listen")
     check_free(config.listen_host, config.listen_port, what="--listen")
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUEST_LINES)  # once: same object
     metrics = Metrics()
-    proxy = Proxy(config, metrics)
+    if tracing is None:
+        tracing = tracing_from_env(config.tracing)
+    proxy = Proxy(config, metrics, tracing=tracing)
     await proxy.start()
     ready = asyncio.Event()
     runners: list[web.AppRunner] = []

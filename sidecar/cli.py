@@ -63,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             drain_timeout=args.drain_timeout,
             upstream_probe_interval=args.upstream_probe_interval,
             ready_requires_control_plane=args.ready_requires_control_plane,
+            tracing=args.tracing,
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
@@ -98,13 +99,16 @@ def read_fingerprint_key(path: Path | None) -> bytes | None:
 def _run(args: argparse.Namespace) -> int:
     from sidecar.app import run_until_signalled
     from sidecar.eventloop import loop_factory, run
+    from sidecar.tracing import TracingUnavailableError, require_sdk
 
     try:
         config = config_from_args(args)
         key = read_fingerprint_key(args.fingerprint_key_file)
         config = dataclasses.replace(config, fingerprint_key=key)
         factory = loop_factory(args.event_loop)
-    except ConfigError as exc:
+        if config.tracing:
+            require_sdk()
+    except (ConfigError, TracingUnavailableError) as exc:
         print(f"tether sidecar: {exc}", file=sys.stderr)
         return 2
     log.info("event loop: %s", args.event_loop)
@@ -248,6 +252,12 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--reconnect-attempts", type=int, default=10, help="failures before giving up")
     p.add_argument(
         "--reconnect-max-seconds", type=float, default=60.0, help="longest upstream outage"
+    )
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="export OpenTelemetry traces, configured by the standard OTEL_* variables "
+        "(exporter, endpoint, sampler; needs pip install 'tether[tracing]'; see the README)",
     )
     p.add_argument(
         "--event-loop",

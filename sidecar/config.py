@@ -88,6 +88,9 @@ class SidecarConfig:
     arrives whole, so this bounds a tool call's run time in JSON mode); then 504."""
     max_upstream_requests: int = 1000
     """Requests waiting for the upstream's response headers at once; more are answered 503."""
+    tracing: bool = False
+    """Export OpenTelemetry traces (`sidecar.tracing`; the `tracing` extra), as the standard
+    `OTEL_*` variables say."""
     drain_timeout: float = 30.0
     """Longest drain (`/drain`, the preStop hook): how long requests in flight may take to
     finish before the pod goes on stopping. Size `terminationGracePeriodSeconds` from it."""

@@ -95,6 +95,7 @@ from multidict import CIMultiDict
 
 from sidecar.reporter import RENEW_INTERVAL, Backoff, Reporter, ReporterConfig
 from sidecar.streams import TAKEN_OVER, LiveStream, Registry, Session
+from sidecar.tracing import NO_TRACING, Tracing
 from sidecar.tracker import StreamKind
 from tether import tasks
 from tether.api.client import ClaimLostError, SessionGoneError
@@ -295,8 +296,10 @@ class Continuity:
         owner: OwnerName,
         report_interval: float,
         renew_interval: float = RENEW_INTERVAL,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.registry = registry
+        self.tracing = tracing
         self.upstream = upstream
         self.owner = owner
         self.reporter: Reporter | None = None
@@ -311,6 +314,7 @@ class Continuity:
                 ),
                 on_fenced=self._fenced,
                 served=self._served,
+                tracing=tracing,
             )
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
@@ -585,19 +589,24 @@ class Continuity:
                 return sess
             if sess is None and sid in self.unknown_sessions:
                 return UNKNOWN  # answered while this request waited for the lock
-            record = await self._claim(sid, credential=credential)
-            if isinstance(record, Unserved):
-                return sess if sess is not None else record
-            if sess is not None:
-                if record.owner_epoch == sess.owner_epoch:
-                    return sess  # still ours at the local epoch: the id's epoch was not real
-                log.info(
-                    "session %s: served elsewhere since epoch %d; starting again here",
-                    sid,
-                    sess.owner_epoch,
-                )
-                self._drop_local(sid)
-            return self._install(sid, record)
+            with self.tracing.span("tether.adopt", {"mcp.session.id": sid}) as span:
+                record = await self._claim(sid, credential=credential)
+                if isinstance(record, Unserved):
+                    span.set("tether.adopt.outcome", f"unserved {record.status}")
+                    return sess if sess is not None else record
+                span.set("tether.owner.epoch", record.owner_epoch)
+                if sess is not None:
+                    if record.owner_epoch == sess.owner_epoch:
+                        span.set("tether.adopt.outcome", "still ours")
+                        return sess  # still ours at the local epoch: the id's epoch was not real
+                    log.info(
+                        "session %s: served elsewhere since epoch %d; starting again here",
+                        sid,
+                        sess.owner_epoch,
+                    )
+                    self._drop_local(sid)
+                span.set("tether.adopt.outcome", "adopted")
+                return self._install(sid, record)
 
     def _still_ours(self, sess: Session | None, seen_epoch: int) -> bool:
         """A local session to serve as it is: no later epoch seen, and not taken over (a
@@ -684,6 +693,23 @@ class Continuity:
     ) -> bool:
         """Replay the session's `initialize` on the upstream; True once it has a new upstream
         session (possibly made by a concurrent caller)."""
+        with self.tracing.span("tether.reinitialize", {"mcp.session.id": sess.session_id}) as span:
+            done = await self._reinitialize(
+                client, sess, base_url=base_url, headers=headers, lost_upstream_id=lost_upstream_id
+            )
+            if not done:
+                span.fail("the session could not be re-initialized")
+            return done
+
+    async def _reinitialize(
+        self,
+        client: aiohttp.ClientSession,
+        sess: Session,
+        *,
+        base_url: str,
+        headers: Mapping[str, str],
+        lost_upstream_id: str,
+    ) -> bool:
         async with self.locks.hold(sess.session_id):
             if sess.upstream_session_id != lost_upstream_id:
                 return True  # somebody else re-initialized it meanwhile
@@ -701,7 +727,10 @@ class Continuity:
             h["Accept"] = "application/json, text/event-stream"
             url = base_url + sess.init_path
             try:
-                async with client.post(url, data=body, headers=h) as resp:
+                with self.tracing.upstream("POST", url, h) as span:
+                    resp = await client.post(url, data=body, headers=h)
+                    span.http_status(resp.status)
+                async with resp:
                     new_id = resp.headers.get(SESSION_HEADER)
                     answer = await resp.content.read(MAX_INIT_RESPONSE)
                     if resp.status != 200 or not new_id:
@@ -714,7 +743,10 @@ class Continuity:
                 if version:
                     h[PROTOCOL_HEADER] = version
                 note = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
-                async with client.post(url, data=note, headers=h) as resp:
+                with self.tracing.upstream("POST", url, h) as span:
+                    resp = await client.post(url, data=note, headers=h)
+                    span.http_status(resp.status)
+                async with resp:
                     await resp.read()
                     if resp.status >= 300:
                         log.warning(

@@ -64,6 +64,7 @@ from sidecar.reissue import (
 from sidecar.resilient import Resilient, end_upstream
 from sidecar.resume import Resume
 from sidecar.streams import Registry, Session
+from sidecar.tracing import NO_SPAN, NO_TRACING, Span, Tracing
 from sidecar.tracker import EventId, StreamKind
 from sidecar.upstream import UPSTREAM_ERRORS, BodyTooLargeError, Upstream, UpstreamTimeoutError
 from sidecar.writer import Writer
@@ -79,9 +80,12 @@ DRAIN_POLL_S = 0.05
 class Proxy:
     """Request handling for the proxied port; assembles the stages and owns their lifecycle."""
 
-    def __init__(self, config: SidecarConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, config: SidecarConfig, metrics: Metrics, *, tracing: Tracing = NO_TRACING
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        self.tracing = tracing
         self.registry = Registry(
             config.tracker, reconnect=config.reconnect, max_event_bytes=config.max_event_bytes
         )
@@ -94,10 +98,11 @@ class Proxy:
             owner=owner,
             report_interval=config.report_interval,
             renew_interval=config.renew_interval,
+            tracing=tracing,
         )
         if self.continuity.reporter is not None:
             metrics.watch_reporter(self.continuity.reporter)
-        self.upstream = Upstream(config)
+        self.upstream = Upstream(config, tracing=tracing)
         self.writer = Writer(
             config=config, metrics=metrics, upstream=self.upstream, registry=self.registry
         )
@@ -219,6 +224,8 @@ class Proxy:
             self.continuity.report_position(stream)
         await self.continuity.stop()
         await self.upstream.close()
+        if self.tracing.enabled:
+            await asyncio.to_thread(self.tracing.shutdown)  # exports what is buffered
 
     async def _sweep_forever(self) -> None:
         cfg = self.config
@@ -246,7 +253,7 @@ class Proxy:
             self._holding.add(id(request))
             self.draining.request_started(time.monotonic())
         try:
-            return await self._handle(request)
+            return await self._traced(request)
         finally:
             self._release_drain(request)
             left = self.busy_connections.pop(connection) - 1
@@ -255,13 +262,31 @@ class Proxy:
             elif self.draining.draining:
                 self.parking.idle(connection, time.monotonic())
 
+    async def _traced(self, request: web.Request) -> web.StreamResponse:
+        """`_handle` inside the request's server span (`sidecar.tracing`)."""
+        if not self.tracing.enabled:
+            return await self._handle(request, NO_SPAN)
+        with self.tracing.request(request) as span:
+            session_id = request.headers.get(SESSION_HEADER)
+            if session_id:
+                span.set("mcp.session.id", session_id)
+            try:
+                response = await self._handle(request, span)
+            except asyncio.CancelledError:  # the client went away (a stream it stopped reading)
+                span.event("tether.client.disconnected")
+                raise
+            span.http_status(response.status)
+            if not session_id and (created := response.headers.get(SESSION_HEADER)):
+                span.set("mcp.session.id", created)
+            return response
+
     def _release_drain(self, request: web.Request) -> None:
         """The request no longer holds a drain: answered, or a listen stream (rule 3)."""
         if id(request) in self._holding:
             self._holding.discard(id(request))
             self.draining.request_finished(time.monotonic())
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, span: Span) -> web.StreamResponse:
         refusal = self.admission.refusal(request)
         if refusal is not None:
             return refusal
@@ -277,6 +302,7 @@ class Proxy:
                 log.warning("%s: Last-Event-ID %r is not one of ours", request.path, last_id[:80])
                 self.metrics.resume_failures.inc()
                 return error_response(410, "Last-Event-ID is not an event id Tether gave out")
+            span.set("tether.resume.last_event_id", last_id)
             return await self.resume.resume(request, event_id, sess)
 
         declared = request.content_length
@@ -286,6 +312,7 @@ class Proxy:
         if isinstance(read, web.Response):
             return read
         body, call = read
+        trace_call(span, call)
         headers = upstream_request_headers(
             request, trusted_peer=self.admission.trusts_forwarding(request)
         )
@@ -639,3 +666,11 @@ def stream_kind(method: str, session_id: str | None, *, sse: bool) -> StreamKind
     if method == "GET":
         return StreamKind.LEGACY
     return None  # stateless (2026-07-28): nothing to resume, nothing to track
+
+
+def trace_call(span: Span, call: Call) -> None:
+    """The JSON-RPC request a proxied request carries, on its span."""
+    if call.method:
+        span.set("mcp.method.name", call.method)
+        if call.request_id is not None:
+            span.set("jsonrpc.request.id", str(call.request_id))

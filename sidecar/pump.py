@@ -18,7 +18,7 @@ from sidecar.continuity import Continuity, session_lost
 from sidecar.headers import SESSION_HEADER, is_sse
 from sidecar.metrics import Metrics
 from sidecar.reconnect import Outcome
-from sidecar.stream_core import Finished, Next, Relay, StreamState
+from sidecar.stream_core import Finished, Next, Reconnect, Relay, StreamState
 from sidecar.streams import LiveStream, Registry
 from sidecar.upstream import UPSTREAM_ERRORS, Upstream
 from tether.tasks import spawn
@@ -68,23 +68,34 @@ class Pump:
         core = stream.core
         loop = asyncio.get_running_loop()
         step: Next | None = core.resume_now() if resume_now else None
+        attempt = 0
         try:
-            while True:
-                if resp is not None:
-                    try:
-                        outcome = await self._consume(stream, resp)
-                    finally:
-                        resp.release()
-                        resp = None
-                    step = core.upstream_ended(outcome, now=loop.time())
-                elif step is None:
-                    step = core.upstream_ended(Outcome.FAILED, now=loop.time())
-                if isinstance(step, Finished):
-                    return
-                if step.delay:
-                    await asyncio.sleep(step.delay)
-                self.metrics.reconnects.inc()
-                resp, step = await self._reconnect(stream, step.cursor)
+            # One span for the stream's upstream life, child of the request that opened (or
+            # revived, or adopted) it; a child span per reconnect (`sidecar.tracing` rule 3).
+            with self.upstream.tracing.span(
+                "tether.stream",
+                {"tether.stream.id": stream.stream_id, "tether.stream.kind": stream.kind.name},
+            ) as span:
+                if stream.session_id is not None:
+                    span.set("mcp.session.id", stream.session_id)
+                while True:
+                    if resp is not None:
+                        try:
+                            outcome = await self._consume(stream, resp)
+                        finally:
+                            resp.release()
+                            resp = None
+                        span.event("tether.upstream.ended", {"outcome": outcome.name})
+                        step = core.upstream_ended(outcome, now=loop.time())
+                    elif step is None:
+                        step = core.upstream_ended(Outcome.FAILED, now=loop.time())
+                    if isinstance(step, Finished):
+                        span.set("tether.stream.state", step.state.value)
+                        if step.state is StreamState.FAILED:
+                            span.fail(step.reason)
+                        return
+                    attempt += 1
+                    resp, step = await self._reconnect_after(stream, step, attempt)
         except Exception:
             log.exception("stream %s: the pump failed unexpectedly", stream.stream_id)
             core.fail("internal error in the sidecar (see its log)")
@@ -101,6 +112,27 @@ class Pump:
             self.registry.finishing.discard(stream)
             self.continuity.report_position(stream)
             self.registry.trim_lingering(self.config.linger_max_bytes)
+
+    async def _reconnect_after(
+        self, stream: LiveStream, step: Reconnect, attempt: int
+    ) -> tuple[aiohttp.ClientResponse | None, Next | None]:
+        """Wait as the core said, then `_reconnect`: one `tether.reconnect` span."""
+        with self.upstream.tracing.span(
+            "tether.reconnect",
+            {
+                "tether.stream.id": stream.stream_id,
+                "tether.reconnect.attempt": attempt,
+                "tether.reconnect.delay_s": step.delay,
+                "tether.reconnect.resumed": bool(step.cursor),
+            },
+        ) as span:
+            if step.delay:
+                await asyncio.sleep(step.delay)
+            self.metrics.reconnects.inc()
+            resp, after = await self._reconnect(stream, step.cursor)
+            if resp is None and not isinstance(after, Reconnect):
+                span.fail("the upstream stream was not reopened")
+            return resp, after
 
     async def _consume(self, stream: LiveStream, resp: aiohttp.ClientResponse) -> Outcome:
         """Relay one upstream response until it ends or the stream leaves OPEN."""

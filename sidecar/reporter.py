@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from sidecar.tracing import NO_TRACING, Span, Tracing
 from tether import tasks
 from tether.api.client import ReportStream, SessionClient
 from tether.grpc_security import ClientSecurity, open_channel
@@ -785,8 +786,10 @@ class Reporter:
         *,
         on_fenced: Callable[[SessionId, Rejection], None] | None = None,
         served: Callable[[], Iterable[SessionId]] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.config = config
+        self._tracing = tracing
         self.stats = ReporterStats()
         self._queue = ReportQueue(max_pending=config.max_pending, stats=self.stats)
         self._on_fenced = on_fenced
@@ -900,7 +903,10 @@ class Reporter:
         if self._channel is not None or self._closed:
             raise RuntimeError("a reporter starts once")
         self._channel = open_channel(
-            self.config.target, self.config.security, options=_channel_options(self.config)
+            self.config.target,
+            self.config.security,
+            options=_channel_options(self.config),
+            interceptors=self._tracing.grpc_interceptors(),
         )
         self._client = SessionClient(self._channel)
         self._task = tasks.spawn(self._run(), name=f"tether-reporter {self.config.target}")
@@ -1025,23 +1031,29 @@ class Reporter:
     async def _serve_stream(self) -> BaseException | None:
         """Run one report stream until it fails (return the error) or, when stopping, until
         everything is acknowledged and the stream is closed (return None)."""
-        stream = self.client.report_events()
-        self._stream_open = True
-        self._half_closed = False
-        self._progress = False
-        error: BaseException | None = None
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._send(stream), name="tether-reporter-send")
-                group.create_task(self._read_acks(stream), name="tether-reporter-acks")
-        except* Exception as failure:
-            error = failure
-        finally:
-            self._stream_open = False
-            stream.cancel()
-        return error
+        # One span per report stream; its batches and acks are events (`sidecar.tracing`
+        # rule 3), exported when the stream ends (a reconnect, the stop).
+        with self._tracing.span(
+            "tether.control_plane.report_stream", {"server.address": self.config.target}
+        ) as span:
+            stream = self.client.report_events()
+            self._stream_open = True
+            self._half_closed = False
+            self._progress = False
+            error: BaseException | None = None
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._send(stream, span), name="tether-reporter-send")
+                    group.create_task(self._read_acks(stream, span), name="tether-reporter-acks")
+            except* Exception as failure:
+                error = failure
+                span.fail(_describe(failure))
+            finally:
+                self._stream_open = False
+                stream.cancel()
+            return error
 
-    async def _send(self, stream: ReportStream) -> None:
+    async def _send(self, stream: ReportStream, span: Span) -> None:
         queue = self._queue
         while True:
             while True:
@@ -1061,6 +1073,14 @@ class Reporter:
                     break
                 self.stats.batches_sent += 1
                 self.stats.items_sent += len(batch.upserts) + len(batch.updates)
+                span.event(
+                    "tether.report.batch",
+                    {
+                        "tether.batch.id": batch.batch_id,
+                        "tether.batch.upserts": len(batch.upserts),
+                        "tether.batch.updates": len(batch.updates),
+                    },
+                )
                 try:
                     async with asyncio.timeout(ACK_TIMEOUT):
                         await stream.send(batch)
@@ -1081,7 +1101,7 @@ class Reporter:
         except TimeoutError:
             raise _StreamEndedError(f"no acknowledgement for {ACK_TIMEOUT}s") from None
 
-    async def _read_acks(self, stream: ReportStream) -> None:
+    async def _read_acks(self, stream: ReportStream, span: Span) -> None:
         acks = stream.acks()
         try:
             async for ack in acks:
@@ -1089,6 +1109,10 @@ class Reporter:
                     self.session_ttl = ack.session_ttl
                     self._ttl_changed.set()
                 fenced = self._queue.acknowledge(ack)
+                span.event(
+                    "tether.report.ack",
+                    {"tether.batch.id": ack.batch_id, "tether.batch.fenced": len(fenced)},
+                )
                 self._progress = True
                 if self._failing:
                     self._failing = False

@@ -147,7 +147,16 @@ class Resilient:
         self.metrics.reissues.inc()
         self.upstream.waiting += 1  # rule 3
         try:
-            await asyncio.sleep(decision.delay)
+            # The wait is the span; the attempt after it is the next upstream client span.
+            with self.upstream.tracing.span(
+                "tether.reissue",
+                {
+                    "tether.reissue.attempt": decision.attempt,
+                    "tether.reissue.reason": why,
+                    "tether.reissue.delay_s": decision.delay,
+                },
+            ):
+                await asyncio.sleep(decision.delay)
         finally:
             self.upstream.waiting -= 1
         return True
@@ -405,7 +414,11 @@ class _Listening:
                 log.warning("%s: listen not sent again: %s (%s)", path, why, decision.reason)
                 return None
             log.info("%s: %s; listening again in %.2fs", path, why, decision.delay)
-            await self._pause(decision.delay)
+            with self.owner.upstream.tracing.span(
+                "tether.relisten",
+                {"tether.reissue.reason": why, "tether.reissue.delay_s": decision.delay},
+            ):
+                await self._pause(decision.delay)
             if self.stopped():
                 return None
             self.owner.metrics.relistens.inc()

@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 
 from sidecar.config import SidecarConfig
 from sidecar.headers import LAST_EVENT_ID
+from sidecar.tracing import NO_TRACING, Tracing
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 """What a failed upstream exchange raises (UpstreamTimeoutError is a TimeoutError)."""
@@ -64,8 +65,11 @@ def keepalive_socket(addr_info: Any, *, dead_after: float) -> socket.socket:
 class Upstream:
     """The sidecar's client for its one MCP server."""
 
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(self, config: SidecarConfig, *, tracing: Tracing = NO_TRACING) -> None:
         self.config = config
+        self.tracing = tracing
+        """Every upstream request is a client span carrying its `traceparent`
+        (`sidecar.tracing` rule 2); the pump and re-issues open their spans here too."""
         self.base = config.upstream_base
         self.waiting = 0
         """Requests waiting for response headers now (rule 2)."""
@@ -110,12 +114,16 @@ class Upstream:
         """Send one request; returns once the response headers are in (rule 1)."""
         timeout = self.config.upstream_response_timeout
         deadline = asyncio.timeout(timeout)
+        url = self.base + path_qs
         self.waiting += 1
         try:
-            async with deadline:
-                return await self.client.request(
-                    method, self.base + path_qs, headers=headers, data=data, allow_redirects=False
-                )
+            with self.tracing.upstream(method, url, headers) as span:
+                async with deadline:
+                    resp = await self.client.request(
+                        method, url, headers=headers, data=data, allow_redirects=False
+                    )
+                span.http_status(resp.status)
+                return resp
         except TimeoutError as exc:
             if not deadline.expired():
                 raise  # aiohttp's own connect timeout
