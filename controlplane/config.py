@@ -162,3 +162,5 @@ class ControlPlaneConfig:
     """Sessions one owner (sidecar) may hold; 0: no limit."""
     max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER
     """Concurrent ReportEvents and WatchSessions calls one peer host may hold (0: no limit)."""
+    admin_listen: str | None = None
+    """HOST:PORT of the admin port (`/metrics`, `/healthz`; port 0 picks one); None: none."""

@@ -70,6 +70,7 @@ import jwt
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from controlplane.metrics import ControlPlaneMetrics, MetricsInterceptor, Reason
 from tether.grpc_security import HEALTH_PREFIX, SecurityConfigError, ServerSecurity, read_token
 from tether.model import InvalidIdError, OwnerName, parse_owner
 
@@ -437,8 +438,11 @@ class AuthenticationInterceptor(_ServerInterceptor):
     """Authenticates every call but health checks (UNAUTHENTICATED when that fails) and runs
     its handler with the principal set (`current_principal`)."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(
+        self, authenticator: Authenticator, metrics: ControlPlaneMetrics | None = None
+    ) -> None:
         self.authenticator = authenticator
+        self.metrics = metrics
         self._refusals = LogLimiter(REFUSAL_LOG_INTERVAL)
 
     async def intercept_service(
@@ -464,6 +468,8 @@ class AuthenticationInterceptor(_ServerInterceptor):
                 authorization=authorization, peer_certificate=pems[0] if pems else None
             )
         except AuthenticationError as e:
+            if self.metrics is not None:
+                self.metrics.reject(Reason.UNAUTHENTICATED)
             held = self._refusals.allow((e.kind,), time.monotonic())
             if held is not None:
                 log.warning(
@@ -525,5 +531,10 @@ def authenticator_for(
     )
 
 
-def server_interceptors(authenticator: Authenticator) -> list[_ServerInterceptor]:
-    return [AuthenticationInterceptor(authenticator)]
+def server_interceptors(
+    authenticator: Authenticator, metrics: ControlPlaneMetrics | None = None
+) -> list[_ServerInterceptor]:
+    """Outermost first: with `metrics`, every call is counted, those refused here too."""
+    if metrics is None:
+        return [AuthenticationInterceptor(authenticator)]
+    return [MetricsInterceptor(metrics), AuthenticationInterceptor(authenticator, metrics)]

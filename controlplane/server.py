@@ -8,7 +8,9 @@ and nothing hangs:
   2. report streams stop reading, acknowledge what they read, end with UNAVAILABLE (the
      sidecars reconnect to another replica and resend what is unacknowledged); watches end;
   3. `server.stop(grace)`: in-flight unary calls finish within the grace period;
-  4. the write batcher flushes what is pending; the store closes.
+  4. the write batcher flushes what is pending; the store closes;
+  5. the admin port (`--admin-listen`: `/metrics`, `/healthz`) closes last, so a scrape
+     during the shutdown still answers.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from controlplane.admin import AdminServer, start_admin
 from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, open_store
 from controlplane.identity import authenticator_for, server_interceptors
 from controlplane.limits import GRPC_SERVER_OPTIONS
+from controlplane.metrics import ControlPlaneMetrics
 from controlplane.policy import Authorizer, Policy
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
@@ -48,7 +52,13 @@ class RunningControlPlane:
     batcher: WriteBatcher
     service: SessionService
     health: AsyncHealthServicer
+    metrics: ControlPlaneMetrics
+    admin: AdminServer | None = None
     _stopped: bool = False
+
+    @property
+    def admin_port(self) -> int | None:
+        return None if self.admin is None else self.admin.port
 
     @property
     def address(self) -> str:
@@ -67,6 +77,8 @@ class RunningControlPlane:
         await self.server.stop(grace)
         await self.batcher.aclose()
         await self.store.aclose()
+        if self.admin is not None:
+            await self.admin.stop()
         log.info("control plane stopped")
 
 
@@ -88,13 +100,15 @@ async def start_control_plane(
             etcd_tls=config.etcd_tls,
             max_sessions_per_owner=config.max_sessions_per_owner,
         )
-    batcher = WriteBatcher(store, flush_interval=config.flush_interval)
+    metrics = ControlPlaneMetrics()
+    batcher = WriteBatcher(store, flush_interval=config.flush_interval, metrics=metrics)
     server = grpc.aio.server(
-        interceptors=server_interceptors(authenticator),
+        interceptors=server_interceptors(authenticator, metrics),
         # Documented in controlplane.limits: a longer message is refused by gRPC
         # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
         options=GRPC_SERVER_OPTIONS,
     )
+    admin: AdminServer | None = None
     try:
         service = SessionService(
             store,
@@ -102,6 +116,7 @@ async def start_control_plane(
             session_ttl=config.session_ttl,
             authorizer=authorizer,
             max_calls_per_peer=config.max_calls_per_peer,
+            metrics=metrics,
         )
         # The generated module is untyped (protoc writes no annotations for it).
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)
@@ -116,6 +131,8 @@ async def start_control_plane(
             raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from e
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
+        if config.admin_listen is not None:
+            admin = await start_admin(config.admin_listen, metrics, count_sessions=store.count)
         batcher.start()
         await server.start()
         for name in ("", SERVICE_NAME):
@@ -124,8 +141,12 @@ async def start_control_plane(
         await server.stop(None)
         await batcher.aclose()
         await store.aclose()
+        if admin is not None:
+            await admin.stop()
         raise
-    running = RunningControlPlane(config, server, port, store, batcher, service, health_servicer)
+    running = RunningControlPlane(
+        config, server, port, store, batcher, service, health_servicer, metrics, admin
+    )
     # `address` is where a local client connects; the bind address may be wider (0.0.0.0).
     log.info(
         "control plane serving on %s (bound to %s:%d, store %s)",

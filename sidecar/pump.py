@@ -16,7 +16,7 @@ import aiohttp
 from sidecar.config import SidecarConfig
 from sidecar.continuity import Continuity, session_lost
 from sidecar.headers import SESSION_HEADER, is_sse
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, OutageClock
 from sidecar.reconnect import Outcome
 from sidecar.stream_core import Finished, Next, Relay, StreamState
 from sidecar.streams import LiveStream, Registry
@@ -68,6 +68,7 @@ class Pump:
         core = stream.core
         loop = asyncio.get_running_loop()
         step: Next | None = core.resume_now() if resume_now else None
+        outage = OutageClock(self.metrics)
         try:
             while True:
                 if resp is not None:
@@ -77,14 +78,17 @@ class Pump:
                         resp.release()
                         resp = None
                     step = core.upstream_ended(outcome, now=loop.time())
+                    outage.connection_ended(outcome, loop.time())
                 elif step is None:
                     step = core.upstream_ended(Outcome.FAILED, now=loop.time())
+                    outage.connection_ended(Outcome.FAILED, loop.time())
                 if isinstance(step, Finished):
                     return
                 if step.delay:
                     await asyncio.sleep(step.delay)
                 self.metrics.reconnects.inc()
                 resp, step = await self._reconnect(stream, step.cursor)
+                outage.reconnected(resp is not None, loop.time())
         except Exception:
             log.exception("stream %s: the pump failed unexpectedly", stream.stream_id)
             core.fail("internal error in the sidecar (see its log)")
@@ -92,6 +96,7 @@ class Pump:
             if resp is not None:
                 resp.release()
             core.stop("stopped")
+            outage.stream_ended(core.state is StreamState.FAILED, loop.time())
             if core.state is StreamState.FAILED:
                 log.warning(
                     "stream %s (session %s): %s", stream.stream_id, stream.session_id, core.reason
