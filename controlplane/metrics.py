@@ -116,6 +116,8 @@ class ControlPlaneMetrics:
             buckets=WRITE_BUCKETS,
             registry=r,
         )
+        for outcome in ("ok", "error"):  # both show from the start, at 0
+            self.store_write_seconds.labels(outcome)
         self.store_batch_size = Histogram(
             PREFIX + "store_write_batch_size",
             "Writes per store write (after coalescing reports of the same stream)",

@@ -131,12 +131,12 @@ async def start_control_plane(
             raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from e
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
-        if config.admin_listen is not None:
-            admin = await start_admin(config.admin_listen, metrics, count_sessions=store.count)
         batcher.start()
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.admin_listen is not None:  # last: answering means the gRPC port serves
+            admin = await start_admin(config.admin_listen, metrics, count_sessions=store.count)
     except BaseException:
         await server.stop(None)
         await batcher.aclose()
