@@ -264,13 +264,13 @@ async def test_control_plane_process_exports_calls_store_writes_sessions_watcher
             "--store",
             f"sqlite:///{tmp_path / 'sessions.db'}",
             "--jwt-jwks-file",
-            jwks,
+            str(jwks),
             "--jwt-audience",
             AUDIENCE,
             "--jwt-issuer",
             ISSUER,
             "--policy-file",
-            policy,
+            str(policy),
         ),
         name="control-plane",
         ready_port=admin_port,
@@ -305,6 +305,7 @@ async def test_control_plane_process_exports_calls_store_writes_sessions_watcher
             return now if now.value("tether_control_plane_sessions") == 1 else None
 
         during = await eventually(sessions_counted, timeout=DEADLINE, what="one session")
+        assert during is not None
         # The viewer's, and the sidecar's own ownership watch.
         assert during.value("tether_control_plane_watchers") == 2
         assert during.value("tether_control_plane_report_streams") >= 1
@@ -322,6 +323,7 @@ async def test_control_plane_process_exports_calls_store_writes_sessions_watcher
         return now if now.value("tether_control_plane_watchers") == 0 else None
 
     after = await eventually(watch_ended, timeout=DEADLINE, what="the watch counted as ended")
+    assert after is not None
     handled = "tether_control_plane_grpc_handled_total"
     service = "tether.v1.SessionService"
     assert after.value(handled, grpc_method="DeleteSession", grpc_code="PERMISSION_DENIED") == 1
