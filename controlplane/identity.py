@@ -70,7 +70,6 @@ import jwt
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from controlplane.metrics import ControlPlaneMetrics, MetricsInterceptor, Reason
 from tether.grpc_security import HEALTH_PREFIX, SecurityConfigError, ServerSecurity, read_token
 from tether.model import InvalidIdError, OwnerName, parse_owner
 
@@ -438,11 +437,8 @@ class AuthenticationInterceptor(_ServerInterceptor):
     """Authenticates every call but health checks (UNAUTHENTICATED when that fails) and runs
     its handler with the principal set (`current_principal`)."""
 
-    def __init__(
-        self, authenticator: Authenticator, metrics: ControlPlaneMetrics | None = None
-    ) -> None:
+    def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
-        self.metrics = metrics
         self._refusals = LogLimiter(REFUSAL_LOG_INTERVAL)
 
     async def intercept_service(
@@ -468,8 +464,6 @@ class AuthenticationInterceptor(_ServerInterceptor):
                 authorization=authorization, peer_certificate=pems[0] if pems else None
             )
         except AuthenticationError as e:
-            if self.metrics is not None:
-                self.metrics.reject(Reason.UNAUTHENTICATED)
             held = self._refusals.allow((e.kind,), time.monotonic())
             if held is not None:
                 log.warning(
@@ -531,10 +525,5 @@ def authenticator_for(
     )
 
 
-def server_interceptors(
-    authenticator: Authenticator, metrics: ControlPlaneMetrics | None = None
-) -> list[_ServerInterceptor]:
-    """Outermost first: with `metrics`, every call is counted, those refused here too."""
-    if metrics is None:
-        return [AuthenticationInterceptor(authenticator)]
-    return [MetricsInterceptor(metrics), AuthenticationInterceptor(authenticator, metrics)]
+def server_interceptors(authenticator: Authenticator) -> list[_ServerInterceptor]:
+    return [AuthenticationInterceptor(authenticator)]

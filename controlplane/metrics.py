@@ -4,8 +4,9 @@ What is measured where:
   * every gRPC call, by service, method, type and final status code, with its duration:
     `MetricsInterceptor`, the outermost interceptor, so calls refused by authentication count;
   * store writes (one per batcher flush): duration and size, in `controlplane.batcher`;
-  * refusals and rejected reported items, by reason: where `controlplane.service` and
-    `controlplane.identity` refuse them;
+  * refusals and rejected reported items, by reason: where `controlplane.service` refuses
+    them, and calls that `controlplane.identity` ended UNAUTHENTICATED (seen by the
+    interceptor, so authentication knows nothing of metrics);
   * open watches and report streams: gauges kept by the servicer;
   * sessions in the store: counted by the store itself (`SessionStore.count`, no records
     read) when `/metrics` is scraped, at most once per `SESSION_COUNT_INTERVAL`.
@@ -221,6 +222,8 @@ class MetricsInterceptor(_ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED if ctx.cancelled() else grpc.StatusCode.OK
                 counted.labels(service, method, kind, code.name).inc()
                 seconds.observe(time.monotonic() - started)
+                if code is grpc.StatusCode.UNAUTHENTICATED:
+                    self.metrics.reject(Reason.UNAUTHENTICATED)
 
             context.add_done_callback(done)
             return raised

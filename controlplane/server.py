@@ -31,7 +31,7 @@ from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, open_store
 from controlplane.identity import authenticator_for, server_interceptors
 from controlplane.limits import GRPC_SERVER_OPTIONS
-from controlplane.metrics import ControlPlaneMetrics
+from controlplane.metrics import ControlPlaneMetrics, MetricsInterceptor
 from controlplane.policy import Authorizer, Policy
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
@@ -103,7 +103,8 @@ async def start_control_plane(
     metrics = ControlPlaneMetrics()
     batcher = WriteBatcher(store, flush_interval=config.flush_interval, metrics=metrics)
     server = grpc.aio.server(
-        interceptors=server_interceptors(authenticator, metrics),
+        # Metrics outermost: calls refused by authentication are counted too.
+        interceptors=[MetricsInterceptor(metrics), *server_interceptors(authenticator)],
         # Documented in controlplane.limits: a longer message is refused by gRPC
         # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
         options=GRPC_SERVER_OPTIONS,
