@@ -247,6 +247,7 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        self._upstream_children: dict[tuple[str, str], Histogram] = {}
         self.resume_seconds = Histogram(
             "tether_sidecar_resume_duration_seconds",
             "Seconds from a client's resume (Last-Event-ID) until its first missed event was "
@@ -267,7 +268,14 @@ class Metrics:
     def upstream_request(self, method: str, status: int | Failure, started: float) -> None:
         """One upstream request answered (or not) `started` (monotonic) seconds ago."""
         label = status.value if isinstance(status, Failure) else status_label(status)
-        self.upstream_seconds.labels(method, label).observe(time.monotonic() - started)
+        # `labels()` takes a lock and builds a key each time (~4 us); the children are kept
+        # here instead (~1 us), a bounded set like the labels.
+        child = self._upstream_children.get((method, label))
+        if child is None:
+            child = self._upstream_children[method, label] = self.upstream_seconds.labels(
+                method, label
+            )
+        child.observe(time.monotonic() - started)
 
     def outage(self, outcome: ReconnectOutcome, seconds: float) -> None:
         self.outage_seconds.labels(outcome.value).observe(seconds)
