@@ -1,7 +1,8 @@
 """What build of Tether a process runs, as the `tether_build_info` gauge both processes export.
 
-The version comes from the installed package's metadata (`pyproject.toml` is its one source);
-a tree run without being installed reports `unknown` rather than failing to start.
+The version comes from the installed package's metadata, which `pyproject.toml` takes from
+`tether.__version__` (the one source); a tree run without being installed reports that
+attribute directly.
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Gauge
 
-UNKNOWN_VERSION = "unknown"
+import tether
 
 
 def tether_version() -> str:
-    """The installed `tether` distribution's version, or `unknown`."""
+    """The installed `tether` distribution's version, else `tether.__version__`."""
     try:
         return version("tether")
     except PackageNotFoundError:
-        return UNKNOWN_VERSION
+        return tether.__version__
 
 
 def register_build_info(registry: CollectorRegistry, *, component: str) -> Gauge:
