@@ -8,7 +8,9 @@ and nothing hangs:
   2. report streams stop reading, acknowledge what they read, end with UNAVAILABLE (the
      sidecars reconnect to another replica and resend what is unacknowledged); watches end;
   3. `server.stop(grace)`: in-flight unary calls finish within the grace period;
-  4. the write batcher flushes what is pending; the store closes.
+  4. the write batcher flushes what is pending; the store closes;
+  5. the admin port (`--admin-listen`: `/metrics`, `/healthz`) closes last, so a scrape
+     during the shutdown still answers.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from controlplane.admin import AdminServer, start_admin
 from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, open_store
 from controlplane.identity import authenticator_for, server_interceptors
 from controlplane.limits import GRPC_SERVER_OPTIONS
+from controlplane.metrics import ControlPlaneMetrics, MetricsInterceptor
 from controlplane.policy import Authorizer, Policy
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
@@ -53,9 +57,15 @@ class RunningControlPlane:
     batcher: WriteBatcher
     service: SessionService
     health: AsyncHealthServicer
+    metrics: ControlPlaneMetrics
+    admin: AdminServer | None = None
     _stopped: bool = False
     flush_traces: Callable[[], object] | None = None
     """Exports the spans still buffered (`--tracing`); blocks, so it runs in a thread."""
+
+    @property
+    def admin_port(self) -> int | None:
+        return None if self.admin is None else self.admin.port
 
     @property
     def address(self) -> str:
@@ -76,6 +86,8 @@ class RunningControlPlane:
         await self.store.aclose()
         if self.flush_traces is not None:
             await asyncio.to_thread(self.flush_traces)
+        if self.admin is not None:
+            await self.admin.stop()
         log.info("control plane stopped")
 
 
@@ -101,8 +113,10 @@ async def start_control_plane(
             etcd_tls=config.etcd_tls,
             max_sessions_per_owner=config.max_sessions_per_owner,
         )
-    batcher = WriteBatcher(store, flush_interval=config.flush_interval)
-    interceptors: Sequence[Any] = server_interceptors(authenticator)
+    metrics = ControlPlaneMetrics()
+    batcher = WriteBatcher(store, flush_interval=config.flush_interval, metrics=metrics)
+    # Metrics outermost: calls refused by authentication are counted too.
+    interceptors: Sequence[Any] = [MetricsInterceptor(metrics), *server_interceptors(authenticator)]
     flush_traces: Callable[[], object] | None = None
     if config.tracing or tracer_provider is not None:
         interceptors, flush_traces = _traced(interceptors, tracer_provider)
@@ -112,6 +126,7 @@ async def start_control_plane(
         # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
         options=GRPC_SERVER_OPTIONS,
     )
+    admin: AdminServer | None = None
     try:
         service = SessionService(
             store,
@@ -119,6 +134,7 @@ async def start_control_plane(
             session_ttl=config.session_ttl,
             authorizer=authorizer,
             max_calls_per_peer=config.max_calls_per_peer,
+            metrics=metrics,
         )
         # The generated module is untyped (protoc writes no annotations for it).
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)
@@ -137,13 +153,26 @@ async def start_control_plane(
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.admin_listen is not None:  # last: answering means the gRPC port serves
+            admin = await start_admin(config.admin_listen, metrics, count_sessions=store.count)
     except BaseException:
         await server.stop(None)
         await batcher.aclose()
         await store.aclose()
+        if admin is not None:
+            await admin.stop()
         raise
     running = RunningControlPlane(
-        config, server, port, store, batcher, service, health_servicer, flush_traces=flush_traces
+        config,
+        server,
+        port,
+        store,
+        batcher,
+        service,
+        health_servicer,
+        metrics,
+        admin,
+        flush_traces=flush_traces,
     )
     # `address` is where a local client connects; the bind address may be wider (0.0.0.0).
     log.info(
