@@ -115,19 +115,23 @@ async def start_control_plane(
         )
     metrics = ControlPlaneMetrics()
     batcher = WriteBatcher(store, flush_interval=config.flush_interval, metrics=metrics)
-    # Metrics outermost: calls refused by authentication are counted too.
-    interceptors: Sequence[Any] = [MetricsInterceptor(metrics), *server_interceptors(authenticator)]
-    flush_traces: Callable[[], object] | None = None
-    if config.tracing or tracer_provider is not None:
-        interceptors, flush_traces = _traced(interceptors, tracer_provider)
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        # Documented in controlplane.limits: a longer message is refused by gRPC
-        # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
-        options=GRPC_SERVER_OPTIONS,
-    )
+    server: grpc.aio.Server | None = None
     admin: AdminServer | None = None
     try:
+        # Metrics outermost: calls refused by authentication are counted too.
+        interceptors: Sequence[Any] = [
+            MetricsInterceptor(metrics),
+            *server_interceptors(authenticator),
+        ]
+        flush_traces: Callable[[], object] | None = None
+        if config.tracing or tracer_provider is not None:
+            interceptors, flush_traces = _traced(interceptors, tracer_provider)
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            # Documented in controlplane.limits: a longer message is refused by gRPC
+            # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
+            options=GRPC_SERVER_OPTIONS,
+        )
         service = SessionService(
             store,
             batcher,
@@ -155,8 +159,9 @@ async def start_control_plane(
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.admin_listen is not None:  # last: answering means the gRPC port serves
             admin = await start_admin(config.admin_listen, metrics, count_sessions=store.count)
-    except BaseException:
-        await server.stop(None)
+    except BaseException:  # nothing opened here outlives a failed start
+        if server is not None:
+            await server.stop(None)
         await batcher.aclose()
         await store.aclose()
         if admin is not None:
