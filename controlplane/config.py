@@ -189,3 +189,5 @@ class ControlPlaneConfig:
     tracing: bool = False
     """A server span per unary call (`controlplane.tracing`; the `tracing` extra), exported as
     the standard `OTEL_*` variables say."""
+    admin_listen: str | None = None
+    """HOST:PORT of the admin port (`/metrics`, `/healthz`; port 0 picks one); None: none."""

@@ -9,7 +9,9 @@ and nothing hangs:
   2. report streams stop reading, acknowledge what they read, end with UNAVAILABLE (the
      sidecars reconnect to another replica and resend what is unacknowledged); watches end;
   3. `server.stop(grace)`: in-flight unary calls finish within the grace period;
-  4. the write batcher flushes what is pending; the store closes.
+  4. the write batcher flushes what is pending; the store closes;
+  5. the admin port (`--admin-listen`: `/metrics`, `/healthz`) closes last, so a scrape
+     during the shutdown still answers.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from controlplane.admin import AdminServer, start_admin
 from controlplane.batcher import WriteBatcher
 from controlplane.config import ControlPlaneConfig, SqliteUrl, open_store
 from controlplane.health import LIVENESS_SERVICE, StoreHealth
 from controlplane.identity import authenticator_for, server_interceptors
 from controlplane.limits import GRPC_SERVER_OPTIONS
+from controlplane.metrics import ControlPlaneMetrics, MetricsInterceptor
 from controlplane.policy import Authorizer, Policy
 from controlplane.service import SessionService
 from controlplane.store.protocol import SessionStore
@@ -56,10 +60,16 @@ class RunningControlPlane:
     batcher: WriteBatcher
     service: SessionService
     health: AsyncHealthServicer
+    metrics: ControlPlaneMetrics
     store_health: StoreHealth
+    admin: AdminServer | None = None
     _stopped: bool = False
     flush_traces: Callable[[], object] | None = None
     """Exports the spans still buffered (`--tracing`); blocks, so it runs in a thread."""
+
+    @property
+    def admin_port(self) -> int | None:
+        return None if self.admin is None else self.admin.port
 
     @property
     def address(self) -> str:
@@ -81,6 +91,8 @@ class RunningControlPlane:
         await self.store.aclose()
         if self.flush_traces is not None:
             await asyncio.to_thread(self.flush_traces)
+        if self.admin is not None:
+            await self.admin.stop()
         log.info("control plane stopped")
 
 
@@ -97,11 +109,18 @@ async def start_control_plane(
         config.security, config.tokens, home_namespace=config.home_namespace
     )
     authorizer = Authorizer(Policy.load(config.policy_file) if config.policy_file else None)
-    try:
-        host, listen_port = split_hostport(config.listen)
-    except ValueError as e:
-        raise OSError(f"cannot listen on {config.listen!r}: {e}") from e
-    check_free(host, listen_port, what="cannot listen on")  # before the store is opened
+    # Before the store is opened: a busy address is one line and nothing else (`tether.ports`).
+    for what, address in (
+        ("cannot listen on", config.listen),
+        ("--admin-listen", config.admin_listen),
+    ):
+        if address is None:
+            continue
+        try:
+            host, listen_port = split_hostport(address)
+        except ValueError as e:
+            raise OSError(f"{what} {address!r}: {e}") from e
+        check_free(host, listen_port, what=what)
     if store is None:
         store = await open_store(
             config.store,
@@ -111,17 +130,10 @@ async def start_control_plane(
             etcd_tls=config.etcd_tls,
             max_sessions_per_owner=config.max_sessions_per_owner,
         )
-    batcher = WriteBatcher(store, flush_interval=config.flush_interval)
-    interceptors: Sequence[Any] = server_interceptors(authenticator)
-    flush_traces: Callable[[], object] | None = None
-    if config.tracing or tracer_provider is not None:
-        interceptors, flush_traces = _traced(interceptors, tracer_provider)
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        # Documented in controlplane.limits: a longer message is refused by gRPC
-        # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
-        options=GRPC_SERVER_OPTIONS,
-    )
+    metrics = ControlPlaneMetrics()
+    batcher = WriteBatcher(store, flush_interval=config.flush_interval, metrics=metrics)
+    server: grpc.aio.Server | None = None
+    admin: AdminServer | None = None
     health_servicer = AsyncHealthServicer()
     store_health = StoreHealth(
         store,
@@ -131,12 +143,27 @@ async def start_control_plane(
         timeout=config.store_probe_timeout,
     )
     try:
+        # Metrics outermost: calls refused by authentication are counted too.
+        interceptors: Sequence[Any] = [
+            MetricsInterceptor(metrics),
+            *server_interceptors(authenticator),
+        ]
+        flush_traces: Callable[[], object] | None = None
+        if config.tracing or tracer_provider is not None:
+            interceptors, flush_traces = _traced(interceptors, tracer_provider)
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            # Documented in controlplane.limits: a longer message is refused by gRPC
+            # (RESOURCE_EXHAUSTED) before it is decoded, and gRPC reads no stream far ahead.
+            options=GRPC_SERVER_OPTIONS,
+        )
         service = SessionService(
             store,
             batcher,
             session_ttl=config.session_ttl,
             authorizer=authorizer,
             max_calls_per_peer=config.max_calls_per_peer,
+            metrics=metrics,
         )
         # The generated module is untyped (protoc writes no annotations for it).
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(service, server)
@@ -155,11 +182,16 @@ async def start_control_plane(
         batcher.start()
         await server.start()
         store_health.start()
-    except BaseException:
+        if config.admin_listen is not None:  # last: answering means the gRPC port serves
+            admin = await start_admin(config.admin_listen, metrics, count_sessions=store.count)
+    except BaseException:  # nothing opened here outlives a failed start
         await store_health.stop()
-        await server.stop(None)
+        if server is not None:
+            await server.stop(None)
         await batcher.aclose()
         await store.aclose()
+        if admin is not None:
+            await admin.stop()
         raise
     running = RunningControlPlane(
         config,
@@ -169,7 +201,9 @@ async def start_control_plane(
         batcher,
         service,
         health_servicer,
+        metrics,
         store_health,
+        admin,
         flush_traces=flush_traces,
     )
     # `address` is where a local client connects; the bind address may be wider (0.0.0.0).

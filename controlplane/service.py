@@ -51,6 +51,7 @@ from controlplane.limits import (
     check_request_items,
     peer_key,
 )
+from controlplane.metrics import ControlPlaneMetrics, Reason
 from controlplane.policy import Access, Authorizer, Denied, Read, redact
 from controlplane.store.protocol import (
     ClaimRefusedError,
@@ -113,8 +114,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
         authorizer: Authorizer | None = None,
         max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER,
         rejection_log: ThrottledLog | None = None,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or ControlPlaneMetrics()
         self._authorizer = authorizer or Authorizer()
         self._batcher = batcher
         self._session_ttl = session_ttl
@@ -138,6 +141,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self, context: Context, access: Access, call: str, denied: Denied
     ) -> NoReturn:
         self._authorizer.log_denial(access, call, denied, context.peer())
+        self._metrics.reject(Reason.PERMISSION_DENIED)
         await _abort(context, grpc.StatusCode.PERMISSION_DENIED, denied.message)
 
     def stopping(self) -> bool:
@@ -169,6 +173,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 context.peer(),
                 self._calls.open_calls(key),
             )
+            self._metrics.reject(Reason.TOO_MANY_CALLS)
             await _abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -189,8 +194,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if (denied := access.report()) is not None:
             await self._refuse(context, access, "ReportEvents", denied)
         async with self._streaming_call(context) as key:
-            async for response in self._report_events(request_iterator, context, key, access):
-                yield response
+            self._metrics.report_streams.inc()
+            try:
+                async for response in self._report_events(request_iterator, context, key, access):
+                    yield response
+            finally:
+                self._metrics.report_streams.dec()
 
     async def _report_events(
         self,
@@ -225,6 +234,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                         await self._read_room.wait()
                     budget.read(items, nbytes)
                     batch, invalid = convert.batch_from_pb(request)
+                    self._metrics.reject(Reason.INVALID, len(invalid))
                     del request  # the decoded batch is what is kept until acknowledged
                     batch, invalid = self._authorized(access, batch, invalid, peer)
                     writes: list[SessionWrite] = [*batch.upserts, *batch.updates]
@@ -247,6 +257,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 if item is None:
                     break
                 if isinstance(item, RequestTooLargeError):
+                    self._metrics.reject(Reason.REQUEST_TOO_LARGE)
                     self.rejection_log.log(
                         ("request too large", key),
                         f"report streams ended for too large requests from {key}",
@@ -258,11 +269,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(item))
                 batch, invalid, future, items, nbytes = item
                 results = await _flushed(future, context, peer) if future is not None else {}
-                ack = acknowledge(batch, results, invalid)
-                ack = dataclasses.replace(ack, session_ttl=self._session_ttl)
-                self._log_rejections(ack.rejections, peer, key)
-                response = convert.ack_to_pb(ack)
-                del batch, results, ack, item
+                response = self._acknowledgement(batch, results, invalid, peer, key)
+                del batch, results, item
                 yield response
                 budget.acknowledged(items, nbytes)
                 self._wake_readers()
@@ -273,6 +281,25 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if reader.cancelled() and self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
 
+    def _acknowledgement(
+        self,
+        batch: ReportBatch,
+        results: FlushResult,
+        invalid: tuple[Rejection, ...],
+        peer: str,
+        key: str,
+    ) -> pb.ReportEventsResponse:
+        """One batch's acknowledgement. Rejections are counted by reason as they are made:
+        `invalid` (conversion, policy) already were, the store's are here; all are logged."""
+        ack = acknowledge(batch, results)
+        for r in ack.rejections:
+            self._metrics.reject(Reason.of(r.reason))
+        ack = dataclasses.replace(
+            ack, rejections=(*invalid, *ack.rejections), session_ttl=self._session_ttl
+        )
+        self._log_rejections(ack.rejections, peer, key)
+        return convert.ack_to_pb(ack)
+
     def _authorized(
         self,
         access: Access,
@@ -282,6 +309,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> tuple[ReportBatch, tuple[Rejection, ...]]:
         """The writes the caller may make, and the others as rejections (policy rules)."""
         batch, refused = access.writes(batch)
+        self._metrics.reject(Reason.PERMISSION_DENIED, len(refused))
         if refused:
             denied = Denied(f"{access.principal.id}: {refused[0].detail}")
             self._authorizer.log_denial(access, "ReportEvents", denied, peer)
@@ -387,6 +415,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         except ClaimRefusedError as e:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except OwnerLimitError as e:
+            self._metrics.reject(Reason.OWNER_LIMIT)
             self.rejection_log.log(
                 ("owner limit", owner),
                 f"claims refused to {owner} over the per-owner limit",
@@ -408,8 +437,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
         async with self._streaming_call(context):
-            async for event in self._watch(owner, context, read):
-                yield event
+            self._metrics.watchers.inc()
+            try:
+                async for event in self._watch(owner, context, read):
+                    yield event
+            finally:
+                self._metrics.watchers.dec()
 
     async def _watch(
         self, owner: OwnerName | None, context: Context, read: Read

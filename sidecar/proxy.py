@@ -51,7 +51,7 @@ from sidecar.headers import (
 )
 from sidecar.jsonrpc import PostBody, read_post_body
 from sidecar.legacy import EndpointRewriter
-from sidecar.metrics import Metrics
+from sidecar.metrics import Failure, Metrics, method_label
 from sidecar.pump import MAX_ERROR_BODY, Pump
 from sidecar.reissue import (
     HEADER_MISMATCH,
@@ -287,6 +287,7 @@ class Proxy:
             self.draining.request_finished(time.monotonic())
 
     async def _handle(self, request: web.Request, span: Span) -> web.StreamResponse:
+        arrived = time.monotonic()
         refusal = self.admission.refusal(request)
         if refusal is not None:
             return refusal
@@ -303,7 +304,7 @@ class Proxy:
                 self.metrics.resume_failures.inc()
                 return error_response(410, "Last-Event-ID is not an event id Tether gave out")
             span.set("tether.resume.last_event_id", last_id)
-            return await self.resume.resume(request, event_id, sess)
+            return await self.resume.resume(request, event_id, sess, started=arrived)
 
         declared = request.content_length
         if declared is not None and declared > self.config.max_request_body_bytes:
@@ -320,21 +321,27 @@ class Proxy:
             headers[SESSION_HEADER] = sess.upstream_session_id
         listen = call.method == "subscriptions/listen" and call.is_request and not client_session
         reissue = listen or may_reissue(call, self.resilient.hints)
+        method = method_label(request.method, call.method)
+        started = time.monotonic()
         try:
             resp = await self.resilient.send(request, headers, body, reissue=reissue)
             if sess is not None and request.method != "DELETE" and resp.status in (400, 404):
                 retried = await self._after_session_lost(request, sess, resp, headers, body)
                 if isinstance(retried, web.Response):
+                    self.metrics.upstream_request(method, retried.status, started)
                     return retried
                 resp = retried
         except UpstreamTimeoutError as exc:
             self.metrics.upstream_errors.inc()
+            self.metrics.upstream_request(method, Failure.TIMEOUT, started)
             log.warning("%s %s: upstream timed out: %s", request.method, request.path, exc)
             return error_response(504, f"upstream timed out: {exc}")
         except UPSTREAM_ERRORS as exc:
             self.metrics.upstream_errors.inc()
+            self.metrics.upstream_request(method, Failure.UNREACHABLE, started)
             log.warning("%s %s: upstream unreachable: %s", request.method, request.path, exc)
             return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
+        self.metrics.upstream_request(method, resp.status, started)
         # Rule 2: _route owns `resp` from here: it releases it, or hands it to a pump.
         return await self._route(request, resp, headers, body, call=call, reissue=reissue)
 

@@ -16,7 +16,7 @@ import aiohttp
 from sidecar.config import SidecarConfig
 from sidecar.continuity import Continuity, session_lost
 from sidecar.headers import SESSION_HEADER, is_sse
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, OutageClock
 from sidecar.reconnect import Outcome
 from sidecar.stream_core import Finished, Next, Reconnect, Relay, StreamState
 from sidecar.streams import LiveStream, Registry
@@ -69,6 +69,7 @@ class Pump:
         loop = asyncio.get_running_loop()
         step: Next | None = core.resume_now() if resume_now else None
         attempt = 0
+        outage = OutageClock(self.metrics)
         try:
             # One span for the stream's upstream life, child of the request that opened (or
             # revived, or adopted) it; a child span per reconnect (`sidecar.tracing` rule 3).
@@ -87,8 +88,10 @@ class Pump:
                             resp = None
                         span.event("tether.upstream.ended", {"outcome": outcome.name})
                         step = core.upstream_ended(outcome, now=loop.time())
+                        outage.connection_ended(outcome, loop.time())
                     elif step is None:
                         step = core.upstream_ended(Outcome.FAILED, now=loop.time())
+                        outage.connection_ended(Outcome.FAILED, loop.time())
                     if isinstance(step, Finished):
                         span.set("tether.stream.state", step.state.value)
                         if step.state is StreamState.FAILED:
@@ -96,6 +99,7 @@ class Pump:
                         return
                     attempt += 1
                     resp, step = await self._reconnect_after(stream, step, attempt)
+                    outage.reconnected(resp is not None, loop.time())
         except Exception:
             log.exception("stream %s: the pump failed unexpectedly", stream.stream_id)
             core.fail("internal error in the sidecar (see its log)")
@@ -103,6 +107,7 @@ class Pump:
             if resp is not None:
                 resp.release()
             core.stop("stopped")
+            outage.stream_ended(core.state is StreamState.FAILED, loop.time())
             if core.state is StreamState.FAILED:
                 log.warning(
                     "stream %s (session %s): %s", stream.stream_id, stream.session_id, core.reason

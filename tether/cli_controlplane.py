@@ -96,6 +96,14 @@ def _run_control_plane(args: argparse.Namespace) -> int:
     if args.max_sessions_per_owner < 0:
         print("tether control-plane: --max-sessions-per-owner is negative", file=sys.stderr)
         return 2
+    if args.admin_listen:
+        from controlplane.admin import parse_listen
+
+        try:
+            parse_listen(args.admin_listen)
+        except ValueError as e:
+            print(f"tether control-plane: {e}", file=sys.stderr)
+            return 2
     try:
         security = ServerSecurity(
             cert=args.tls_cert,
@@ -139,6 +147,7 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         max_sessions_per_owner=args.max_sessions_per_owner,
         max_calls_per_peer=args.max_calls_per_peer,
         tracing=args.tracing,
+        admin_listen=args.admin_listen or None,
     )
     if config.tracing and (missing := _tracing_missing()):
         print(f"tether control-plane: {missing}", file=sys.stderr)
@@ -163,6 +172,13 @@ def add_control_plane_parser(sub: Any) -> None:
         default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
         help=f"gRPC address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--admin-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus) and /healthz over plain HTTP here; port 0 picks a "
+        "free one (default: no admin port)",
     )
     p.add_argument(
         "--store",
