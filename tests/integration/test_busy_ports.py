@@ -86,6 +86,10 @@ def one_line(err: str) -> str:
             "--admin-listen",
         ),
         (["control-plane", "--listen", "127.0.0.1:{busy}"], "cannot listen on"),
+        (
+            ["control-plane", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:{busy}"],
+            "--admin-listen",
+        ),
         (["demo", "--port", "{busy}", "--admin-port", "0"], "--port"),
         (["demo", "--port", "0", "--admin-port", "{busy}"], "--admin-port"),
         (["demo", "--port", "0", "--admin-port", "0", "--mcp-port", "{busy}"], "--mcp-port"),
