@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from controlplane.metrics import ControlPlaneMetrics
 from controlplane.store.protocol import SessionStore, StoreError
 from tether.model import SessionId
 from tether.probe import ProbeState
@@ -70,6 +71,7 @@ class StoreHealth:
         timeout: float = DEFAULT_TIMEOUT,
         fall: int = 1,
         rise: int = 1,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.store = store
         self.health = health
@@ -77,6 +79,7 @@ class StoreHealth:
         self.interval = interval
         self.timeout = timeout
         self.state = ProbeState(fall=fall, rise=rise)
+        self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
 
     async def check_once(self) -> None:
@@ -92,6 +95,8 @@ class StoreHealth:
                 log.info("store reachable again: health SERVING")
         else:
             log.warning("store unreachable (%s): health NOT_SERVING", change.detail)
+        if self.metrics is not None:
+            self.metrics.store_reachable.set(1 if change.up else 0)
         for name in self.served:
             await self.health.set(name, SERVING if change.up else NOT_SERVING)
 

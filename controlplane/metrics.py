@@ -147,6 +147,11 @@ class ControlPlaneMetrics:
             "Live sessions in the store (shared by every replica), counted at scrape time",
             registry=r,
         )
+        self.store_reachable = Gauge(
+            PREFIX + "store_reachable",
+            "1 while the store answers the health probe (gRPC health is SERVING)",
+            registry=r,
+        )
         self.pending_writes = Gauge(
             PREFIX + "pending_writes",
             "Writes waiting for the next store write, after coalescing",

@@ -141,6 +141,7 @@ async def start_control_plane(
         ("", SERVICE_NAME),
         interval=config.store_probe_interval,
         timeout=config.store_probe_timeout,
+        metrics=metrics,
     )
     try:
         # Metrics outermost: calls refused by authentication are counted too.

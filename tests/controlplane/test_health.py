@@ -20,6 +20,7 @@ from tests.support.waiting import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+REACHABLE = "tether_control_plane_store_reachable"
 
 
 @pytest.fixture
@@ -69,6 +70,7 @@ async def test_health_is_not_serving_while_etcd_is_down(own_etcd: EtcdCluster) -
             }
 
         await eventually(down, timeout=15, what="NOT_SERVING with etcd killed")
+        assert running.metrics.registry.get_sample_value(REACHABLE) == 0
 
         member.start(f"{member.name}={member.peer_url}")
         await asyncio.to_thread(own_etcd.wait_healthy)
@@ -77,6 +79,7 @@ async def test_health_is_not_serving_while_etcd_is_down(own_etcd: EtcdCluster) -
             return set((await statuses(running.address)).values()) == {SERVING}
 
         await eventually(up, timeout=20, what="SERVING with etcd back")
+        assert running.metrics.registry.get_sample_value(REACHABLE) == 1
     finally:
         await running.stop()
 
