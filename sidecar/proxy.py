@@ -33,6 +33,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.accesslog import log_client_closed, notes
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
 from sidecar.continuity import UNKNOWN, Continuity, Unserved, default_owner, session_lost
@@ -66,6 +67,7 @@ from sidecar.streams import Registry, Session
 from sidecar.tracker import EventId, StreamKind
 from sidecar.upstream import UPSTREAM_ERRORS, BodyTooLargeError, Upstream, UpstreamTimeoutError
 from sidecar.writer import Writer
+from tether.logsetup import bind_log_fields, log_context
 from tether.model import OwnerName, parse_owner
 from tether.tasks import cancel_and_wait, spawn
 
@@ -236,17 +238,24 @@ class Proxy:
         holds = holds_drain(request.method, EventId.parse(last_id) if last_id else None)
         connection = request.protocol
         self.busy_connections[connection] = self.busy_connections.get(connection, 0) + 1
+        started = time.monotonic()
         if holds:
             self._holding.add(id(request))
-            self.draining.request_started(time.monotonic())
+            self.draining.request_started(started)
         try:
-            response = await self._handle(request)
+            # Every line logged for this request (and by the pumps it starts) names its session.
+            with log_context(session=request.headers.get(SESSION_HEADER)):
+                response = await self._handle(request)
             if self.draining.draining:
                 # Rule 2 for a response begun before the drain: its headers said keep-alive,
                 # but its connection closes as it ends, so no request follows on a connection
                 # the stopping pod would cut unanswered.
                 response.force_close()
             return response
+        except asyncio.CancelledError:
+            if self.config.access_log:  # `sidecar.accesslog` rule 1: aiohttp writes nothing
+                log_client_closed(request, time.monotonic() - started)
+            raise
         finally:
             self._release_drain(request)
             left = self.busy_connections.pop(connection) - 1
@@ -322,6 +331,10 @@ class Proxy:
             log.warning("%s %s: request body not received in time", request.method, request.path)
             return error_response(408, "request body not received in time")
         call = read_call(body) if request.method == "POST" else NOT_A_CALL
+        if call.method:
+            bind_log_fields(mcp_method=call.method, request_id=call.request_id)
+            noted = notes(request)
+            noted.mcp_method, noted.request_id = call.method, call.request_id
         mismatch = header_mismatch(request.headers, call)
         if mismatch is None:
             return body, call
