@@ -65,7 +65,13 @@ from sidecar.resilient import Resilient, end_upstream
 from sidecar.resume import Resume
 from sidecar.streams import Registry, Session
 from sidecar.tracker import EventId, StreamKind
-from sidecar.upstream import UPSTREAM_ERRORS, BodyTooLargeError, Upstream, UpstreamTimeoutError
+from sidecar.upstream import (
+    UPSTREAM_ERRORS,
+    BodyTooLargeError,
+    Upstream,
+    UpstreamTimeoutError,
+    describe_upstream_error,
+)
 from sidecar.writer import Writer
 from tether.logsetup import bind_log_fields, log_context
 from tether.model import OwnerName, parse_owner
@@ -313,8 +319,9 @@ class Proxy:
             return error_response(504, f"upstream timed out: {exc}")
         except UPSTREAM_ERRORS as exc:
             self.metrics.upstream_errors.inc()
-            log.warning("%s %s: upstream unreachable: %s", request.method, request.path, exc)
-            return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
+            why = describe_upstream_error(exc)
+            log.warning("%s %s: upstream unreachable: %s", request.method, request.path, why)
+            return error_response(502, f"upstream unreachable: {why}")
         # Rule 2: _route owns `resp` from here: it releases it, or hands it to a pump.
         return await self._route(request, resp, headers, body, call=call, reissue=reissue)
 
@@ -575,7 +582,12 @@ class Proxy:
             if kept:
                 self.resilient.hints.learn_answer(b"".join(kept))
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
+            log.warning(
+                "%s %s: upstream body broke: %s",
+                request.method,
+                request.path,
+                describe_upstream_error(exc),
+            )
         finally:
             self._listens.discard(resp)
             resp.release()

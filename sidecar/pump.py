@@ -20,7 +20,7 @@ from sidecar.metrics import Metrics
 from sidecar.reconnect import Outcome
 from sidecar.stream_core import Finished, Next, Relay, StreamState
 from sidecar.streams import LiveStream, Registry
-from sidecar.upstream import UPSTREAM_ERRORS, Upstream
+from sidecar.upstream import UPSTREAM_ERRORS, Upstream, describe_upstream_error
 from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar.pump")
@@ -119,7 +119,9 @@ class Pump:
                 if core.ended:
                     return Outcome.CLOSED
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            log.info("stream %s: upstream broke: %s", stream.stream_id, exc or type(exc).__name__)
+            log.info(
+                "stream %s: upstream broke: %s", stream.stream_id, describe_upstream_error(exc)
+            )
             return Outcome.FAILED
         return Outcome.CLOSED
 
@@ -146,11 +148,13 @@ class Pump:
                 stream.upstream_path, stream.upstream_headers, cursor
             )
         except UPSTREAM_ERRORS as exc:
-            log.info("stream %s: reconnect failed: %s", stream.stream_id, exc)
+            log.info(
+                "stream %s: reconnect failed: %s", stream.stream_id, describe_upstream_error(exc)
+            )
             return None, None
         if is_sse(resp.status, resp.headers.get("Content-Type", "")):
             if cursor:
-                log.info("stream %s: resumed upstream after %r", stream.stream_id, cursor)
+                log.info("stream %s: resumed upstream after event %r", stream.stream_id, cursor)
             else:
                 log.info("stream %s: reopened upstream stream", stream.stream_id)
             return resp, None
