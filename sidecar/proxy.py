@@ -74,6 +74,7 @@ from sidecar.upstream import (
 )
 from sidecar.writer import Writer
 from tether.logsetup import bind_log_fields, log_context
+from tether.logthrottle import ThrottledLog
 from tether.model import OwnerName, parse_owner
 from tether.tasks import cancel_and_wait, spawn
 
@@ -132,6 +133,8 @@ class Proxy:
         )
         self.resilient = Resilient(config, metrics, self.upstream)
         self._rewrite_endpoint = EndpointRewriter(config.upstream_base)
+        self.warnings = ThrottledLog(log)
+        """Per-request warnings, summarised when they flood (`tether.logthrottle`)."""
         self._janitor: asyncio.Task[None] | None = None
         self.draining = DrainState(config.drain_timeout)
         self._holding: set[int] = set()
@@ -221,6 +224,11 @@ class Proxy:
             self.continuity.report_position(stream)
         await self.continuity.stop()
         await self.upstream.close()
+        for warnings in self._throttled():
+            warnings.flush()
+
+    def _throttled(self) -> tuple[ThrottledLog, ...]:
+        return (self.warnings, self.admission.warnings, self.resilient.warnings)
 
     async def _sweep_forever(self) -> None:
         cfg = self.config
@@ -235,6 +243,8 @@ class Proxy:
             )
             await cancel_and_wait(*(s.pump for s in stale))
             self.metrics.refresh(self.registry)
+            for warnings in self._throttled():
+                warnings.poll()  # a flood that stopped still gets its summary line
 
     # -- one request, top to bottom --------------------------------------------------------
 
@@ -287,7 +297,14 @@ class Proxy:
         if last_id:
             if event_id is None:
                 # Rule 5: starting afresh would silently skip what the client missed.
-                log.warning("%s: Last-Event-ID %r is not one of ours", request.path, last_id[:80])
+                self.warnings.log(
+                    ("foreign last-event-id",),
+                    "resumes with a Last-Event-ID that is not Tether's",
+                    logging.WARNING,
+                    "%s: Last-Event-ID %r is not one of ours",
+                    request.path,
+                    last_id[:80],
+                )
                 self.metrics.resume_failures.inc()
                 return error_response(410, "Last-Event-ID is not an event id Tether gave out")
             return await self.resume.resume(request, event_id, sess)
@@ -315,12 +332,28 @@ class Proxy:
                 resp = retried
         except UpstreamTimeoutError as exc:
             self.metrics.upstream_errors.inc()
-            log.warning("%s %s: upstream timed out: %s", request.method, request.path, exc)
+            self.warnings.log(
+                ("upstream timed out",),
+                "requests the upstream did not answer in time",
+                logging.WARNING,
+                "%s %s: upstream timed out: %s",
+                request.method,
+                request.path,
+                exc,
+            )
             return error_response(504, f"upstream timed out: {exc}")
         except UPSTREAM_ERRORS as exc:
             self.metrics.upstream_errors.inc()
             why = describe_upstream_error(exc)
-            log.warning("%s %s: upstream unreachable: %s", request.method, request.path, why)
+            self.warnings.log(
+                ("upstream unreachable",),
+                "requests refused with the upstream unreachable",
+                logging.WARNING,
+                "%s %s: upstream unreachable: %s",
+                request.method,
+                request.path,
+                why,
+            )
             return error_response(502, f"upstream unreachable: {why}")
         # Rule 2: _route owns `resp` from here: it releases it, or hands it to a pump.
         return await self._route(request, resp, headers, body, call=call, reissue=reissue)
@@ -335,7 +368,14 @@ class Proxy:
         except BodyTooLargeError:
             return self._too_large()
         except TimeoutError:
-            log.warning("%s %s: request body not received in time", request.method, request.path)
+            self.warnings.log(
+                ("slow body",),
+                "request bodies not received in time",
+                logging.WARNING,
+                "%s %s: request body not received in time",
+                request.method,
+                request.path,
+            )
             return error_response(408, "request body not received in time")
         call = read_call(body) if request.method == "POST" else NOT_A_CALL
         if call.method:
@@ -346,7 +386,15 @@ class Proxy:
         if mismatch is None:
             return body, call
         self.metrics.refused.labels("header_mismatch").inc()
-        log.warning("%s %s refused: %s", request.method, request.path, mismatch)
+        self.warnings.log(
+            ("header mismatch",),
+            "requests refused for a header mismatch",
+            logging.WARNING,
+            "%s %s refused: %s",
+            request.method,
+            request.path,
+            mismatch,
+        )
         return error_response(
             400, f"header mismatch: {mismatch}", code=HEADER_MISMATCH, request_id=call.request_id
         )
@@ -410,7 +458,13 @@ class Proxy:
 
     def _too_large(self) -> web.Response:
         limit = self.config.max_request_body_bytes
-        log.warning("request body over the %d-byte limit refused", limit)
+        self.warnings.log(
+            ("too large",),
+            "request bodies over the limit",
+            logging.WARNING,
+            "request body over the %d-byte limit refused",
+            limit,
+        )
         return error_response(413, f"request body exceeds {limit} bytes")
 
     def _client_headers(
@@ -582,7 +636,10 @@ class Proxy:
             if kept:
                 self.resilient.hints.learn_answer(b"".join(kept))
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning(
+            self.warnings.log(
+                ("upstream body broke",),
+                "responses whose upstream body broke",
+                logging.WARNING,
                 "%s %s: upstream body broke: %s",
                 request.method,
                 request.path,

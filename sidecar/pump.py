@@ -21,6 +21,7 @@ from sidecar.reconnect import Outcome
 from sidecar.stream_core import Finished, Next, Relay, StreamState
 from sidecar.streams import LiveStream, Registry
 from sidecar.upstream import UPSTREAM_ERRORS, Upstream, describe_upstream_error
+from tether.logsetup import log_context
 from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar.pump")
@@ -53,10 +54,12 @@ class Pump:
         *,
         resume_now: bool = False,
     ) -> None:
-        """Start the stream's pump; it owns `resp` from here on."""
-        stream.pump = spawn(
-            self.run(stream, resp, resume_now=resume_now), name=f"pump-{stream.stream_id}"
-        )
+        """Start the stream's pump; it owns `resp` from here on. Its lines name the stream
+        and its session (the task keeps the context it was started in)."""
+        with log_context(session=stream.session_id, stream=stream.stream_id):
+            stream.pump = spawn(
+                self.run(stream, resp, resume_now=resume_now), name=f"pump-{stream.stream_id}"
+            )
 
     async def run(
         self,

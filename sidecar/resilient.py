@@ -48,6 +48,7 @@ from sidecar.upstream import (
     UpstreamTimeoutError,
     describe_upstream_error,
 )
+from tether.logthrottle import ThrottledLog
 
 log = logging.getLogger("tether.sidecar.resilient")
 
@@ -85,6 +86,8 @@ class Resilient:
         self.metrics = metrics
         self.upstream = upstream
         self.hints = ToolHints()
+        self.warnings = ThrottledLog(log)
+        """Per-request warnings, summarised when they flood (`tether.logthrottle`)."""
         """What this upstream's `tools/list` results said (`sidecar.reissue` rule 2)."""
         self._listens: set[_ListenLink] = set()
 
@@ -290,7 +293,10 @@ class Resilient:
                         if isinstance(item, SSEEvent) and item.data:
                             self.hints.learn_answer(item.data)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning(
+            self.warnings.log(
+                ("upstream body broke",),
+                "re-issuable answers whose upstream body broke",
+                logging.WARNING,
                 "%s %s: upstream body broke: %s",
                 request.method,
                 request.path,

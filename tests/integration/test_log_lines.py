@@ -43,6 +43,28 @@ async def test_a_refused_connection_says_so(
     assert not [line for line in lines(caplog) if "ssl:default" in line]
 
 
+async def test_a_flood_of_refusals_is_summarised(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Per-request warnings go through `tether.logthrottle`: the first few in full, then one
+    summary with the count (written by the sidecar's stop at the latest)."""
+    port = free_port()
+    sidecar = await sidecar_factory(f"http://127.0.0.1:{port}")
+    with caplog.at_level(logging.WARNING, logger="tether.sidecar"):
+        for _ in range(20):
+            async with http.post(
+                f"http://127.0.0.1:{sidecar.port}{MCP}", json={"jsonrpc": "2.0"}, headers=HEADERS
+            ) as resp:
+                assert resp.status == 502
+        await sidecar_factory.stop_all()
+    said = lines(caplog, logging.WARNING)
+    assert len([line for line in said if line.startswith("POST /mcp: upstream unreachable")]) == 5
+    [summary] = [line for line in said if " more " in line]
+    assert summary.startswith("15 more requests refused with the upstream unreachable in the last")
+    refused = f"cannot connect to 127.0.0.1:{port}: connection refused"
+    assert summary.endswith(f"e.g. POST /mcp: upstream unreachable: {refused}")
+
+
 @asynccontextmanager
 async def closes_mid_body() -> AsyncIterator[str]:
     """An upstream that answers JSON, chunked, and closes the connection inside the body."""
