@@ -19,6 +19,7 @@ from tests.integration.conftest import SidecarFactory
 from tests.integration.test_ownership import running_control_plane
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
 from tests.support.procs import free_port
+from tests.support.relay import Relay
 from tests.support.sse_client import events
 
 
@@ -101,6 +102,44 @@ async def test_an_upstream_closing_mid_body_is_named(
     broke = [line for line in lines(caplog, logging.WARNING) if "upstream body broke" in line]
     assert broke == ["POST /mcp: upstream body broke: the upstream closed the response mid-body"]
     assert not [line for line in lines(caplog) if "TransferEncodingError" in line]
+
+
+@pytest.mark.parametrize("no_ids", [False, True], ids=["ids", "no-ids"])
+async def test_a_reconnect_says_where_it_resumed(
+    no_ids: bool,
+    sidecar_factory: SidecarFactory,
+    numbered_upstream: Any,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A GET stream whose upstream connection is cut: resumed after the upstream's last event
+    id, or (an upstream without ids) reopened; never "resumed after ''"."""
+    async with numbered_upstream(no_ids=no_ids) as upstream:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        async with Relay(host, int(port)) as relay:
+            sidecar = await sidecar_factory(f"http://127.0.0.1:{relay.port}")
+            base = f"http://127.0.0.1:{sidecar.port}"
+            sid = await initialize(http, base)
+            sse = {**HEADERS, "Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+            with caplog.at_level(logging.INFO, logger="tether.sidecar"):
+                async with http.get(base + MCP, headers=sse) as resp:
+                    got = 0
+                    async for _ in events(resp):
+                        got += 1
+                        if got == 3:
+                            relay.cut()
+                        if got == 6:
+                            break
+            await sidecar_factory.stop_all()
+    said = [line for line in lines(caplog, logging.INFO) if "upstream" in line]
+    assert not [line for line in said if "after ''" in line]
+    upstream_lines = [line.split(": ", 1)[1] for line in said if line.startswith("stream ")]
+    if no_ids:
+        assert "reopened upstream stream" in upstream_lines
+    else:
+        assert [
+            line for line in upstream_lines if line.startswith("resumed upstream after event 'get/")
+        ]
 
 
 @pytest.fixture
