@@ -8,9 +8,8 @@ Invariants:
 1. A drain is one-way: once begun, the sidecar never reports ready again (its pod is going
    away; a new pod takes its place).
 2. While draining, every response closes its connection (`Connection: close`), so a client's
-   next request opens a new connection, which the Service sends to another pod. A response
-   begun before the drain (its headers said keep-alive) closes its connection as it ends.
-   Requests that arrive meanwhile on open connections are still served.
+   next request opens a new connection, which the Service sends to another pod. Requests that
+   arrive meanwhile on open connections are still served.
 3. A request is in flight from its arrival until its response is completely written, streamed
    POST responses included; standalone `GET` streams, legacy `GET /sse` streams and
    2026-07-28 `subscriptions/listen` streams are not: they never end on their own. Standalone

@@ -261,13 +261,7 @@ class Proxy:
         try:
             # Every line logged for this request (and by the pumps it starts) names its session.
             with log_context(session=request.headers.get(SESSION_HEADER)):
-                response = await self._handle(request)
-            if self.draining.draining:
-                # Rule 2 for a response begun before the drain: its headers said keep-alive,
-                # but its connection closes as it ends, so no request follows on a connection
-                # the stopping pod would cut unanswered.
-                response.force_close()
-            return response
+                return await self._handle(request)
         except asyncio.CancelledError:
             if self.config.access_log:  # `sidecar.accesslog` rule 1: aiohttp writes nothing
                 log_client_closed(request, time.monotonic() - started)

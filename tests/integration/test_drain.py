@@ -119,28 +119,3 @@ async def test_drain_ends_listen_streams_instead_of_waiting_for_them(
         assert await stream.read() == b""  # ended cleanly, nothing cut in half
         assert stream.content.at_eof()
         test_over.set()
-
-
-async def test_a_stream_begun_before_the_drain_closes_its_connection_when_it_ends(
-    numbered_upstream: Callable[..., Any], sidecar_factory: SidecarFactory
-) -> None:
-    """Rule 2 for responses whose headers went out before the drain said keep-alive: the
-    standalone stream the drain ends closes its connection, so the client's next request does
-    not go down a connection the stopping pod would cut unanswered (the rollout flake)."""
-    async with numbered_upstream(interval_ms=20) as upstream:
-        sidecar = await sidecar_factory(upstream)
-        base = f"http://127.0.0.1:{sidecar.port}"
-        # One connection only: a request after the stream can only reuse it or open another.
-        connector = aiohttp.TCPConnector(limit=1)
-        async with aiohttp.ClientSession(connector=connector) as one:
-            sid = await initialize(one, base)
-            session = {**HEADERS, "Mcp-Session-Id": sid}
-            standalone = await one.get(
-                base + MCP, headers={**session, "Accept": "text/event-stream"}
-            )
-            assert standalone.headers.get("Connection") != "close"
-            peer = standalone.connection.transport if standalone.connection else None
-            assert peer is not None
-            assert await sidecar.drain() is True
-            await standalone.read()
-            await eventually(peer.is_closing, timeout=5, what="the stream's connection closed")
