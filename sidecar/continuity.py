@@ -21,8 +21,8 @@ cost unbounded memory or unbounded control-plane calls):
   3. A session the control plane said it does not have is answered "unknown" from memory for
      `UNKNOWN_SESSION_TTL` seconds, for at most `UNKNOWN_SESSION_CACHE` ids: repeating an
      unknown id costs the lookups of one wait (rule 11) per id per period, whatever the
-     request rate. Such a request is routine (a late one after its client ended the
-     session, a stale id): a DEBUG line, not a warning.
+     request rate. So is a session its client just deleted here. Such a request is routine
+     (a late one after its client ended the session, a stale id): a DEBUG line.
   4. `fenced_sessions` holds at most `FENCED_CACHE` ids for at most `FENCED_TTL` seconds, and
      lets an id go when the session is adopted again or deleted. It only saves work: the
      control plane fences a forgotten one's writes again.
@@ -495,7 +495,10 @@ class Continuity:
         )
 
     def forget(self, session_id: str) -> None:
-        """The client deleted the session: forget everything about it here."""
+        """The client deleted the session: forget everything about it here, but remember it
+        as unknown (rule 3): its delete reaches the control plane a moment later, and a late
+        request of the client meanwhile must not restore the session from the stored record
+        (only for the control plane's delete to end it again, with a warning)."""
         self.fenced_sessions.discard(session_id)
         if self.reporter is None:
             return
@@ -503,6 +506,7 @@ class Continuity:
             sid = parse_session_id(session_id)
         except InvalidIdError:
             return
+        self.unknown_sessions.add(sid)
         self.reporter.forget(sid)
 
     def _session_ended(self, session_id: str) -> None:

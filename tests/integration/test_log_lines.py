@@ -6,21 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import grpc
 import pytest
 
-from controlplane.server import RunningControlPlane
+import controlplane.identity
+import controlplane.server
+from controlplane.config import ControlPlaneConfig, SqliteUrl
+from controlplane.server import RunningControlPlane, start_control_plane
 from tests.integration.conftest import SidecarFactory
 from tests.integration.test_ownership import running_control_plane
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
 from tests.support.procs import free_port
 from tests.support.relay import Relay
 from tests.support.sse_client import events
+from tests.support.waiting import eventually
+from tether.api.client import SessionClient
+from tether.model import SessionId
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
 def lines(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -> list[str]:
@@ -181,17 +193,58 @@ async def test_a_sidecar_taking_up_its_own_session_does_not_adopt_it_from_itself
     assert "this sidecar already owned it" in taken[0]
 
 
+class HeldDeletes(_ServerInterceptor):
+    """Holds the control plane's DeleteSession calls until `release` is set: the moment
+    between a client's DELETE answered by its sidecar and the delete stored."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.held = 0
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        if details.method.endswith("/DeleteSession"):
+            self.held += 1
+            await self.release.wait()
+        return await continuation(details)
+
+
+@pytest.fixture
+async def held_deletes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[RunningControlPlane, HeldDeletes]]:
+    """A real control plane whose deletes wait for the test (an interceptor added where the
+    server takes its interceptors from)."""
+    held = HeldDeletes()
+    production = controlplane.identity.server_interceptors
+    monkeypatch.setattr(
+        controlplane.server, "server_interceptors", lambda security: [*production(security), held]
+    )
+    plane = await start_control_plane(
+        ControlPlaneConfig(listen="127.0.0.1:0", store=SqliteUrl(tmp_path / "s.db"))
+    )
+    try:
+        yield plane, held
+    finally:
+        held.release.set()
+        await plane.stop()
+
+
 async def test_a_client_ending_its_session_leaves_no_warning(
-    control_plane: RunningControlPlane,
+    held_deletes: tuple[RunningControlPlane, HeldDeletes],
     sidecar_factory: SidecarFactory,
     numbered_upstream: Any,
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """An ordinary exit: a call streams, the client deletes its session at once (positions
-    still on their way to the control plane), then a late request of the same client comes.
+    """An ordinary exit: a call streams, the client deletes its session, and a late request
+    of the same client comes while the delete is still on its way to the control plane.
     Nothing here is wrong, so nothing is logged at WARNING by the sidecar or the control
-    plane; the late request is still refused (404) as for any unknown session."""
+    plane; the late request is refused (404) as for any unknown session, not served by a
+    session restored from the stored record (which the delete would then end again, with a
+    "deleted in the control plane" warning)."""
+    control_plane, deletes = held_deletes
     caplog.set_level(logging.DEBUG)
     async with numbered_upstream() as upstream:
         sidecar = await sidecar_factory(
@@ -201,17 +254,33 @@ async def test_a_client_ending_its_session_leaves_no_warning(
             report_interval=0.01,
             fingerprint_key=b"k" * 32,  # else a warning about development settings
         )
+        await eventually(
+            sidecar.proxy.continuity.watch_synced.is_set, timeout=10, what="the ownership watch"
+        )
         base = f"http://127.0.0.1:{sidecar.port}"
         sid = await initialize(http, base)
         headers = {**HEADERS, "Mcp-Session-Id": sid}
         async with http.post(base + MCP, json=count_call(20, interval_ms=1), headers=headers) as r:
             assert len([e async for e in events(r)]) == 21
+        reporter = sidecar.proxy.continuity.reporter
+        assert reporter is not None
+        await eventually(lambda: reporter.pending == 0, timeout=10, what="reports settled")
         async with http.delete(base + MCP, headers=headers) as resp:
             assert resp.status in (200, 204)
+        await eventually(lambda: deletes.held == 1, timeout=10, what="the delete on its way")
         async with http.post(
             base + MCP, json={"jsonrpc": "2.0", "id": 3, "method": "ping"}, headers=headers
         ) as resp:
             assert resp.status == 404
+        deletes.release.set()
+        async with grpc.aio.insecure_channel(control_plane.address) as channel:
+            client = SessionClient(channel)
+            await eventually(lambda: _gone(client, sid), timeout=10, what="the delete stored")
         await sidecar_factory.stop_all()
-    warnings = lines(caplog, logging.WARNING)
-    assert warnings == []
+    assert lines(caplog, logging.WARNING) == []
+    late = [line for line in lines(caplog) if line.startswith(f"session {sid}: unknown here")]
+    assert late  # the late request's line, at DEBUG
+
+
+async def _gone(client: SessionClient, sid: str) -> bool:
+    return await client.get_session(SessionId(sid), timeout=5) is None
