@@ -119,3 +119,42 @@ async def test_drain_ends_listen_streams_instead_of_waiting_for_them(
         assert await stream.read() == b""  # ended cleanly, nothing cut in half
         assert stream.content.at_eof()
         test_over.set()
+
+
+async def test_a_client_calling_back_to_back_keeps_its_connection_and_a_parked_one_is_closed(
+    numbered_upstream: Callable[..., Any], sidecar_factory: SidecarFactory
+) -> None:
+    """Rule 5: the connection a response just freed is left for the client's next request
+    (served, `Connection: close`), not closed under it as it is sent; a connection left
+    parked is closed once idle for the settle time."""
+    async with numbered_upstream(interval_ms=20) as upstream:
+        sidecar = await sidecar_factory(upstream, drain_timeout=10)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as caller,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as parked,
+        ):
+            sid = await initialize(caller, base)
+            session = {**HEADERS, "Mcp-Session-Id": sid}
+            async with parked.post(base + MCP, json=count_call(1, rid=2), headers=session) as r:
+                assert r.connection is not None
+                parked_transport = r.connection.transport
+                await r.read()
+            assert parked_transport is not None
+            call = await caller.post(
+                base + MCP, json=count_call(10, interval_ms=30), headers=session
+            )
+            assert call.connection is not None
+            transport = call.connection.transport
+            drain = asyncio.ensure_future(sidecar.drain())
+            await eventually(lambda: sidecar.proxy.draining.draining, timeout=5, what="draining")
+            await call.read()  # the call in flight ends during the drain ...
+            async with caller.post(base + MCP, json=count_call(1, rid=9), headers=session) as nxt:
+                # ... and the next one goes on the same connection at once, and is served.
+                assert nxt.connection is not None
+                assert nxt.connection.transport is transport
+                assert nxt.status == 200
+                assert nxt.headers["Connection"] == "close"
+                assert b'"result"' in await nxt.read()
+            await eventually(parked_transport.is_closing, timeout=5, what="parked one closed")
+            assert await asyncio.wait_for(drain, 15) is True
