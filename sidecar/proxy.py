@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -174,7 +175,7 @@ class Proxy:
         streams = [*self.registry.streams.values(), *self.registry.finishing]
         for stream in streams:
             stream.end("sidecar shutting down")
-        self.resilient.end_listens()
+        self.resilient.stop()  # kept listens end, waits to re-issue give up
         await cancel_and_wait(*(s.pump for s in streams))
 
     async def drain(self) -> bool:
@@ -353,7 +354,7 @@ class Proxy:
         if sess is not None and sess.upstream_session_id != client_session:
             headers[SESSION_HEADER] = sess.upstream_session_id
         listen = call.method == "subscriptions/listen" and call.is_request and not client_session
-        reissue = listen or may_reissue(call, self.resilient.hints)
+        reissue = listen or may_reissue(call, self.resilient.hints, request.path)
         method = method_label(request.method, call.method)
         started = time.monotonic()
         try:
@@ -671,7 +672,7 @@ class Proxy:
                         kept = None
             await out.write_eof()
             if kept:
-                self.resilient.hints.learn_answer(b"".join(kept))
+                self.resilient.hints.learn_answer(b"".join(kept), request.path)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             self.warnings.log(
                 ("upstream body broke",),
@@ -717,7 +718,7 @@ class Proxy:
             rewrite=self._rewrite_endpoint if kind is StreamKind.LEGACY else None,
         )
         if learn:  # `sidecar.reissue` rule 2: a tools/list answer names the safe tools
-            stream.core.on_answer = self.resilient.hints.learn_answer
+            stream.core.on_answer = partial(self.resilient.hints.learn_answer, path=request.path)
         if kind is StreamKind.LEGACY:
             stream.credential_fingerprint = fingerprint(
                 request.headers.get("Authorization"), key=self.config.fingerprint_key

@@ -1,6 +1,6 @@
 """Outside probe of issue #13 (safe re-issue, kept listens, routing headers): defects found by
-using a real sidecar against scripted upstreams on loopback, each pinned as a strict xfail so
-it flips when fixed (its `reason` says what is wrong). What held up is in the probe's report.
+using a real sidecar against scripted upstreams on loopback, each pinned by a test that failed
+until it was fixed (resilient rules 4-7, listen invariant 5, reissue rules 2-3):
 
 1. A JSON answer to a safe request is held whole: no 5 s / 64 KiB bound (resilient rule 4).
 2. A live, quiet listen carries no keep-alive to its client (the upstream's are dropped).
@@ -63,12 +63,6 @@ def ack(rid: Any, params: dict[str, Any]) -> dict[str, Any]:
 # -- rule 4: a JSON answer is held whole, with no time or size bound ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a JSON answer to a safe request is held until whole, with no 5 s bound "
-    "(resilient rule 4, README 'at most 5 s, 64 KiB'): a slow JSON body reaches the client "
-    "only when the upstream finishes it",
-)
 async def test_a_slow_json_answer_to_a_safe_request_goes_out_after_the_hold(
     sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -108,13 +102,6 @@ async def test_a_slow_json_answer_to_a_safe_request_goes_out_after_the_hold(
 # -- listen streams: the upstream's keep-alives are swallowed ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a live but quiet listen stream gets no keep-alive: the upstream's SSE "
-    "comments (the SDK server's ': ping' every 15 s) are dropped (listen invariant 5) and the "
-    "sidecar writes its own only while the upstream is gone, so a balancer's idle timeout "
-    "cuts every quiet listen",
-)
 async def test_a_quiet_listen_still_carries_keepalives_to_the_client(
     sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -153,12 +140,6 @@ async def test_a_quiet_listen_still_carries_keepalives_to_the_client(
 # -- listen streams: a server that acknowledges and dies is listened to forever ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an upstream listen that is acknowledged then cut counts as progress, so a "
-    "crash-looping server (ack, die, ack, die) is listened to again forever and the client "
-    "gets a refetch burst each time: the reconnect policy never bounds it",
-)
 async def test_a_listen_whose_upstream_acks_and_dies_every_time_is_bounded(
     sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -195,12 +176,6 @@ async def test_a_listen_whose_upstream_acks_and_dies_every_time_is_bounded(
 # -- tool hints are per sidecar, not per MCP server (path) ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: tool annotations are remembered by name for the whole sidecar, but every "
-    "path is proxied: a tool listed read-only by the server at /a makes a same-named, "
-    "non-idempotent tool of the server at /b be sent twice",
-)
 async def test_a_read_only_tool_on_one_path_does_not_make_another_paths_tool_safe(
     sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -243,13 +218,6 @@ async def test_a_read_only_tool_on_one_path_does_not_make_another_paths_tool_saf
 # -- routing headers: duplicates --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a duplicated Mcp-Method/Mcp-Name header is not refused: only the first "
-    "value is checked against the body and both are forwarded, so a balancer that routes on "
-    "the last value and the server can disagree (the SDK server itself refuses duplicates "
-    "with -32020)",
-)
 async def test_a_duplicated_routing_header_is_refused_before_forwarding(
     sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -278,13 +246,6 @@ async def test_a_duplicated_routing_header_is_refused_before_forwarding(
 # -- stopping the sidecar while a request is being re-issued ----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a stop (SIGTERM) waits for a request being re-issued until the reconnect "
-    "policy gives up (up to --reconnect-max-seconds, 60 s by default): aiohttp's cleanup waits "
-    "for the handler, so the final positions are flushed that much later (or never, past the "
-    "pod's grace period) and the client waits for nothing",
-)
 async def test_a_stop_does_not_wait_for_a_request_being_reissued(
     sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:

@@ -1,5 +1,6 @@
 """Outside probe of issue #13 against the demo server (official Python SDK 2.3) as a real
-process: defects pinned as strict xfails so they flip when fixed."""
+process: the defect it pinned (the server's keep-alives did not reach a listen's client) is
+fixed (listen invariant 5)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,6 @@ async def first_comment(http: aiohttp.ClientSession, url: str) -> bytes:
         return seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the SDK server's ': ping' keep-alives on a quiet listen stream are dropped "
-    "by the sidecar (listen invariant 5), so the client's stream goes silent; the SDK client "
-    "reads SSE with a 300 s read timeout and balancers cut idle streams after ~60 s",
-)
 async def test_the_sdk_servers_listen_pings_reach_the_client_through_the_sidecar(
     procs: ProcessPool, sidecar_factory: SidecarFactory
 ) -> None:
