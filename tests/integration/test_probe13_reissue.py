@@ -19,7 +19,6 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from sidecar.listen import ACKNOWLEDGED, SUBSCRIPTION_ID
