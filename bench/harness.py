@@ -307,9 +307,14 @@ async def measure_paths(
 
 
 async def profile_sidecar(
-    *, side_port: int, sidecar: Child, events: int, out: Path, log: Callable[[str], None]
+    *,
+    sidecar: Child,
+    load: Callable[[], Awaitable[object]],
+    out: Path,
+    log: Callable[[str], None],
 ) -> list[tuple[str, float]]:
-    """py-spy the sidecar while it relays 256 B events; top functions by own time."""
+    """py-spy the sidecar while `load` runs again and again for 8 s; top functions by own
+    time."""
     spy = shutil.which("py-spy")
     if spy is None:
         log("profile skipped: py-spy not installed (pip install py-spy)")
@@ -322,10 +327,9 @@ async def profile_sidecar(
         stderr=subprocess.DEVNULL,
     )
     await asyncio.sleep(1.0)
-    session = await client.initialize(side_port)
     start = time.monotonic()
     while time.monotonic() - start < 8.0:
-        await client.read_post_stream(side_port, n=events, size=256, session_id=session)
+        await load()
     proc.send_signal(signal.SIGINT)
     async with asyncio.timeout(30):
         await proc.wait()
@@ -744,6 +748,7 @@ class Results:
     floods: list[cp_flood.FloodFigures] = field(default_factory=list)
     stateless: list[StatelessFigures] = field(default_factory=list)
     profile: list[tuple[str, float]] = field(default_factory=list)
+    stateless_profile: list[tuple[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -910,15 +915,19 @@ def _flood_table(res: Results) -> Iterator[str]:
 
 
 def _profile_table(res: Results) -> Iterator[str]:
-    if not res.profile:
-        return
-    yield "### Sidecar profile under the 256 B load (py-spy, top 10 by own time)"
-    yield ""
-    yield "| own % of GIL-held samples | function (file) |"
-    yield "|---:|---|"
-    for name, share in res.profile:
-        yield f"| {share:.1f} | `{name}` |"
-    yield ""
+    for title, profile in (
+        ("the 256 B load", res.profile),
+        (f"stateless tools/call noop (JSON), {STATELESS_CLIENTS} clients", res.stateless_profile),
+    ):
+        if not profile:
+            continue
+        yield f"### Sidecar profile under {title} (py-spy, top 10 by own time)"
+        yield ""
+        yield "| own % of GIL-held samples | function (file) |"
+        yield "|---:|---|"
+        for name, share in profile:
+            yield f"| {share:.1f} | `{name}` |"
+        yield ""
 
 
 def targets(res: Results) -> Iterator[str]:
@@ -1085,7 +1094,9 @@ async def run(opts: Options, log: Callable[[str], None]) -> Results:
             if "resume" in opts.groups:
                 res.resume_ms = await step(env, log, "resume", measure_resume(env, sizes, log))
             if "stateless" in opts.groups:
-                res.stateless = await step(env, log, "stateless", _stateless(env, sizes, log))
+                res.stateless = await step(
+                    env, log, "stateless", _stateless(env, sizes, opts, res, log)
+                )
             if "cp-flood" in opts.groups:
                 res.floods = await step(env, log, "cp-flood", _floods(env, sizes, opts, res, log))
         finally:
@@ -1133,23 +1144,42 @@ async def _paths(
     res.throughput, res.latency = await measure_paths(env, sizes, paths, log)
     if opts.profile:
         events = sizes.throughput_events[256]
+        session = await client.initialize(port)
         res.profile = await profile_sidecar(
-            side_port=port, sidecar=side, events=events, out=env.tmp / "profile.txt", log=log
+            sidecar=side,
+            load=lambda: client.read_post_stream(port, n=events, size=256, session_id=session),
+            out=env.tmp / "profile.txt",
+            log=log,
         )
 
 
-async def _stateless(env: Env, sizes: Sizes, log: Callable[[str], None]) -> list[StatelessFigures]:
+async def _stateless(
+    env: Env, sizes: Sizes, opts: Options, res: Results, log: Callable[[str], None]
+) -> list[StatelessFigures]:
     """Its own nginx (upstream keepalive, so that neither proxy opens an upstream connection
-    per request) and its own sidecar, stopped afterwards."""
+    per request) and its own sidecar, stopped afterwards; `--profile` py-spies that sidecar
+    under `tools/call` answered with JSON."""
     paths = [Path_("direct", env.gen_port, None)]
     if env.nginx_binary is not None:
         port = free_port()
         ngx = env.start_nginx(port, connections=1024, upstream_keepalive=NGINX_KEEPALIVE)
         paths.append(Path_("nginx", port, ngx))
     port = free_port()
-    paths.append(Path_("sidecar", port, env.start_sidecar("sidecar-stateless", port)))
+    side = env.start_sidecar("sidecar-stateless", port)
+    paths.append(Path_("sidecar", port, side))
     try:
-        return await measure_stateless(env, sizes, paths, log)
+        figures = await measure_stateless(env, sizes, paths, log)
+        if opts.profile:
+            call = client.StatelessKind("tools/call")
+            res.stateless_profile = await profile_sidecar(
+                sidecar=side,
+                load=lambda: client.stateless_load(
+                    port, call, clients=STATELESS_CLIENTS, per_client=100
+                ),
+                out=env.tmp / "stateless-profile.txt",
+                log=log,
+            )
+        return figures
     finally:
         for p in paths:
             if p.proxy is not None:
@@ -1217,7 +1247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--no-nginx", action="store_true", help="leave the nginx path out")
     p.add_argument("--no-etcd", action="store_true", help="control plane on SQLite only")
-    p.add_argument("--profile", action="store_true", help="py-spy the sidecar (256 B load)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the sidecar (paths: 256 B load; stateless: tools/call)",
+    )
     p.add_argument(
         "--tuned-nginx",
         action="store_true",
