@@ -23,7 +23,8 @@ large slices under transport flow control, so its cost per event is close to not
   `tools/list` result for `tools/list`, an empty `content` for anything else), as
   `application/json` with a Content-Length; with `?progress=K`, as a chunked
   `text/event-stream` instead: K `notifications/progress` events, one chunk and one
-  `transport.write` each, then the result. See `stateless_answer`.
+  `transport.write` each with a pass of the event loop between writes, then the result.
+  See `stateless_answer`.
 - Anything else: `202 Accepted`, empty (notifications, DELETE).
 
 Every session SSE response echoes the request's `Mcp-Session-Id`, so a sidecar tracks it as
@@ -157,6 +158,8 @@ class Connection(asyncio.Protocol):
         self.writable.set()
         self.closed = False
         self.task: asyncio.Task[None] | None = None
+        self.streaming: asyncio.Task[None] | None = None
+        """A stateless SSE answer being written; requests that come meanwhile wait in `buf`."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -167,6 +170,11 @@ class Connection(asyncio.Protocol):
         if self.task is not None:
             return  # a request body we do not need, or a second request (not served)
         self.buf += data
+        if self.streaming is None:
+            self.serve_buffered()
+
+    def serve_buffered(self) -> None:
+        """Answer the requests in `buf`, in order, until one is incomplete or takes a task."""
         while True:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
@@ -186,14 +194,31 @@ class Connection(asyncio.Protocol):
                     self.answer(method, target, headers, body), name="generator-request"
                 )
                 return
-            # Stateless: answered here and now (a few small writes, far under the buffer
-            # limit), then the next request on this connection, if one came already.
+            # Stateless: a JSON answer is written here and now, then the next request on this
+            # connection, if one came already; an SSE answer by a task, one event per loop
+            # iteration, so that a proxy reads them apart as a server's progress would come.
             del self.buf[: end + 4 + body_len]
-            for chunk in stateless_answer(method, target, body):
-                self.transport.write(chunk)
-            if headers.get("connection", "").lower() == "close":
+            writes = stateless_answer(method, target, body)
+            close = headers.get("connection", "").lower() == "close"
+            if len(writes) > 1:
+                self.streaming = spawn(self.write_apart(writes, close), name="generator-sse")
+                return
+            self.transport.write(writes[0])
+            if close:
                 self.transport.close()
                 return
+
+    async def write_apart(self, writes: list[bytes], close: bool) -> None:
+        for chunk in writes:
+            if self.closed:
+                return
+            self.transport.write(chunk)
+            await asyncio.sleep(0)
+        self.streaming = None
+        if close:
+            self.transport.close()
+        else:
+            self.serve_buffered()
 
     def pause_writing(self) -> None:
         self.writable.clear()
