@@ -109,10 +109,14 @@ def downstream_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> 
     return out
 
 
-def error_response(status: int, message: str) -> web.Response:
+def error_response(
+    status: int, message: str, *, code: int = -32000, request_id: int | str | None = None
+) -> web.Response:
     """An HTTP error in JSON-RPC shape, which MCP clients already know how to read."""
     return web.Response(
-        status=status, body=error_body(f"tether: {message}"), content_type="application/json"
+        status=status,
+        body=error_body(f"tether: {message}", request_id, code),
+        content_type="application/json",
     )
 
 

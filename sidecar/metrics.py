@@ -67,6 +67,12 @@ class Metrics:
         self.reinitializations = counter(
             "upstream_reinitializations", "Sessions re-initialized after the upstream lost them"
         )
+        self.reissues = counter(
+            "requests_reissued", "Safe requests sent to the upstream again after it failed"
+        )
+        self.relistens = counter(
+            "listens_reissued", "2026-07-28 listen requests sent again after the upstream's ended"
+        )
         self.upstream_paused = counter(
             "upstream_paused", "Times an upstream read paused until clients caught up"
         )

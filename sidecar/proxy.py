@@ -52,6 +52,15 @@ from sidecar.jsonrpc import PostBody, read_post_body
 from sidecar.legacy import EndpointRewriter
 from sidecar.metrics import Metrics
 from sidecar.pump import MAX_ERROR_BODY, Pump
+from sidecar.reissue import (
+    HEADER_MISMATCH,
+    NOT_A_CALL,
+    Call,
+    header_mismatch,
+    may_reissue,
+    read_call,
+)
+from sidecar.resilient import Resilient, end_upstream
 from sidecar.resume import Resume
 from sidecar.streams import Registry, Session
 from sidecar.tracker import EventId, StreamKind
@@ -113,6 +122,7 @@ class Proxy:
             pump=self.pump,
             writer=self.writer,
         )
+        self.resilient = Resilient(config, metrics, self.upstream)
         self._rewrite_endpoint = EndpointRewriter(config.upstream_base)
         self._janitor: asyncio.Task[None] | None = None
         self.draining = DrainState(config.drain_timeout)
@@ -142,6 +152,7 @@ class Proxy:
         streams = [*self.registry.streams.values(), *self.registry.finishing]
         for stream in streams:
             stream.end("sidecar shutting down")
+        self.resilient.end_listens()
         await cancel_and_wait(*(s.pump for s in streams))
 
     async def drain(self) -> bool:
@@ -177,7 +188,8 @@ class Proxy:
         for stream in standalone:
             stream.end("sidecar draining")
         for listen in self._listens:
-            _end_listen(listen)
+            end_upstream(listen)
+        self.resilient.end_listens()
         await cancel_and_wait(*(s.pump for s in standalone))
 
     def _orphan_calls(self) -> int:
@@ -268,21 +280,24 @@ class Proxy:
         declared = request.content_length
         if declared is not None and declared > self.config.max_request_body_bytes:
             return self._too_large()
-        body_parts: list[bytes] = []
+        read = await self._read_request(request)
+        if isinstance(read, web.Response):
+            return read
+        body, call = read
         headers = upstream_request_headers(
             request, trusted_peer=self.admission.trusts_forwarding(request)
         )
         if sess is not None and sess.upstream_session_id != client_session:
             headers[SESSION_HEADER] = sess.upstream_session_id
+        listen = call.method == "subscriptions/listen" and call.is_request and not client_session
+        reissue = listen or may_reissue(call, self.resilient.hints)
         try:
-            resp = await self.upstream.forward(request, headers, body_parts)
+            resp = await self.resilient.send(request, headers, body, reissue=reissue)
             if sess is not None and request.method != "DELETE" and resp.status in (400, 404):
-                retried = await self._after_session_lost(request, sess, resp, headers, body_parts)
+                retried = await self._after_session_lost(request, sess, resp, headers, body)
                 if isinstance(retried, web.Response):
                     return retried
                 resp = retried
-        except BodyTooLargeError:
-            return self._too_large()
         except UpstreamTimeoutError as exc:
             self.metrics.upstream_errors.inc()
             log.warning("%s %s: upstream timed out: %s", request.method, request.path, exc)
@@ -292,7 +307,29 @@ class Proxy:
             log.warning("%s %s: upstream unreachable: %s", request.method, request.path, exc)
             return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
         # Rule 2: _route owns `resp` from here: it releases it, or hands it to a pump.
-        return await self._route(request, resp, headers, b"".join(body_parts))
+        return await self._route(request, resp, headers, body, call=call, reissue=reissue)
+
+    async def _read_request(self, request: web.Request) -> tuple[bytes | None, Call] | web.Response:
+        """The body, and the JSON-RPC request it carries; refused when too large or when its
+        `Mcp-*` headers disagree with it (`sidecar.reissue` rule 3)."""
+        if not request.body_exists:
+            return None, NOT_A_CALL
+        try:
+            body = await self.upstream.read_body(request)
+        except BodyTooLargeError:
+            return self._too_large()
+        except TimeoutError:
+            log.warning("%s %s: request body not received in time", request.method, request.path)
+            return error_response(408, "request body not received in time")
+        call = read_call(body) if request.method == "POST" else NOT_A_CALL
+        mismatch = header_mismatch(request.headers, call)
+        if mismatch is None:
+            return body, call
+        self.metrics.refused.labels("header_mismatch").inc()
+        log.warning("%s %s refused: %s", request.method, request.path, mismatch)
+        return error_response(
+            400, f"header mismatch: {mismatch}", code=HEADER_MISMATCH, request_id=call.request_id
+        )
 
     def _unserved(self, why: Unserved) -> web.Response:
         """Continuity invariant 12: a session that cannot be served here is not forwarded."""
@@ -324,7 +361,7 @@ class Proxy:
         sess: Session,
         resp: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
-        body_parts: list[bytes],
+        request_body: bytes | None,
     ) -> aiohttp.ClientResponse | web.Response:
         """Rule 4: the upstream answered 400/404 on a known session: if it lost the session,
         re-initialize it and send the request once more."""
@@ -342,9 +379,8 @@ class Proxy:
         ):
             self.metrics.reinitializations.inc()
             headers[SESSION_HEADER] = sess.upstream_session_id
-            data = b"".join(body_parts) if request.body_exists else None
             return await self.upstream.request(
-                request.method, request.path_qs, headers=headers, data=data
+                request.method, request.path_qs, headers=headers, data=request_body
             )
         return web.Response(
             status=resp.status,
@@ -374,7 +410,10 @@ class Proxy:
         request: web.Request,
         resp: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
-        body: bytes,
+        body: bytes | None,
+        *,
+        call: Call,
+        reissue: bool,
     ) -> web.StreamResponse:
         method = request.method
         client_session = request.headers.get(SESSION_HEADER)
@@ -382,16 +421,30 @@ class Proxy:
         sse = is_sse(resp.status, resp.headers.get("Content-Type", ""))
         try:
             kind = stream_kind(method, session_id, sse=sse)
-            post = self._note_request(request, resp, body, session_id)
+            post = self._note_request(request, resp, body or b"", session_id)
             if method == "DELETE" and client_session and resp.status in (200, 202, 204, 404):
                 await self._forget_session(client_session)
         except BaseException:
             resp.release()
             raise
+        if kind is None and session_id is None and (reissue or post.listen):
+            return await self._stateless(request, resp, headers, body, call=call)
         if kind is None:
-            return await self._pipe(request, resp, client_session, listen=sse and post.listen)
+            return await self._pipe(
+                request,
+                resp,
+                client_session,
+                listen=sse and post.listen,
+                learn=call.method == "tools/list",
+            )
         return await self._open_stream(
-            request, resp=resp, headers=headers, kind=kind, session_id=session_id, post=post
+            request,
+            resp=resp,
+            headers=headers,
+            kind=kind,
+            session_id=session_id,
+            post=post,
+            learn=call.method == "tools/list",
         )
 
     def _note_request(
@@ -430,6 +483,44 @@ class Proxy:
                 self.continuity.report_session(sess)
         return post
 
+    async def _stateless(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+        *,
+        call: Call,
+    ) -> web.StreamResponse:
+        """Issue #13 (`sidecar.resilient`): a 2026-07-28 listen kept across upstream restarts,
+        or the answer to a request that is safe to send again, re-issued while none of it has
+        reached the client."""
+        if call.method != "subscriptions/listen":
+            return await self.resilient.relay(
+                request,
+                resp,
+                headers=headers,
+                body=body,
+                call=call,
+                headers_for=lambda r: self._client_headers(r, None, keep_length=True),
+            )
+        # `sidecar.drain` rule 3: a listen stream never ends by itself, so it does not hold a
+        # drain, which ends it instead.
+        self._release_drain(request)
+        self.writer.active += 1
+        try:
+            return await self.resilient.listen(
+                request,
+                resp,
+                headers=headers,
+                body=body,
+                call=call,
+                headers_for=lambda r: self._client_headers(r, None, keep_length=False),
+                stopping=lambda: self.draining.draining,
+            )
+        finally:
+            self.writer.active -= 1
+
     async def _pipe(
         self,
         request: web.Request,
@@ -437,6 +528,7 @@ class Proxy:
         client_session: str | None,
         *,
         listen: bool = False,
+        learn: bool = False,
     ) -> web.StreamResponse:
         """Pass a response through untouched, chunk by chunk, as it arrives. A `listen`
         stream (2026-07-28) does not hold a drain, which ends it (`sidecar.drain` rule 3):
@@ -445,7 +537,7 @@ class Proxy:
             self._release_drain(request)
             self._listens.add(resp)
             if self.draining.draining:
-                _end_listen(resp)
+                end_upstream(resp)
         out = web.StreamResponse(
             status=resp.status,
             reason=resp.reason,
@@ -453,11 +545,22 @@ class Proxy:
         )
         sse = resp.headers.get("Content-Type", "").startswith(SSE_TYPE)
         self.writer.active += sse
+        # A `tools/list` answer in JSON teaches which tools are safe to send again
+        # (`sidecar.reissue` rule 2): kept while it fits, read once it is whole.
+        kept: list[bytes] | None = [] if learn and not sse and resp.status == 200 else None
+        kept_size = 0
         try:
             await out.prepare(request)
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)
+                if kept is not None:
+                    kept.append(chunk)
+                    kept_size += len(chunk)
+                    if kept_size > self.config.max_event_bytes:
+                        kept = None
             await out.write_eof()
+            if kept:
+                self.resilient.hints.learn_answer(b"".join(kept))
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
         finally:
@@ -475,6 +578,7 @@ class Proxy:
         kind: StreamKind,
         session_id: str | None,
         post: PostBody,
+        learn: bool = False,
     ) -> web.StreamResponse:
         reconnect_headers = CIMultiDict(headers)
         for name in ("Content-Type", "Content-Length"):
@@ -492,6 +596,8 @@ class Proxy:
             request_ids=post.request_ids,
             rewrite=self._rewrite_endpoint if kind is StreamKind.LEGACY else None,
         )
+        if learn:  # `sidecar.reissue` rule 2: a tools/list answer names the safe tools
+            stream.core.on_answer = self.resilient.hints.learn_answer
         if kind is StreamKind.LEGACY:
             stream.credential_fingerprint = fingerprint(
                 request.headers.get("Authorization"), key=self.config.fingerprint_key
@@ -531,13 +637,3 @@ def stream_kind(method: str, session_id: str | None, *, sse: bool) -> StreamKind
     if method == "GET":
         return StreamKind.LEGACY
     return None  # stateless (2026-07-28): nothing to resume, nothing to track
-
-
-def _end_listen(resp: aiohttp.ClientResponse) -> None:
-    """End a listen stream for its client (what the upstream sent so far goes out, then the
-    response ends cleanly) and close its upstream connection first: the upstream is still
-    sending, so the connection is mid-body and must not go back to the pool, where the next
-    request would read those bytes as its answer."""
-    if resp.connection is not None:
-        resp.connection.close()
-    resp.content.feed_eof()

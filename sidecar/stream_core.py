@@ -166,6 +166,7 @@ class StreamCore:
         "expects_responses",
         "kind",
         "max_event_bytes",
+        "on_answer",
         "pending",
         "reason",
         "retry_ms",
@@ -209,6 +210,8 @@ class StreamCore:
         self._queue_at = 0
         self._rewrite = rewrite
         self._stream_url = ""
+        self.on_answer: Callable[[str], object] | None = None
+        """Given each answer's data (a `tools/list` answer teaches `sidecar.reissue`)."""
         self._bulk = bulk
         """Parse plain stretches as runs (the bulk path); False forces the event path, which
         the property tests and the fuzz target hold the bulk path equal to."""
@@ -428,6 +431,8 @@ class StreamCore:
             return
         pending = self.pending
         for data in answers:
+            if self.on_answer is not None:
+                self.on_answer(data)
             ids = answered_ids(data)
             if pending:
                 pending.difference_update(ids)

@@ -6,8 +6,9 @@ Rules:
    for hours, a dead peer is found by TCP keepalive).
 2. `waiting` counts requests waiting for their response headers; admission refuses new
    requests past `max_upstream_requests`, so a hung upstream cannot pile up requests.
-3. A client body streams through bounded by `max_request_body_bytes` and is kept (up to that
-   bound) so its JSON-RPC ids, and an `initialize`, can be read once it is sent.
+3. A client body is read whole, bounded by `max_request_body_bytes` and in time by
+   `upstream_response_timeout`, before anything is sent: its JSON-RPC request says whether it
+   may be sent again (`sidecar.reissue`), and MCP bodies are small.
 """
 
 from __future__ import annotations
@@ -124,23 +125,18 @@ class Upstream:
         finally:
             self.waiting -= 1
 
-    async def forward(
-        self, request: web.Request, headers: CIMultiDict[str], captured: list[bytes]
-    ) -> aiohttp.ClientResponse:
-        """Forward the client's request, streaming its body (rule 3)."""
-        data: AsyncIterator[bytes] | None = None
-        if request.body_exists:
-            data = self._stream_body(request, captured)
-            if request.content_length is not None:
-                headers["Content-Length"] = str(request.content_length)
-        try:
-            return await self.request(request.method, request.path_qs, headers=headers, data=data)
-        except aiohttp.ClientError as exc:
-            if isinstance(exc.__cause__, BodyTooLargeError) or isinstance(
-                exc.__context__, BodyTooLargeError
-            ):
-                raise BodyTooLargeError from exc
-            raise
+    async def read_body(self, request: web.Request) -> bytes:
+        """The client's whole body (rule 3), read within `upstream_response_timeout`."""
+        limit = self.config.max_request_body_bytes
+        parts: list[bytes] = []
+        total = 0
+        async with asyncio.timeout(self.config.upstream_response_timeout):
+            async for chunk in request.content.iter_any():
+                total += len(chunk)
+                if total > limit:
+                    raise BodyTooLargeError
+                parts.append(chunk)
+        return b"".join(parts)
 
     async def get_stream(
         self, path_qs: str, headers: CIMultiDict[str], cursor: str
@@ -151,15 +147,3 @@ class Upstream:
         if cursor:
             h[LAST_EVENT_ID] = cursor
         return await self.request("GET", path_qs, headers=h)
-
-    async def _stream_body(
-        self, request: web.Request, captured: list[bytes]
-    ) -> AsyncIterator[bytes]:
-        total = 0
-        limit = self.config.max_request_body_bytes
-        async for chunk in request.content.iter_any():
-            total += len(chunk)
-            if total > limit:
-                raise BodyTooLargeError
-            captured.append(chunk)
-            yield chunk
