@@ -680,7 +680,7 @@ async def measure_stateless(
     across the paths (as the latency figure does), so a disturbance lands on all alike."""
     gen = next(c for c in env.children if c.name == "generator")
     seq_n, conc_n = sizes.stateless
-    segments = 2 if seq_n >= 100 else 1
+    segments = min(4, max(1, seq_n // 150))
     seq_per = seq_n // segments
     conc_per = max(1, conc_n // segments // STATELESS_CLIENTS)
     results: list[StatelessFigures] = []
