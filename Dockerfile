@@ -6,7 +6,9 @@
 #   docker run --rm tether:dev --help
 #
 # Two stages: the first builds a wheel and installs it with its dependencies into a virtual
-# environment; the second copies only that environment onto a fresh slim base, so pip's cache,
+# environment (`tether[demo]`: the example MCP server runs from the same image), every
+# dependency at the version `constraints.txt` pins, so rebuilding the same commit gives the
+# same image; the second copies only that environment onto a fresh slim base, so pip's cache,
 # the source tree and any build tooling never reach the final image (pip and setuptools are
 # removed from the environment once it is complete). Every dependency ships manylinux wheels
 # for CPython 3.11; the only compiling is Tether's own event-path cores (mypyc, setup.py
@@ -33,13 +35,13 @@ RUN python -m venv /opt/build \
  && /opt/build/bin/pip install "mypy>=1.10" "setuptools>=68" wheel
 # The venv lives at the same path in both stages: its scripts' shebangs are absolute.
 RUN python -m venv /opt/tether
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY tether ./tether
 COPY sidecar ./sidecar
 COPY controlplane ./controlplane
 RUN TETHER_MYPYC=${TETHER_MYPYC} /opt/build/bin/pip wheel --no-build-isolation --no-deps \
         --wheel-dir /wheels . \
- && /opt/tether/bin/pip install /wheels/*.whl \
+ && /opt/tether/bin/pip install --constraint constraints.txt "$(ls /wheels/tether-*.whl)[demo]" \
  && /opt/tether/bin/python -m pip uninstall -q -y pip setuptools \
  && /opt/tether/bin/python -m compileall -q /opt/tether
 

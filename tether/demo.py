@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
 import socket
@@ -165,7 +166,24 @@ Ctrl-C stops everything.
     return 0
 
 
+DEMO_MODULES = ("mcp", "uvicorn")
+"""What the example server and client need: the `demo` extra (the sidecar needs neither)."""
+
+
+def missing_demo_modules() -> list[str]:
+    return [name for name in DEMO_MODULES if importlib.util.find_spec(name) is None]
+
+
 def _run(args: argparse.Namespace) -> int:
+    missing = missing_demo_modules()
+    if missing:
+        print(
+            f"tether demo: the example MCP server needs {', '.join(missing)}: "
+            "install the demo extra (pip install 'tether[demo]', or from a checkout "
+            "pip install '.[demo]')",
+            file=sys.stderr,
+        )
+        return 1
     args.db = Path(args.db).resolve()
     try:
         return asyncio.run(run_demo(args))

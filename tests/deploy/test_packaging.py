@@ -1,0 +1,109 @@
+"""Packaging (issue #14): one version source, version floors that match the generated code,
+the demo's SDK in an extra of its own, and a constraints file that pins everything the image
+installs. Read from the files themselves and from the environment pip built."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import tomllib
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+import tether
+from tests.deploy.render import REPO_ROOT
+
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+GENERATED = REPO_ROOT / "tether" / "api" / "v1"
+
+
+def requirements(specs: list[str]) -> dict[str, Requirement]:
+    reqs = [Requirement(s) for s in specs]
+    return {r.name.lower().replace("_", "-"): r for r in reqs if r.name != "tether"}
+
+
+RUNTIME = requirements(PROJECT["dependencies"])
+DEMO = requirements(PROJECT["optional-dependencies"]["demo"])
+
+
+def floor(req: Requirement) -> Version:
+    (minimum,) = [Version(s.version) for s in req.specifier if s.operator == ">="]
+    return minimum
+
+
+def test_the_version_has_one_source() -> None:
+    assert "version" not in PROJECT
+    assert PROJECT["dynamic"] == ["version"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "tether.__version__"}
+    assert importlib.metadata.version("tether") == tether.__version__
+
+
+def test_floors_are_what_the_generated_code_checks_at_import() -> None:
+    pb2 = (GENERATED / "sessions_pb2.py").read_text()
+    made_by = re.search(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),", pb2)
+    assert made_by is not None
+    protobuf = Version(".".join(made_by.groups()))
+    assert floor(RUNTIME["protobuf"]) == protobuf
+    assert Version(f"{protobuf.major + 1}") in {
+        Version(s.version) for s in RUNTIME["protobuf"].specifier if s.operator == "<"
+    }
+    grpc = re.search(
+        r"GRPC_GENERATED_VERSION = '([\d.]+)'", (GENERATED / "sessions_pb2_grpc.py").read_text()
+    )
+    assert grpc is not None
+    for name in ("grpcio", "grpcio-health-checking", "grpcio-reflection"):
+        assert floor(RUNTIME[name]) == Version(grpc.group(1)), name
+    # The toolchain that made them is pinned to the same release.
+    tools = requirements(PROJECT["optional-dependencies"]["test"])["grpcio-tools"]
+    assert str(tools.specifier) == f"=={grpc.group(1)}"
+
+
+def test_the_sidecar_and_control_plane_do_not_need_the_demo_sdk() -> None:
+    assert not set(DEMO) & set(RUNTIME)
+    assert {"mcp", "uvicorn"} <= set(DEMO)
+    for package in ("sidecar", "controlplane"):
+        for source in (REPO_ROOT / package).rglob("*.py"):
+            text = source.read_text()
+            assert not re.search(r"^\s*(import|from) (mcp|uvicorn|starlette)\b", text, re.M), source
+
+
+def pins() -> dict[str, Version]:
+    out: dict[str, Version] = {}
+    for raw in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", line
+        out[req.name.lower().replace("_", "-")] = Version(spec.version)
+    return out
+
+
+def test_constraints_pin_every_dependency_of_the_image_within_its_range() -> None:
+    pinned = pins()
+    for name, req in {**RUNTIME, **DEMO}.items():
+        assert name in pinned, f"{name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pinned[name], prereleases=True), (name, pinned[name])
+    # And everything they pull in: the installed closure of tether[demo] is pinned too.
+    seen: set[str] = set()
+    todo = list(RUNTIME) + list(DEMO)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        assert name in pinned, f"{name} (a dependency of the image) is not pinned"
+        for spec in importlib.metadata.requires(name) or []:
+            dep = Requirement(spec)
+            if dep.marker is None or dep.marker.evaluate({"extra": ""}):
+                todo.append(dep.name.lower().replace("_", "-"))
+
+
+def test_the_image_installs_with_the_constraints_and_the_demo_extra() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "COPY pyproject.toml setup.py README.md constraints.txt ./" in dockerfile
+    assert re.search(r"pip install --constraint constraints\.txt \"[^\"]*\[demo\]\"", dockerfile)
+    assert "!constraints.txt" in (REPO_ROOT / ".dockerignore").read_text().splitlines()
