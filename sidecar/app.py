@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import SidecarConfig
 from sidecar.metrics import Metrics
-from sidecar.proxy import Proxy
+from sidecar.proxy import DRAIN_POLL_S, Proxy
 from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar")
@@ -135,25 +136,22 @@ class RunningSidecar:
 
 async def drain_sidecar(proxy: Proxy, proxied: list[web.AppRunner]) -> bool:
     """Drain (`sidecar.drain`): the proxy stops being ready and waits for what is in flight;
-    the proxied port's idle connections are closed at the start and at the end (rule 5), so
-    clients open new ones elsewhere. False if the drain timed out."""
+    from the start until the sidecar stops, the proxied port's connections that stay idle for
+    the settle time are closed (rule 5), so clients open new ones elsewhere. False if the
+    drain timed out."""
+    if proxy.shedder is None:
+        proxy.shedder = spawn(_shed_parked(proxy, proxied), name="sidecar-drain-shedder")
+    return await spawn(proxy.drain(), name="sidecar-drain")
 
-    def close_idle() -> None:
-        for runner in proxied:
-            if runner.server is not None:
-                for conn in runner.server.connections:
-                    if conn not in proxy.busy_connections:
-                        conn.close()
 
-    if not proxy.draining.draining:
-        waiting = spawn(proxy.drain(), name="sidecar-drain")
-        await asyncio.sleep(0)  # the drain has begun: responses say `Connection: close`
-        close_idle()
-    else:
-        waiting = spawn(proxy.drain(), name="sidecar-drain")
-    clean = await waiting
-    close_idle()
-    return clean
+async def _shed_parked(proxy: Proxy, proxied: list[web.AppRunner]) -> None:
+    """`sidecar.drain` rule 5, until cancelled by the sidecar's stop."""
+    await asyncio.sleep(0)  # the drain has begun: responses say `Connection: close`
+    while True:
+        live = [c for r in proxied if r.server is not None for c in r.server.connections]
+        for conn in proxy.parking.to_close(live, proxy.busy_connections, time.monotonic()):
+            conn.force_close()  # idle: `close()` would wait for a request that never comes
+        await asyncio.sleep(DRAIN_POLL_S)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

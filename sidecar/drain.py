@@ -8,9 +8,8 @@ Invariants:
 1. A drain is one-way: once begun, the sidecar never reports ready again (its pod is going
    away; a new pod takes its place).
 2. While draining, every response closes its connection (`Connection: close`), so a client's
-   next request opens a new connection, which the Service sends to another pod. A response
-   begun before the drain (its headers said keep-alive) closes its connection as it ends.
-   Requests that arrive meanwhile on open connections are still served.
+   next request opens a new connection, which the Service sends to another pod. Requests that
+   arrive meanwhile on open connections are still served.
 3. A request is in flight from its arrival until its response is completely written, streamed
    POST responses included; standalone `GET` streams, legacy `GET /sse` streams and
    2026-07-28 `subscriptions/listen` streams are not: they never end on their own. Standalone
@@ -23,13 +22,19 @@ Invariants:
    client may send its next request on it right after; that request is served (with
    `Connection: close`) rather than met by a connection closed under it (HTTP/1.1 has no way
    to tell a client a kept-alive connection is closing but closing it).
-5. Connections are closed by the drain when idle: at its start, and at its end (a request
-   sent on a connection at the very moment it closes fails: the race every proxy has).
+5. From the drain's start until the sidecar stops, a connection is closed once it has been
+   idle for `settle` seconds (one idle when the drain began counts from then). Never the moment
+   a response ends: a client calling back to back sends its next request on the connection
+   just freed, and a close crossing that request fails it (HTTP/1.1 gives a server no way to
+   close a kept-alive connection but closing it); that request is served instead, with
+   `Connection: close`. A connection left parked is where a crossing is least likely.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from sidecar.tracker import EventId, StreamKind
 
@@ -107,3 +112,35 @@ class DrainState:
             and self.remaining(now) == 0.0
             and (self.in_flight > 0 or upstream_busy > 0)
         )
+
+
+C = TypeVar("C", bound=Hashable)
+
+
+@dataclass
+class Parking(Generic[C]):
+    """Rule 5: since when each idle connection has been idle, while draining. Entries live only
+    as long as their connection (`to_close` forgets the rest), so the map is bounded by the
+    connections open."""
+
+    min_idle: float
+    _since: dict[C, float] = field(default_factory=dict)
+
+    def idle(self, connection: C, now: float) -> None:
+        """A connection's last request finished."""
+        self._since[connection] = now
+
+    def to_close(self, live: Iterable[C], busy: Collection[object], now: float) -> list[C]:
+        """The live connections idle for `min_idle` seconds; a live idle connection not seen
+        before counts from now (the drain's start)."""
+        since: dict[C, float] = {}
+        out: list[C] = []
+        for conn in live:
+            if conn in busy:
+                continue
+            at = self._since.get(conn, now)
+            since[conn] = at
+            if now - at >= self.min_idle:
+                out.append(conn)
+        self._since = since
+        return out

@@ -19,9 +19,10 @@ Invariants:
 3. After a re-issued listen is acknowledged, before any of its events, the client gets one
    `notifications/{tools,prompts,resources}/list_changed` per list the first acknowledgement
    honoured and one `notifications/resources/updated` per honoured resource URI, each stamped
-   with the subscription id. More than `MAX_REFETCH` such events would overflow the pending
-   queue of a client (the Python SDK's holds 1024) and lose the subscription anyway, so past
-   it the stream ends instead and the client listens again and refetches everything.
+   with the subscription id. Too many such events would overflow the pending queue of a client
+   (the Python SDK's holds 1024, events it has not consumed yet included) and lose the
+   subscription anyway, so past `MAX_REFETCH` the stream ends instead and the client listens
+   again and refetches everything.
 4. The JSON-RPC response to the listen (its id) is the graceful end: it goes to the client and
    the stream is over. A response stream that ends without it is "lost": listen again.
 5. Frames pass through re-encoded from the parsed event (data, event type, id), with LF line
@@ -40,7 +41,7 @@ from sidecar.sse import SSEError, SSEEvent, SSEParser, encode_comment, encode_ev
 
 ACKNOWLEDGED: Final = "notifications/subscriptions/acknowledged"
 SUBSCRIPTION_ID: Final = "io.modelcontextprotocol/subscriptionId"
-MAX_REFETCH: Final = 1000
+MAX_REFETCH: Final = 512
 """Invariant 3: most refetch events sent after one re-issued listen."""
 
 _LIST_CHANGED: Final = (

@@ -31,12 +31,13 @@ import time
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
 from sidecar.continuity import UNKNOWN, Continuity, Unserved, default_owner, session_lost
-from sidecar.drain import DrainState, holds_drain
+from sidecar.drain import DrainState, Parking, holds_drain
 from sidecar.guard import fingerprint
 from sidecar.headers import (
     LAST_EVENT_ID,
@@ -131,8 +132,12 @@ class Proxy:
         requests are not hashable; each is removed before its handler returns."""
         self._listens: set[aiohttp.ClientResponse] = set()
         """Upstream answers to `subscriptions/listen` being piped: a drain ends them."""
-        self.busy_connections: dict[object, int] = {}
+        self.busy_connections: dict[RequestHandler, int] = {}
         """Client connections with a request being handled (`sidecar.drain` rule 5)."""
+        self.parking: Parking[RequestHandler] = Parking(self.draining.settle)
+        """While draining: since when each idle connection has been idle (rule 5)."""
+        self.shedder: asyncio.Task[None] | None = None
+        """While draining: closes parked connections until the sidecar stops (rule 5)."""
 
     @property
     def active_streams(self) -> int:
@@ -207,6 +212,7 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop the pumps, flush the final positions to the control plane, close."""
+        await cancel_and_wait(self.shedder)
         await self.end_streams()
         await cancel_and_wait(self._janitor)
         for stream in self.registry.streams.values():
@@ -240,18 +246,14 @@ class Proxy:
             self._holding.add(id(request))
             self.draining.request_started(time.monotonic())
         try:
-            response = await self._handle(request)
-            if self.draining.draining:
-                # Rule 2 for a response begun before the drain: its headers said keep-alive,
-                # but its connection closes as it ends, so no request follows on a connection
-                # the stopping pod would cut unanswered.
-                response.force_close()
-            return response
+            return await self._handle(request)
         finally:
             self._release_drain(request)
             left = self.busy_connections.pop(connection) - 1
             if left:
                 self.busy_connections[connection] = left
+            elif self.draining.draining:
+                self.parking.idle(connection, time.monotonic())
 
     def _release_drain(self, request: web.Request) -> None:
         """The request no longer holds a drain: answered, or a listen stream (rule 3)."""

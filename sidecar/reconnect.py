@@ -1,8 +1,12 @@
 """When to reconnect a broken upstream SSE stream: a pure policy fed outcomes and the clock.
 
 Rules the policy keeps:
-1. A failure (connect error, 5xx, a body cut mid-stream) waits with exponential backoff and full
-   jitter, capped at `max_delay`; a server `retry:` hint raises the floor of that wait.
+1. A failure (connect error, 5xx, a body cut mid-stream) waits with exponential backoff and
+   "equal" jitter (half the ceiling, plus a random part up to the other half), the ceiling
+   capped at `max_delay`; a server `retry:` hint raises the floor of that wait. Half is fixed so
+   that `max_attempts` attempts always span at least half their ceilings (about 6.6 s for the
+   default ten): full jitter could spend all ten in well under a second, less than a server
+   takes to restart, and give up on a request or a listen that a moment more would have saved.
 2. A clean close after the server gave a `retry:` hint is the MCP 2025-11-25 polling pattern, not a
    failure: the next poll waits exactly the hint and does not count as a failed attempt.
 3. Progress (an event delivered) resets the failure count and the outage clock.
@@ -95,7 +99,7 @@ class ReconnectPolicy:
         # The exponent is capped so a long outage (huge max_attempts) cannot overflow a float.
         exponent = min(self._failures - 1, 64)
         ceiling = min(cfg.max_delay, cfg.initial_delay * cfg.multiplier**exponent)
-        delay = self._rng.uniform(0, ceiling)
+        delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
         if hint is not None:
             delay = max(delay, hint)
         if elapsed + delay > cfg.max_elapsed:

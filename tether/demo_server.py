@@ -5,6 +5,12 @@ server" tier. Its `count` tool streams progress notifications slowly enough that
 cut mid-flight, which is what Tether exists to survive. Its `notify` tool makes the server send
 a notification on the session's standalone GET stream, so that stream's survival can be tested too.
 
+For the stateless revision (2026-07-28) `touch` publishes `subscriptions/listen` events (a
+resource updated, the tool list changed), and `remember` is the one tool that changes state and
+must not run twice (it appends to an in-process list). Every tool carries `ToolAnnotations`
+that are true of it: the sidecar re-issues a `tools/call` to a restarted server only for a tool
+annotated read-only or idempotent, so the annotations are part of what the tests exercise.
+
 Resumability comes from `MemoryEventStore`, an in-process, bounded `EventStore`: a stream that
 drops can be resumed with `Last-Event-ID` while the process lives. Event ids are
 `"{stream_id}:{seq}"` with one `seq` counter for the whole store, so ids are unique and
@@ -44,7 +50,7 @@ from mcp.server.streamable_http import (
     StreamId,
 )
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import JSONRPCMessage
+from mcp_types import JSONRPCMessage, ToolAnnotations
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,6 +63,16 @@ DEFAULT_PORT = 8931
 DEFAULT_RETRY_INTERVAL_MS = 500
 # `notify` names the resource it announces as updated with this prefix and its topic.
 NOTIFY_URI_PREFIX = "demo://topics/"
+# Reads nothing but its arguments and the process: safe to run again after a failure.
+READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+# Announces a change; a second announcement says nothing the first did not (level triggers).
+IDEMPOTENT = ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+)
+# Appends: every run adds one more entry, so it must run once per call.
+APPENDS = ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False
+)
 # Open SSE streams never end on their own; after this long uvicorn cancels them on shutdown.
 SHUTDOWN_GRACE_S = 2
 
@@ -206,7 +222,9 @@ def build_mcp_server() -> MCPServer[Any]:
         instructions="Example server bundled with Tether. `count` streams progress slowly.",
     )
 
-    @app.tool()
+    remembered: list[str] = []
+
+    @app.tool(annotations=READ_ONLY)
     async def count(n: int, ctx: Context[Any, Any], interval_ms: int = 100) -> str:
         """Count to n, reporting progress `tick i` every interval_ms milliseconds."""
         for i in range(1, n + 1):
@@ -214,24 +232,40 @@ def build_mcp_server() -> MCPServer[Any]:
             await ctx.report_progress(i, n, f"tick {i}")
         return f"counted {n}"
 
-    @app.tool()
+    @app.tool(annotations=READ_ONLY)
     async def echo(text: str) -> str:
         """Return text unchanged."""
         return text
 
-    @app.tool()
+    @app.tool(annotations=READ_ONLY)
     async def add(a: float, b: float) -> float:
         """Add two numbers."""
         return a + b
 
-    @app.tool()
+    @app.tool(annotations=IDEMPOTENT)
     async def notify(topic: str, ctx: Context[Any, Any]) -> str:
         """Send `notifications/resources/updated` for `demo://topics/{topic}`, unrelated to
-        this call: the SDK sends it on the session's standalone (GET) stream, not this call's."""
+        this call: the SDK sends it on the session's standalone (GET) stream, not this call's.
+        (Session revision; on 2026-07-28 use `touch`.)"""
         await ctx.session.send_resource_updated(f"{NOTIFY_URI_PREFIX}{topic}")
         return f"notified {topic}"
 
-    @app.tool()
+    @app.tool(annotations=IDEMPOTENT)
+    async def touch(topic: str, ctx: Context[Any, Any]) -> str:
+        """Publish to `subscriptions/listen` streams (2026-07-28): `resources/updated` for
+        `demo://topics/{topic}`, then `tools/list_changed`."""
+        await ctx.notify_resource_updated(f"{NOTIFY_URI_PREFIX}{topic}")
+        await ctx.notify_tools_changed()
+        return f"touched {topic}"
+
+    @app.tool(annotations=APPENDS)
+    async def remember(text: str) -> int:
+        """Append text to this process's list and return how many entries it holds: a call
+        that ran twice shows as one too many."""
+        remembered.append(text)
+        return len(remembered)
+
+    @app.tool(annotations=READ_ONLY)
     async def server_info() -> dict[str, Any]:
         """This process's pid and uptime: shows whether a call reached a restarted server."""
         return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - _STARTED_AT, 3)}

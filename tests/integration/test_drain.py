@@ -121,26 +121,40 @@ async def test_drain_ends_listen_streams_instead_of_waiting_for_them(
         test_over.set()
 
 
-async def test_a_stream_begun_before_the_drain_closes_its_connection_when_it_ends(
+async def test_a_client_calling_back_to_back_keeps_its_connection_and_a_parked_one_is_closed(
     numbered_upstream: Callable[..., Any], sidecar_factory: SidecarFactory
 ) -> None:
-    """Rule 2 for responses whose headers went out before the drain said keep-alive: the
-    standalone stream the drain ends closes its connection, so the client's next request does
-    not go down a connection the stopping pod would cut unanswered (the rollout flake)."""
+    """Rule 5: the connection a response just freed is left for the client's next request
+    (served, `Connection: close`), not closed under it as it is sent; a connection left
+    parked is closed once idle for the settle time."""
     async with numbered_upstream(interval_ms=20) as upstream:
-        sidecar = await sidecar_factory(upstream)
+        sidecar = await sidecar_factory(upstream, drain_timeout=10)
         base = f"http://127.0.0.1:{sidecar.port}"
-        # One connection only: a request after the stream can only reuse it or open another.
-        connector = aiohttp.TCPConnector(limit=1)
-        async with aiohttp.ClientSession(connector=connector) as one:
-            sid = await initialize(one, base)
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as caller,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as parked,
+        ):
+            sid = await initialize(caller, base)
             session = {**HEADERS, "Mcp-Session-Id": sid}
-            standalone = await one.get(
-                base + MCP, headers={**session, "Accept": "text/event-stream"}
+            async with parked.post(base + MCP, json=count_call(1, rid=2), headers=session) as r:
+                assert r.connection is not None
+                parked_transport = r.connection.transport
+                await r.read()
+            assert parked_transport is not None
+            call = await caller.post(
+                base + MCP, json=count_call(10, interval_ms=30), headers=session
             )
-            assert standalone.headers.get("Connection") != "close"
-            peer = standalone.connection.transport if standalone.connection else None
-            assert peer is not None
-            assert await sidecar.drain() is True
-            await standalone.read()
-            await eventually(peer.is_closing, timeout=5, what="the stream's connection closed")
+            assert call.connection is not None
+            transport = call.connection.transport
+            drain = asyncio.ensure_future(sidecar.drain())
+            await eventually(lambda: sidecar.proxy.draining.draining, timeout=5, what="draining")
+            await call.read()  # the call in flight ends during the drain ...
+            async with caller.post(base + MCP, json=count_call(1, rid=9), headers=session) as nxt:
+                # ... and the next one goes on the same connection at once, and is served.
+                assert nxt.connection is not None
+                assert nxt.connection.transport is transport
+                assert nxt.status == 200
+                assert nxt.headers["Connection"] == "close"
+                assert b'"result"' in await nxt.read()
+            await eventually(parked_transport.is_closing, timeout=5, what="parked one closed")
+            assert await asyncio.wait_for(drain, 15) is True

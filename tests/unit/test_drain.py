@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.drain import DrainState, holds_drain
+from sidecar.drain import DrainState, Parking, holds_drain
 from sidecar.tracker import EventId, StreamKind, new_stream_id
 
 
@@ -66,3 +66,18 @@ def test_the_timeout_ends_a_drain_with_work_in_flight() -> None:
 def test_a_finish_without_a_start_is_a_bug() -> None:
     with pytest.raises(RuntimeError):
         DrainState(timeout=1).request_finished(0.0)
+
+
+def test_parking_closes_only_connections_idle_for_the_settle_time() -> None:
+    """Rule 5: a connection freed a moment ago is left for its client's next request; one
+    idle since the drain began, or for the settle time, is closed; busy ones never."""
+    parking: Parking[str] = Parking(min_idle=0.5)
+    live = ["parked", "busy", "freed"]
+    assert parking.to_close(live, {"busy"}, now=10.0) == []  # idle ones count from now
+    parking.idle("freed", now=10.4)
+    assert parking.to_close(live, {"busy"}, now=10.5) == ["parked"]
+    assert parking.to_close(live, {"busy"}, now=10.8) == ["parked"]
+    assert parking.to_close(live, {"busy"}, now=10.9) == ["parked", "freed"]
+    # Connections that are gone are forgotten: the map stays as small as the live set.
+    assert parking.to_close(["busy"], {"busy"}, now=11.0) == []
+    assert parking._since == {}

@@ -20,7 +20,8 @@ def test_failures_back_off_exponentially_with_jitter_under_the_cap() -> None:
         d = p.next(Outcome.FAILED, now=now, retry_ms=None)
         assert isinstance(d, Retry)
         assert d.attempt == attempt
-        assert 0 <= d.delay <= min(1.0, 0.1 * 2 ** (attempt - 1))
+        ceiling = min(1.0, 0.1 * 2 ** (attempt - 1))
+        assert ceiling / 2 <= d.delay <= ceiling  # rule 1: equal jitter
         now += d.delay
     assert isinstance(p.next(Outcome.FAILED, now=now, retry_ms=None), GiveUp)
 
