@@ -41,7 +41,7 @@ COPY sidecar ./sidecar
 COPY controlplane ./controlplane
 RUN TETHER_MYPYC=${TETHER_MYPYC} /opt/build/bin/pip wheel --no-build-isolation --no-deps \
         --wheel-dir /wheels . \
- && /opt/tether/bin/pip install --constraint constraints.txt "$(ls /wheels/tether-*.whl)[demo]" \
+ && /opt/tether/bin/pip install --constraint constraints.txt "$(ls /wheels/tether-*.whl)[demo,tracing]" \
  && /opt/tether/bin/python -m pip uninstall -q -y pip setuptools \
  && /opt/tether/bin/python -m compileall -q /opt/tether
 

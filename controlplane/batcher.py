@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Mapping
 
+from controlplane.metrics import ControlPlaneMetrics
 from controlplane.records import Refusal, refusal, upsert_epoch
 from controlplane.store.protocol import (
     ApplyResult,
@@ -184,10 +186,13 @@ class WriteBatcher:
         *,
         flush_interval: float = 0.05,
         max_pending: int = DEFAULT_MAX_PENDING,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be >= 1")
         self._store = store
+        self._metrics = metrics or ControlPlaneMetrics()
+        self._metrics.pending_writes.set_function(self.pending)
         self._interval = flush_interval
         self._max_pending = max_pending
         self._pending = PendingWrites()
@@ -222,7 +227,9 @@ class WriteBatcher:
             raise RuntimeError("write batcher is closed")
         before = self._pending.received
         self._pending.add(writes)
-        self.writes_submitted += self._pending.received - before
+        added = self._pending.received - before
+        self.writes_submitted += added
+        self._metrics.reported_writes.inc(added)
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
             # Mark a failure as seen even if every submitter has gone away meanwhile.
@@ -240,13 +247,17 @@ class WriteBatcher:
         self._room.set()
         if future is None:
             return
+        started = time.monotonic()
         try:
             result = await self._store.apply(writes=writes)
         except Exception as e:
+            self._metrics.store_write_seconds.labels("error").observe(time.monotonic() - started)
             log.warning("flushing %d coalesced writes failed: %s", len(writes), e)
             if not future.done():
                 future.set_exception(e)
             return
+        self._metrics.store_write_seconds.labels("ok").observe(time.monotonic() - started)
+        self._metrics.store_batch_size.observe(len(writes))
         self.flushes += 1
         self.writes_received += received
         self.writes_flushed += len(writes)

@@ -162,3 +162,8 @@ class ControlPlaneConfig:
     """Sessions one owner (sidecar) may hold; 0: no limit."""
     max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER
     """Concurrent ReportEvents and WatchSessions calls one peer host may hold (0: no limit)."""
+    tracing: bool = False
+    """A server span per unary call (`controlplane.tracing`; the `tracing` extra), exported as
+    the standard `OTEL_*` variables say."""
+    admin_listen: str | None = None
+    """HOST:PORT of the admin port (`/metrics`, `/healthz`; port 0 picks one); None: none."""

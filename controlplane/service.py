@@ -27,6 +27,10 @@ Rules this module keeps (the limits themselves are in `controlplane.limits`):
      summary line per interval (`tether.logthrottle`); a flood writes a bounded log.
   3. Streaming calls (ReportEvents, WatchSessions) are counted per peer host and refused
      beyond `max_calls_per_peer`; the count is released when the call ends, however it ends.
+  4. A report for a session deleted (DeleteSession) in the last `LATE_REPORT_GRACE` seconds is
+     the tail of an ordinary exit (the client ended its session while its sidecar's last
+     positions were on the way): skipped like any unknown session, logged at DEBUG, not as a
+     warning. At most `RECENT_DELETES` deletions are remembered, the oldest forgotten first.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import NoReturn, TypeVar
 
@@ -51,6 +57,7 @@ from controlplane.limits import (
     check_request_items,
     peer_key,
 )
+from controlplane.metrics import ControlPlaneMetrics, Reason
 from controlplane.policy import Access, Authorizer, Denied, Read, redact
 from controlplane.store.protocol import (
     ClaimRefusedError,
@@ -66,6 +73,7 @@ from tether import tasks
 from tether.api import convert
 from tether.api.v1 import sessions_pb2 as pb
 from tether.api.v1 import sessions_pb2_grpc as pb_grpc
+from tether.logsetup import OWNER, SESSION, STREAM
 from tether.logthrottle import ThrottledLog
 from tether.model import (
     InvalidIdError,
@@ -103,6 +111,10 @@ async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoRet
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
+LATE_REPORT_GRACE = 60.0
+RECENT_DELETES = 4096
+
+
 class SessionService(pb_grpc.SessionServiceServicer):
     def __init__(
         self,
@@ -113,8 +125,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
         authorizer: Authorizer | None = None,
         max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER,
         rejection_log: ThrottledLog | None = None,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or ControlPlaneMetrics()
         self._authorizer = authorizer or Authorizer()
         self._batcher = batcher
         self._session_ttl = session_ttl
@@ -124,6 +138,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self._read_room = asyncio.Event()
         """Replaced and set whenever a stream acknowledges: wakes every reader waiting for
         room (its own or the shared budget's)."""
+        self._deleted: OrderedDict[str, float] = OrderedDict()
+        """Rule 4: session id -> when it was deleted, oldest first."""
         self.rejection_log = rejection_log or ThrottledLog(log)
         """Rule 2; other refusals (e.g. permission denied) may share it with their own keys."""
         self._stopping = False
@@ -138,6 +154,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self, context: Context, access: Access, call: str, denied: Denied
     ) -> NoReturn:
         self._authorizer.log_denial(access, call, denied, context.peer())
+        self._metrics.reject(Reason.PERMISSION_DENIED)
         await _abort(context, grpc.StatusCode.PERMISSION_DENIED, denied.message)
 
     def stopping(self) -> bool:
@@ -169,6 +186,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 context.peer(),
                 self._calls.open_calls(key),
             )
+            self._metrics.reject(Reason.TOO_MANY_CALLS)
             await _abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -189,8 +207,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if (denied := access.report()) is not None:
             await self._refuse(context, access, "ReportEvents", denied)
         async with self._streaming_call(context) as key:
-            async for response in self._report_events(request_iterator, context, key, access):
-                yield response
+            self._metrics.report_streams.inc()
+            try:
+                async for response in self._report_events(request_iterator, context, key, access):
+                    yield response
+            finally:
+                self._metrics.report_streams.dec()
 
     async def _report_events(
         self,
@@ -225,6 +247,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                         await self._read_room.wait()
                     budget.read(items, nbytes)
                     batch, invalid = convert.batch_from_pb(request)
+                    self._metrics.reject(Reason.INVALID, len(invalid))
                     del request  # the decoded batch is what is kept until acknowledged
                     batch, invalid = self._authorized(access, batch, invalid, peer)
                     writes: list[SessionWrite] = [*batch.upserts, *batch.updates]
@@ -247,6 +270,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 if item is None:
                     break
                 if isinstance(item, RequestTooLargeError):
+                    self._metrics.reject(Reason.REQUEST_TOO_LARGE)
                     self.rejection_log.log(
                         ("request too large", key),
                         f"report streams ended for too large requests from {key}",
@@ -258,11 +282,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(item))
                 batch, invalid, future, items, nbytes = item
                 results = await _flushed(future, context, peer) if future is not None else {}
-                ack = acknowledge(batch, results, invalid)
-                ack = dataclasses.replace(ack, session_ttl=self._session_ttl)
-                self._log_rejections(ack.rejections, peer, key)
-                response = convert.ack_to_pb(ack)
-                del batch, results, ack, item
+                response = self._acknowledgement(batch, results, invalid, peer, key)
+                del batch, results, item
                 yield response
                 budget.acknowledged(items, nbytes)
                 self._wake_readers()
@@ -273,6 +294,25 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if reader.cancelled() and self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
 
+    def _acknowledgement(
+        self,
+        batch: ReportBatch,
+        results: FlushResult,
+        invalid: tuple[Rejection, ...],
+        peer: str,
+        key: str,
+    ) -> pb.ReportEventsResponse:
+        """One batch's acknowledgement. Rejections are counted by reason as they are made:
+        `invalid` (conversion, policy) already were, the store's are here; all are logged."""
+        ack = acknowledge(batch, results)
+        for r in ack.rejections:
+            self._metrics.reject(Reason.of(r.reason))
+        ack = dataclasses.replace(
+            ack, rejections=(*invalid, *ack.rejections), session_ttl=self._session_ttl
+        )
+        self._log_rejections(ack.rejections, peer, key)
+        return convert.ack_to_pb(ack)
+
     def _authorized(
         self,
         access: Access,
@@ -282,6 +322,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> tuple[ReportBatch, tuple[Rejection, ...]]:
         """The writes the caller may make, and the others as rejections (policy rules)."""
         batch, refused = access.writes(batch)
+        self._metrics.reject(Reason.PERMISSION_DENIED, len(refused))
         if refused:
             denied = Denied(f"{access.principal.id}: {refused[0].detail}")
             self._authorizer.log_denial(access, "ReportEvents", denied, peer)
@@ -294,7 +335,21 @@ class SessionService(pb_grpc.SessionServiceServicer):
     def _log_rejections(self, rejections: Iterable[Rejection], peer: str, key: str) -> None:
         """Rule 2: per (reason, peer host), a few lines in full, then one summary."""
         for r in rejections:
-            if r.reason is RejectionReason.UNKNOWN_SESSION:
+            if r.reason is RejectionReason.UNKNOWN_SESSION and (
+                (ago := self._deleted_ago(r.session_id)) is not None
+            ):
+                self.rejection_log.log(
+                    ("late report", key),
+                    f"late reports for deleted sessions from {key}",
+                    logging.DEBUG,
+                    "late report from %s for session %s deleted %.1fs ago (stream %r): skipped",
+                    peer,
+                    r.session_id,
+                    ago,
+                    r.stream_id,
+                    extra={SESSION: r.session_id, STREAM: r.stream_id or None},
+                )
+            elif r.reason is RejectionReason.UNKNOWN_SESSION:
                 self.rejection_log.log(
                     ("unknown session", key),
                     f"reports for unknown sessions from {key}",
@@ -314,6 +369,24 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     r.session_id,
                     r.detail,
                 )
+
+    def _note_deleted(self, session_id: str) -> None:
+        now = time.monotonic()
+        self._deleted.pop(session_id, None)
+        self._deleted[session_id] = now
+        while self._deleted and (
+            len(self._deleted) > RECENT_DELETES
+            or now - next(iter(self._deleted.values())) > LATE_REPORT_GRACE
+        ):
+            self._deleted.popitem(last=False)
+
+    def _deleted_ago(self, session_id: str) -> float | None:
+        """Seconds since `session_id` was deleted, if within the grace (rule 4)."""
+        when = self._deleted.get(session_id)
+        if when is None:
+            return None
+        ago = time.monotonic() - when
+        return ago if ago <= LATE_REPORT_GRACE else None
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
         sid = await _valid_session_id(request.session_id, context)
@@ -365,7 +438,13 @@ class SessionService(pb_grpc.SessionServiceServicer):
         rec = await _store_call(context, self._store.delete(session_id=sid))
         if rec is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
-        log.info("session %s deleted on request from %s", sid, context.peer())
+        self._note_deleted(sid)
+        log.info(
+            "session %s deleted on request from %s",
+            sid,
+            context.peer(),
+            extra={SESSION: sid, OWNER: rec.owner},
+        )
         return pb.DeleteSessionResponse(session=convert.session_to_pb(rec))
 
     async def ClaimSession(
@@ -387,6 +466,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         except ClaimRefusedError as e:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except OwnerLimitError as e:
+            self._metrics.reject(Reason.OWNER_LIMIT)
             self.rejection_log.log(
                 ("owner limit", owner),
                 f"claims refused to {owner} over the per-owner limit",
@@ -397,7 +477,13 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 e,
             )
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        log.info("session %s claimed by %s (owner epoch %d)", sid, owner, rec.owner_epoch)
+        log.info(
+            "session %s claimed by %s (owner epoch %d)",
+            sid,
+            owner,
+            rec.owner_epoch,
+            extra={SESSION: sid, OWNER: owner},
+        )
         return pb.ClaimSessionResponse(session=convert.session_to_pb(rec))
 
     async def WatchSessions(
@@ -408,8 +494,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if self.stopping():
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
         async with self._streaming_call(context):
-            async for event in self._watch(owner, context, read):
-                yield event
+            self._metrics.watchers.inc()
+            try:
+                async for event in self._watch(owner, context, read):
+                    yield event
+            finally:
+                self._metrics.watchers.dec()
 
     async def _watch(
         self, owner: OwnerName | None, context: Context, read: Read

@@ -18,9 +18,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.accesslog import ACCESS_LOGGER, AccessLog, note_response
 from sidecar.config import SidecarConfig
 from sidecar.metrics import Metrics
 from sidecar.proxy import DRAIN_POLL_S, Proxy
+from sidecar.tracing import Tracing, tracing_from_env
 from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar")
@@ -63,6 +65,8 @@ def build_proxy_app(proxy: Proxy) -> web.Application:
             response.headers["Connection"] = "close"
 
     app.on_response_prepare.append(close_when_draining)
+    if proxy.config.access_log:
+        app.on_response_prepare.append(note_response)
     return app
 
 
@@ -161,11 +165,14 @@ def _bound_port(runner: web.AppRunner) -> int:
     raise RuntimeError("listener has no TCP address")
 
 
-async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
-    """Start the proxied and admin listeners; returns once both accept connections."""
+async def start_sidecar(config: SidecarConfig, *, tracing: Tracing | None = None) -> RunningSidecar:
+    """Start the proxied and admin listeners; returns once both accept connections.
+    `tracing`: None for what `config.tracing` and the `OTEL_*` variables say."""
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUEST_LINES)  # once: same object
     metrics = Metrics()
-    proxy = Proxy(config, metrics)
+    if tracing is None:
+        tracing = tracing_from_env(config.tracing)
+    proxy = Proxy(config, metrics, tracing=tracing)
     await proxy.start()
     ready = asyncio.Event()
     runners: list[web.AppRunner] = []
@@ -183,7 +190,12 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
             admin_port = _bound_port(admin)
         # handler_cancellation: a client that disconnects cancels its handler at once, so an
         # idle stream notices and its upstream pump starts the orphan clock.
-        runner = web.AppRunner(build_proxy_app(proxy), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            build_proxy_app(proxy),
+            handler_cancellation=True,
+            access_log=ACCESS_LOGGER if config.access_log else None,
+            access_log_class=AccessLog,
+        )
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, config.listen_host, config.listen_port).start()

@@ -56,9 +56,11 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             linger_max_bytes=args.linger_max_bytes,
             upstream_response_timeout=args.upstream_response_timeout,
             drain_timeout=args.drain_timeout,
+            tracing=args.tracing,
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
+            access_log=args.access_log,
             max_event_bytes=args.max_event_bytes,
             max_request_body_bytes=args.max_body_bytes,
             tracker=TrackerLimits(
@@ -91,13 +93,16 @@ def read_fingerprint_key(path: Path | None) -> bytes | None:
 def _run(args: argparse.Namespace) -> int:
     from sidecar.app import run_until_signalled
     from sidecar.eventloop import loop_factory, run
+    from sidecar.tracing import TracingUnavailableError, require_sdk
 
     try:
         config = config_from_args(args)
         key = read_fingerprint_key(args.fingerprint_key_file)
         config = dataclasses.replace(config, fingerprint_key=key)
         factory = loop_factory(args.event_loop)
-    except ConfigError as exc:
+        if config.tracing:
+            require_sdk()
+    except (ConfigError, TracingUnavailableError) as exc:
         print(f"tether sidecar: {exc}", file=sys.stderr)
         return 2
     log.info("event loop: %s", args.event_loop)
@@ -187,6 +192,13 @@ def add_sidecar_parser(sub: Any) -> None:
         help="do not tie a session to the credential (Authorization) that created it",
     )
     p.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="do not log a line per request on the proxied port (logger tether.sidecar.access, "
+        "INFO)",
+    )
+    p.add_argument(
         "--client-retry-ms",
         type=int,
         default=None,
@@ -217,6 +229,12 @@ def add_sidecar_parser(sub: Any) -> None:
     p.add_argument("--reconnect-attempts", type=int, default=10, help="failures before giving up")
     p.add_argument(
         "--reconnect-max-seconds", type=float, default=60.0, help="longest upstream outage"
+    )
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="export OpenTelemetry traces, configured by the standard OTEL_* variables "
+        "(exporter, endpoint, sampler; needs pip install 'tether[tracing]'; see the README)",
     )
     p.add_argument(
         "--event-loop",

@@ -75,6 +75,8 @@ class SidecarConfig:
     Empty: loopback origins only. Requests without an Origin header are not browsers."""
     session_binding: bool = True
     """Refuse a session to any credential but the one that created it."""
+    access_log: bool = True
+    """One INFO line per request on the proxied port (`sidecar.accesslog`)."""
     fingerprint_key: bytes | None = field(default=None, repr=False)
     """Key of the credential fingerprints (`sidecar.guard.fingerprint`), shared by every
     sidecar of a deployment; None: unkeyed SHA-256 (development only)."""
@@ -88,6 +90,9 @@ class SidecarConfig:
     arrives whole, so this bounds a tool call's run time in JSON mode); then 504."""
     max_upstream_requests: int = 1000
     """Requests waiting for the upstream's response headers at once; more are answered 503."""
+    tracing: bool = False
+    """Export OpenTelemetry traces (`sidecar.tracing`; the `tracing` extra), as the standard
+    `OTEL_*` variables say."""
     drain_timeout: float = 30.0
     """Longest drain (`/drain`, the preStop hook): how long requests in flight may take to
     finish before the pod goes on stopping. Size `terminationGracePeriodSeconds` from it."""

@@ -34,6 +34,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
+from sidecar.accesslog import log_client_closed, notes
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
 from sidecar.continuity import UNKNOWN, Continuity, Unserved, default_owner, session_lost
@@ -51,7 +52,7 @@ from sidecar.headers import (
 )
 from sidecar.jsonrpc import PostBody, read_post_body
 from sidecar.legacy import EndpointRewriter
-from sidecar.metrics import Metrics
+from sidecar.metrics import Failure, Metrics, method_label
 from sidecar.pump import MAX_ERROR_BODY, Pump
 from sidecar.reissue import (
     HEADER_MISMATCH,
@@ -64,9 +65,18 @@ from sidecar.reissue import (
 from sidecar.resilient import Resilient, end_upstream
 from sidecar.resume import Resume
 from sidecar.streams import Registry, Session
+from sidecar.tracing import NO_SPAN, NO_TRACING, Span, Tracing
 from sidecar.tracker import EventId, StreamKind
-from sidecar.upstream import UPSTREAM_ERRORS, BodyTooLargeError, Upstream, UpstreamTimeoutError
+from sidecar.upstream import (
+    UPSTREAM_ERRORS,
+    BodyTooLargeError,
+    Upstream,
+    UpstreamTimeoutError,
+    describe_upstream_error,
+)
 from sidecar.writer import Writer
+from tether.logsetup import bind_log_fields, log_context
+from tether.logthrottle import ThrottledLog
 from tether.model import OwnerName, parse_owner
 from tether.tasks import cancel_and_wait, spawn
 
@@ -79,9 +89,12 @@ DRAIN_POLL_S = 0.05
 class Proxy:
     """Request handling for the proxied port; assembles the stages and owns their lifecycle."""
 
-    def __init__(self, config: SidecarConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, config: SidecarConfig, metrics: Metrics, *, tracing: Tracing = NO_TRACING
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        self.tracing = tracing
         self.registry = Registry(
             config.tracker, reconnect=config.reconnect, max_event_bytes=config.max_event_bytes
         )
@@ -94,10 +107,11 @@ class Proxy:
             owner=owner,
             report_interval=config.report_interval,
             renew_interval=config.renew_interval,
+            tracing=tracing,
         )
         if self.continuity.reporter is not None:
             metrics.watch_reporter(self.continuity.reporter)
-        self.upstream = Upstream(config)
+        self.upstream = Upstream(config, tracing=tracing)
         self.writer = Writer(
             config=config, metrics=metrics, upstream=self.upstream, registry=self.registry
         )
@@ -125,6 +139,8 @@ class Proxy:
         )
         self.resilient = Resilient(config, metrics, self.upstream)
         self._rewrite_endpoint = EndpointRewriter(config.upstream_base)
+        self.warnings = ThrottledLog(log)
+        """Per-request warnings, summarised when they flood (`tether.logthrottle`)."""
         self._janitor: asyncio.Task[None] | None = None
         self.draining = DrainState(config.drain_timeout)
         self._holding: set[int] = set()
@@ -219,6 +235,13 @@ class Proxy:
             self.continuity.report_position(stream)
         await self.continuity.stop()
         await self.upstream.close()
+        if self.tracing.enabled:
+            await asyncio.to_thread(self.tracing.shutdown)  # exports what is buffered
+        for warnings in self._throttled():
+            warnings.flush()
+
+    def _throttled(self) -> tuple[ThrottledLog, ...]:
+        return (self.warnings, self.admission.warnings, self.resilient.warnings)
 
     async def _sweep_forever(self) -> None:
         cfg = self.config
@@ -233,6 +256,8 @@ class Proxy:
             )
             await cancel_and_wait(*(s.pump for s in stale))
             self.metrics.refresh(self.registry)
+            for warnings in self._throttled():
+                warnings.poll()  # a flood that stopped still gets its summary line
 
     # -- one request, top to bottom --------------------------------------------------------
 
@@ -242,11 +267,18 @@ class Proxy:
         holds = holds_drain(request.method, EventId.parse(last_id) if last_id else None)
         connection = request.protocol
         self.busy_connections[connection] = self.busy_connections.get(connection, 0) + 1
+        started = time.monotonic()
         if holds:
             self._holding.add(id(request))
-            self.draining.request_started(time.monotonic())
+            self.draining.request_started(started)
         try:
-            return await self._handle(request)
+            # Every line logged for this request (and by the pumps it starts) names its session.
+            with log_context(session=request.headers.get(SESSION_HEADER)):
+                return await self._traced(request)
+        except asyncio.CancelledError:
+            if self.config.access_log:  # `sidecar.accesslog` rule 1: aiohttp writes nothing
+                log_client_closed(request, time.monotonic() - started)
+            raise
         finally:
             self._release_drain(request)
             left = self.busy_connections.pop(connection) - 1
@@ -255,13 +287,32 @@ class Proxy:
             elif self.draining.draining:
                 self.parking.idle(connection, time.monotonic())
 
+    async def _traced(self, request: web.Request) -> web.StreamResponse:
+        """`_handle` inside the request's server span (`sidecar.tracing`)."""
+        if not self.tracing.enabled:
+            return await self._handle(request, NO_SPAN)
+        with self.tracing.request(request) as span:
+            session_id = request.headers.get(SESSION_HEADER)
+            if session_id:
+                span.set("mcp.session.id", session_id)
+            try:
+                response = await self._handle(request, span)
+            except asyncio.CancelledError:  # the client went away (a stream it stopped reading)
+                span.event("tether.client.disconnected")
+                raise
+            span.http_status(response.status)
+            if not session_id and (created := response.headers.get(SESSION_HEADER)):
+                span.set("mcp.session.id", created)
+            return response
+
     def _release_drain(self, request: web.Request) -> None:
         """The request no longer holds a drain: answered, or a listen stream (rule 3)."""
         if id(request) in self._holding:
             self._holding.discard(id(request))
             self.draining.request_finished(time.monotonic())
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, span: Span) -> web.StreamResponse:
+        arrived = time.monotonic()
         refusal = self.admission.refusal(request)
         if refusal is not None:
             return refusal
@@ -274,10 +325,18 @@ class Proxy:
         if last_id:
             if event_id is None:
                 # Rule 5: starting afresh would silently skip what the client missed.
-                log.warning("%s: Last-Event-ID %r is not one of ours", request.path, last_id[:80])
+                self.warnings.log(
+                    ("foreign last-event-id",),
+                    "resumes with a Last-Event-ID that is not Tether's",
+                    logging.WARNING,
+                    "%s: Last-Event-ID %r is not one of ours",
+                    request.path,
+                    last_id[:80],
+                )
                 self.metrics.resume_failures.inc()
                 return error_response(410, "Last-Event-ID is not an event id Tether gave out")
-            return await self.resume.resume(request, event_id, sess)
+            span.set("tether.resume.last_event_id", last_id)
+            return await self.resume.resume(request, event_id, sess, started=arrived)
 
         declared = request.content_length
         if declared is not None and declared > self.config.max_request_body_bytes:
@@ -286,6 +345,7 @@ class Proxy:
         if isinstance(read, web.Response):
             return read
         body, call = read
+        trace_call(span, call)
         headers = upstream_request_headers(
             request, trusted_peer=self.admission.trusts_forwarding(request)
         )
@@ -293,21 +353,44 @@ class Proxy:
             headers[SESSION_HEADER] = sess.upstream_session_id
         listen = call.method == "subscriptions/listen" and call.is_request and not client_session
         reissue = listen or may_reissue(call, self.resilient.hints)
+        method = method_label(request.method, call.method)
+        started = time.monotonic()
         try:
             resp = await self.resilient.send(request, headers, body, reissue=reissue)
             if sess is not None and request.method != "DELETE" and resp.status in (400, 404):
                 retried = await self._after_session_lost(request, sess, resp, headers, body)
                 if isinstance(retried, web.Response):
+                    self.metrics.upstream_request(method, retried.status, started)
                     return retried
                 resp = retried
         except UpstreamTimeoutError as exc:
             self.metrics.upstream_errors.inc()
-            log.warning("%s %s: upstream timed out: %s", request.method, request.path, exc)
+            self.metrics.upstream_request(method, Failure.TIMEOUT, started)
+            self.warnings.log(
+                ("upstream timed out",),
+                "requests the upstream did not answer in time",
+                logging.WARNING,
+                "%s %s: upstream timed out: %s",
+                request.method,
+                request.path,
+                exc,
+            )
             return error_response(504, f"upstream timed out: {exc}")
         except UPSTREAM_ERRORS as exc:
             self.metrics.upstream_errors.inc()
-            log.warning("%s %s: upstream unreachable: %s", request.method, request.path, exc)
-            return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
+            self.metrics.upstream_request(method, Failure.UNREACHABLE, started)
+            why = describe_upstream_error(exc)
+            self.warnings.log(
+                ("upstream unreachable",),
+                "requests refused with the upstream unreachable",
+                logging.WARNING,
+                "%s %s: upstream unreachable: %s",
+                request.method,
+                request.path,
+                why,
+            )
+            return error_response(502, f"upstream unreachable: {why}")
+        self.metrics.upstream_request(method, resp.status, started)
         # Rule 2: _route owns `resp` from here: it releases it, or hands it to a pump.
         return await self._route(request, resp, headers, body, call=call, reissue=reissue)
 
@@ -321,14 +404,33 @@ class Proxy:
         except BodyTooLargeError:
             return self._too_large()
         except TimeoutError:
-            log.warning("%s %s: request body not received in time", request.method, request.path)
+            self.warnings.log(
+                ("slow body",),
+                "request bodies not received in time",
+                logging.WARNING,
+                "%s %s: request body not received in time",
+                request.method,
+                request.path,
+            )
             return error_response(408, "request body not received in time")
         call = read_call(body) if request.method == "POST" else NOT_A_CALL
+        if call.method:
+            bind_log_fields(mcp_method=call.method, request_id=call.request_id)
+            noted = notes(request)
+            noted.mcp_method, noted.request_id = call.method, call.request_id
         mismatch = header_mismatch(request.headers, call)
         if mismatch is None:
             return body, call
         self.metrics.refused.labels("header_mismatch").inc()
-        log.warning("%s %s refused: %s", request.method, request.path, mismatch)
+        self.warnings.log(
+            ("header mismatch",),
+            "requests refused for a header mismatch",
+            logging.WARNING,
+            "%s %s refused: %s",
+            request.method,
+            request.path,
+            mismatch,
+        )
         return error_response(
             400, f"header mismatch: {mismatch}", code=HEADER_MISMATCH, request_id=call.request_id
         )
@@ -392,7 +494,13 @@ class Proxy:
 
     def _too_large(self) -> web.Response:
         limit = self.config.max_request_body_bytes
-        log.warning("request body over the %d-byte limit refused", limit)
+        self.warnings.log(
+            ("too large",),
+            "request bodies over the limit",
+            logging.WARNING,
+            "request body over the %d-byte limit refused",
+            limit,
+        )
         return error_response(413, f"request body exceeds {limit} bytes")
 
     def _client_headers(
@@ -564,7 +672,15 @@ class Proxy:
             if kept:
                 self.resilient.hints.learn_answer(b"".join(kept))
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
+            self.warnings.log(
+                ("upstream body broke",),
+                "responses whose upstream body broke",
+                logging.WARNING,
+                "%s %s: upstream body broke: %s",
+                request.method,
+                request.path,
+                describe_upstream_error(exc),
+            )
         finally:
             self._listens.discard(resp)
             resp.release()
@@ -639,3 +755,11 @@ def stream_kind(method: str, session_id: str | None, *, sse: bool) -> StreamKind
     if method == "GET":
         return StreamKind.LEGACY
     return None  # stateless (2026-07-28): nothing to resume, nothing to track
+
+
+def trace_call(span: Span, call: Call) -> None:
+    """The JSON-RPC request a proxied request carries, on its span."""
+    if call.method:
+        span.set("mcp.method.name", call.method)
+        if call.request_id is not None:
+            span.set("jsonrpc.request.id", str(call.request_id))

@@ -16,11 +16,12 @@ import aiohttp
 from sidecar.config import SidecarConfig
 from sidecar.continuity import Continuity, session_lost
 from sidecar.headers import SESSION_HEADER, is_sse
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, OutageClock
 from sidecar.reconnect import Outcome
-from sidecar.stream_core import Finished, Next, Relay, StreamState
+from sidecar.stream_core import Finished, Next, Reconnect, Relay, StreamState
 from sidecar.streams import LiveStream, Registry
-from sidecar.upstream import UPSTREAM_ERRORS, Upstream
+from sidecar.upstream import UPSTREAM_ERRORS, Upstream, describe_upstream_error
+from tether.logsetup import log_context
 from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar.pump")
@@ -53,10 +54,12 @@ class Pump:
         *,
         resume_now: bool = False,
     ) -> None:
-        """Start the stream's pump; it owns `resp` from here on."""
-        stream.pump = spawn(
-            self.run(stream, resp, resume_now=resume_now), name=f"pump-{stream.stream_id}"
-        )
+        """Start the stream's pump; it owns `resp` from here on. Its lines name the stream
+        and its session (the task keeps the context it was started in)."""
+        with log_context(session=stream.session_id, stream=stream.stream_id):
+            stream.pump = spawn(
+                self.run(stream, resp, resume_now=resume_now), name=f"pump-{stream.stream_id}"
+            )
 
     async def run(
         self,
@@ -68,23 +71,38 @@ class Pump:
         core = stream.core
         loop = asyncio.get_running_loop()
         step: Next | None = core.resume_now() if resume_now else None
+        attempt = 0
+        outage = OutageClock(self.metrics)
         try:
-            while True:
-                if resp is not None:
-                    try:
-                        outcome = await self._consume(stream, resp)
-                    finally:
-                        resp.release()
-                        resp = None
-                    step = core.upstream_ended(outcome, now=loop.time())
-                elif step is None:
-                    step = core.upstream_ended(Outcome.FAILED, now=loop.time())
-                if isinstance(step, Finished):
-                    return
-                if step.delay:
-                    await asyncio.sleep(step.delay)
-                self.metrics.reconnects.inc()
-                resp, step = await self._reconnect(stream, step.cursor)
+            # One span for the stream's upstream life, child of the request that opened (or
+            # revived, or adopted) it; a child span per reconnect (`sidecar.tracing` rule 3).
+            with self.upstream.tracing.span(
+                "tether.stream",
+                {"tether.stream.id": stream.stream_id, "tether.stream.kind": stream.kind.name},
+            ) as span:
+                if stream.session_id is not None:
+                    span.set("mcp.session.id", stream.session_id)
+                while True:
+                    if resp is not None:
+                        try:
+                            outcome = await self._consume(stream, resp)
+                        finally:
+                            resp.release()
+                            resp = None
+                        span.event("tether.upstream.ended", {"outcome": outcome.name})
+                        step = core.upstream_ended(outcome, now=loop.time())
+                        outage.connection_ended(outcome, loop.time())
+                    elif step is None:
+                        step = core.upstream_ended(Outcome.FAILED, now=loop.time())
+                        outage.connection_ended(Outcome.FAILED, loop.time())
+                    if isinstance(step, Finished):
+                        span.set("tether.stream.state", step.state.value)
+                        if step.state is StreamState.FAILED:
+                            span.fail(step.reason)
+                        return
+                    attempt += 1
+                    resp, step = await self._reconnect_after(stream, step, attempt)
+                    outage.reconnected(resp is not None, loop.time())
         except Exception:
             log.exception("stream %s: the pump failed unexpectedly", stream.stream_id)
             core.fail("internal error in the sidecar (see its log)")
@@ -92,6 +110,7 @@ class Pump:
             if resp is not None:
                 resp.release()
             core.stop("stopped")
+            outage.stream_ended(core.state is StreamState.FAILED, loop.time())
             if core.state is StreamState.FAILED:
                 log.warning(
                     "stream %s (session %s): %s", stream.stream_id, stream.session_id, core.reason
@@ -101,6 +120,27 @@ class Pump:
             self.registry.finishing.discard(stream)
             self.continuity.report_position(stream)
             self.registry.trim_lingering(self.config.linger_max_bytes)
+
+    async def _reconnect_after(
+        self, stream: LiveStream, step: Reconnect, attempt: int
+    ) -> tuple[aiohttp.ClientResponse | None, Next | None]:
+        """Wait as the core said, then `_reconnect`: one `tether.reconnect` span."""
+        with self.upstream.tracing.span(
+            "tether.reconnect",
+            {
+                "tether.stream.id": stream.stream_id,
+                "tether.reconnect.attempt": attempt,
+                "tether.reconnect.delay_s": step.delay,
+                "tether.reconnect.resumed": bool(step.cursor),
+            },
+        ) as span:
+            if step.delay:
+                await asyncio.sleep(step.delay)
+            self.metrics.reconnects.inc()
+            resp, after = await self._reconnect(stream, step.cursor)
+            if resp is None and not isinstance(after, Reconnect):
+                span.fail("the upstream stream was not reopened")
+            return resp, after
 
     async def _consume(self, stream: LiveStream, resp: aiohttp.ClientResponse) -> Outcome:
         """Relay one upstream response until it ends or the stream leaves OPEN."""
@@ -119,7 +159,9 @@ class Pump:
                 if core.ended:
                     return Outcome.CLOSED
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            log.info("stream %s: upstream broke: %s", stream.stream_id, exc or type(exc).__name__)
+            log.info(
+                "stream %s: upstream broke: %s", stream.stream_id, describe_upstream_error(exc)
+            )
             return Outcome.FAILED
         return Outcome.CLOSED
 
@@ -146,11 +188,13 @@ class Pump:
                 stream.upstream_path, stream.upstream_headers, cursor
             )
         except UPSTREAM_ERRORS as exc:
-            log.info("stream %s: reconnect failed: %s", stream.stream_id, exc)
+            log.info(
+                "stream %s: reconnect failed: %s", stream.stream_id, describe_upstream_error(exc)
+            )
             return None, None
         if is_sse(resp.status, resp.headers.get("Content-Type", "")):
             if cursor:
-                log.info("stream %s: resumed upstream after %r", stream.stream_id, cursor)
+                log.info("stream %s: resumed upstream after event %r", stream.stream_id, cursor)
             else:
                 log.info("stream %s: reopened upstream stream", stream.stream_id)
             return resp, None

@@ -42,7 +42,13 @@ from sidecar.metrics import Metrics
 from sidecar.reconnect import GiveUp, Outcome, ReconnectPolicy
 from sidecar.reissue import RETRY_STATUSES, Call, ToolHints
 from sidecar.sse import SSEEvent, SSEParser
-from sidecar.upstream import UPSTREAM_ERRORS, Upstream, UpstreamTimeoutError
+from sidecar.upstream import (
+    UPSTREAM_ERRORS,
+    Upstream,
+    UpstreamTimeoutError,
+    describe_upstream_error,
+)
+from tether.logthrottle import ThrottledLog
 
 log = logging.getLogger("tether.sidecar.resilient")
 
@@ -80,6 +86,8 @@ class Resilient:
         self.metrics = metrics
         self.upstream = upstream
         self.hints = ToolHints()
+        self.warnings = ThrottledLog(log)
+        """Per-request warnings, summarised when they flood (`tether.logthrottle`)."""
         """What this upstream's `tools/list` results said (`sidecar.reissue` rule 2)."""
         self._listens: set[_ListenLink] = set()
 
@@ -147,7 +155,16 @@ class Resilient:
         self.metrics.reissues.inc()
         self.upstream.waiting += 1  # rule 3
         try:
-            await asyncio.sleep(decision.delay)
+            # The wait is the span; the attempt after it is the next upstream client span.
+            with self.upstream.tracing.span(
+                "tether.reissue",
+                {
+                    "tether.reissue.attempt": decision.attempt,
+                    "tether.reissue.reason": why,
+                    "tether.reissue.delay_s": decision.delay,
+                },
+            ):
+                await asyncio.sleep(decision.delay)
         finally:
             self.upstream.waiting -= 1
         return True
@@ -180,7 +197,7 @@ class Resilient:
             except UpstreamTimeoutError as exc:
                 return _unanswered(f"upstream timed out: {exc}", status=504)
             except UPSTREAM_ERRORS as exc:
-                return _unanswered(f"upstream unreachable: {exc or type(exc).__name__}")
+                return _unanswered(f"upstream unreachable: {describe_upstream_error(exc)}")
 
     async def _relay_once(
         self,
@@ -285,7 +302,15 @@ class Resilient:
                         if isinstance(item, SSEEvent) and item.data:
                             self.hints.learn_answer(item.data)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
+            self.warnings.log(
+                ("upstream body broke",),
+                "re-issuable answers whose upstream body broke",
+                logging.WARNING,
+                "%s %s: upstream body broke: %s",
+                request.method,
+                request.path,
+                describe_upstream_error(exc),
+            )
 
     # -- listen streams --------------------------------------------------------------------
 
@@ -384,7 +409,7 @@ class _Listening:
                     log.warning("%s: upstream listen stream unreadable: %s", path, fed.broken)
                     break
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.info("%s: upstream listen stream broke: %s", path, exc)
+            log.info("%s: upstream listen stream broke: %s", path, describe_upstream_error(exc))
         finally:
             self.link.upstream = None
             resp.release()
@@ -405,7 +430,11 @@ class _Listening:
                 log.warning("%s: listen not sent again: %s (%s)", path, why, decision.reason)
                 return None
             log.info("%s: %s; listening again in %.2fs", path, why, decision.delay)
-            await self._pause(decision.delay)
+            with self.owner.upstream.tracing.span(
+                "tether.relisten",
+                {"tether.reissue.reason": why, "tether.reissue.delay_s": decision.delay},
+            ):
+                await self._pause(decision.delay)
             if self.stopped():
                 return None
             self.owner.metrics.relistens.inc()
@@ -414,7 +443,7 @@ class _Listening:
                     self.request.method, self.request.path_qs, headers=self.headers, data=self.body
                 )
             except UPSTREAM_ERRORS as exc:
-                why = f"upstream unreachable: {exc or type(exc).__name__}"
+                why = f"upstream unreachable: {describe_upstream_error(exc)}"
                 continue
             if resp.status in RETRY_STATUSES:
                 why = f"upstream answered {resp.status}"

@@ -41,7 +41,7 @@ from sidecar.headers import (
     expects_priming,
     upstream_request_headers,
 )
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, ResumeClock, ResumeSource
 from sidecar.pump import Pump
 from sidecar.stream_core import StreamCore
 from sidecar.streams import LiveStream, Registry, Session
@@ -70,8 +70,9 @@ class Resume:
         self.writer = writer
 
     async def resume(
-        self, request: web.Request, event_id: EventId, sess: Session | None
+        self, request: web.Request, event_id: EventId, sess: Session | None, *, started: float
     ) -> web.StreamResponse:
+        """`started`: when the request arrived (monotonic), for the resume-time histogram."""
         stream = self.registry.streams.get(event_id.stream)
         if stream is None and sess is not None:
             adopted = self._adopt_stream(request, sess, event_id)
@@ -83,6 +84,7 @@ class Resume:
                     after_seq=event_id.seq,
                     priming=False,
                     first=self._marker(request, event_id, adopted, sess),
+                    resume=ResumeClock(self.metrics, ResumeSource.ADOPTED, started),
                 )
         if stream is None:
             log.warning("resume of unknown stream %s refused", event_id.stream)
@@ -127,6 +129,11 @@ class Resume:
             priming=False,
             first=self._marker(request, event_id, stream, sess),
             catch_up_cursor=catch_up_cursor,
+            resume=ResumeClock(
+                self.metrics,
+                ResumeSource.BUFFER if catch_up_cursor is None else ResumeSource.UPSTREAM,
+                started,
+            ),
         )
 
     def _marker(
@@ -184,9 +191,10 @@ class Resume:
             sess.standalone = stream.stream_id
         self.pump.start(stream, None, resume_now=True)
         log.info(
-            "stream %s adopted at %s; %s",
-            kind.name,
+            "%s stream %s adopted at %s; %s",
+            "GET" if kind is StreamKind.STANDALONE else kind.name,
+            stream.stream_id,
             event_id,
-            f"resuming the upstream after {cursor!r}" if cursor else "reopening the upstream",
+            f"resuming the upstream after event {cursor!r}" if cursor else "reopening the upstream",
         )
         return stream

@@ -14,19 +14,57 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.config import SidecarConfig
 from sidecar.headers import LAST_EVENT_ID
+from sidecar.tracing import NO_TRACING, Tracing
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 """What a failed upstream exchange raises (UpstreamTimeoutError is a TimeoutError)."""
+
+MID_BODY = "the upstream closed the response mid-body"
+
+
+def describe_upstream_error(exc: BaseException) -> str:
+    """What went wrong with the upstream, in words, for a log line or a 502 body.
+
+    aiohttp's own texts mislead here: a refused connection reads "Cannot connect to host
+    127.0.0.1:8931 ssl:default [Connect call failed ...]" on plain HTTP, and a server that
+    closes mid-body reads "TransferEncodingError: 400" (a status nobody sent).
+    """
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        cause = exc.__cause__
+        if isinstance(cause, aiohttp.http_exceptions.HttpProcessingError) and (
+            "Not enough data" in (cause.message or "")
+        ):
+            return MID_BODY
+        return f"the upstream's response body is malformed: {cause or exc}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the upstream closed the connection"
+    if isinstance(exc, aiohttp.ClientOSError | ConnectionError):
+        return f"the connection to the upstream failed: {_os_reason(exc)}"
+    if isinstance(exc, TimeoutError):
+        return str(exc) or "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def _os_reason(error: OSError) -> str:
+    """`connection refused`, not `[Errno 111] Connect call failed ('127.0.0.1', 8931)`."""
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno).lower()
+    text = error.strerror or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]
 
 
 class BodyTooLargeError(Exception):
@@ -64,8 +102,11 @@ def keepalive_socket(addr_info: Any, *, dead_after: float) -> socket.socket:
 class Upstream:
     """The sidecar's client for its one MCP server."""
 
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(self, config: SidecarConfig, *, tracing: Tracing = NO_TRACING) -> None:
         self.config = config
+        self.tracing = tracing
+        """Every upstream request is a client span carrying its `traceparent`
+        (`sidecar.tracing` rule 2); the pump and re-issues open their spans here too."""
         self.base = config.upstream_base
         self.waiting = 0
         """Requests waiting for response headers now (rule 2)."""
@@ -110,12 +151,16 @@ class Upstream:
         """Send one request; returns once the response headers are in (rule 1)."""
         timeout = self.config.upstream_response_timeout
         deadline = asyncio.timeout(timeout)
+        url = self.base + path_qs
         self.waiting += 1
         try:
-            async with deadline:
-                return await self.client.request(
-                    method, self.base + path_qs, headers=headers, data=data, allow_redirects=False
-                )
+            with self.tracing.upstream(method, url, headers) as span:
+                async with deadline:
+                    resp = await self.client.request(
+                        method, url, headers=headers, data=data, allow_redirects=False
+                    )
+                span.http_status(resp.status)
+                return resp
         except TimeoutError as exc:
             if not deadline.expired():
                 raise  # aiohttp's own connect timeout

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from sidecar.config import SidecarConfig
 from sidecar.headers import is_sse
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, ResumeClock
 from sidecar.sse import encode_comment
 from sidecar.stream_core import Behind, CatchUp, Close, Send
 from sidecar.streams import LiveStream, Registry
@@ -50,9 +50,11 @@ class Writer:
         priming: bool,
         first: bytes | None = None,
         catch_up_cursor: str | None = None,
+        resume: ResumeClock | None = None,
     ) -> web.StreamResponse:
         """Write the stream's events after `after_seq` to the client, then live ones;
-        `first` (a resumed stream's marker) before anything else."""
+        `first` (a resumed stream's marker) before anything else; `resume` times a resume
+        until the client has its first missed event."""
         out = web.StreamResponse(status=200, headers=stream.response_headers)
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"
@@ -66,13 +68,13 @@ class Writer:
             if priming:
                 position = await self._prime(out, stream)
             if catch_up_cursor is not None:
-                caught_up = await self._catch_up(out, stream, position, catch_up_cursor)
+                caught_up = await self._catch_up(out, stream, position, catch_up_cursor, resume)
                 if caught_up is None:
                     await out.write(encode_comment("tether: could not replay older events"))
                     await out.write_eof()
                     return out
                 position = caught_up
-            await self._follow(out, stream, position)
+            await self._follow(out, stream, position, resume)
             await out.write_eof()
         except (ConnectionError, TimeoutError) as exc:
             log.info("stream %s: client went away (%s)", stream.stream_id, type(exc).__name__)
@@ -95,7 +97,13 @@ class Writer:
         await out.write(event)
         return position
 
-    async def _follow(self, out: web.StreamResponse, stream: LiveStream, position: int) -> None:
+    async def _follow(
+        self,
+        out: web.StreamResponse,
+        stream: LiveStream,
+        position: int,
+        resume: ResumeClock | None = None,
+    ) -> None:
         """Write what the core says, from `position`, until the stream closes for this client."""
         core = stream.core
         write_timeout = self.config.client_write_timeout
@@ -107,6 +115,8 @@ class Writer:
                 position = step.upto
                 stream.sent(position)
                 self.metrics.events_out.inc(step.count)
+                if resume is not None:
+                    resume.caught_up()
             elif isinstance(step, Close):
                 if step.comment is not None:
                     await out.write(step.comment)
@@ -121,12 +131,20 @@ class Writer:
                 )
                 self.metrics.slow_clients.inc()
                 break
-            elif not await stream.signal.wait(self.config.heartbeat_interval):
-                async with asyncio.timeout(write_timeout):
-                    await out.write(KEEPALIVE)
+            else:
+                if resume is not None and not resume.waits_for_event:
+                    resume.caught_up()  # nothing was missed: the client is live again
+                if not await stream.signal.wait(self.config.heartbeat_interval):
+                    async with asyncio.timeout(write_timeout):
+                        await out.write(KEEPALIVE)
 
     async def _catch_up(
-        self, out: web.StreamResponse, stream: LiveStream, after_seq: int, cursor: str
+        self,
+        out: web.StreamResponse,
+        stream: LiveStream,
+        after_seq: int,
+        cursor: str,
+        resume: ResumeClock | None = None,
     ) -> int | None:
         """Re-fetch events older than the replay buffer from the upstream and write them with
         their original client-facing ids; returns the seq where the buffer takes over, or None
@@ -149,6 +167,8 @@ class Writer:
                     async with asyncio.timeout(self.config.client_write_timeout):
                         await out.write(b"".join(batch))
                     self.metrics.events_out.inc(len(batch))
+                    if resume is not None:
+                        resume.caught_up()
                 if catch_up.failed is not None:
                     log.warning("stream %s: catch-up: %s", stream.stream_id, catch_up.failed)
                     return None

@@ -89,6 +89,14 @@ def _run_control_plane(args: argparse.Namespace) -> int:
     if args.max_sessions_per_owner < 0:
         print("tether control-plane: --max-sessions-per-owner is negative", file=sys.stderr)
         return 2
+    if args.admin_listen:
+        from controlplane.admin import parse_listen
+
+        try:
+            parse_listen(args.admin_listen)
+        except ValueError as e:
+            print(f"tether control-plane: {e}", file=sys.stderr)
+            return 2
     try:
         security = ServerSecurity(
             cert=args.tls_cert,
@@ -131,7 +139,12 @@ def _run_control_plane(args: argparse.Namespace) -> int:
         etcd_tls=etcd_tls,
         max_sessions_per_owner=args.max_sessions_per_owner,
         max_calls_per_peer=args.max_calls_per_peer,
+        tracing=args.tracing,
+        admin_listen=args.admin_listen or None,
     )
+    if config.tracing and (missing := _tracing_missing()):
+        print(f"tether control-plane: {missing}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(config))
     except (OSError, StoreError, SecurityConfigError, PolicyError) as e:
@@ -152,6 +165,13 @@ def add_control_plane_parser(sub: Any) -> None:
         default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
         help=f"gRPC address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--admin-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus) and /healthz over plain HTTP here; port 0 picks a "
+        "free one (default: no admin port)",
     )
     p.add_argument(
         "--store",
@@ -181,6 +201,12 @@ def add_control_plane_parser(sub: Any) -> None:
         default=0.05,
         metavar="SECONDS",
         help="coalesce reports for this long between store writes (default 0.05)",
+    )
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="a server span per unary call, continuing the sidecars' traces, exported as the "
+        "standard OTEL_* variables say (needs pip install 'tether[tracing]'; see the README)",
     )
     p.add_argument(
         "--shutdown-grace",
@@ -451,3 +477,18 @@ def add_sessions_parser(sub: Any) -> None:
 
     for leaf in (ls, get, watch, delete):
         _add_connection_flags(leaf, leaf=True)
+
+
+def _tracing_missing() -> str | None:
+    """Why `--tracing` cannot work here (the `tracing` extra is not installed, an `OTEL_*`
+    variable names an exporter it does not have), or None."""
+    try:
+        import controlplane.tracing  # noqa: F401 - the check is the import
+        from tether.otel import check_env
+    except ImportError as exc:
+        return f"--tracing needs OpenTelemetry's SDK: pip install 'tether[tracing]' ({exc})"
+    try:
+        check_env()
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -187,8 +187,10 @@ def open_channel(
     security: ClientSecurity | None,
     *,
     options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[Any] = (),
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to `target` with the given security (plaintext when None)."""
+    """A grpc.aio channel to `target` with the given security (plaintext when None), and the
+    given grpc.aio client interceptors (the sidecar's tracing)."""
     security = security or ClientSecurity()
     opts = list(options)
     token = None
@@ -196,13 +198,17 @@ def open_channel(
         token = TokenFile(security.token_file, "--control-plane-token-file")
         if not security.tls:
             log.warning("sending a bearer token to %s over plaintext gRPC", target)
-    channel = _secure_channel(target, security, opts) if security.tls else None
-    channel = channel or grpc.aio.insecure_channel(target, options=opts)
+    chosen = list(interceptors) or None
+    channel = _secure_channel(target, security, opts, chosen) if security.tls else None
+    channel = channel or grpc.aio.insecure_channel(target, options=opts, interceptors=chosen)
     return channel if token is None else _TokenChannel(channel, token)
 
 
 def _secure_channel(
-    target: str, security: ClientSecurity, opts: list[tuple[str, Any]]
+    target: str,
+    security: ClientSecurity,
+    opts: list[tuple[str, Any]],
+    interceptors: list[Any] | None = None,
 ) -> grpc.aio.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=read_file(security.ca, "--control-plane-ca"),
@@ -211,7 +217,7 @@ def _secure_channel(
     )
     if security.server_name:
         opts.append(("grpc.ssl_target_name_override", security.server_name))
-    return grpc.aio.secure_channel(target, creds, options=opts)
+    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
 
 
 def add_port(server: grpc.aio.Server, listen: str, security: ServerSecurity | None) -> int:

@@ -681,6 +681,15 @@ class EtcdSessionStore:
             return SessionPage(tuple(found), encode_page_token(found[-1].session_id))
         return SessionPage(tuple(found))
 
+    async def count(self) -> int:
+        """A count-only range over the session keys: etcd counts, no record is sent. A session
+        counts until its lease ends (rule 2)."""
+        end = aetcd.utils.prefix_range_end(self._sessions)
+        resp = await self._range(
+            aetcd.rpc.RangeRequest(key=self._sessions, range_end=end, count_only=True)
+        )
+        return int(resp.count)
+
     async def delete(self, *, session_id: SessionId) -> SessionRecord | None:
         tx = self._client.transactions
         key = self._key(session_id)

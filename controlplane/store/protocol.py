@@ -169,6 +169,11 @@ class SessionStore(Protocol):
         """
         ...
 
+    async def count(self) -> int:
+        """How many live sessions the store holds: one read that decodes no record (for
+        the sessions gauge; an expired session may count until the backend removes it)."""
+        ...
+
     async def delete(self, *, session_id: SessionId) -> SessionRecord | None:
         """Delete the session; return its last record, or None if it did not exist.
         Watchers get a DELETE event."""

@@ -332,6 +332,12 @@ class _Db:
         params.append(limit)
         return [decode_record(r[0]) for r in self.conn.execute(sql, params)]
 
+    def count(self, now: float) -> int:
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (now,)
+        ).fetchone()
+        return int(row[0])
+
     def delete(self, sid: SessionId, now: float) -> SessionRecord | None:
         def body(events: list[_Event]) -> SessionRecord | None:
             rec = self._load(sid, now, events)
@@ -479,6 +485,9 @@ class SqliteSessionStore:
             rows = rows[:size]
             return SessionPage(tuple(rows), encode_page_token(rows[-1].session_id))
         return SessionPage(tuple(rows))
+
+    async def count(self) -> int:
+        return await self._run(self._conn.count, self._clock())
 
     async def delete(self, *, session_id: SessionId) -> SessionRecord | None:
         return await self._run(self._conn.delete, session_id, self._clock())

@@ -212,6 +212,24 @@ async def test_list_pages_and_filters_by_owner(store: SessionStore) -> None:
         await store.list_page(page_token="../../etc")
 
 
+async def test_count_is_the_number_of_live_sessions(harness: StoreHarness) -> None:
+    ttl = 1.0
+    store = await harness.open(session_ttl=ttl)
+    assert await store.count() == 0
+    for i in range(3):
+        await create(store, f"s{i}")
+    await store.apply(writes=[update("s0", "a", 1), update("s0", "b", 1)])  # streams: no more
+    assert await store.count() == 3
+    await store.delete(session_id=SessionId("s1"))
+    assert await store.count() == 2
+    async with contextlib.aclosing(store.watch()) as events:
+        await until_synced(events)
+        await harness.expire(store, ttl)
+        expired = {(await next_event(events)).session_id for _ in range(2)}
+    assert expired == {"s0", "s2"}
+    assert await store.count() == 0
+
+
 async def test_watch_gives_a_snapshot_then_changes(store: SessionStore) -> None:
     await create(store, "s1")
     await create(store, "s2")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.admin import parse_listen
 from controlplane.config import EtcdUrl, SqliteUrl, parse_store_url
 from controlplane.identity import Principal, PrincipalKind
 from controlplane.policy import Policy, Role
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.skipif(
 
 KIND_OVERLAYS = REPO_ROOT / "tests" / "kind" / "overlays"
 CLIENT_LABEL = "tether.dev/control-plane-client"
+SCRAPER_LABEL = "tether.dev/metrics-scraper"
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +173,25 @@ def test_tether_runs_as_a_native_sidecar_of_the_mcp_server(overlay: list[Obj]) -
 
 
 def test_network_policy_admits_only_sidecars_and_the_cli(overlay: list[Obj]) -> None:
+    """gRPC only from the control plane's clients; the admin port (`/metrics`) only from
+    metrics scrapers, as the sidecars' admin port."""
     policy = find(overlay, "NetworkPolicy", "tether-control-plane")
     deployment = find(overlay, "Deployment", "tether-control-plane")
     assert policy["spec"]["podSelector"] == deployment["spec"]["selector"]
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    (rule,) = policy["spec"]["ingress"]
+    rule, scrape = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
     (peer,) = rule["from"]
     assert peer["podSelector"] == {"matchLabels": {CLIENT_LABEL: "true"}}
+    assert scrape["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    (scraper,) = scrape["from"]
+    assert scraper["podSelector"] == {"matchLabels": {SCRAPER_LABEL: "true"}}
+    sidecar_policy = find(overlay, "NetworkPolicy", "mcp-example")
+    assert scrape in sidecar_policy["spec"]["ingress"]
+    (container,) = pod_spec(deployment)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50051, "admin": 9090}
+    assert container_env(overlay, container)["TETHER_ADMIN_LISTEN"] == "0.0.0.0:9090"
     # Every pod that is configured to reach the control plane carries the label.
     for workload in workloads(overlay):
         for c in all_containers(workload):
@@ -321,6 +334,7 @@ def test_tether_containers_use_real_flags_and_variables(
                 elif command == "control-plane":
                     assert parsed.store, "every overlay chooses a store"
                     parse_store_url(parsed.store)
+                    assert parse_listen(parsed.admin_listen) == ("0.0.0.0", 9090)
                 else:
                     pytest.fail(f"unexpected command {command!r}")
             seen.add(command)

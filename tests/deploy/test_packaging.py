@@ -26,6 +26,8 @@ def requirements(specs: list[str]) -> dict[str, Requirement]:
 
 RUNTIME = requirements(PROJECT["dependencies"])
 DEMO = requirements(PROJECT["optional-dependencies"]["demo"])
+TRACING = requirements(PROJECT["optional-dependencies"]["tracing"])
+"""In the image too: `--tracing` works there without another install (README, "Tracing")."""
 
 
 def floor(req: Requirement) -> Version:
@@ -84,12 +86,12 @@ def pins() -> dict[str, Version]:
 
 def test_constraints_pin_every_dependency_of_the_image_within_its_range() -> None:
     pinned = pins()
-    for name, req in {**RUNTIME, **DEMO}.items():
+    for name, req in {**RUNTIME, **DEMO, **TRACING}.items():
         assert name in pinned, f"{name} is not pinned in constraints.txt"
         assert req.specifier.contains(pinned[name], prereleases=True), (name, pinned[name])
     # And everything they pull in: the installed closure of tether[demo] is pinned too.
     seen: set[str] = set()
-    todo = list(RUNTIME) + list(DEMO)
+    todo = list(RUNTIME) + list(DEMO) + list(TRACING)
     while todo:
         name = todo.pop()
         if name in seen:
@@ -102,8 +104,9 @@ def test_constraints_pin_every_dependency_of_the_image_within_its_range() -> Non
                 todo.append(dep.name.lower().replace("_", "-"))
 
 
-def test_the_image_installs_with_the_constraints_and_the_demo_extra() -> None:
+def test_the_image_installs_with_the_constraints_and_the_demo_and_tracing_extras() -> None:
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert "COPY pyproject.toml setup.py README.md constraints.txt ./" in dockerfile
-    assert re.search(r"pip install --constraint constraints\.txt \"[^\"]*\[demo\]\"", dockerfile)
+    install = r"pip install --constraint constraints\.txt \"[^\"]*\[demo,tracing\]\""
+    assert re.search(install, dockerfile)
     assert "!constraints.txt" in (REPO_ROOT / ".dockerignore").read_text().splitlines()
