@@ -44,6 +44,7 @@ from sidecar.headers import (
     LAST_EVENT_ID,
     SESSION_HEADER,
     SSE_TYPE,
+    cut_short,
     downstream_headers,
     error_response,
     expects_priming,
@@ -681,6 +682,7 @@ class Proxy:
                 request.path,
                 describe_upstream_error(exc),
             )
+            cut_short(request)
         finally:
             self._listens.discard(resp)
             resp.release()

@@ -36,7 +36,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.config import SidecarConfig
-from sidecar.headers import error_response, is_sse
+from sidecar.headers import cut_short, error_response, is_sse
 from sidecar.listen import ListenKeeper
 from sidecar.metrics import Metrics
 from sidecar.reconnect import GiveUp, Outcome, ReconnectPolicy
@@ -311,6 +311,7 @@ class Resilient:
                 request.path,
                 describe_upstream_error(exc),
             )
+            cut_short(request)
 
     # -- listen streams --------------------------------------------------------------------
 
