@@ -207,14 +207,17 @@ class Resilient:
         self.upstream.waiting += 1  # rule 3
         try:
             # The wait is the span; the attempt after it is the next upstream client span.
-            with self.upstream.tracing.span(
-                "tether.reissue",
-                {
-                    "tether.reissue.attempt": decision.attempt,
-                    "tether.reissue.reason": why,
-                    "tether.reissue.delay_s": decision.delay,
-                },
-            ), contextlib.suppress(TimeoutError):
+            with (
+                self.upstream.tracing.span(
+                    "tether.reissue",
+                    {
+                        "tether.reissue.attempt": decision.attempt,
+                        "tether.reissue.reason": why,
+                        "tether.reissue.delay_s": decision.delay,
+                    },
+                ),
+                contextlib.suppress(TimeoutError),
+            ):
                 async with asyncio.timeout(decision.delay):
                     await self._stopping.wait()
         finally:
