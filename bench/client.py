@@ -298,3 +298,182 @@ async def wait_each_delivers(readers: list[SSEReader], events: int, timeout: flo
     except TimeoutError:
         pass
     return sum(1 for r in readers if r.events >= events)
+
+
+# --- stateless (MCP 2026-07-28) requests on kept-alive connections ---------------------------
+
+STATELESS_VERSION = "2026-07-28"
+_RPC_ID = re.compile(rb'"id":\s*(\d+)')
+_STATELESS_META = (
+    b'"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",'
+    b'"io.modelcontextprotocol/clientCapabilities":{}%s}'
+)
+
+
+@dataclass(frozen=True)
+class StatelessKind:
+    """One kind of stateless request: its JSON-RPC method (`tools/call` calls `noop`) and
+    how the generator answers it: JSON when `progress` is 0, else an SSE body of `progress`
+    progress notifications and the result."""
+
+    method: str
+    progress: int = 0
+
+    @property
+    def request(self) -> str:
+        return "tools/call noop" if self.method == "tools/call" else self.method
+
+    @property
+    def answer(self) -> str:
+        return f"SSE ({self.progress} progress + result)" if self.progress else "JSON"
+
+    def encode(self, port: int, rpc_id: int) -> bytes:
+        """The whole HTTP request: MCP 2026-07-28 headers and `_meta`, no session."""
+        token = b',"progressToken":%d' % rpc_id if self.progress else b""
+        meta = _STATELESS_META % token
+        if self.method == "tools/call":
+            params = b'{"name":"noop","arguments":{},%s}' % meta
+        else:
+            params = b"{%s}" % meta
+        body = b'{"jsonrpc":"2.0","id":%d,"method":"%s","params":%s}' % (
+            rpc_id,
+            self.method.encode(),
+            params,
+        )
+        path = f"/mcp?progress={self.progress}" if self.progress else "/mcp"
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": STATELESS_VERSION,
+            "Mcp-Method": self.method,
+        }
+        if self.method == "tools/call":
+            headers["Mcp-Name"] = "noop"
+        return Request(port, "POST", path, headers, body).encode()
+
+
+class KeepAliveReader(asyncio.Protocol):
+    """One client connection used for request after request: `exchange` sends a request
+    and returns the status and body of its response once the whole of it has arrived (a
+    Content-Length body, or a chunked one up to its last chunk; the benchmark's bodies hold
+    no CR, so the last chunk is the first CRLF 0 CRLF CRLF)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None and not self.waiter.done():
+            self._complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(
+                IncompleteStreamError(f"connection closed mid-response ({exc}): {self.buf[:200]!r}")
+            )
+
+    def _complete(self) -> None:
+        assert self.waiter is not None
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buf[:end]).lower()
+        start = end + 4
+        at = head.find(b"\r\ncontent-length:")
+        if at >= 0:
+            eol = head.find(b"\r\n", at + 2)
+            stop = start + int(head[at + 17 : eol if eol >= 0 else len(head)])
+            if len(self.buf) < stop:
+                return
+        elif b"\r\ntransfer-encoding: chunked" in head:
+            if self.buf.startswith(b"0\r\n\r\n", start):
+                stop = start + 5
+            else:
+                last = self.buf.find(b"\r\n0\r\n\r\n", start)
+                if last < 0:
+                    return
+                stop = last + 7
+        else:
+            self.waiter.set_exception(IncompleteStreamError(f"no length: {head[:300]!r}"))
+            return
+        body = bytes(self.buf[start:stop])
+        del self.buf[:stop]
+        status = int(head.split(b" ", 2)[1])
+        self.waiter.set_result((status, body, b"\r\nconnection: close" in head))
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
+        """Send one request; its status, body, and whether the server closes after it."""
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_keepalive(port: int) -> KeepAliveReader:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(KeepAliveReader, "127.0.0.1", port)
+    return conn
+
+
+@dataclass(frozen=True)
+class StatelessResult:
+    latencies_s: tuple[float, ...]
+    """Request written -> whole response read, one per request."""
+    seconds: float
+    """Wall time of the whole load, connections already open."""
+
+
+async def stateless_load(
+    port: int, kind: StatelessKind, *, clients: int, per_client: int, timeout: float = 120.0
+) -> StatelessResult:
+    """`clients` connections, each sending `per_client` requests one after the other;
+    every answer is checked (status 200, the request's id in a result, every event)."""
+    conns = [await open_keepalive(port) for _ in range(clients)]
+    events = kind.progress + 1 if kind.progress else 0
+    latencies: list[float] = []
+
+    async def one(c: int) -> None:
+        conn = conns[c]
+        for i in range(per_client):
+            rpc_id = c * per_client + i + 1
+            request = kind.encode(port, rpc_id)
+            start = time.perf_counter()
+            status, body, closing = await conn.exchange(request)
+            latencies.append(time.perf_counter() - start)
+            ids = _RPC_ID.findall(body)
+            if (
+                status != 200
+                or b'"result"' not in body
+                or not ids
+                or int(ids[-1]) != rpc_id
+                or (events and body.count(DATA) != events)
+            ):
+                raise IncompleteStreamError(
+                    f"port {port} {kind.request}: status {status}, request id {rpc_id}, "
+                    f"answer {body[:300]!r}"
+                )
+            if closing or conn.lost:  # the server ends the connection: reconnect (not in a latency)
+                conn.close()
+                conn = conns[c] = await open_keepalive(port)
+
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+            for c in range(clients):
+                group.create_task(one(c), name=f"stateless-client-{c}")
+    finally:
+        for conn in conns:
+            conn.close()
+    return StatelessResult(tuple(latencies), time.perf_counter() - start)

@@ -9,8 +9,9 @@ Processes (each its own event loop, so none shares a core with the load it measu
   cp_server  `python -m bench.cp_server` for the control-plane figures (it prints counters)
   etcd       a real 1-member etcd via `tests.support.etcd.start_etcd`
 
-Figure groups: `paths` (throughput, latency), `idle`, `control-plane`, `resume`. What each
-measures exactly is written next to its table (`NOTES`).
+Figure groups: `paths` (throughput, latency), `idle`, `control-plane`, `resume`, `stateless`
+(MCP 2026-07-28 requests without a session), `cp-flood`. What each measures exactly is
+written next to its table (`NOTES`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from tether.model import (
 )
 
 T = TypeVar("T")
-DEFAULT_GROUPS = ("paths", "idle", "control-plane", "resume")
+DEFAULT_GROUPS = ("paths", "idle", "control-plane", "resume", "stateless")
 GROUPS = (*DEFAULT_GROUPS, "cp-flood")
 """`cp-flood` (bench/cp_flood.py) runs only when asked for: a million items per flood takes
 minutes."""
@@ -80,14 +81,35 @@ class Sizes:
     cp_updates_per_stream: int
     resumes: int
     flood_items: int
+    stateless: tuple[int, int]
+    """Stateless requests per kind and path: sequential (one client), then concurrent (all
+    `STATELESS_CLIENTS` together)."""
 
 
 PRESETS = {
     "full": Sizes(
-        {256: 500_000, 4096: 50_000}, 3, 5_000, (1_000, 10_000), 1_500, 10, 200, 1_000_000
+        {256: 500_000, 4096: 50_000},
+        3,
+        5_000,
+        (1_000, 10_000),
+        1_500,
+        10,
+        200,
+        1_000_000,
+        stateless=(800, 3_200),
     ),
-    "quick": Sizes({256: 50_000, 4096: 10_000}, 2, 1_000, (200, 1_000), 150, 10, 20, 100_000),
-    "smoke": Sizes({256: 200, 4096: 200}, 1, 100, (20,), 1, 1, 3, 2_000),
+    "quick": Sizes(
+        {256: 50_000, 4096: 10_000},
+        2,
+        1_000,
+        (200, 1_000),
+        150,
+        10,
+        20,
+        100_000,
+        stateless=(300, 1_200),
+    ),
+    "smoke": Sizes({256: 200, 4096: 200}, 1, 100, (20,), 1, 1, 3, 2_000, stateless=(10, 16)),
 }
 
 
@@ -157,7 +179,13 @@ class Env:
         )
         return self.start(name, argv, port)
 
-    def start_nginx(self, port: int, connections: int, buffer_size: str | None = None) -> Child:
+    def start_nginx(
+        self,
+        port: int,
+        connections: int,
+        buffer_size: str | None = None,
+        upstream_keepalive: int = 0,
+    ) -> Child:
         assert self.nginx_binary is not None
         conf_dir = self.tmp / f"nginx-{port}"
         conf = nginx_config(
@@ -166,6 +194,7 @@ class Env:
             upstream=self.gen_port,
             connections=connections,
             buffer_size=buffer_size,
+            upstream_keepalive=upstream_keepalive,
         )
         return self.start(
             f"nginx-{port}", [self.nginx_binary, "-p", str(conf_dir), "-c", str(conf)], port
@@ -278,9 +307,14 @@ async def measure_paths(
 
 
 async def profile_sidecar(
-    *, side_port: int, sidecar: Child, events: int, out: Path, log: Callable[[str], None]
+    *,
+    sidecar: Child,
+    load: Callable[[], Awaitable[object]],
+    out: Path,
+    log: Callable[[str], None],
 ) -> list[tuple[str, float]]:
-    """py-spy the sidecar while it relays 256 B events; top functions by own time."""
+    """py-spy the sidecar while `load` runs again and again for 8 s; top functions by own
+    time."""
     spy = shutil.which("py-spy")
     if spy is None:
         log("profile skipped: py-spy not installed (pip install py-spy)")
@@ -293,10 +327,9 @@ async def profile_sidecar(
         stderr=subprocess.DEVNULL,
     )
     await asyncio.sleep(1.0)
-    session = await client.initialize(side_port)
     start = time.monotonic()
     while time.monotonic() - start < 8.0:
-        await client.read_post_stream(side_port, n=events, size=256, session_id=session)
+        await load()
     proc.send_signal(signal.SIGINT)
     async with asyncio.timeout(30):
         await proc.wait()
@@ -602,6 +635,102 @@ async def measure_resume(env: Env, sizes: Sizes, log: Callable[[str], None]) -> 
     return samples
 
 
+# --- figure group: stateless (MCP 2026-07-28) ------------------------------------------------
+
+
+STATELESS_CLIENTS = 8
+STATELESS_PROGRESS = 10
+STATELESS_KINDS = (
+    # tools/list may be sent again if the upstream fails before answering; a call of a tool
+    # the sidecar knows nothing about may not. Both, so the table shows what that costs.
+    client.StatelessKind("tools/list"),
+    client.StatelessKind("tools/call"),
+    client.StatelessKind("tools/list", STATELESS_PROGRESS),
+    client.StatelessKind("tools/call", STATELESS_PROGRESS),
+)
+NGINX_KEEPALIVE = 32
+"""Idle upstream connections the stateless group's nginx keeps, as the sidecar's pool does."""
+
+
+@dataclass(frozen=True)
+class StatelessFigures:
+    request: str
+    answer: str
+    path: str
+    seq_p50_us: float
+    seq_p99_us: float
+    conc_p50_us: float
+    conc_p99_us: float
+    requests_per_s: float
+    """Concurrent phase: requests answered / its wall time."""
+    proxy_cpu_us: float | None
+    """Proxy CPU (utime + stime from /proc) over both phases / requests; None for direct."""
+    generator_cpu_us: float
+    client_cpu_us: float
+    """The harness's own CPU (the load client) per request: with the generator, what the two
+    CPUs of a small machine spend besides the proxy, which caps every path's requests/s."""
+    requests: int
+
+
+async def measure_stateless(
+    env: Env, sizes: Sizes, paths: list[Path_], log: Callable[[str], None]
+) -> list[StatelessFigures]:
+    """Every kind through every path: one client sending requests one after the other, then
+    `STATELESS_CLIENTS` at once, each on its own kept-alive connection. Segments alternate
+    across the paths (as the latency figure does), so a disturbance lands on all alike."""
+    gen = next(c for c in env.children if c.name == "generator")
+    seq_n, conc_n = sizes.stateless
+    segments = min(4, max(1, seq_n // 150))
+    seq_per = seq_n // segments
+    conc_per = max(1, conc_n // segments // STATELESS_CLIENTS)
+    results: list[StatelessFigures] = []
+    for kind in STATELESS_KINDS:
+        for p in paths:  # warm-up: connections pooled, code paths taken
+            await client.stateless_load(
+                p.port, kind, clients=STATELESS_CLIENTS, per_client=min(20, seq_per)
+            )
+        seq: dict[str, list[float]] = {p.name: [] for p in paths}
+        conc: dict[str, list[float]] = {p.name: [] for p in paths}
+        wall = dict.fromkeys(seq, 0.0)
+        cpu = {p.name: dict.fromkeys(("proxy", "generator", "client"), 0.0) for p in paths}
+        for _ in range(segments):
+            for p in paths:
+                procs = {"generator": gen} | ({"proxy": p.proxy} if p.proxy else {})
+                before = cpu_snapshot(env, procs)
+                one = await client.stateless_load(p.port, kind, clients=1, per_client=seq_per)
+                many = await client.stateless_load(
+                    p.port, kind, clients=STATELESS_CLIENTS, per_client=conc_per
+                )
+                after = cpu_snapshot(env, procs)
+                for k in after:
+                    cpu[p.name][k] += after[k] - before[k]
+                seq[p.name] += [v * 1e6 for v in one.latencies_s]
+                conc[p.name] += [v * 1e6 for v in many.latencies_s]
+                wall[p.name] += many.seconds
+        for p in paths:
+            count = len(seq[p.name]) + len(conc[p.name])
+            fig = StatelessFigures(
+                request=kind.request,
+                answer=kind.answer,
+                path=p.name,
+                seq_p50_us=percentile(seq[p.name], 50),
+                seq_p99_us=percentile(seq[p.name], 99),
+                conc_p50_us=percentile(conc[p.name], 50),
+                conc_p99_us=percentile(conc[p.name], 99),
+                requests_per_s=len(conc[p.name]) / wall[p.name],
+                proxy_cpu_us=cpu[p.name]["proxy"] / count * 1e6 if p.proxy is not None else None,
+                generator_cpu_us=cpu[p.name]["generator"] / count * 1e6,
+                client_cpu_us=cpu[p.name]["client"] / count * 1e6,
+                requests=count,
+            )
+            log(
+                f"stateless {kind.request} {kind.answer} {p.name}: p50 {fig.seq_p50_us:.0f} us, "
+                f"{fig.requests_per_s:,.0f} req/s"
+            )
+            results.append(fig)
+    return results
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -617,7 +746,9 @@ class Results:
     control_plane: list[ControlPlaneFigures] = field(default_factory=list)
     resume_ms: list[float] = field(default_factory=list)
     floods: list[cp_flood.FloodFigures] = field(default_factory=list)
+    stateless: list[StatelessFigures] = field(default_factory=list)
     profile: list[tuple[str, float]] = field(default_factory=list)
+    stateless_profile: list[tuple[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -628,6 +759,7 @@ def tables(res: Results) -> Iterator[str]:
         _idle_table,
         _control_plane_table,
         _resume_table,
+        _stateless_table,
         _flood_table,
         targets,
         _profile_table,
@@ -748,20 +880,54 @@ def _resume_table(res: Results) -> Iterator[str]:
     yield ""
 
 
+def _stateless_table(res: Results) -> Iterator[str]:
+    if not res.stateless:
+        return
+    yield (
+        "### Stateless requests (MCP 2026-07-28, no session; "
+        f"1 client, then {STATELESS_CLIENTS} clients, kept-alive connections)"
+    )
+    yield ""
+    yield (
+        "| request | answer | path | p50 µs | p99 µs | added p50 µs "
+        f"| p50 µs ({STATELESS_CLIENTS} clients) | p99 µs ({STATELESS_CLIENTS} clients) "
+        f"| added p50 µs ({STATELESS_CLIENTS} clients) | requests/s ({STATELESS_CLIENTS} clients) "
+        "| CPU µs/request: proxy / generator / client | requests |"
+    )
+    yield "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+    direct = {(f.request, f.answer): f for f in res.stateless if f.path == "direct"}
+    for f in res.stateless:
+        base = direct.get((f.request, f.answer))
+        added_seq = f"{f.seq_p50_us - base.seq_p50_us:,.0f}" if base else "-"
+        added_conc = f"{f.conc_p50_us - base.conc_p50_us:,.0f}" if base else "-"
+        proxy = f"{f.proxy_cpu_us:,.0f}" if f.proxy_cpu_us is not None else "-"
+        cpu = f"{proxy} / {f.generator_cpu_us:,.0f} / {f.client_cpu_us:,.0f}"
+        yield (
+            f"| {f.request} | {f.answer} | {f.path} | {f.seq_p50_us:,.0f} | {f.seq_p99_us:,.0f} "
+            f"| {added_seq} | {f.conc_p50_us:,.0f} | {f.conc_p99_us:,.0f} | {added_conc} "
+            f"| {f.requests_per_s:,.0f} | {cpu} | {f.requests:,} |"
+        )
+    yield ""
+
+
 def _flood_table(res: Results) -> Iterator[str]:
     yield from cp_flood.table(res.floods)
 
 
 def _profile_table(res: Results) -> Iterator[str]:
-    if not res.profile:
-        return
-    yield "### Sidecar profile under the 256 B load (py-spy, top 10 by own time)"
-    yield ""
-    yield "| own % of GIL-held samples | function (file) |"
-    yield "|---:|---|"
-    for name, share in res.profile:
-        yield f"| {share:.1f} | `{name}` |"
-    yield ""
+    for title, profile in (
+        ("the 256 B load", res.profile),
+        (f"stateless tools/call noop (JSON), {STATELESS_CLIENTS} clients", res.stateless_profile),
+    ):
+        if not profile:
+            continue
+        yield f"### Sidecar profile under {title} (py-spy, top 10 by own time)"
+        yield ""
+        yield "| own % of GIL-held samples | function (file) |"
+        yield "|---:|---|"
+        for name, share in profile:
+            yield f"| {share:.1f} | `{name}` |"
+        yield ""
 
 
 def targets(res: Results) -> Iterator[str]:
@@ -927,6 +1093,10 @@ async def run(opts: Options, log: Callable[[str], None]) -> Results:
                 await step(env, log, "control-plane", _control_plane(env, sizes, opts, res, log))
             if "resume" in opts.groups:
                 res.resume_ms = await step(env, log, "resume", measure_resume(env, sizes, log))
+            if "stateless" in opts.groups:
+                res.stateless = await step(
+                    env, log, "stateless", _stateless(env, sizes, opts, res, log)
+                )
             if "cp-flood" in opts.groups:
                 res.floods = await step(env, log, "cp-flood", _floods(env, sizes, opts, res, log))
         finally:
@@ -974,9 +1144,46 @@ async def _paths(
     res.throughput, res.latency = await measure_paths(env, sizes, paths, log)
     if opts.profile:
         events = sizes.throughput_events[256]
+        session = await client.initialize(port)
         res.profile = await profile_sidecar(
-            side_port=port, sidecar=side, events=events, out=env.tmp / "profile.txt", log=log
+            sidecar=side,
+            load=lambda: client.read_post_stream(port, n=events, size=256, session_id=session),
+            out=env.tmp / "profile.txt",
+            log=log,
         )
+
+
+async def _stateless(
+    env: Env, sizes: Sizes, opts: Options, res: Results, log: Callable[[str], None]
+) -> list[StatelessFigures]:
+    """Its own nginx (upstream keepalive, so that neither proxy opens an upstream connection
+    per request) and its own sidecar, stopped afterwards; `--profile` py-spies that sidecar
+    under `tools/call` answered with JSON."""
+    paths = [Path_("direct", env.gen_port, None)]
+    if env.nginx_binary is not None:
+        port = free_port()
+        ngx = env.start_nginx(port, connections=1024, upstream_keepalive=NGINX_KEEPALIVE)
+        paths.append(Path_("nginx", port, ngx))
+    port = free_port()
+    side = env.start_sidecar("sidecar-stateless", port)
+    paths.append(Path_("sidecar", port, side))
+    try:
+        figures = await measure_stateless(env, sizes, paths, log)
+        if opts.profile:
+            call = client.StatelessKind("tools/call")
+            res.stateless_profile = await profile_sidecar(
+                sidecar=side,
+                load=lambda: client.stateless_load(
+                    port, call, clients=STATELESS_CLIENTS, per_client=100
+                ),
+                out=env.tmp / "stateless-profile.txt",
+                log=log,
+            )
+        return figures
+    finally:
+        for p in paths:
+            if p.proxy is not None:
+                p.proxy.stop()
 
 
 async def _control_plane(
@@ -1027,7 +1234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Tether's benchmark harness: direct vs nginx vs sidecar, idle streams, "
-        "control plane, resume. Prints one markdown table per figure group.",
+        "control plane, resume, stateless (2026-07-28) requests. Prints one markdown table per "
+        "figure group.",
     )
     p.add_argument("--quick", action="store_true", help="small sizes (about 30 s)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
@@ -1039,7 +1247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--no-nginx", action="store_true", help="leave the nginx path out")
     p.add_argument("--no-etcd", action="store_true", help="control plane on SQLite only")
-    p.add_argument("--profile", action="store_true", help="py-spy the sidecar (256 B load)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the sidecar (paths: 256 B load; stateless: tools/call)",
+    )
     p.add_argument(
         "--tuned-nginx",
         action="store_true",

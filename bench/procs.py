@@ -131,11 +131,20 @@ NGINX_MISSING = (
 
 
 def nginx_config(
-    tmp: Path, *, listen: int, upstream: int, connections: int, buffer_size: str | None = None
+    tmp: Path,
+    *,
+    listen: int,
+    upstream: int,
+    connections: int,
+    buffer_size: str | None = None,
+    upstream_keepalive: int = 0,
 ) -> Path:
     """A minimal reverse proxy for SSE: one process, no buffering, no access log.
     `buffer_size` sets `proxy_buffer_size` (how much nginx reads from upstream at once; one
-    memory page by default)."""
+    memory page by default). `upstream_keepalive` > 0 keeps that many idle upstream
+    connections for reuse (nginx's `keepalive` in an `upstream` block; by default nginx opens
+    one upstream connection per request, where the sidecar's client pool reuses them) and
+    lets a client connection carry any number of requests (`keepalive_requests`)."""
     tuned = (
         f"\n            proxy_buffer_size {buffer_size};"
         f"\n            proxy_buffers 4 {buffer_size};"
@@ -143,6 +152,15 @@ def nginx_config(
         if buffer_size
         else ""
     )
+    target = f"127.0.0.1:{upstream}"
+    pool = ""
+    if upstream_keepalive:
+        target = "generator"
+        pool = (
+            f"\n    keepalive_requests 1000000;"
+            f"\n    upstream generator {{ server 127.0.0.1:{upstream}; "
+            f"keepalive {upstream_keepalive}; }}"
+        )
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / sub).mkdir(parents=True, exist_ok=True)
     conf = tmp / "nginx.conf"
@@ -160,11 +178,11 @@ http {{
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+    scgi_temp_path {tmp}/scgi;{pool}
     server {{
         listen 127.0.0.1:{listen};
         location / {{
-            proxy_pass http://127.0.0.1:{upstream};
+            proxy_pass http://{target};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;

@@ -17,10 +17,18 @@ large slices under transport flow control, so its cost per event is close to not
   client can check that each stream still delivers; the answer is the number released.
 - `POST /mcp` with an `initialize` request: its JSON result, with a new `Mcp-Session-Id`
   (how a sidecar with a control plane learns a session it may serve).
+- `POST /mcp` with `MCP-Protocol-Version: 2026-07-28` (stateless, no session): answered
+  at once, in `data_received`, and the connection is kept alive for the next request (unless
+  the request said `Connection: close`). The JSON-RPC result echoes the request's id (a
+  `tools/list` result for `tools/list`, an empty `content` for anything else), as
+  `application/json` with a Content-Length; with `?progress=K`, as a chunked
+  `text/event-stream` instead: K `notifications/progress` events, one chunk and one
+  `transport.write` each with a pass of the event loop between writes, then the result.
+  See `stateless_answer`.
 - Anything else: `202 Accepted`, empty (notifications, DELETE).
 
-Every SSE response echoes the request's `Mcp-Session-Id`, so a sidecar tracks it as a
-session stream. `python -m bench.sse_generator --port P` (prints `ready` when listening).
+Every session SSE response echoes the request's `Mcp-Session-Id`, so a sidecar tracks it as
+a session stream. `python -m bench.sse_generator --port P` (prints `ready` when listening).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from tether.tasks import spawn
@@ -43,6 +52,13 @@ HIGH_WATER = 4 << 20
 RESUME_BURST = 5
 _PROGRESS = b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":%d,'
 _GET_EVENT = b'{"jsonrpc":"2.0","method":"notifications/message","params":{"k":%d,'
+STATELESS_VERSION = "2026-07-28"
+_STATELESS_PROGRESS = (
+    b'data: {"jsonrpc":"2.0","method":"notifications/progress",'
+    b'"params":{"progressToken":%s,"progress":%d,"total":%d}}\n\n'
+)
+_TOOLS = b'{"tools":[{"name":"noop","inputSchema":{"type":"object"}}]}'
+_EMPTY_CONTENT = b'{"content":[]}'
 
 
 def progress_event(k: int, size: int, stamp: int | None = None) -> bytes:
@@ -65,6 +81,38 @@ def get_event(k: int, *, released: bool = False) -> bytes:
 
 def burst_body(n: int, size: int) -> bytes:
     return b"".join(progress_event(k, size) for k in range(1, n + 1)) + result_event(n + 1)
+
+
+def stateless_answer(method: str, target: str, body: bytes) -> list[bytes]:
+    """The writes that answer one stateless (2026-07-28) POST, head first.
+
+    JSON with a Content-Length, or (`?progress=K`) a chunked SSE body: one chunk per write,
+    so a proxy sees the events arrive as a server that reports progress sends them."""
+    request: Any = {}
+    with contextlib.suppress(ValueError):
+        request = json.loads(body)
+    if not isinstance(request, dict):
+        request = {}
+    rpc_id = json.dumps(request.get("id"), separators=(",", ":")).encode()
+    result = _TOOLS if request.get("method") == "tools/list" else _EMPTY_CONTENT
+    answer = b'{"jsonrpc":"2.0","id":%s,"result":%s}' % (rpc_id, result)
+    query = parse_qs(urlsplit(target).query)
+    if method != "POST" or "progress" not in query:
+        return [
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(answer), answer)
+        ]
+    k = int(query["progress"][-1])
+    meta = request.get("params", {}).get("_meta", {}) if request else {}
+    token = json.dumps(meta.get("progressToken", 0), separators=(",", ":")).encode()
+    events = [_STATELESS_PROGRESS % (token, i, k) for i in range(1, k + 1)]
+    events.append(b"data: %s\n\n" % answer)
+    return [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        *(b"%x\r\n%s\r\n" % (len(e), e) for e in events),
+        b"0\r\n\r\n",
+    ]
 
 
 def sse_head(session_id: str) -> bytes:
@@ -110,6 +158,8 @@ class Connection(asyncio.Protocol):
         self.writable.set()
         self.closed = False
         self.task: asyncio.Task[None] | None = None
+        self.streaming: asyncio.Task[None] | None = None
+        """A stateless SSE answer being written; requests that come meanwhile wait in `buf`."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -120,20 +170,55 @@ class Connection(asyncio.Protocol):
         if self.task is not None:
             return  # a request body we do not need, or a second request (not served)
         self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
-        method, target, _ = head[0].split(" ", 2)
-        headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body_len = int(headers.get("content-length", "0"))
-        if len(self.buf) - end - 4 < body_len:
-            return  # wait for the whole body (the harness's bodies are tiny)
-        body = bytes(self.buf[end + 4 : end + 4 + body_len])
-        self.task = spawn(self.answer(method, target, headers, body), name="generator-request")
+        if self.streaming is None:
+            self.serve_buffered()
+
+    def serve_buffered(self) -> None:
+        """Answer the requests in `buf`, in order, until one is incomplete or takes a task."""
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
+            method, target, _ = head[0].split(" ", 2)
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body_len = int(headers.get("content-length", "0"))
+            if len(self.buf) - end - 4 < body_len:
+                return  # wait for the whole body (the harness's bodies are tiny)
+            body = bytes(self.buf[end + 4 : end + 4 + body_len])
+            if headers.get("mcp-protocol-version") != STATELESS_VERSION:
+                self.task = spawn(
+                    self.answer(method, target, headers, body), name="generator-request"
+                )
+                return
+            # Stateless: a JSON answer is written here and now, then the next request on this
+            # connection, if one came already; an SSE answer by a task, one event per loop
+            # iteration, so that a proxy reads them apart as a server's progress would come.
+            del self.buf[: end + 4 + body_len]
+            writes = stateless_answer(method, target, body)
+            close = headers.get("connection", "").lower() == "close"
+            if len(writes) > 1:
+                self.streaming = spawn(self.write_apart(writes, close), name="generator-sse")
+                return
+            self.transport.write(writes[0])
+            if close:
+                self.transport.close()
+                return
+
+    async def write_apart(self, writes: list[bytes], close: bool) -> None:
+        for chunk in writes:
+            if self.closed:
+                return
+            self.transport.write(chunk)
+            await asyncio.sleep(0)
+        self.streaming = None
+        if close:
+            self.transport.close()
+        else:
+            self.serve_buffered()
 
     def pause_writing(self) -> None:
         self.writable.clear()

@@ -44,8 +44,9 @@ Rules:
   9. Authentication happens when a call starts: a report stream opened with a token stays open
      after the token expires (as Kubernetes watches do); the next stream needs a fresh one.
   10. Refusals are logged at most once per `REFUSAL_LOG_INTERVAL` per kind of reason
-     (`LogLimiter`, bounded; the kind leaves out what the caller chose, such as a key id), with
-     the count held back, so a flood of bad calls writes few lines, however varied.
+     (`tether.logthrottle`, bounded; the kind leaves out what the caller chose, such as a key
+     id), then one summary line with the count held back, so a flood of bad calls writes few
+     lines, however varied.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tether.grpc_security import HEALTH_PREFIX, SecurityConfigError, ServerSecurity, read_token
+from tether.logthrottle import ThrottledLog
 from tether.model import InvalidIdError, OwnerName, parse_owner
 
 if TYPE_CHECKING:  # generic in the type stubs only; not subscriptable at run time
@@ -88,10 +90,8 @@ ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES
 would be the public JWKS)."""
 
 REFUSAL_LOG_INTERVAL = 60.0
-LOG_LIMITER_KEYS = 1024
 VERIFIED_TOKENS = 1024
 """Verified tokens remembered (rule 8): one per sidecar pod is what a deployment needs."""
-"""Keys a `LogLimiter` remembers; the longest quiet is forgotten first."""
 
 
 class AuthenticationError(Exception):
@@ -389,34 +389,6 @@ class Authenticator:
         return ANONYMOUS
 
 
-class LogLimiter:
-    """At most one log line per key per `interval` (rule 9); bounded to `max_keys` keys."""
-
-    def __init__(self, interval: float, *, max_keys: int = LOG_LIMITER_KEYS) -> None:
-        self._interval = interval
-        self._max_keys = max_keys
-        self._keys: OrderedDict[tuple[str, ...], tuple[float, int]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def allow(self, key: tuple[str, ...], now: float) -> int | None:
-        """None to stay quiet; else how many lines of `key` were held back since its last."""
-        last = self._keys.get(key)
-        if last is not None and now - last[0] < self._interval:
-            self._keys[key] = (last[0], last[1] + 1)
-            return None
-        self._keys.pop(key, None)
-        self._keys[key] = (now, 0)
-        while len(self._keys) > self._max_keys:
-            self._keys.popitem(last=False)
-        return last[1] if last is not None else 0
-
-
-def held_note(held: int) -> str:
-    return f" ({held} similar lines held back)" if held else ""
-
-
 # --- the gRPC glue ---------------------------------------------------------------------------
 
 _current: contextvars.ContextVar[Principal] = contextvars.ContextVar(
@@ -439,7 +411,7 @@ class AuthenticationInterceptor(_ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
-        self._refusals = LogLimiter(REFUSAL_LOG_INTERVAL)
+        self._refusals = ThrottledLog(log, burst=1, interval=REFUSAL_LOG_INTERVAL)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
@@ -464,11 +436,14 @@ class AuthenticationInterceptor(_ServerInterceptor):
                 authorization=authorization, peer_certificate=pems[0] if pems else None
             )
         except AuthenticationError as e:
-            held = self._refusals.allow((e.kind,), time.monotonic())
-            if held is not None:
-                log.warning(
-                    "unauthenticated call from %s: %s%s", context.peer(), e, held_note(held)
-                )
+            self._refusals.log(
+                ("unauthenticated", e.kind),
+                f"unauthenticated calls ({e.kind})",
+                logging.WARNING,
+                "unauthenticated call from %s: %s",
+                context.peer(),
+                e,
+            )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         _current.set(principal)
 

@@ -33,7 +33,8 @@ Rules:
   6. A principal without a usable name (identity rule 6) cannot act as a sidecar.
   7. Anything else is PERMISSION_DENIED with a message naming the principal, the call and
      what it would need, and a log line: at most one per principal and call per
-     `DENIAL_LOG_INTERVAL` (`identity.LogLimiter`, bounded), with the count held back.
+     `DENIAL_LOG_INTERVAL` (`tether.logthrottle`, bounded), then a summary with the count
+     held back.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ import enum
 import fnmatch
 import logging
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from controlplane.identity import LogLimiter, Principal, held_note
+from controlplane.identity import Principal
+from tether.logthrottle import ThrottledLog
 from tether.model import (
     OwnerName,
     Rejection,
@@ -264,7 +265,7 @@ class Authorizer:
 
     def __init__(self, policy: Policy | None = None) -> None:
         self.policy = policy
-        self._denials = LogLimiter(DENIAL_LOG_INTERVAL)
+        self._denials = ThrottledLog(log, burst=1, interval=DENIAL_LOG_INTERVAL)
 
     def access(self, principal: Principal) -> Access:
         if principal.trusted:
@@ -274,6 +275,11 @@ class Authorizer:
         return Access(principal, self.policy.roles_of(principal))
 
     def log_denial(self, access: Access, call: str, denied: Denied, peer: str) -> None:
-        held = self._denials.allow((access.principal.id, call), time.monotonic())
-        if held is not None:
-            log.warning("permission denied (%s): %s%s", peer, denied.message, held_note(held))
+        self._denials.log(
+            ("permission denied", access.principal.id, call),
+            f"denials of {call} to {access.principal.id}",
+            logging.WARNING,
+            "permission denied (%s): %s",
+            peer,
+            denied.message,
+        )

@@ -27,6 +27,10 @@ Rules this module keeps (the limits themselves are in `controlplane.limits`):
      summary line per interval (`tether.logthrottle`); a flood writes a bounded log.
   3. Streaming calls (ReportEvents, WatchSessions) are counted per peer host and refused
      beyond `max_calls_per_peer`; the count is released when the call ends, however it ends.
+  4. A report for a session deleted (DeleteSession) in the last `LATE_REPORT_GRACE` seconds is
+     the tail of an ordinary exit (the client ended its session while its sidecar's last
+     positions were on the way): skipped like any unknown session, logged at DEBUG, not as a
+     warning. At most `RECENT_DELETES` deletions are remembered, the oldest forgotten first.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import NoReturn, TypeVar
 
@@ -67,6 +73,7 @@ from tether import tasks
 from tether.api import convert
 from tether.api.v1 import sessions_pb2 as pb
 from tether.api.v1 import sessions_pb2_grpc as pb_grpc
+from tether.logsetup import OWNER, SESSION, STREAM
 from tether.logthrottle import ThrottledLog
 from tether.model import (
     InvalidIdError,
@@ -104,6 +111,10 @@ async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoRet
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
+LATE_REPORT_GRACE = 60.0
+RECENT_DELETES = 4096
+
+
 class SessionService(pb_grpc.SessionServiceServicer):
     def __init__(
         self,
@@ -127,6 +138,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self._read_room = asyncio.Event()
         """Replaced and set whenever a stream acknowledges: wakes every reader waiting for
         room (its own or the shared budget's)."""
+        self._deleted: OrderedDict[str, float] = OrderedDict()
+        """Rule 4: session id -> when it was deleted, oldest first."""
         self.rejection_log = rejection_log or ThrottledLog(log)
         """Rule 2; other refusals (e.g. permission denied) may share it with their own keys."""
         self._stopping = False
@@ -322,7 +335,21 @@ class SessionService(pb_grpc.SessionServiceServicer):
     def _log_rejections(self, rejections: Iterable[Rejection], peer: str, key: str) -> None:
         """Rule 2: per (reason, peer host), a few lines in full, then one summary."""
         for r in rejections:
-            if r.reason is RejectionReason.UNKNOWN_SESSION:
+            if r.reason is RejectionReason.UNKNOWN_SESSION and (
+                (ago := self._deleted_ago(r.session_id)) is not None
+            ):
+                self.rejection_log.log(
+                    ("late report", key),
+                    f"late reports for deleted sessions from {key}",
+                    logging.DEBUG,
+                    "late report from %s for session %s deleted %.1fs ago (stream %r): skipped",
+                    peer,
+                    r.session_id,
+                    ago,
+                    r.stream_id,
+                    extra={SESSION: r.session_id, STREAM: r.stream_id or None},
+                )
+            elif r.reason is RejectionReason.UNKNOWN_SESSION:
                 self.rejection_log.log(
                     ("unknown session", key),
                     f"reports for unknown sessions from {key}",
@@ -342,6 +369,24 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     r.session_id,
                     r.detail,
                 )
+
+    def _note_deleted(self, session_id: str) -> None:
+        now = time.monotonic()
+        self._deleted.pop(session_id, None)
+        self._deleted[session_id] = now
+        while self._deleted and (
+            len(self._deleted) > RECENT_DELETES
+            or now - next(iter(self._deleted.values())) > LATE_REPORT_GRACE
+        ):
+            self._deleted.popitem(last=False)
+
+    def _deleted_ago(self, session_id: str) -> float | None:
+        """Seconds since `session_id` was deleted, if within the grace (rule 4)."""
+        when = self._deleted.get(session_id)
+        if when is None:
+            return None
+        ago = time.monotonic() - when
+        return ago if ago <= LATE_REPORT_GRACE else None
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
         sid = await _valid_session_id(request.session_id, context)
@@ -393,7 +438,13 @@ class SessionService(pb_grpc.SessionServiceServicer):
         rec = await _store_call(context, self._store.delete(session_id=sid))
         if rec is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"session {sid} not found")
-        log.info("session %s deleted on request from %s", sid, context.peer())
+        self._note_deleted(sid)
+        log.info(
+            "session %s deleted on request from %s",
+            sid,
+            context.peer(),
+            extra={SESSION: sid, OWNER: rec.owner},
+        )
         return pb.DeleteSessionResponse(session=convert.session_to_pb(rec))
 
     async def ClaimSession(
@@ -426,7 +477,13 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 e,
             )
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        log.info("session %s claimed by %s (owner epoch %d)", sid, owner, rec.owner_epoch)
+        log.info(
+            "session %s claimed by %s (owner epoch %d)",
+            sid,
+            owner,
+            rec.owner_epoch,
+            extra={SESSION: sid, OWNER: owner},
+        )
         return pb.ClaimSessionResponse(session=convert.session_to_pb(rec))
 
     async def WatchSessions(

@@ -24,6 +24,7 @@ from sidecar.metrics import Metrics
 from sidecar.streams import LiveStream, Registry, Session
 from sidecar.upstream import Upstream
 from sidecar.writer import Writer
+from tether.logthrottle import ThrottledLog
 
 log = logging.getLogger("tether.sidecar.admission")
 
@@ -46,6 +47,8 @@ class Admission:
         self.hosts = HostPolicy(config.allowed_hosts, listen_host=config.listen_host)
         self.origins = OriginPolicy(config.allowed_origins)
         self.trusted = TrustedProxies(config.trusted_proxies)
+        self.warnings = ThrottledLog(log)
+        """Refusals are per request: a flood of them is summarised (`tether.logthrottle`)."""
 
     def refusal(self, request: web.Request) -> web.Response | None:
         """Rules 1-3, and rule 4 for legacy POSTs; None to go on."""
@@ -108,12 +111,29 @@ class Admission:
         return stream is None or self.legacy_credential_matches(request, stream)
 
     def _refuse_credential(self, request: web.Request, what: str) -> bool:
-        log.warning("%s %s: %s refused to another credential", request.method, request.path, what)
+        self.warnings.log(
+            ("credential",),
+            "requests refused to another credential",
+            logging.WARNING,
+            "%s %s: %s refused to another credential",
+            request.method,
+            request.path,
+            what,
+        )
         self.metrics.refused.labels("credential").inc()
         return False
 
     def _refuse(self, request: web.Request, reason: str, status: int, message: str) -> web.Response:
-        log.warning("%s %s: refused (%d): %s", request.method, request.path, status, message)
+        self.warnings.log(
+            ("refused", reason),
+            f"requests refused ({reason})",
+            logging.WARNING,
+            "%s %s: refused (%d): %s",
+            request.method,
+            request.path,
+            status,
+            message,
+        )
         self.metrics.refused.labels(reason).inc()
         return error_response(status, message)
 

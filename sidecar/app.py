@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.accesslog import ACCESS_LOGGER, AccessLog, note_response
 from sidecar.config import SidecarConfig
 from sidecar.health import UpstreamProbe
 from sidecar.metrics import Metrics
@@ -67,6 +68,8 @@ def build_proxy_app(proxy: Proxy) -> web.Application:
             response.headers["Connection"] = "close"
 
     app.on_response_prepare.append(close_when_draining)
+    if proxy.config.access_log:
+        app.on_response_prepare.append(note_response)
     return app
 
 
@@ -217,7 +220,12 @@ async def start_sidecar(config: SidecarConfig, *, tracing: Tracing | None = None
             admin_port = _bound_port(admin)
         # handler_cancellation: a client that disconnects cancels its handler at once, so an
         # idle stream notices and its upstream pump starts the orphan clock.
-        runner = web.AppRunner(build_proxy_app(proxy), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            build_proxy_app(proxy),
+            handler_cancellation=True,
+            access_log=ACCESS_LOGGER if config.access_log else None,
+            access_log_class=AccessLog,
+        )
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, config.listen_host, config.listen_port).start()

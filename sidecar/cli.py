@@ -67,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
             upstream_dead_after=args.upstream_dead_after,
             client_retry_ms=args.client_retry_ms,
             session_binding=args.session_binding,
+            access_log=args.access_log,
             max_event_bytes=args.max_event_bytes,
             max_request_body_bytes=args.max_body_bytes,
             tracker=TrackerLimits(
@@ -220,6 +221,13 @@ def add_sidecar_parser(sub: Any) -> None:
         dest="session_binding",
         action="store_false",
         help="do not tie a session to the credential (Authorization) that created it",
+    )
+    p.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="do not log a line per request on the proxied port (logger tether.sidecar.access, "
+        "INFO)",
     )
     p.add_argument(
         "--client-retry-ms",

@@ -75,6 +75,8 @@ class SidecarConfig:
     Empty: loopback origins only. Requests without an Origin header are not browsers."""
     session_binding: bool = True
     """Refuse a session to any credential but the one that created it."""
+    access_log: bool = True
+    """One INFO line per request on the proxied port (`sidecar.accesslog`)."""
     fingerprint_key: bytes | None = field(default=None, repr=False)
     """Key of the credential fingerprints (`sidecar.guard.fingerprint`), shared by every
     sidecar of a deployment; None: unkeyed SHA-256 (development only)."""

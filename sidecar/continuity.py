@@ -21,7 +21,8 @@ cost unbounded memory or unbounded control-plane calls):
   3. A session the control plane said it does not have is answered "unknown" from memory for
      `UNKNOWN_SESSION_TTL` seconds, for at most `UNKNOWN_SESSION_CACHE` ids: repeating an
      unknown id costs the lookups of one wait (rule 11) per id per period, whatever the
-     request rate.
+     request rate. So is a session its client just deleted here. Such a request is routine
+     (a late one after its client ended the session, a stale id): a DEBUG line.
   4. `fenced_sessions` holds at most `FENCED_CACHE` ids for at most `FENCED_TTL` seconds, and
      lets an id go when the session is adopted again or deleted. It only saves work: the
      control plane fences a forgotten one's writes again.
@@ -100,6 +101,7 @@ from sidecar.tracker import StreamKind
 from tether import tasks
 from tether.api.client import ClaimLostError, SessionGoneError
 from tether.grpc_security import ClientSecurity
+from tether.logsetup import OWNER, SESSION
 from tether.model import (
     InvalidIdError,
     OwnerName,
@@ -498,7 +500,10 @@ class Continuity:
         )
 
     def forget(self, session_id: str) -> None:
-        """The client deleted the session: forget everything about it here."""
+        """The client deleted the session: forget everything about it here, but remember it
+        as unknown (rule 3): its delete reaches the control plane a moment later, and a late
+        request of the client meanwhile must not restore the session from the stored record
+        (only for the control plane's delete to end it again, with a warning)."""
         self.fenced_sessions.discard(session_id)
         if self.reporter is None:
             return
@@ -506,6 +511,7 @@ class Continuity:
             sid = parse_session_id(session_id)
         except InvalidIdError:
             return
+        self.unknown_sessions.add(sid)
         self.reporter.forget(sid)
 
     def _session_ended(self, session_id: str) -> None:
@@ -582,6 +588,8 @@ class Continuity:
         except InvalidIdError:
             return sess  # no lock, no call, nothing remembered (invariant 1)
         if sess is None and sid in self.unknown_sessions:
+            # A late request after the client ended its session, or a stale id: routine.
+            log.debug("session %s: unknown here and to the control plane", sid)
             return UNKNOWN
         async with self.locks.hold(sid):
             sess = self.registry.sessions.get(sid)
@@ -590,10 +598,11 @@ class Continuity:
             if sess is None and sid in self.unknown_sessions:
                 return UNKNOWN  # answered while this request waited for the lock
             with self.tracing.span("tether.adopt", {"mcp.session.id": sid}) as span:
-                record = await self._claim(sid, credential=credential)
-                if isinstance(record, Unserved):
-                    span.set("tether.adopt.outcome", f"unserved {record.status}")
-                    return sess if sess is not None else record
+                claimed = await self._claim(sid, credential=credential)
+                if isinstance(claimed, Unserved):
+                    span.set("tether.adopt.outcome", f"unserved {claimed.status}")
+                    return sess if sess is not None else claimed
+                record, previous_owner = claimed
                 span.set("tether.owner.epoch", record.owner_epoch)
                 if sess is not None:
                     if record.owner_epoch == sess.owner_epoch:
@@ -606,7 +615,7 @@ class Continuity:
                     )
                     self._drop_local(sid)
                 span.set("tether.adopt.outcome", "adopted")
-                return self._install(sid, record)
+                return self._install(sid, record, previous_owner=previous_owner)
 
     def _still_ours(self, sess: Session | None, seen_epoch: int) -> bool:
         """A local session to serve as it is: no later epoch seen, and not taken over (a
@@ -618,8 +627,11 @@ class Continuity:
             and sess.session_id not in self.fenced_sessions
         )
 
-    async def _claim(self, sid: SessionId, *, credential: str | None) -> SessionRecord | Unserved:
-        """The stored record, claimed for this sidecar if another owns it; `Unserved` if the
+    async def _claim(
+        self, sid: SessionId, *, credential: str | None
+    ) -> tuple[SessionRecord, str] | Unserved:
+        """The stored record, claimed for this sidecar if another owns it, and its owner before
+        (this sidecar's own name when it owned it already); `Unserved` if the
         session is unknown there (still, after `ADOPT_GRACE`: invariant 11), bound to another
         credential (nothing is claimed: invariant 12) or the control plane cannot say."""
         assert self.reporter is not None
@@ -638,6 +650,7 @@ class Continuity:
             if credential is not None and bound and bound != credential:
                 log.warning("session %s: a request with another credential claims nothing", sid)
                 return UNKNOWN  # the same answer as for no session: nothing to probe
+            previous_owner = record.owner
             if record.owner != self.owner:
                 record = await client.claim_session(
                     sid, owner=self.owner, timeout=CONTROL_PLANE_TIMEOUT
@@ -654,9 +667,9 @@ class Continuity:
             return UNAVAILABLE
         finally:
             self._adopt_waiters -= may_wait
-        return record
+        return record, previous_owner
 
-    def _install(self, sid: SessionId, record: SessionRecord) -> Session:
+    def _install(self, sid: SessionId, record: SessionRecord, *, previous_owner: str) -> Session:
         """Serve the session here from its stored record, at the record's epoch."""
         sess = self.registry.session(sid)
         sess.upstream_session_id = record.upstream_session_id or sid
@@ -671,13 +684,26 @@ class Continuity:
         # and drops what it knew of older epochs (reporter rule 9).
         self.report_session(sess)
         self.adoptions += 1
-        log.info(
-            "session %s adopted from %s at epoch %d (%d streams)",
-            sid,
-            record.owner,
-            record.owner_epoch,
-            len(record.streams),
-        )
+        if previous_owner == self.owner:
+            # Its own session it no longer held in memory (a restart under the same name, or
+            # dropped while idle): nothing moved, so no "adopted from" itself.
+            log.info(
+                "session %s restored from the control plane at epoch %d (%d streams): "
+                "this sidecar already owned it",
+                sid,
+                record.owner_epoch,
+                len(record.streams),
+                extra={SESSION: sid, OWNER: record.owner, "previous_owner": previous_owner},
+            )
+        else:
+            log.info(
+                "session %s adopted from %s at epoch %d (%d streams)",
+                sid,
+                previous_owner,
+                record.owner_epoch,
+                len(record.streams),
+                extra={SESSION: sid, OWNER: record.owner, "previous_owner": previous_owner},
+            )
         return sess
 
     # -- re-initialization -----------------------------------------------------------------

@@ -122,3 +122,11 @@ def error_response(
 
 def is_sse(status: int, content_type: str) -> bool:
     return status == 200 and content_type.startswith(SSE_TYPE)
+
+
+def cut_short(request: web.Request) -> None:
+    """Pass on an upstream body that broke as broken: the client's connection is cut before the
+    response's end, so a truncated answer never reads as a whole one (a cleanly ended chunked
+    body, or a JSON answer missing its tail)."""
+    if request.transport is not None:
+        request.transport.abort()

@@ -26,7 +26,8 @@ Invariants:
 4. The JSON-RPC response to the listen (its id) is the graceful end: it goes to the client and
    the stream is over. A response stream that ends without it is "lost": listen again.
 5. Frames pass through re-encoded from the parsed event (data, event type, id), with LF line
-   endings; comments (the upstream's keep-alives) are not relayed, the sidecar writes its own.
+   endings. A chunk of comments only (the upstream's keep-alives) becomes one comment of the
+   sidecar's, so a quiet stream stays as alive for balancers and clients as it was upstream.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ class ListenKeeper:
 
     def feed(self, chunk: bytes) -> Fed:
         out: list[bytes] = []
-        for item in self._parser.feed(chunk):
+        items = self._parser.feed(chunk)
+        if chunk and not items and not self._parser.mid_event:
+            return Fed(self.keepalive(upstream=True))  # invariant 5
+        for item in items:
             if isinstance(item, SSEError):
                 return Fed(b"".join(out), broken=item.message)
             fed = self._event(item)
@@ -153,7 +157,11 @@ class ListenKeeper:
         return b"".join(frames)
 
     @staticmethod
-    def keepalive() -> bytes:
+    def keepalive(*, upstream: bool = False) -> bytes:
+        """A comment: the upstream's keep-alive passed on, or the sidecar's own while the
+        upstream is quiet or gone."""
+        if upstream:
+            return encode_comment("keep-alive")
         return encode_comment("tether: the upstream listen ended; listening again")
 
     def answer_as_event(self, body: bytes) -> bytes:

@@ -28,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
+from sidecar.accesslog import log_client_closed, notes
 from sidecar.admission import Admission
 from sidecar.config import SidecarConfig
 from sidecar.continuity import UNKNOWN, Continuity, Unserved, default_owner, session_lost
@@ -43,6 +45,7 @@ from sidecar.headers import (
     LAST_EVENT_ID,
     SESSION_HEADER,
     SSE_TYPE,
+    cut_short,
     downstream_headers,
     error_response,
     expects_priming,
@@ -66,8 +69,16 @@ from sidecar.resume import Resume
 from sidecar.streams import Registry, Session
 from sidecar.tracing import NO_SPAN, NO_TRACING, Span, Tracing
 from sidecar.tracker import EventId, StreamKind
-from sidecar.upstream import UPSTREAM_ERRORS, BodyTooLargeError, Upstream, UpstreamTimeoutError
+from sidecar.upstream import (
+    UPSTREAM_ERRORS,
+    BodyTooLargeError,
+    Upstream,
+    UpstreamTimeoutError,
+    describe_upstream_error,
+)
 from sidecar.writer import Writer
+from tether.logsetup import bind_log_fields, log_context
+from tether.logthrottle import ThrottledLog
 from tether.model import OwnerName, parse_owner
 from tether.tasks import cancel_and_wait, spawn
 
@@ -130,6 +141,8 @@ class Proxy:
         )
         self.resilient = Resilient(config, metrics, self.upstream)
         self._rewrite_endpoint = EndpointRewriter(config.upstream_base)
+        self.warnings = ThrottledLog(log)
+        """Per-request warnings, summarised when they flood (`tether.logthrottle`)."""
         self._janitor: asyncio.Task[None] | None = None
         self.draining = DrainState(config.drain_timeout)
         self._holding: set[int] = set()
@@ -162,7 +175,7 @@ class Proxy:
         streams = [*self.registry.streams.values(), *self.registry.finishing]
         for stream in streams:
             stream.end("sidecar shutting down")
-        self.resilient.end_listens()
+        self.resilient.stop()  # kept listens end, waits to re-issue give up
         await cancel_and_wait(*(s.pump for s in streams))
 
     async def drain(self) -> bool:
@@ -226,6 +239,11 @@ class Proxy:
         await self.upstream.close()
         if self.tracing.enabled:
             await asyncio.to_thread(self.tracing.shutdown)  # exports what is buffered
+        for warnings in self._throttled():
+            warnings.flush()
+
+    def _throttled(self) -> tuple[ThrottledLog, ...]:
+        return (self.warnings, self.admission.warnings, self.resilient.warnings)
 
     async def _sweep_forever(self) -> None:
         cfg = self.config
@@ -240,6 +258,8 @@ class Proxy:
             )
             await cancel_and_wait(*(s.pump for s in stale))
             self.metrics.refresh(self.registry)
+            for warnings in self._throttled():
+                warnings.poll()  # a flood that stopped still gets its summary line
 
     # -- one request, top to bottom --------------------------------------------------------
 
@@ -249,11 +269,18 @@ class Proxy:
         holds = holds_drain(request.method, EventId.parse(last_id) if last_id else None)
         connection = request.protocol
         self.busy_connections[connection] = self.busy_connections.get(connection, 0) + 1
+        started = time.monotonic()
         if holds:
             self._holding.add(id(request))
-            self.draining.request_started(time.monotonic())
+            self.draining.request_started(started)
         try:
-            return await self._traced(request)
+            # Every line logged for this request (and by the pumps it starts) names its session.
+            with log_context(session=request.headers.get(SESSION_HEADER)):
+                return await self._traced(request)
+        except asyncio.CancelledError:
+            if self.config.access_log:  # `sidecar.accesslog` rule 1: aiohttp writes nothing
+                log_client_closed(request, time.monotonic() - started)
+            raise
         finally:
             self._release_drain(request)
             left = self.busy_connections.pop(connection) - 1
@@ -300,7 +327,14 @@ class Proxy:
         if last_id:
             if event_id is None:
                 # Rule 5: starting afresh would silently skip what the client missed.
-                log.warning("%s: Last-Event-ID %r is not one of ours", request.path, last_id[:80])
+                self.warnings.log(
+                    ("foreign last-event-id",),
+                    "resumes with a Last-Event-ID that is not Tether's",
+                    logging.WARNING,
+                    "%s: Last-Event-ID %r is not one of ours",
+                    request.path,
+                    last_id[:80],
+                )
                 self.metrics.resume_failures.inc()
                 return error_response(410, "Last-Event-ID is not an event id Tether gave out")
             span.set("tether.resume.last_event_id", last_id)
@@ -320,7 +354,7 @@ class Proxy:
         if sess is not None and sess.upstream_session_id != client_session:
             headers[SESSION_HEADER] = sess.upstream_session_id
         listen = call.method == "subscriptions/listen" and call.is_request and not client_session
-        reissue = listen or may_reissue(call, self.resilient.hints)
+        reissue = listen or may_reissue(call, self.resilient.hints, request.path)
         method = method_label(request.method, call.method)
         started = time.monotonic()
         try:
@@ -334,13 +368,30 @@ class Proxy:
         except UpstreamTimeoutError as exc:
             self.metrics.upstream_errors.inc()
             self.metrics.upstream_request(method, Failure.TIMEOUT, started)
-            log.warning("%s %s: upstream timed out: %s", request.method, request.path, exc)
+            self.warnings.log(
+                ("upstream timed out",),
+                "requests the upstream did not answer in time",
+                logging.WARNING,
+                "%s %s: upstream timed out: %s",
+                request.method,
+                request.path,
+                exc,
+            )
             return error_response(504, f"upstream timed out: {exc}")
         except UPSTREAM_ERRORS as exc:
             self.metrics.upstream_errors.inc()
             self.metrics.upstream_request(method, Failure.UNREACHABLE, started)
-            log.warning("%s %s: upstream unreachable: %s", request.method, request.path, exc)
-            return error_response(502, f"upstream unreachable: {exc or type(exc).__name__}")
+            why = describe_upstream_error(exc)
+            self.warnings.log(
+                ("upstream unreachable",),
+                "requests refused with the upstream unreachable",
+                logging.WARNING,
+                "%s %s: upstream unreachable: %s",
+                request.method,
+                request.path,
+                why,
+            )
+            return error_response(502, f"upstream unreachable: {why}")
         self.metrics.upstream_request(method, resp.status, started)
         # Rule 2: _route owns `resp` from here: it releases it, or hands it to a pump.
         return await self._route(request, resp, headers, body, call=call, reissue=reissue)
@@ -355,14 +406,33 @@ class Proxy:
         except BodyTooLargeError:
             return self._too_large()
         except TimeoutError:
-            log.warning("%s %s: request body not received in time", request.method, request.path)
+            self.warnings.log(
+                ("slow body",),
+                "request bodies not received in time",
+                logging.WARNING,
+                "%s %s: request body not received in time",
+                request.method,
+                request.path,
+            )
             return error_response(408, "request body not received in time")
         call = read_call(body) if request.method == "POST" else NOT_A_CALL
+        if call.method:
+            bind_log_fields(mcp_method=call.method, request_id=call.request_id)
+            noted = notes(request)
+            noted.mcp_method, noted.request_id = call.method, call.request_id
         mismatch = header_mismatch(request.headers, call)
         if mismatch is None:
             return body, call
         self.metrics.refused.labels("header_mismatch").inc()
-        log.warning("%s %s refused: %s", request.method, request.path, mismatch)
+        self.warnings.log(
+            ("header mismatch",),
+            "requests refused for a header mismatch",
+            logging.WARNING,
+            "%s %s refused: %s",
+            request.method,
+            request.path,
+            mismatch,
+        )
         return error_response(
             400, f"header mismatch: {mismatch}", code=HEADER_MISMATCH, request_id=call.request_id
         )
@@ -426,7 +496,13 @@ class Proxy:
 
     def _too_large(self) -> web.Response:
         limit = self.config.max_request_body_bytes
-        log.warning("request body over the %d-byte limit refused", limit)
+        self.warnings.log(
+            ("too large",),
+            "request bodies over the limit",
+            logging.WARNING,
+            "request body over the %d-byte limit refused",
+            limit,
+        )
         return error_response(413, f"request body exceeds {limit} bytes")
 
     def _client_headers(
@@ -596,9 +672,18 @@ class Proxy:
                         kept = None
             await out.write_eof()
             if kept:
-                self.resilient.hints.learn_answer(b"".join(kept))
+                self.resilient.hints.learn_answer(b"".join(kept), request.path)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
+            self.warnings.log(
+                ("upstream body broke",),
+                "responses whose upstream body broke",
+                logging.WARNING,
+                "%s %s: upstream body broke: %s",
+                request.method,
+                request.path,
+                describe_upstream_error(exc),
+            )
+            cut_short(request)
         finally:
             self._listens.discard(resp)
             resp.release()
@@ -633,7 +718,7 @@ class Proxy:
             rewrite=self._rewrite_endpoint if kind is StreamKind.LEGACY else None,
         )
         if learn:  # `sidecar.reissue` rule 2: a tools/list answer names the safe tools
-            stream.core.on_answer = self.resilient.hints.learn_answer
+            stream.core.on_answer = partial(self.resilient.hints.learn_answer, path=request.path)
         if kind is StreamKind.LEGACY:
             stream.credential_fingerprint = fingerprint(
                 request.headers.get("Authorization"), key=self.config.fingerprint_key

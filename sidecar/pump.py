@@ -20,7 +20,8 @@ from sidecar.metrics import Metrics, OutageClock
 from sidecar.reconnect import Outcome
 from sidecar.stream_core import Finished, Next, Reconnect, Relay, StreamState
 from sidecar.streams import LiveStream, Registry
-from sidecar.upstream import UPSTREAM_ERRORS, Upstream
+from sidecar.upstream import UPSTREAM_ERRORS, Upstream, describe_upstream_error
+from tether.logsetup import log_context
 from tether.tasks import spawn
 
 log = logging.getLogger("tether.sidecar.pump")
@@ -53,10 +54,12 @@ class Pump:
         *,
         resume_now: bool = False,
     ) -> None:
-        """Start the stream's pump; it owns `resp` from here on."""
-        stream.pump = spawn(
-            self.run(stream, resp, resume_now=resume_now), name=f"pump-{stream.stream_id}"
-        )
+        """Start the stream's pump; it owns `resp` from here on. Its lines name the stream
+        and its session (the task keeps the context it was started in)."""
+        with log_context(session=stream.session_id, stream=stream.stream_id):
+            stream.pump = spawn(
+                self.run(stream, resp, resume_now=resume_now), name=f"pump-{stream.stream_id}"
+            )
 
     async def run(
         self,
@@ -156,7 +159,9 @@ class Pump:
                 if core.ended:
                     return Outcome.CLOSED
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            log.info("stream %s: upstream broke: %s", stream.stream_id, exc or type(exc).__name__)
+            log.info(
+                "stream %s: upstream broke: %s", stream.stream_id, describe_upstream_error(exc)
+            )
             return Outcome.FAILED
         return Outcome.CLOSED
 
@@ -183,11 +188,13 @@ class Pump:
                 stream.upstream_path, stream.upstream_headers, cursor
             )
         except UPSTREAM_ERRORS as exc:
-            log.info("stream %s: reconnect failed: %s", stream.stream_id, exc)
+            log.info(
+                "stream %s: reconnect failed: %s", stream.stream_id, describe_upstream_error(exc)
+            )
             return None, None
         if is_sse(resp.status, resp.headers.get("Content-Type", "")):
             if cursor:
-                log.info("stream %s: resumed upstream after %r", stream.stream_id, cursor)
+                log.info("stream %s: resumed upstream after event %r", stream.stream_id, cursor)
             else:
                 log.info("stream %s: reopened upstream stream", stream.stream_id)
             return resp, None

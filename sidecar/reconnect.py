@@ -23,6 +23,11 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
+_JITTER = random.Random()
+"""The default source of jitter, one per process: seeding a `random.Random()` from the OS for
+each policy cost 17-27 us, and a policy is made for every request that may be re-issued and
+every stream."""
+
 
 @dataclass(frozen=True, slots=True)
 class ReconnectConfig:
@@ -66,7 +71,7 @@ class ReconnectPolicy:
 
     def __init__(self, config: ReconnectConfig, *, rng: random.Random | None = None) -> None:
         self._config = config
-        self._rng = rng or random.Random()
+        self._rng = rng or _JITTER
         self._failures = 0
         self._outage_started: float | None = None
 

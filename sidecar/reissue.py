@@ -10,16 +10,18 @@ Rules:
 1. A request is re-issued only when running it twice is harmless: one of `SAFE_METHODS`, or a
    `tools/call` of a tool whose annotations, as the upstream last listed them, say
    `readOnlyHint: true` or `idempotentHint: true`. Nothing else is ever sent twice.
-2. Annotations are learned only from `tools/list` results of this sidecar's one upstream, and
-   a later listing replaces what an earlier one said of the same tool. At most `MAX_TOOLS`
-   names are kept, the least recently listed dropped first, so a server that lists millions
-   of tools costs bounded memory (a dropped tool is simply not re-issued).
+2. Annotations are learned only from `tools/list` results of this sidecar's upstream, per
+   path (one upstream may serve several MCP servers on several paths, each with its own
+   tools), and a later listing replaces what an earlier one said of the same tool. At most
+   `MAX_TOOLS` (path, name) pairs are kept, the least recently listed dropped first, so a
+   server that lists millions of tools costs bounded memory (a dropped tool is simply not
+   re-issued).
 3. `Mcp-Method` and `Mcp-Name` headers, when present, must equal the body's method and, for
    `tools/call` and `prompts/get` its `params.name`, for `resources/read` its `params.uri`
-   (after decoding the `=?base64?...?=` form): otherwise the request is refused with 400 and
-   JSON-RPC error -32020 (HeaderMismatch), before anything is forwarded, so a balancer that
-   routed on the header and the server that runs the body cannot disagree. Absent headers
-   are the server's business (it knows which revision requires them).
+   (after decoding the `=?base64?...?=` form), and appear once each: otherwise the request
+   is refused with 400 and JSON-RPC error -32020 (HeaderMismatch), before anything is
+   forwarded, so a balancer that routed on a header and the server that runs the body cannot
+   disagree. Absent headers are the server's business (it knows which revision requires them).
 4. Only a single JSON-RPC request (an object with a method and an id) is ever re-issued or
    checked; batches, notifications and unparseable bodies pass through as they are.
 """
@@ -34,12 +36,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from multidict import MultiMapping
+
 from sidecar.jsonrpc import RequestId
 
 HEADER_MISMATCH: Final = -32020
 """JSON-RPC error code of a request whose `Mcp-*` headers disagree with its body."""
 MCP_METHOD: Final = "Mcp-Method"
 MCP_NAME: Final = "Mcp-Name"
+PROTOCOL_VERSION: Final = "MCP-Protocol-Version"
 
 SAFE_METHODS: Final = frozenset(
     {
@@ -126,11 +131,14 @@ def decode_header_value(value: str) -> str | None:
         return None
 
 
-def header_mismatch(headers: Mapping[str, str], call: Call) -> str | None:
+def header_mismatch(headers: MultiMapping[str], call: Call) -> str | None:
     """Rule 3: why the request's `Mcp-Method`/`Mcp-Name` disagree with its body, or None.
     `headers` must look names up case-insensitively (aiohttp's do)."""
     if call.method is None:
         return None
+    for header in (MCP_METHOD, MCP_NAME, PROTOCOL_VERSION):
+        if len(headers.getall(header, ())) > 1:
+            return f"{header} header appears more than once"
     method = headers.get(MCP_METHOD)
     if method is not None and method != call.method:
         return (
@@ -152,17 +160,18 @@ def header_mismatch(headers: Mapping[str, str], call: Call) -> str | None:
 
 
 class ToolHints:
-    """Rule 2: which tools the upstream says are read-only or idempotent."""
+    """Rule 2: which tools the upstream says are read-only or idempotent, per path."""
 
     def __init__(self, max_tools: int = MAX_TOOLS) -> None:
         self._max = max_tools
-        self._safe: OrderedDict[str, bool] = OrderedDict()
+        self._safe: OrderedDict[tuple[str, str], bool] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._safe)
 
-    def learn(self, result: Mapping[str, Any]) -> int:
-        """Take in one `tools/list` result (a page); returns how many tools it named."""
+    def learn(self, result: Mapping[str, Any], path: str = "") -> int:
+        """Take in one `tools/list` result (a page) listed at `path`; returns how many tools
+        it named."""
         tools = result.get("tools")
         if not isinstance(tools, list):
             return 0
@@ -173,15 +182,15 @@ class ToolHints:
             notes = tool.get("annotations")
             notes = notes if isinstance(notes, dict) else {}
             safe = notes.get("readOnlyHint") is True or notes.get("idempotentHint") is True
-            name: str = tool["name"]
-            self._safe.pop(name, None)
-            self._safe[name] = safe
+            key = (path, tool["name"])
+            self._safe.pop(key, None)
+            self._safe[key] = safe
             seen += 1
         while len(self._safe) > self._max:
             self._safe.popitem(last=False)
         return seen
 
-    def learn_answer(self, data: bytes | str) -> int:
+    def learn_answer(self, data: bytes | str, path: str = "") -> int:
         """Take in a JSON-RPC response to `tools/list` as it came from the upstream (a JSON
         body, or one SSE event's data); anything else teaches nothing."""
         if b'"tools"' not in (data if isinstance(data, bytes) else data.encode()):
@@ -191,19 +200,19 @@ class ToolHints:
         except (ValueError, UnicodeDecodeError):
             return 0
         result = msg.get("result") if isinstance(msg, dict) else None
-        return self.learn(result) if isinstance(result, dict) else 0
+        return self.learn(result, path) if isinstance(result, dict) else 0
 
-    def safe(self, tool: str) -> bool:
-        return self._safe.get(tool, False)
+    def safe(self, tool: str, path: str = "") -> bool:
+        return self._safe.get((path, tool), False)
 
 
-def may_reissue(call: Call, hints: ToolHints) -> bool:
-    """Rule 1."""
+def may_reissue(call: Call, hints: ToolHints, path: str = "") -> bool:
+    """Rule 1 (`path`: where the call goes, whose tools/list taught `hints`)."""
     if not call.is_request:
         return False
     if call.method in SAFE_METHODS:
         return True
-    return call.method == "tools/call" and call.name is not None and hints.safe(call.name)
+    return call.method == "tools/call" and call.name is not None and hints.safe(call.name, path)
 
 
 RETRY_STATUSES: Final = frozenset({502, 503, 504})

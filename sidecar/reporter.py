@@ -67,6 +67,7 @@ from sidecar.tracing import NO_TRACING, Span, Tracing
 from tether import tasks
 from tether.api.client import ReportStream, SessionClient
 from tether.grpc_security import ClientSecurity, open_channel
+from tether.logthrottle import ThrottledLog
 from tether.model import (
     BatchAck,
     OwnerName,
@@ -175,29 +176,6 @@ class _StreamEndedError(RuntimeError):
     """The report stream ended while the reporter still had something to say."""
 
 
-class _LogLimiter:
-    """One log line per key per period; counts what it held back."""
-
-    def __init__(self, period: float) -> None:
-        self._period = period
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def allow(self, key: str) -> int | None:
-        """None to stay quiet, else how many lines of `key` were held back since the last."""
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._period:
-            self._held[key] = self._held.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        return self._held.pop(key, 0)
-
-
-def _held_note(held: int) -> str:
-    return f" ({held} similar lines suppressed)" if held else ""
-
-
 def _position_size(p: StreamPosition) -> int:
     return 24 + len(p.stream_id) + len(p.last_event_id) + len(p.upstream_event_id)
 
@@ -286,7 +264,7 @@ class ReportQueue:
         self._waiting_count = 0
         self._in_flight: deque[_InFlight] = deque()
         self._in_flight_count = 0
-        self._limiter = _LogLimiter(LOG_PERIOD)
+        self._limiter = ThrottledLog(log, burst=1, interval=LOG_PERIOD)
         self.mark = 0
 
     # -- the event path: O(1) -------------------------------------------------------------
@@ -416,15 +394,15 @@ class ReportQueue:
             dropped += self._clear_waiting(s)
             self._free_if_done(s)
         self.stats.dropped += dropped
-        held = self._limiter.allow("dropped")
-        if held is not None:
-            log.warning(
-                "more than %d report items pending (control plane slow or unreachable): "
-                "dropped %d items of the longest-waiting sessions%s",
-                self._max_pending,
-                dropped,
-                _held_note(held),
-            )
+        self._limiter.log(
+            "dropped",
+            "report-queue overflows",
+            logging.WARNING,
+            "more than %d report items pending (control plane slow or unreachable): "
+            "dropped %d items of the longest-waiting sessions",
+            self._max_pending,
+            dropped,
+        )
 
     # -- the background task --------------------------------------------------------------
 
@@ -520,14 +498,14 @@ class ReportQueue:
 
     def _drop_too_large(self, session_id: SessionId, size: int) -> None:
         self.stats.dropped += 1
-        held = self._limiter.allow("too-large")
-        if held is not None:
-            log.error(
-                "session %s: report item of about %d bytes is too large to send: dropped%s",
-                session_id,
-                size,
-                _held_note(held),
-            )
+        self._limiter.log(
+            "too-large",
+            "report items too large to send",
+            logging.ERROR,
+            "session %s: report item of about %d bytes is too large to send: dropped",
+            session_id,
+            size,
+        )
 
     def acknowledge(self, ack: BatchAck) -> list[tuple[SessionId, Rejection]]:
         """Settle the oldest in-flight batch; return the sessions newly fenced (for the
@@ -585,15 +563,15 @@ class ReportQueue:
         # record again with the update, once: if the batch already carried the upsert, a
         # second try would fail the same way.
         if update is None or s.record is None or upsert is not None:
-            held = self._limiter.allow("unknown")
-            if held is not None:
-                log.warning(
-                    "session %s is unknown to the control plane and cannot be re-created "
-                    "(%s): report dropped%s",
-                    sid,
-                    "no record known" if s.record is None else "its upsert failed",
-                    _held_note(held),
-                )
+            self._limiter.log(
+                "unknown",
+                "reports of sessions unknown to the control plane",
+                logging.WARNING,
+                "session %s is unknown to the control plane and cannot be re-created "
+                "(%s): report dropped",
+                sid,
+                "no record known" if s.record is None else "its upsert failed",
+            )
             return False
         if s.upsert is None:
             s.upsert = self._recreated(s)
@@ -607,25 +585,25 @@ class ReportQueue:
         if r.reason is RejectionReason.OWNER_LIMIT:
             # Not stored: the session keeps working here, and a later renewal stores it
             # once this owner holds fewer sessions. Other sidecars cannot adopt it meanwhile.
-            held = self._limiter.allow("owner_limit")
-            if held is not None:
-                log.error(
-                    "control plane refused to store session %s: %s; it cannot move to "
-                    "another sidecar until it is stored%s",
-                    r.session_id,
-                    r.detail,
-                    _held_note(held),
-                )
-            return
-        held = self._limiter.allow("invalid")
-        if held is not None:
-            log.error(
-                "control plane refused a report of session %r stream %r as invalid: %s%s",
+            self._limiter.log(
+                "owner_limit",
+                "sessions refused over the owner limit",
+                logging.ERROR,
+                "control plane refused to store session %s: %s; it cannot move to "
+                "another sidecar until it is stored",
                 r.session_id,
-                r.stream_id,
                 r.detail,
-                _held_note(held),
             )
+            return
+        self._limiter.log(
+            "invalid",
+            "reports refused as invalid",
+            logging.ERROR,
+            "control plane refused a report of session %r stream %r as invalid: %s",
+            r.session_id,
+            r.stream_id,
+            r.detail,
+        )
 
     def _recreated(self, s: _Session) -> SessionRecord:
         """The last record given to `session()`, whole, with every position given so far.
@@ -650,17 +628,17 @@ class ReportQueue:
             self.stats.dropped += self._clear_waiting(s)
         del self._sessions[s.session_id]
         self.stats.fenced += 1
-        held = self._limiter.allow("fenced")
-        if held is not None:
-            log.warning(
-                "session %s now belongs to %r (owner epoch %d; ours %d): this sidecar is "
-                "fenced off and stops reporting it%s",
-                s.session_id,
-                r.current_owner,
-                r.current_owner_epoch,
-                fenced_epoch,
-                _held_note(held),
-            )
+        self._limiter.log(
+            "fenced",
+            "sessions fenced off",
+            logging.WARNING,
+            "session %s now belongs to %r (owner epoch %d; ours %d): this sidecar is "
+            "fenced off and stops reporting it",
+            s.session_id,
+            r.current_owner,
+            r.current_owner_epoch,
+            fenced_epoch,
+        )
 
     def _merge_update(self, s: _Session, p: StreamPosition) -> None:
         old = s.updates.get(p.stream_id)
@@ -800,7 +778,7 @@ class Reporter:
         """Renewal upserts queued (invariant 10)."""
         self._ttl_changed = asyncio.Event()
         self._renewer: asyncio.Task[None] | None = None
-        self._limiter = _LogLimiter(LOG_PERIOD)
+        self._limiter = ThrottledLog(log, burst=1, interval=LOG_PERIOD)
         self._channel: grpc.aio.Channel | None = None
         self._client: SessionClient | None = None
         self._task: asyncio.Task[None] | None = None
@@ -1006,17 +984,17 @@ class Reporter:
                 backoff.reset()
             delay = backoff.next_delay()
             self._failing = True
-            held = self._limiter.allow("stream")
-            if held is not None:
-                log.warning(
-                    "control plane %s: report stream failed (%s); retrying in %.2fs with %d "
-                    "items pending%s",
-                    self.config.target,
-                    _describe(error),
-                    delay,
-                    self._queue.pending,
-                    _held_note(held),
-                )
+            self._limiter.log(
+                "stream",
+                "report stream failures",
+                logging.WARNING,
+                "control plane %s: report stream failed (%s); retrying in %.2fs with %d "
+                "items pending",
+                self.config.target,
+                _describe(error),
+                delay,
+                self._queue.pending,
+            )
             await self._backoff(delay)
 
     async def _backoff(self, delay: float) -> None:

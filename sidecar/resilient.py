@@ -17,16 +17,22 @@ Rules:
 4. An answer to a re-issuable request is held until its first event (or, not a stream, until
    it is whole), for at most `COMMIT_HOLD` seconds and `HOLD_BYTES` bytes; then it goes out
    exactly as the upstream sent it. Past either bound it goes out as it is, and is no longer
-   re-issued (rule 1).
+   re-issued (rule 1). An answer that breaks after that cuts the client's connection short.
 5. A listen stream (`sidecar.listen`) is listened again while the drain has not begun and the
-   client is there, within the reconnect policy; every `KEEPALIVE_S` without an upstream, the
-   client gets a comment. Giving up ends the client's stream without a response, which the
-   revision defines as an unexpected disconnect: the client listens again.
+   client is there, within the reconnect policy; after `KEEPALIVE_S` of silence, the upstream
+   quiet or gone, the client gets a comment. Giving up ends the client's stream without a
+   response, which the revision defines as an unexpected disconnect: the client listens again.
+6. An upstream listen counts as progress (the reconnect policy starts afresh) only when it
+   lasted `LISTEN_STABLE_S` after being acknowledged: a server that acknowledges and dies over
+   and over is a failing server, given up on within the policy, not listened to forever.
+7. A stop gives up every wait to re-issue at once: the waiting requests get their answer (the
+   last attempt's, or the sidecar's 502) instead of holding the stop up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,13 +42,19 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.config import SidecarConfig
-from sidecar.headers import error_response, is_sse
+from sidecar.headers import cut_short, error_response, is_sse
 from sidecar.listen import ListenKeeper
 from sidecar.metrics import Metrics
 from sidecar.reconnect import GiveUp, Outcome, ReconnectPolicy
 from sidecar.reissue import RETRY_STATUSES, Call, ToolHints
 from sidecar.sse import SSEEvent, SSEParser
-from sidecar.upstream import UPSTREAM_ERRORS, Upstream, UpstreamTimeoutError
+from sidecar.upstream import (
+    UPSTREAM_ERRORS,
+    Upstream,
+    UpstreamTimeoutError,
+    describe_upstream_error,
+)
+from tether.logthrottle import ThrottledLog
 
 log = logging.getLogger("tether.sidecar.resilient")
 
@@ -52,12 +64,21 @@ common idle timeouts of balancers in front (60 s), and the SDK servers' first ke
 HOLD_BYTES = 64 * 1024
 """Rule 4: most bytes held before an answer's first event."""
 KEEPALIVE_S = 15.0
-"""Rule 5: comment interval on a listen stream whose upstream is gone."""
-MAX_HELD_ANSWER = 16 << 20
-"""Rule 4: a whole non-stream answer is held up to this size; past it, it goes out as is."""
+"""Rule 5: longest silence on a listen stream, upstream quiet or gone, before a comment."""
+LISTEN_STABLE_S = 10.0
+"""Rule 6: an upstream listen that lasted this long after its acknowledgement was progress."""
+MAX_REFUSAL = 1 << 20
+"""Most bytes of a non-stream answer to a re-issued listen (a refusal) read."""
 
 HeadersFor = Callable[[aiohttp.ClientResponse], CIMultiDict[str]]
 """The client's response headers for an upstream answer (hop-by-hop dropped)."""
+
+
+class SidecarStoppingError(aiohttp.ClientConnectionError):
+    """Rule 7: a request was to be sent again, but the sidecar is stopping."""
+
+    def __str__(self) -> str:
+        return "the sidecar is stopping"
 
 
 class _Broken(Exception):
@@ -72,6 +93,34 @@ class _ListenLink:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _Lesson:
+    """What a `tools/list` answer teaches (`sidecar.reissue` rule 2), read as it passes: each
+    event of a stream, or a JSON answer once whole (kept up to `--max-event-bytes`)."""
+
+    def __init__(self, owner: Resilient, path: str, *, sse: bool) -> None:
+        self._hints = owner.hints
+        self._path = path
+        self._max = owner.config.max_event_bytes
+        self._parser = SSEParser(max_event_bytes=self._max) if sse else None
+        self._kept: list[bytes] | None = [] if not sse else None
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self._parser is not None:
+            for item in self._parser.feed(chunk):
+                if isinstance(item, SSEEvent) and item.data:
+                    self._hints.learn_answer(item.data, self._path)
+        elif self._kept is not None:
+            self._kept.append(chunk)
+            self._size += len(chunk)
+            if self._size > self._max:
+                self._kept = None  # too large to learn from: nothing kept
+
+    def end(self) -> None:
+        if self._kept:
+            self._hints.learn_answer(b"".join(self._kept), self._path)
+
+
 class Resilient:
     """Re-issues and kept listens for one sidecar's upstream."""
 
@@ -80,8 +129,12 @@ class Resilient:
         self.metrics = metrics
         self.upstream = upstream
         self.hints = ToolHints()
+        self.warnings = ThrottledLog(log)
+        """Per-request warnings, summarised when they flood (`tether.logthrottle`)."""
         """What this upstream's `tools/list` results said (`sidecar.reissue` rule 2)."""
         self._listens: set[_ListenLink] = set()
+        self._stopping = asyncio.Event()
+        """Rule 7."""
 
     # -- sending -------------------------------------------------------------------------
 
@@ -112,9 +165,11 @@ class Resilient:
                 return resp
             retry_after = _retry_after_ms(resp.headers.get("Retry-After"))
             why = f"upstream answered {resp.status}"
-            if not await self._wait(policy, request, why, retry_after, holding=resp):
-                return resp
-            resp.release()
+            waited = await self._wait(policy, request, why, retry_after, holding=resp)
+            if waited is None:
+                return resp  # rule 2: the last attempt's answer
+            if not waited:
+                raise SidecarStoppingError  # rule 7, with that answer already let go
 
     async def _wait(
         self,
@@ -124,16 +179,20 @@ class Resilient:
         retry_ms: int | None,
         *,
         holding: aiohttp.ClientResponse | None = None,
-    ) -> bool:
-        """Rule 2: wait before the next attempt; False to give up."""
+    ) -> bool | None:
+        """Rule 2: wait before the next attempt (letting go of `holding`, the failed answer,
+        first): True to go on; None when given up before the wait (`holding` still usable);
+        False when the sidecar began to stop during it (rule 7)."""
         decision = policy.next(
             Outcome.FAILED, now=asyncio.get_running_loop().time(), retry_ms=retry_ms
         )
+        if self._stopping.is_set():
+            decision = GiveUp("the sidecar is stopping")
         if isinstance(decision, GiveUp):
             log.warning(
                 "%s %s: not sent again: %s (%s)", request.method, request.path, why, decision.reason
             )
-            return False
+            return None
         if holding is not None:
             holding.release()
         log.info(
@@ -148,18 +207,22 @@ class Resilient:
         self.upstream.waiting += 1  # rule 3
         try:
             # The wait is the span; the attempt after it is the next upstream client span.
-            with self.upstream.tracing.span(
-                "tether.reissue",
-                {
-                    "tether.reissue.attempt": decision.attempt,
-                    "tether.reissue.reason": why,
-                    "tether.reissue.delay_s": decision.delay,
-                },
+            with (
+                self.upstream.tracing.span(
+                    "tether.reissue",
+                    {
+                        "tether.reissue.attempt": decision.attempt,
+                        "tether.reissue.reason": why,
+                        "tether.reissue.delay_s": decision.delay,
+                    },
+                ),
+                contextlib.suppress(TimeoutError),
             ):
-                await asyncio.sleep(decision.delay)
+                async with asyncio.timeout(decision.delay):
+                    await self._stopping.wait()
         finally:
             self.upstream.waiting -= 1
-        return True
+        return not self._stopping.is_set()
 
     # -- an answer held until its first event ----------------------------------------------
 
@@ -189,7 +252,7 @@ class Resilient:
             except UpstreamTimeoutError as exc:
                 return _unanswered(f"upstream timed out: {exc}", status=504)
             except UPSTREAM_ERRORS as exc:
-                return _unanswered(f"upstream unreachable: {exc or type(exc).__name__}")
+                return _unanswered(f"upstream unreachable: {describe_upstream_error(exc)}")
 
     async def _relay_once(
         self,
@@ -199,104 +262,83 @@ class Resilient:
         *,
         learn: bool,
     ) -> web.StreamResponse:
+        """Rule 4: hold the answer until it is whole (not a stream) or has its first event (a
+        stream), within `COMMIT_HOLD` and `HOLD_BYTES`; `_Broken` if it broke before."""
         try:
-            if not is_sse(resp.status, resp.headers.get("Content-Type", "")):
-                return await self._whole(request, resp, headers_for, learn=learn)
-            return await self._stream(request, resp, headers_for, learn=learn)
+            sse = is_sse(resp.status, resp.headers.get("Content-Type", ""))
+            lesson = _Lesson(self, request.path, sse=sse) if learn and resp.status == 200 else None
+            parser = SSEParser(max_event_bytes=self.config.max_event_bytes) if sse else None
+            held: list[bytes] = []
+            size = 0
+            deadline = asyncio.get_running_loop().time() + COMMIT_HOLD
+            whole = ready = False
+            try:
+                while not ready and size < HOLD_BYTES:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            chunk = await resp.content.readany()
+                    except TimeoutError:
+                        break  # out it goes as it is, no longer re-issued
+                    if not chunk:
+                        if sse:
+                            raise _Broken("upstream answer stream ended before its first event")
+                        whole = ready = True
+                        break
+                    held.append(chunk)
+                    size += len(chunk)
+                    if lesson is not None:
+                        lesson.feed(chunk)
+                    if parser is not None:
+                        ready = any(isinstance(e, SSEEvent) and e.data for e in parser.feed(chunk))
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                raise _Broken(f"upstream answer broke before any of it was sent: {exc}") from exc
+            out = web.StreamResponse(
+                status=resp.status, reason=resp.reason, headers=headers_for(resp)
+            )
+            await out.prepare(request)
+            await out.write(b"".join(held))
+            if whole or await self._pipe_rest(request, resp, out, lesson):
+                if lesson is not None:
+                    lesson.end()
+                await out.write_eof()
+            return out
         finally:
             resp.release()
-
-    async def _whole(
-        self,
-        request: web.Request,
-        resp: aiohttp.ClientResponse,
-        headers_for: HeadersFor,
-        *,
-        learn: bool,
-    ) -> web.StreamResponse:
-        """A non-stream answer, read whole before anything goes out (rule 4)."""
-        parts: list[bytes] = []
-        size = 0
-        try:
-            while size <= MAX_HELD_ANSWER:
-                chunk = await resp.content.readany()
-                if not chunk:
-                    break
-                parts.append(chunk)
-                size += len(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise _Broken(f"upstream answer broke: {exc}") from exc
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers_for(resp))
-        held = b"".join(parts)
-        if learn and resp.status == 200 and size <= MAX_HELD_ANSWER:
-            self.hints.learn_answer(held)
-        await out.prepare(request)
-        await out.write(held)
-        if size > MAX_HELD_ANSWER:
-            await self._pipe_rest(request, resp, out, None)
-        await out.write_eof()
-        return out
-
-    async def _stream(
-        self,
-        request: web.Request,
-        resp: aiohttp.ClientResponse,
-        headers_for: HeadersFor,
-        *,
-        learn: bool,
-    ) -> web.StreamResponse:
-        """An SSE answer, held until its first event (rule 4)."""
-        parser = SSEParser(max_event_bytes=self.config.max_event_bytes)
-        held: list[bytes] = []
-        size = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + COMMIT_HOLD
-        first = False
-        try:
-            while not first and size < HOLD_BYTES:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await resp.content.readany()
-                except TimeoutError:
-                    break  # rule 4: out it goes as it is
-                if not chunk:
-                    raise _Broken("upstream answer stream ended before its first event")
-                held.append(chunk)
-                size += len(chunk)
-                for item in parser.feed(chunk):
-                    if isinstance(item, SSEEvent) and item.data:
-                        first = True
-                        if learn:
-                            self.hints.learn_answer(item.data)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise _Broken(f"upstream answer stream broke before its first event: {exc}") from exc
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers_for(resp))
-        await out.prepare(request)
-        await out.write(b"".join(held))
-        await self._pipe_rest(request, resp, out, parser if learn else None)
-        await out.write_eof()
-        return out
 
     async def _pipe_rest(
         self,
         request: web.Request,
         resp: aiohttp.ClientResponse,
         out: web.StreamResponse,
-        parser: SSEParser | None,
-    ) -> None:
-        """The rest of an answer, chunk by chunk as it arrives (learning from a `tools/list`
-        answer's events when `parser` is given)."""
+        lesson: _Lesson | None,
+    ) -> bool:
+        """The rest of an answer, chunk by chunk as it arrives; False (the client's
+        connection cut short) when the upstream's broke."""
         try:
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)
-                if parser is not None:
-                    for item in parser.feed(chunk):
-                        if isinstance(item, SSEEvent) and item.data:
-                            self.hints.learn_answer(item.data)
+                if lesson is not None:
+                    lesson.feed(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning("%s %s: upstream body broke: %s", request.method, request.path, exc)
+            self.warnings.log(
+                ("upstream body broke",),
+                "re-issuable answers whose upstream body broke",
+                logging.WARNING,
+                "%s %s: upstream body broke: %s",
+                request.method,
+                request.path,
+                describe_upstream_error(exc),
+            )
+            cut_short(request)
+            return False
+        return True
 
     # -- listen streams --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Rule 7, and every listen ended."""
+        self._stopping.set()
+        self.end_listens()
 
     def end_listens(self) -> None:
         """End every listen stream for its client (a drain, a stop): no listening again."""
@@ -373,14 +415,23 @@ class _Listening:
         path = self.request.path
         self.link.upstream = resp
         self.keeper.opened()
+        opened = asyncio.get_running_loop().time()
         if self.stopped():
             end_upstream(resp)
         try:
             if not is_sse(resp.status, resp.headers.get("Content-Type", "")):
-                answer = await resp.content.read(MAX_HELD_ANSWER)
+                answer = await resp.content.read(MAX_REFUSAL)
                 await self.out.write(self.keeper.answer_as_event(answer))
                 return True
-            async for chunk in resp.content.iter_any():
+            while True:
+                try:  # a keep-alive of the sidecar's own on a quiet upstream (rule 5)
+                    async with asyncio.timeout(KEEPALIVE_S):
+                        chunk = await resp.content.readany()
+                except TimeoutError:
+                    await self.out.write(self.keeper.keepalive(upstream=True))
+                    continue
+                if not chunk:
+                    break
                 fed = self.keeper.feed(chunk)
                 if fed.out:
                     await self.out.write(fed.out)
@@ -393,12 +444,13 @@ class _Listening:
                     log.warning("%s: upstream listen stream unreadable: %s", path, fed.broken)
                     break
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.info("%s: upstream listen stream broke: %s", path, exc)
+            log.info("%s: upstream listen stream broke: %s", path, describe_upstream_error(exc))
         finally:
             self.link.upstream = None
             resp.release()
-        if self.keeper.acked_this_listen:
-            self.policy.progress()
+        lasted = asyncio.get_running_loop().time() - opened
+        if self.keeper.acked_this_listen and lasted >= LISTEN_STABLE_S:
+            self.policy.progress()  # rule 6
         return self.stopped()
 
     async def listen_again(self) -> aiohttp.ClientResponse | None:
@@ -427,7 +479,7 @@ class _Listening:
                     self.request.method, self.request.path_qs, headers=self.headers, data=self.body
                 )
             except UPSTREAM_ERRORS as exc:
-                why = f"upstream unreachable: {exc or type(exc).__name__}"
+                why = f"upstream unreachable: {describe_upstream_error(exc)}"
                 continue
             if resp.status in RETRY_STATUSES:
                 why = f"upstream answered {resp.status}"

@@ -191,9 +191,10 @@ class Resume:
             sess.standalone = stream.stream_id
         self.pump.start(stream, None, resume_now=True)
         log.info(
-            "stream %s adopted at %s; %s",
-            kind.name,
+            "%s stream %s adopted at %s; %s",
+            "GET" if kind is StreamKind.STANDALONE else kind.name,
+            stream.stream_id,
             event_id,
-            f"resuming the upstream after {cursor!r}" if cursor else "reopening the upstream",
+            f"resuming the upstream after event {cursor!r}" if cursor else "reopening the upstream",
         )
         return stream

@@ -188,6 +188,12 @@ class SSEParser:
         return self._retry
 
     @property
+    def mid_event(self) -> bool:
+        """Bytes of a block not ended yet are held (so a chunk that dispatched nothing while
+        this is False was comments or blank lines only)."""
+        return bool(self._parts) or bool(self._head)
+
+    @property
     def failed(self) -> SSEError | None:
         """The error that ended parsing, if any."""
         return self._failed

@@ -14,11 +14,13 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -28,6 +30,41 @@ from sidecar.tracing import NO_TRACING, Tracing
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 """What a failed upstream exchange raises (UpstreamTimeoutError is a TimeoutError)."""
+
+MID_BODY = "the upstream closed the response mid-body"
+
+
+def describe_upstream_error(exc: BaseException) -> str:
+    """What went wrong with the upstream, in words, for a log line or a 502 body.
+
+    aiohttp's own texts mislead here: a refused connection reads "Cannot connect to host
+    127.0.0.1:8931 ssl:default [Connect call failed ...]" on plain HTTP, and a server that
+    closes mid-body reads "TransferEncodingError: 400" (a status nobody sent).
+    """
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        cause = exc.__cause__
+        if isinstance(cause, aiohttp.http_exceptions.HttpProcessingError) and (
+            "Not enough data" in (cause.message or "")
+        ):
+            return MID_BODY
+        return f"the upstream's response body is malformed: {cause or exc}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the upstream closed the connection"
+    if isinstance(exc, aiohttp.ClientOSError | ConnectionError):
+        return f"the connection to the upstream failed: {_os_reason(exc)}"
+    if isinstance(exc, TimeoutError):
+        return str(exc) or "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def _os_reason(error: OSError) -> str:
+    """`connection refused`, not `[Errno 111] Connect call failed ('127.0.0.1', 8931)`."""
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno).lower()
+    text = error.strerror or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]
 
 
 class BodyTooLargeError(Exception):

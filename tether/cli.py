@@ -7,12 +7,12 @@ that `tether --help` lists everything in one place.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from tether import __version__
 from tether.envflags import apply_env_defaults
+from tether.logsetup import LOG_FORMATS, configure_logging
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -65,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     _add_log_level(parser, top=True)
-    apply_env_defaults(parser)  # TETHER_LOG_LEVEL
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line (default: text)",
+    )
+    apply_env_defaults(parser)  # TETHER_LOG_LEVEL, TETHER_LOG_FORMAT
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from sidecar.cli import add_sidecar_parser
@@ -87,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format, sys.stderr)
     try:
         code: int = args.run(args)
     except KeyboardInterrupt:

@@ -7,6 +7,10 @@ summaries of what it held back. `ThrottledLog` is the thin wrapper that writes t
 `logging.Logger` with a clock. Keys are whatever names a kind of line, e.g.
 `("unknown session", peer)` or `("permission denied", principal, method)`.
 
+It is the one rate limiter of the project: the control plane's refusal, denial and rejection
+lines, the sidecar's reporter and the proxied port's per-request warnings all go through it, so
+every flood is summarised the same way ("N more ... in the last S s, e.g. ...").
+
 Rules:
   1. Per key, a window opens at the key's first occurrence and lasts `interval` seconds. The
      first `burst` occurrences in a window are logged in full; later ones are counted, and the
@@ -29,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 DEFAULT_BURST = 5
@@ -166,13 +170,26 @@ class ThrottledLog:
         self.core = LogThrottle(burst=burst, interval=interval, max_keys=max_keys)
         self._clock = clock
 
-    def log(self, key: Hashable, what: str, level: int, msg: str, *args: object) -> None:
+    def log(
+        self,
+        key: Hashable,
+        what: str,
+        level: int,
+        msg: str,
+        *args: object,
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
+        """`extra`: structured fields of the line (`tether.logsetup`), as for `Logger.log`.
+        Nothing is formatted when the logger would drop the line anyway."""
+        if not self.logger.isEnabledFor(level):
+            return
         full, summaries = self.core.occurrence(
             key, self._clock(), what=what, level=level, example=lambda: msg % args
         )
         self._write(summaries)
         if full:
-            self.logger.log(level, msg, *args, stacklevel=2)  # the caller's line, not ours
+            # The caller's line, not ours.
+            self.logger.log(level, msg, *args, extra=extra, stacklevel=2)
 
     def poll(self) -> None:
         """Write the summaries that are due now (a caller with its own timer may call it)."""

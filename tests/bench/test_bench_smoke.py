@@ -1,9 +1,10 @@
 """The benchmark harness at tiny sizes, so that it cannot rot. No timing is asserted.
 
 One `python -m bench --smoke` run covers every figure group (200 events per stream, 20 idle
-streams, 100 control-plane updates, 3 resumes). The harness fails loudly (non-zero exit)
-when a stream does not deliver all its events, so its exit status and the printed tables are
-what is checked. The nginx path needs Debian's `nginx-light` (or `nginx`): without it, that
+streams, 100 control-plane updates, 3 resumes, 26 stateless requests of each kind per path).
+The harness fails loudly (non-zero exit) when a stream does not deliver all its events, or a
+stateless answer is not the result of its request, so its exit status and the printed tables
+are what is checked. The nginx path needs Debian's `nginx-light` (or `nginx`): without it, that
 part alone is left out of the run and its test is skipped.
 """
 
@@ -48,6 +49,11 @@ def test_every_figure_group_prints_its_table(report: str) -> None:
     assert "| sqlite | 100 |" in section(report, "Control plane: 100 streams")
     assert "| 3 |" in section(report, "Resume through a new sidecar")
     assert "| resume p99 ≤ 50 ms |" in section(report, "Targets")
+    stateless = section(report, "Stateless requests (MCP 2026-07-28")
+    for request in ("tools/list", "tools/call noop"):
+        for answer in ("JSON", "SSE (10 progress + result)"):
+            for path in ("direct", "sidecar"):
+                assert f"| {request} | {answer} | {path} |" in stateless, stateless
     assert "Command: `python -m bench --smoke" in report
 
 
@@ -62,6 +68,9 @@ def test_nginx_path(report: str) -> None:
     assert "| 4096 B | nginx (proxy_buffer_size 64k) |" in section(report, "Throughput, one stream")
     assert "| nginx |" in section(report, "Latency at 1,000 events/s")
     assert "| 20 (20) | nginx |" in section(report, "Concurrent idle SSE streams")
+    stateless = section(report, "Stateless requests (MCP 2026-07-28")
+    assert "| tools/list | JSON | nginx |" in stateless
+    assert "| tools/call noop | SSE (10 progress + result) | nginx |" in stateless
 
 
 def test_flood_group_prints_its_table() -> None:

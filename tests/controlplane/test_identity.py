@@ -20,7 +20,6 @@ from controlplane.identity import (
     SHARED_TOKEN,
     AuthenticationError,
     Authenticator,
-    LogLimiter,
     PrincipalKind,
     TokenSettings,
     TokenVerifier,
@@ -217,13 +216,3 @@ def test_authenticator_rules(issuer: TokenIssuer, verifier: TokenVerifier, tmp_p
     assert mtls.authenticate(authorization=None, peer_certificate=cert).name == "sidecar-b"
     with pytest.raises(AuthenticationError, match="no credentials"):
         mtls.authenticate(authorization=None, peer_certificate=None)
-
-
-def test_log_limiter_holds_back_repeats_and_stays_bounded() -> None:
-    limiter = LogLimiter(60.0, max_keys=3)
-    assert limiter.allow(("a",), 0.0) == 0
-    assert [limiter.allow(("a",), t) for t in (1.0, 2.0, 3.0)] == [None, None, None]
-    assert limiter.allow(("a",), 61.0) == 3  # the next line says how many were held back
-    for i in range(100):
-        limiter.allow((str(i),), 62.0)
-    assert len(limiter) == 3

@@ -128,6 +128,30 @@ async def test_report_creates_and_moves_a_session(stub: Stub) -> None:
     await reporter.close()
 
 
+async def test_a_late_report_for_a_session_just_deleted_is_no_warning(
+    stub: Stub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Service rule 4: a client ends its session (its sidecar deletes it) while the sidecar's
+    last positions are on the way; they are skipped as for any unknown session, but that is
+    an ordinary exit, not a warning. A session never known still is one."""
+    reporter = Reporter(stub)
+    ack = await reporter.send(upserts=[session("bye")], updates=[upd("bye", "a", 1)])
+    assert list(ack.rejections) == []
+    await stub.DeleteSession(pb.DeleteSessionRequest(session_id="bye"))
+    with caplog.at_level(logging.DEBUG, logger="controlplane.service"):
+        ack = await reporter.send(updates=[upd("bye", "a", 2), upd("never", "a", 1)])
+    assert [(r.session_id, r.reason) for r in ack.rejections] == [
+        ("bye", pb.REJECTION_REASON_UNKNOWN_SESSION),
+        ("never", pb.REJECTION_REASON_UNKNOWN_SESSION),
+    ]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "skipped" in r.getMessage()]
+    assert [level for level, _ in lines] == [logging.DEBUG, logging.WARNING]
+    assert lines[0][1].startswith("late report from ")
+    assert "for session bye deleted " in lines[0][1]
+    assert "for unknown session never" in lines[1][1]
+    await reporter.close()
+
+
 async def test_unknown_session_is_logged_and_survived(
     stub: Stub, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -121,3 +121,27 @@ def test_throttled_log_writes_lines_and_summaries(caplog: pytest.LogCaptureFixtu
             f"1 more {WHAT} in the last 1 s, e.g. fenced s10"
         )
         assert len(caplog.records) == 6
+
+
+def test_fields_go_with_the_line_and_a_disabled_level_costs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    logger = logging.getLogger("tests.logthrottle.fields")
+    tlog = ThrottledLog(logger, burst=1, interval=10.0, clock=lambda: now[0])
+    formatted: list[int] = []
+
+    class Loud:
+        def __str__(self) -> str:
+            formatted.append(1)
+            return "loud"
+
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        tlog.log("k", WHAT, logging.DEBUG, "quiet %s", Loud())  # below the level
+        assert len(tlog.core) == 0  # not even counted
+        tlog.log("k", WHAT, logging.WARNING, "refused %s", "s1", extra={"session": "s1"})
+    assert formatted == []
+    [record] = caplog.records
+    assert record.getMessage() == "refused s1"
+    assert record.__dict__["session"] == "s1"
+    assert record.funcName == "test_fields_go_with_the_line_and_a_disabled_level_costs_nothing"

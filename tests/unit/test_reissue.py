@@ -164,3 +164,22 @@ def test_hints_stay_bounded_and_keep_the_latest(pages: list[int]) -> None:
         hints.learn({"tools": [tool(f"t{start + i}", readOnlyHint=True) for i in range(20)]})
         assert len(hints) <= 50
         assert all(hints.safe(f"t{start + i}") for i in range(20))  # the latest page is kept
+
+
+def test_hints_are_per_path() -> None:
+    """Rule 2: one upstream may serve several MCP servers, one per path."""
+    hints = ToolHints()
+    hints.learn({"tools": [tool("delete", readOnlyHint=True)]}, "/a/mcp")
+    hints.learn({"tools": [tool("delete", readOnlyHint=False)]}, "/b/mcp")
+    call = read_call(body("tools/call", 1, name="delete"))
+    assert may_reissue(call, hints, "/a/mcp")
+    assert not may_reissue(call, hints, "/b/mcp")
+    assert not may_reissue(call, hints, "/c/mcp")
+
+
+def test_a_routing_header_given_twice_is_refused() -> None:
+    call = read_call(body("tools/list"))
+    twice = CIMultiDict([("Mcp-Method", "tools/list"), ("mcp-method", "tools/list")])
+    reason = header_mismatch(twice, call)
+    assert reason is not None
+    assert "more than once" in reason
