@@ -47,6 +47,16 @@ def _add_log_level(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _add_log_format(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    parser.add_argument(
+        "--log-format",
+        default="text" if top else argparse.SUPPRESS,
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line (default: text)"
+        + ("" if top else " [env TETHER_LOG_FORMAT]"),
+    )
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     """Every parser below `parser`, depth first."""
     found: list[argparse.ArgumentParser] = []
@@ -65,12 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     _add_log_level(parser, top=True)
-    parser.add_argument(
-        "--log-format",
-        default="text",
-        choices=LOG_FORMATS,
-        help="text lines, or one JSON object per line (default: text)",
-    )
+    _add_log_format(parser, top=True)
     apply_env_defaults(parser)  # TETHER_LOG_LEVEL, TETHER_LOG_FORMAT
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -84,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     for child in _subparsers(parser):
         child.formatter_class = DefaultsHelpFormatter
-        # `tether sidecar --log-level debug` too: given after the subcommand it wins;
-        # absent there, it leaves the top-level value (or TETHER_LOG_LEVEL) alone.
+        # `tether sidecar --log-level debug --log-format json` too: given after the
+        # subcommand they win; absent there, they leave the top-level values (or
+        # TETHER_LOG_LEVEL, TETHER_LOG_FORMAT) alone.
         _add_log_level(child, top=False)
+        _add_log_format(child, top=False)
     return parser
 
 

@@ -229,6 +229,18 @@ def test_log_level_after_the_subcommand() -> None:
         assert parser.parse_args(argv).log_level == "DEBUG", argv
 
 
+def test_log_format_after_the_subcommand() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["sessions", "list"]).log_format == "text"
+    for argv in (
+        ["--log-format", "json", "sessions", "list"],
+        ["sessions", "list", "--log-format", "json"],
+        ["control-plane", "--log-format", "json"],
+        ["demo", "--log-format", "json"],
+    ):
+        assert parser.parse_args(argv).log_format == "json", argv
+
+
 @pytest.mark.parametrize(
     ("argv", "shown"),
     [
