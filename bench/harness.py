@@ -3,14 +3,16 @@
 Processes (each its own event loop, so none shares a core with the load it measures):
   harness    this process: the load client (`bench.client`) and the orchestration
   generator  `python -m bench.sse_generator` (the upstream)
+  mcp server `python -m bench.mcp_server` (the `mcp` group's upstream: the official SDK)
   nginx      Debian's nginx, one process, `proxy_buffering off` (config in a temp dir)
   control    `python -m tether.cli control-plane --store sqlite:///...`
   sidecar    `python -m tether.cli sidecar --control-plane ...` (reporting on)
   cp_server  `python -m bench.cp_server` for the control-plane figures (it prints counters)
   etcd       a real 1-member etcd via `tests.support.etcd.start_etcd`
 
-Figure groups: `paths` (throughput, latency), `idle`, `control-plane`, `resume`, `stateless`
-(MCP 2026-07-28 requests without a session), `cp-flood`. What each measures exactly is
+Figure groups: `mcp` (the official SDK server and client: no-op calls, progress bursts, open
+calls; bench/mcp_group.py), `paths` (throughput, latency), `idle`, `control-plane`, `resume`,
+`stateless` (MCP 2026-07-28 requests without a session), `cp-flood`. What each measures exactly is
 written next to its table (`NOTES`).
 """
 
@@ -34,7 +36,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bench import client, cp_flood
+from bench import client, cp_flood, mcp_group
 from bench.procs import (
     NGINX_MISSING,
     Child,
@@ -60,7 +62,7 @@ from tether.model import (
 )
 
 T = TypeVar("T")
-DEFAULT_GROUPS = ("paths", "idle", "control-plane", "resume", "stateless")
+DEFAULT_GROUPS = ("mcp", "paths", "idle", "control-plane", "resume", "stateless")
 GROUPS = (*DEFAULT_GROUPS, "cp-flood")
 """`cp-flood` (bench/cp_flood.py) runs only when asked for: a million items per flood takes
 minutes."""
@@ -84,6 +86,7 @@ class Sizes:
     stateless: tuple[int, int]
     """Stateless requests per kind and path: sequential (one client), then concurrent (all
     `STATELESS_CLIENTS` together)."""
+    mcp: mcp_group.McpSizes
 
 
 PRESETS = {
@@ -97,6 +100,7 @@ PRESETS = {
         200,
         1_000_000,
         stateless=(800, 3_200),
+        mcp=mcp_group.McpSizes(calls=400, notifications=4_000, open_calls=200),
     ),
     "quick": Sizes(
         {256: 50_000, 4096: 10_000},
@@ -108,8 +112,20 @@ PRESETS = {
         20,
         100_000,
         stateless=(300, 1_200),
+        mcp=mcp_group.McpSizes(calls=200, notifications=2_000, open_calls=200),
     ),
-    "smoke": Sizes({256: 200, 4096: 200}, 1, 100, (20,), 1, 1, 3, 2_000, stateless=(10, 16)),
+    "smoke": Sizes(
+        {256: 200, 4096: 200},
+        1,
+        100,
+        (20,),
+        1,
+        1,
+        3,
+        2_000,
+        stateless=(10, 16),
+        mcp=mcp_group.McpSizes(calls=8, notifications=40, open_calls=10),
+    ),
 }
 
 
@@ -160,7 +176,9 @@ class Env:
         )
         return self.start("control-plane", argv, self.cp_port)
 
-    def start_sidecar(self, name: str, port: int, event_loop: str = "asyncio") -> Child:
+    def start_sidecar(
+        self, name: str, port: int, event_loop: str = "asyncio", upstream: int | None = None
+    ) -> Child:
         argv = python_module(
             "tether.cli",
             "--log-level",
@@ -169,7 +187,7 @@ class Env:
             "--listen",
             f"127.0.0.1:{port}",
             "--upstream",
-            f"http://127.0.0.1:{self.gen_port}",
+            f"http://127.0.0.1:{upstream or self.gen_port}",
             "--control-plane",
             f"127.0.0.1:{self.cp_port}",
             "--owner",
@@ -185,13 +203,14 @@ class Env:
         connections: int,
         buffer_size: str | None = None,
         upstream_keepalive: int = 0,
+        upstream: int | None = None,
     ) -> Child:
         assert self.nginx_binary is not None
         conf_dir = self.tmp / f"nginx-{port}"
         conf = nginx_config(
             conf_dir,
             listen=port,
-            upstream=self.gen_port,
+            upstream=upstream or self.gen_port,
             connections=connections,
             buffer_size=buffer_size,
             upstream_keepalive=upstream_keepalive,
@@ -749,11 +768,15 @@ class Results:
     stateless: list[StatelessFigures] = field(default_factory=list)
     profile: list[tuple[str, float]] = field(default_factory=list)
     stateless_profile: list[tuple[str, float]] = field(default_factory=list)
+    mcp: list[mcp_group.McpFigures] = field(default_factory=list)
+    mcp_profiles: list[tuple[str, list[tuple[str, float]]]] = field(default_factory=list)
+    """(the load, its top functions) per sidecar profile of the `mcp` group."""
     notes: list[str] = field(default_factory=list)
 
 
 def tables(res: Results) -> Iterator[str]:
     for section in (
+        _mcp_table,
         _throughput_table,
         _latency_table,
         _idle_table,
@@ -765,6 +788,10 @@ def tables(res: Results) -> Iterator[str]:
         _profile_table,
     ):
         yield from section(res)
+
+
+def _mcp_table(res: Results) -> Iterator[str]:
+    yield from mcp_group.table(res.mcp)
 
 
 def _throughput_table(res: Results) -> Iterator[str]:
@@ -916,6 +943,7 @@ def _flood_table(res: Results) -> Iterator[str]:
 
 def _profile_table(res: Results) -> Iterator[str]:
     for title, profile in (
+        *res.mcp_profiles,
         ("the 256 B load", res.profile),
         (f"stateless tools/call noop (JSON), {STATELESS_CLIENTS} clients", res.stateless_profile),
     ):
@@ -1083,6 +1111,8 @@ async def run(opts: Options, log: Callable[[str], None]) -> Results:
         try:
             await step(env, log, "start", _start_common(env))
             log("generator and control plane started")
+            if "mcp" in opts.groups:
+                res.mcp = await step(env, log, "mcp", _mcp(env, sizes, opts, res, log))
             if "paths" in opts.groups:
                 await step(env, log, "paths", _paths(env, sizes, opts, res, log))
             if "idle" in opts.groups:
@@ -1151,6 +1181,57 @@ async def _paths(
             out=env.tmp / "profile.txt",
             log=log,
         )
+
+
+MCP_PROFILE_BURST = 1_000
+
+
+async def _mcp(
+    env: Env, sizes: Sizes, opts: Options, res: Results, log: Callable[[str], None]
+) -> list[mcp_group.McpFigures]:
+    """The official SDK server, nginx (upstream keepalive, as in the stateless group) and a
+    sidecar in front of it, all stopped afterwards. `--profile` py-spies that sidecar under
+    no-op calls, then under progress bursts (2025-11-25, one client)."""
+    server_port = free_port()
+    server = env.start(
+        "mcp-server", python_module("bench.mcp_server", "--port", server_port), server_port
+    )
+    paths = [mcp_group.McpPath("direct", server_port, None)]
+    try:
+        if env.nginx_binary is not None:
+            port = free_port()
+            ngx = env.start_nginx(
+                port, connections=4096, upstream_keepalive=NGINX_KEEPALIVE, upstream=server_port
+            )
+            paths.append(mcp_group.McpPath("nginx", port, ngx))
+        port = free_port()
+        side = env.start_sidecar("sidecar-mcp", port, upstream=server_port)
+        paths.append(mcp_group.McpPath("sidecar", port, side))
+        figures = await mcp_group.measure(
+            sizes=sizes.mcp, paths=paths, server=server, server_port=server_port, log=log
+        )
+        if opts.profile:
+            async with mcp_group.sdk_client(port, mcp_group.REVISIONS[0], 4) as sdk:
+                for title, load in (
+                    (
+                        "no-op `tools/call` (SDK client, 2025-11-25)",
+                        lambda: mcp_group.noop_calls(sdk, 50),
+                    ),
+                    (
+                        f"progress bursts of {MCP_PROFILE_BURST:,} (SDK, 2025-11-25)",
+                        lambda: mcp_group.burst(sdk, MCP_PROFILE_BURST),
+                    ),
+                ):
+                    top = await profile_sidecar(
+                        sidecar=side, load=load, out=env.tmp / "mcp-profile.txt", log=log
+                    )
+                    res.mcp_profiles.append((title, top))
+        return figures
+    finally:
+        for p in paths:
+            if p.proxy is not None:
+                p.proxy.stop()
+        server.stop()
 
 
 async def _stateless(
@@ -1250,7 +1331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the sidecar (paths: 256 B load; stateless: tools/call)",
+        help="py-spy the sidecar (mcp: no-op calls, progress bursts; paths: 256 B load; "
+        "stateless: tools/call)",
     )
     p.add_argument(
         "--tuned-nginx",

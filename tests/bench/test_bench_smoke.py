@@ -1,9 +1,11 @@
 """The benchmark harness at tiny sizes, so that it cannot rot. No timing is asserted.
 
 One `python -m bench --smoke` run covers every figure group (200 events per stream, 20 idle
-streams, 100 control-plane updates, 3 resumes, 26 stateless requests of each kind per path).
-The harness fails loudly (non-zero exit) when a stream does not deliver all its events, or a
-stateless answer is not the result of its request, so its exit status and the printed tables
+streams, 100 control-plane updates, 3 resumes, 26 stateless requests of each kind per path;
+for the MCP group, the official SDK server and client: 8 no-op calls, 40 progress
+notifications and 10 open calls per path). The harness fails loudly (non-zero exit) when a
+stream does not deliver all its events, a stateless answer is not the result of its request,
+or an SDK call misses a notification or its result, so its exit status and the printed tables
 are what is checked. The nginx path needs Debian's `nginx-light` (or `nginx`): without it, that
 part alone is left out of the run and its test is skipped.
 """
@@ -41,6 +43,11 @@ def section(report: str, title: str) -> str:
 
 
 def test_every_figure_group_prints_its_table(report: str) -> None:
+    mcp = section(report, "MCP traffic: official SDK server and client")
+    for revision in ("2025-11-25", "2026-07-28"):
+        for path in ("direct", "sidecar"):
+            assert f"| {revision} | {path} |" in mcp, mcp
+    assert report.index("### MCP traffic") < report.index("### Throughput, one stream")
     throughput = section(report, "Throughput, one stream")
     assert "| 256 B | direct |" in throughput
     assert "| 4096 B | sidecar |" in throughput
@@ -67,6 +74,12 @@ def test_nginx_path(report: str) -> None:
     assert "| 256 B | nginx |" in section(report, "Throughput, one stream")
     assert "| 4096 B | nginx (proxy_buffer_size 64k) |" in section(report, "Throughput, one stream")
     assert "| nginx |" in section(report, "Latency at 1,000 events/s")
+    mcp = section(report, "MCP traffic: official SDK server and client")
+    assert "| 2025-11-25 | nginx |" in mcp
+    assert "| 2026-07-28 | nginx |" in mcp
+    targets = section(report, "MCP targets (issue 16")
+    for target in ("added p50 of a no-op", "CPU per notification", "RSS with 10 calls open"):
+        assert target in targets, targets
     assert "| 20 (20) | nginx |" in section(report, "Concurrent idle SSE streams")
     stateless = section(report, "Stateless requests (MCP 2026-07-28")
     assert "| tools/list | JSON | nginx |" in stateless
