@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import platform
 import shutil
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from mcp import Client
 
 from bench import client, cp_flood, mcp_group
 from bench.procs import (
@@ -978,6 +980,7 @@ def targets(res: Results) -> Iterator[str]:
             if x.streams < x.requested:
                 value += f" at {x.streams:,} (fd limit); ≈{full:.0f} MiB at {x.requested:,}"
             rows.append((f"{x.requested:,} idle streams < 500 MiB", value, full < 500))
+    rows += _idle_ratio_rows(res.idle)
     for c in res.control_plane:
         rows.append(
             (
@@ -1014,6 +1017,28 @@ def targets(res: Results) -> Iterator[str]:
     for name, value, ok in rows:
         yield f"| {name} | {value} | {'yes' if ok else '**no**'} |"
     yield ""
+
+
+def _idle_ratio_rows(idle: Sequence[Idle]) -> list[tuple[str, str, bool | None]]:
+    """Issue 16: idle streams ≤ 2x nginx's KiB per stream, at each count both measured."""
+
+    def kib(x: Idle) -> float:
+        return (x.rss_open_mib - x.rss_before_mib) * 1024 / x.streams
+
+    ngx = {x.requested: x for x in idle if x.path == "nginx"}
+    rows: list[tuple[str, str, bool | None]] = []
+    for x in idle:
+        ref = ngx.get(x.requested)
+        if x.path == "sidecar" and ref is not None and kib(ref) > 0:
+            r = kib(x) / kib(ref)
+            rows.append(
+                (
+                    f"{x.streams:,} idle streams ≤ 2x nginx's KiB per stream",
+                    f"{kib(x):.1f} KiB ({r:.2f}x)",
+                    r <= 2,
+                )
+            )
+    return rows
 
 
 def plot(res: Results, path: Path) -> str:
@@ -1211,27 +1236,44 @@ async def _mcp(
             sizes=sizes.mcp, paths=paths, server=server, server_port=server_port, log=log
         )
         if opts.profile:
-            async with mcp_group.sdk_client(port, mcp_group.REVISIONS[0], 4) as sdk:
-                for title, load in (
-                    (
-                        "no-op `tools/call` (SDK client, 2025-11-25)",
-                        lambda: mcp_group.noop_calls(sdk, 50),
-                    ),
-                    (
-                        f"progress bursts of {MCP_PROFILE_BURST:,} (SDK, 2025-11-25)",
-                        lambda: mcp_group.burst(sdk, MCP_PROFILE_BURST),
-                    ),
-                ):
-                    top = await profile_sidecar(
-                        sidecar=side, load=load, out=env.tmp / "mcp-profile.txt", log=log
-                    )
-                    res.mcp_profiles.append((title, top))
+            res.mcp_profiles = await _profile_mcp(env, side, port, log)
         return figures
     finally:
         for p in paths:
             if p.proxy is not None:
                 p.proxy.stop()
         server.stop()
+
+
+async def _profile_mcp(
+    env: Env, side: Child, port: int, log: Callable[[str], None]
+) -> list[tuple[str, list[tuple[str, float]]]]:
+    """py-spy the sidecar under each MCP workload, each on a new session (2025-11-25): the
+    sidecar's cost per call grows with the calls its session has made, so a fresh session shows
+    the cost of the path itself (which the session's growth then adds to)."""
+    workloads: list[tuple[str, Callable[[Client], Awaitable[object]]]] = [
+        ("no-op `tools/call` (SDK client, 2025-11-25, new session)", _noop_load),
+        (f"progress bursts of {MCP_PROFILE_BURST:,} (SDK, 2025-11-25, new session)", _burst_load),
+    ]
+    out = []
+    for i, (title, load) in enumerate(workloads):
+        async with mcp_group.sdk_client(port, mcp_group.REVISIONS[0], 4) as sdk:
+            top = await profile_sidecar(
+                sidecar=side,
+                load=functools.partial(load, sdk),
+                out=env.tmp / f"mcp-profile-{i}",
+                log=log,
+            )
+        out.append((title, top))
+    return out
+
+
+async def _noop_load(sdk: Client) -> object:
+    return await mcp_group.noop_calls(sdk, 50)
+
+
+async def _burst_load(sdk: Client) -> object:
+    return await mcp_group.burst(sdk, MCP_PROFILE_BURST)
 
 
 async def _stateless(
