@@ -10,9 +10,11 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tether.cli_inject import inject_stream, uninject_stream
 from tether.inject import (
     CHANGES_ANNOTATION,
     CLIENT_LABEL,
@@ -488,3 +490,25 @@ def test_a_workload_without_the_opt_in_is_returned_equal(obj: Obj) -> None:
     if is_opted_in(obj):
         return
     assert inject(obj, CONFIG) == obj
+
+
+SERVICE: Obj = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": "svc"},
+    "spec": {"selector": {"app": "x"}, "ports": [{"port": 80, "targetPort": 3000}]},
+}
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(workloads(), st.booleans())
+def test_the_stream_commands_are_idempotent_and_inverse(obj: Obj, force: bool) -> None:
+    """The same properties through `tether inject`/`uninject`'s stream functions: YAML text
+    in and out, with a Service that may select the workload."""
+    text = yaml.safe_dump_all([obj, SERVICE], sort_keys=False)
+    try:
+        once = inject_stream(text, CONFIG, force=force)
+    except InjectError:
+        return
+    assert inject_stream(once, CONFIG, force=force) == once
+    assert list(yaml.safe_load_all(uninject_stream(once))) == [obj, SERVICE]
