@@ -28,10 +28,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
+from typing import TYPE_CHECKING, Any
 
 from tether.inject import (
     InjectConfig,
@@ -44,6 +41,9 @@ from tether.inject import (
     service_host_names,
     uninject,
 )
+
+if TYPE_CHECKING:
+    from ruamel.yaml import YAML
 
 _SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.M)
 _DEFAULTS = InjectConfig()
@@ -75,6 +75,9 @@ def _guess_indent(text: str) -> tuple[int, int, int]:
 
 
 def _yaml(indent: tuple[int, int, int] = (2, 2, 0)) -> YAML:
+    # Imported here: every `tether` command builds this parser, the sidecar's start included.
+    from ruamel.yaml import YAML
+
     yaml = YAML()  # round trip
     yaml.preserve_quotes = True
     yaml.width = 1 << 16  # never fold a long value (the injection record is one JSON line)
@@ -172,6 +175,8 @@ def _read(name: str) -> str:
 
 def _runner(name: str, transform: Callable[[str, argparse.Namespace], str]) -> Any:
     def run(args: argparse.Namespace) -> int:
+        from ruamel.yaml.error import YAMLError
+
         try:
             out = transform(_read(args.filename), args)
         except (InjectError, YAMLError, OSError, UnicodeDecodeError) as exc:

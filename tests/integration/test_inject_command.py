@@ -156,3 +156,20 @@ def test_errors_are_one_line_and_exit_1(stdin: str, args: tuple[str, ...], messa
     assert done.stdout == ""
     assert done.stderr.startswith(message), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_other_commands_do_not_load_the_yaml_library() -> None:
+    """Every `tether` command builds the whole parser: the sidecar's start must not pay for
+    ruamel.yaml (about 15 ms to import), which only `inject`/`uninject` use."""
+    code = (
+        "import sys; from tether.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith('ruamel')))"
+    )
+    done = subprocess.run(
+        [python_module("tether.cli")[0], "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "[]"
