@@ -1,4 +1,4 @@
-"""The `tether` command: `sidecar`, `control-plane`, `sessions` and `demo`.
+"""The `tether` command: `sidecar`, `control-plane`, `sessions`, `injector` and `demo`.
 
 Each subcommand's flags live beside the code it runs; this module only wires them together so
 that `tether --help` lists everything in one place.
@@ -82,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     from sidecar.cli import add_sidecar_parser
     from tether.cli_controlplane import add_control_plane_parser, add_sessions_parser
     from tether.demo import add_demo_parser
+    from tether.injector import add_injector_parser
 
     add_sidecar_parser(sub)
     add_control_plane_parser(sub)
     add_sessions_parser(sub)
+    add_injector_parser(sub)
     add_demo_parser(sub)
     for child in _subparsers(parser):
         child.formatter_class = DefaultsHelpFormatter
