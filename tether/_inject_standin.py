@@ -21,6 +21,11 @@ class InjectError(ValueError):
 class InjectConfig:
     image: str = "tether:0.1.0"
     control_plane: str = "tether-control-plane.tether.svc:50051"
+    home_namespace: str = "tether"
+    drain_timeout_s: int = 30
+    allowed_hosts: tuple[str, ...] = ("*.svc", "*.svc.cluster.local")
+    token_audience: str | None = None
+    fingerprint_key_secret: str | None = None
 
 
 def is_opted_in(obj: Mapping[str, Any]) -> bool:
@@ -28,9 +33,20 @@ def is_opted_in(obj: Mapping[str, Any]) -> bool:
     return annotations.get(INJECT_ANNOTATION) == "true"
 
 
-def inject(obj: Mapping[str, Any], config: InjectConfig, *, force: bool = False) -> dict[str, Any]:
+def is_opted_out(obj: Mapping[str, Any]) -> bool:
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    return annotations.get(INJECT_ANNOTATION) in ("false", "disabled")
+
+
+def inject(
+    obj: Mapping[str, Any],
+    config: InjectConfig,
+    *,
+    force: bool = False,
+    namespace: str | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = copy.deepcopy(dict(obj))
-    if not force and not is_opted_in(obj):
+    if is_opted_out(obj) or not (force or is_opted_in(obj)):
         return out
     spec = out.get("spec") or {}
     containers = spec.get("containers") or []

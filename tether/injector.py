@@ -42,9 +42,11 @@ from tether.buildinfo import register_build_info
 from tether.envflags import apply_env_defaults
 from tether.ports import PortInUseError, check_free, split_hostport
 from tether.tasks import cancel_and_wait, spawn
-from tether.webhook import MalformedReview, Outcome, Scope, decide, parse_review, response
+from tether.webhook import PATHS, MalformedReview, Outcome, Scope, decide, parse_review, response
 
 log = logging.getLogger("tether.injector")
+
+DEFAULT_INJECT: Final = InjectConfig()
 
 MAX_REVIEW_BYTES: Final = 3 * 1024 * 1024
 """A review holds the pod once (CREATE has no oldObject); etcd refuses objects over 1.5 MiB,
@@ -263,8 +265,8 @@ def build_app(
     config: InjectConfig, metrics: InjectorMetrics, ready: asyncio.Event
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_REVIEW_BYTES)
-    app.router.add_post("/mutate", _handle_review(config, metrics, Scope.POD))
-    app.router.add_post("/mutate/namespace", _handle_review(config, metrics, Scope.NAMESPACE))
+    for scope, path in PATHS.items():
+        app.router.add_post(path, _handle_review(config, metrics, scope))
     _health_routes(app, ready)
     return app
 
@@ -355,7 +357,15 @@ def config_from_args(args: argparse.Namespace) -> InjectorConfig:
         listen_port=port,
         tls_cert=Path(args.tls_cert),
         tls_key=Path(args.tls_key),
-        inject=InjectConfig(image=args.sidecar_image, control_plane=args.control_plane),
+        inject=InjectConfig(
+            image=args.sidecar_image,
+            control_plane=args.sidecar_control_plane,
+            home_namespace=args.home_namespace,
+            drain_timeout_s=args.sidecar_drain_timeout,
+            allowed_hosts=(*DEFAULT_INJECT.allowed_hosts, *(args.sidecar_allowed_host or [])),
+            token_audience=args.sidecar_token_audience or None,
+            fingerprint_key_secret=args.sidecar_fingerprint_key_secret or None,
+        ),
         admin_host=admin_host,
         admin_port=admin_port,
         tls_reload_interval=args.tls_reload_interval,
@@ -411,10 +421,42 @@ def add_injector_parser(sub: Any) -> None:
         "--sidecar-image", required=True, metavar="IMAGE", help="the Tether image to inject"
     )
     p.add_argument(
-        "--control-plane",
-        default="tether-control-plane.tether.svc:50051",
+        "--sidecar-control-plane",
+        default=DEFAULT_INJECT.control_plane,
         metavar="HOST:PORT",
-        help="the control plane address injected sidecars use",
+        help="the control plane the injected sidecars report to",
+    )
+    p.add_argument(
+        "--home-namespace",
+        default=DEFAULT_INJECT.home_namespace,
+        metavar="NS",
+        help="the control plane's --home-namespace (pods elsewhere act as <pod>@<namespace>)",
+    )
+    p.add_argument(
+        "--sidecar-drain-timeout",
+        type=int,
+        default=DEFAULT_INJECT.drain_timeout_s,
+        metavar="SECONDS",
+        help="how long a pod's drain waits for calls in flight (its grace period grows by it)",
+    )
+    p.add_argument(
+        "--sidecar-allowed-host",
+        action="append",
+        metavar="HOST",
+        help="a Host name clients use besides in-cluster Service names (repeatable)",
+    )
+    p.add_argument(
+        "--sidecar-token-audience",
+        default="",
+        metavar="AUD",
+        help="sidecars prove their pod with a projected token of this audience (default: none)",
+    )
+    p.add_argument(
+        "--sidecar-fingerprint-key-secret",
+        default="",
+        metavar="SECRET",
+        help="Secret (key `key`, in the pod's namespace) keying credential fingerprints "
+        "(default: none)",
     )
     p.add_argument(
         "--shutdown-delay",

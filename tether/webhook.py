@@ -9,10 +9,12 @@ Which pods: the request names no namespace labels, so the MutatingWebhookConfigu
 the path they call, and the path is the `Scope`:
 
 - `/mutate/namespace` (`Scope.NAMESPACE`): namespaces labelled `tether.dev/inject=enabled`.
-  Every pod is injected unless it opts out with the annotation `tether.dev/inject: "false"`.
-- `/mutate` (`Scope.POD`): every other namespace (but the injector's own and kube-system).
-  Only pods annotated `tether.dev/inject: "true"` are injected. An objectSelector cannot do
-  this: it selects labels, and the opt-in is an annotation.
+  Every pod is injected unless it opts out (`tether.dev/inject: "false"`).
+- `/mutate` (`Scope.POD`): every other namespace (but the injector's own, those labelled
+  `tether.dev/inject=disabled`, and kube-system). Only pods marked `tether.dev/inject: "true"`
+  are injected. An objectSelector cannot pick them: it selects labels, and the opt-in is
+  usually an annotation.
+The marks are read by `tether.inject` (an annotation or a label on the pod).
 
 Rules this module keeps:
 
@@ -41,11 +43,9 @@ from typing import Any, Final
 
 import jsonpatch
 
-from tether._inject_standin import INJECT_ANNOTATION, InjectConfig, InjectError, inject
+from tether._inject_standin import InjectConfig, InjectError, inject, is_opted_in, is_opted_out
 
 API_VERSION: Final = "admission.k8s.io/v1"
-OPT_OUT: Final = "false"
-"""`tether.dev/inject: "false"` keeps a pod of an injecting namespace as it is."""
 MAX_WARNING_CHARS: Final = 120
 """The API server may truncate longer warnings; the log line has the whole reason."""
 
@@ -61,6 +61,10 @@ class Scope(enum.Enum):
     """Only pods annotated `tether.dev/inject: "true"`."""
     NAMESPACE = "namespace"
     """The namespace is labelled `tether.dev/inject=enabled`: every pod but those opting out."""
+
+
+PATHS: Final = {Scope.POD: "/mutate", Scope.NAMESPACE: "/mutate/namespace"}
+"""Where each webhook of the configuration sends its reviews (`clientConfig.service.path`)."""
 
 
 class Outcome(enum.Enum):
@@ -135,12 +139,10 @@ def _is_pod_create(request: Mapping[str, Any]) -> bool:
 
 
 def _opted_in(obj: Mapping[str, Any], scope: Scope) -> bool:
-    meta = obj.get("metadata")
-    annotations = (meta.get("annotations") if isinstance(meta, Mapping) else None) or {}
-    value = annotations.get(INJECT_ANNOTATION) if isinstance(annotations, Mapping) else None
+    """`tether.inject` reads the marks (annotation or label, `"true"` in, `"false"` out)."""
     if scope is Scope.NAMESPACE:
-        return value != OPT_OUT
-    return value == "true"
+        return not is_opted_out(obj)
+    return is_opted_in(obj)
 
 
 def _warning(text: str) -> str:
@@ -167,7 +169,8 @@ def decide(request: Mapping[str, Any], config: InjectConfig, *, scope: Scope) ->
         why = "opted out" if scope is Scope.NAMESPACE else "not opted in"
         return Decision(uid, Outcome.SKIPPED, why, subject)
     try:
-        injected = inject(obj, config, force=True)
+        namespace = request.get("namespace")
+        injected = inject(obj, config, force=True, namespace=namespace or None)
     except InjectError as exc:
         reason = f"Tether not injected: {exc}"
         return Decision(uid, Outcome.FAILED, reason, subject, warnings=(_warning(reason),))
