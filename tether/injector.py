@@ -37,7 +37,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from tether._inject_standin import InjectConfig
+from tether.inject import InjectConfig
 from tether.buildinfo import register_build_info
 from tether.envflags import apply_env_defaults
 from tether.ports import PortInUseError, check_free, split_hostport

@@ -43,11 +43,12 @@ from typing import Any, Final
 
 import jsonpatch
 
-from tether._inject_standin import InjectConfig, InjectError, inject, is_opted_in, is_opted_out
+from tether.inject import InjectConfig, InjectError, inject, is_opted_in, is_opted_out
 
 API_VERSION: Final = "admission.k8s.io/v1"
-MAX_WARNING_CHARS: Final = 120
-"""The API server may truncate longer warnings; the log line has the whole reason."""
+MAX_WARNING_CHARS: Final = 256
+"""The API server may truncate longer warnings (AdmissionResponse.warnings: "120 characters
+if possible", over 256 may be cut); the log line has the whole reason."""
 
 
 class MalformedReview(ValueError):

@@ -26,7 +26,7 @@ from tests.deploy.render import KUBERNETES_VERSIONS, validate
 from tests.support.certs import CertificateAuthority, Pair
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.waiting import eventually
-from tether._inject_standin import InjectConfig, inject
+from tether.inject import InjectConfig, inject
 from tether.injector import MAX_REVIEW_BYTES, InjectorConfig, RunningInjector, start_injector
 
 FIXTURE = json.loads((Path(__file__).parent / "admission" / "pod-create.json").read_text())
@@ -192,8 +192,9 @@ async def test_a_pod_that_cannot_be_injected_is_allowed_with_a_warning(
     response = answer["response"]
     assert "patch" not in response
     (warning,) = response["warnings"]
-    assert warning.startswith("Tether not injected: ")
-    assert len(warning) <= 120
+    assert warning.startswith("Tether not injected: Pod/mcp/filesystem-mcp-7d9c6b5f8-*: ")
+    assert "set tether.dev/upstream-port" in warning
+    assert len(warning) <= 256
     assert "\n" not in warning
 
 
