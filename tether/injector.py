@@ -37,10 +37,10 @@ from prometheus_client import (
     generate_latest,
 )
 
-from tether.inject import InjectConfig
 from tether.buildinfo import register_build_info
 from tether.envflags import apply_env_defaults
-from tether.ports import PortInUseError, check_free, split_hostport
+from tether.inject import InjectConfig
+from tether.ports import PortInUseError, check_free, control_plane_target, split_hostport
 from tether.tasks import cancel_and_wait, spawn
 from tether.webhook import PATHS, MalformedReview, Outcome, Scope, decide, parse_review, response
 
@@ -99,11 +99,15 @@ class InjectorMetrics:
         )
 
 
-def _read_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
+def _read(path: Path, flag: str) -> bytes:
     try:
-        return cert.read_bytes(), key.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
-        raise TlsError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        raise TlsError(f"cannot read {flag} {path}: {exc.strerror}") from exc
+
+
+def _read_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
+    return _read(cert, "--tls-cert"), _read(key, "--tls-key")
 
 
 def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -359,7 +363,9 @@ def config_from_args(args: argparse.Namespace) -> InjectorConfig:
         tls_key=Path(args.tls_key),
         inject=InjectConfig(
             image=args.sidecar_image,
-            control_plane=args.sidecar_control_plane,
+            control_plane=control_plane_target(
+                args.sidecar_control_plane, what="--sidecar-control-plane"
+            ),
             home_namespace=args.home_namespace,
             drain_timeout_s=args.sidecar_drain_timeout,
             allowed_hosts=(*DEFAULT_INJECT.allowed_hosts, *(args.sidecar_allowed_host or [])),
