@@ -132,6 +132,7 @@ class ReloadingTls:
     def __init__(self, cert: Path, key: Path, metrics: InjectorMetrics) -> None:
         self.cert, self.key = cert, key
         self._metrics = metrics
+        self._unreadable = False
         self._digest = self._fingerprint(*_read_pair(cert, key))
         self.current = _server_context(cert, key)
         self._expiry()
@@ -158,8 +159,11 @@ class ReloadingTls:
         try:
             digest = self._fingerprint(*_read_pair(self.cert, self.key))
         except TlsError as exc:
-            log.warning("certificate not reloaded: %s; serving the previous one", exc)
+            if not self._unreadable:  # once, not every interval while it lasts
+                log.warning("certificate not reloaded: %s; serving the previous one", exc)
+            self._unreadable = True
             return False
+        self._unreadable = False
         if digest == self._digest:
             return False
         self._digest = digest

@@ -376,4 +376,6 @@ async def test_an_unusable_certificate_is_one_line_and_exit_1(
     )
     assert code == 1, err
     (line,) = err.strip().splitlines()
-    assert line == "tether injector: cannot read --tls-key /nonexistent/key: No such file or directory"
+    assert line == (
+        "tether injector: cannot read --tls-key /nonexistent/key: No such file or directory"
+    )
