@@ -116,12 +116,15 @@ def _objects(docs: list[_Document]) -> list[_Document]:
     return [d for d in docs if isinstance(d.obj, Mapping)]
 
 
-def inject_stream(text: str, config: InjectConfig, *, force: bool) -> str:
-    """Rule 1 over a YAML stream; raises InjectError or YAMLError."""
+def inject_stream(
+    text: str, config: InjectConfig, *, force: bool, namespace: str | None = None
+) -> str:
+    """Rule 1 over a YAML stream; raises InjectError or YAMLError. `namespace` is where
+    objects that name none will be applied (`kubectl apply -n`)."""
     everything = split_documents(text)
     docs = _objects(everything)
     for doc in docs:
-        doc.new = inject(doc.obj, config, force=force)
+        doc.new = inject(doc.obj, config, force=force, namespace=namespace)
     workloads = [(d, w) for d in docs if (w := injected_workload(d.new))]
     services = [d for d in docs if d.obj.get("kind") == "Service"]
     for doc, workload in workloads:
@@ -129,10 +132,10 @@ def inject_stream(text: str, config: InjectConfig, *, force: bool) -> str:
             name
             for s in services
             if selects(s.obj, workload)
-            for name in service_host_names(s.obj, workload.namespace)
+            for name in service_host_names(s.obj, workload.namespace or namespace)
         ]
         if hosts:
-            doc.new = inject(doc.obj, config, force=force, allowed_hosts=hosts)
+            doc.new = inject(doc.obj, config, force=force, namespace=namespace, allowed_hosts=hosts)
     for s in services:
         s.new = retarget_service(s.obj, [w for _, w in workloads])
     return join_documents(everything)
@@ -199,6 +202,12 @@ def add_inject_parsers(sub: Any) -> None:
     )
     p.add_argument("-f", "--filename", required=True, help="YAML file, or - for standard input")
     p.add_argument(
+        "-n",
+        "--namespace",
+        help="where objects that name no namespace will be applied (kubectl apply -n): their "
+        "sidecars then accept the Services' namespaced names and know their owner name's form",
+    )
+    p.add_argument(
         "--all",
         action="store_true",
         help="inject workloads without the opt-in too (not those "
@@ -237,7 +246,10 @@ def add_inject_parsers(sub: Any) -> None:
         help="Secret (key `key`, in the workload's namespace) that keys credential fingerprints",
     )
     p.set_defaults(
-        run=_runner("inject", lambda text, a: inject_stream(text, _config(a), force=a.all))
+        run=_runner(
+            "inject",
+            lambda text, a: inject_stream(text, _config(a), force=a.all, namespace=a.namespace),
+        )
     )
 
     u = sub.add_parser(

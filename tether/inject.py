@@ -401,7 +401,9 @@ def _field(name: str, path: str) -> Obj:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def _sidecar(config: InjectConfig, target: _Target, *, owner_suffix: bool, hosts: str) -> Obj:
+def _sidecar(
+    config: InjectConfig, target: _Target, *, owner_suffix: bool, hosts: str, grace: int
+) -> Obj:
     env = [
         _env("TETHER_LISTEN", f"0.0.0.0:{config.proxy_port}"),
         _env("TETHER_UPSTREAM", f"http://127.0.0.1:{target.upstream_port}"),
@@ -409,9 +411,13 @@ def _sidecar(config: InjectConfig, target: _Target, *, owner_suffix: bool, hosts
         _env("TETHER_CONTROL_PLANE", config.control_plane),
         _env("TETHER_ALLOWED_HOST", hosts),
         _env("TETHER_DRAIN_TIMEOUT", str(config.drain_timeout_s)),
-        # Outlast the pod's termination (deploy/base/kustomization.yaml says why).
+        # Outlast the pod's termination (deploy/base/kustomization.yaml says why): the retry
+        # budget grows with the grace period, twice it plus 30 s (deploy/'s 120 for its 45).
         _env("TETHER_RECONNECT_ATTEMPTS", str(config.reconnect_attempts)),
-        _env("TETHER_RECONNECT_MAX_SECONDS", str(config.reconnect_max_seconds)),
+        _env(
+            "TETHER_RECONNECT_MAX_SECONDS",
+            str(max(config.reconnect_max_seconds, 2 * grace + 30)),
+        ),
         _field("POD_NAME", "metadata.name"),
     ]
     if owner_suffix:  # outside the control plane's home namespace (identity rule 6)
@@ -530,10 +536,8 @@ def inject(
         )
     grace = spec.get("terminationGracePeriodSeconds")
     server_stop = DEFAULT_GRACE_S if grace is None else int(grace)
-    edit.set(
-        ["spec", "terminationGracePeriodSeconds"],
-        config.drain_timeout_s + server_stop + config.sidecar_stop_s + config.margin_s,
-    )
+    new_grace = config.drain_timeout_s + server_stop + config.sidecar_stop_s + config.margin_s
+    edit.set(["spec", "terminationGracePeriodSeconds"], new_grace)
     hosts = [
         *allowed_hosts,
         *config.allowed_hosts,
@@ -544,6 +548,7 @@ def inject(
         target,
         owner_suffix=namespace != config.home_namespace,
         hosts=",".join(dict.fromkeys(hosts)),
+        grace=new_grace,
     )
     edit.append(["spec", "initContainers"], sidecar)
     for volume in _volumes(config):

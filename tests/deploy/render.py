@@ -93,7 +93,8 @@ def all_containers(workload: Obj) -> list[Obj]:
 
 def container_env(objects: list[Obj], container: Obj) -> dict[str, str]:
     """The variables a container starts with: ConfigMaps of `envFrom`, then `env` (which wins,
-    as in Kubernetes). Downward-API values become `<fieldPath>` placeholders."""
+    as in Kubernetes). Downward-API values become `<fieldPath>` placeholders, other references
+    (a Secret's key, say) `<kind:...>` ones."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source["configMapRef"]["name"]
@@ -103,8 +104,11 @@ def container_env(objects: list[Obj], container: Obj) -> dict[str, str]:
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = item["value"]
-        else:
+        elif "fieldRef" in item["valueFrom"]:
             env[item["name"]] = "<" + item["valueFrom"]["fieldRef"]["fieldPath"] + ">"
+        else:
+            ((kind, ref),) = item["valueFrom"].items()
+            env[item["name"]] = f"<{kind}:{ref.get('name')}/{ref.get('key')}>"
     return env
 
 

@@ -83,9 +83,10 @@ def template_of(obj: Obj) -> Obj:
 
 
 def sidecar_of(obj: Obj) -> Obj:
-    (sidecar,) = [
+    found: list[Obj] = [
         c for c in template_of(obj)["spec"]["initContainers"] if c["name"] == SIDECAR_NAME
     ]
+    (sidecar,) = found
     return sidecar
 
 
@@ -440,7 +441,8 @@ def workloads(draw: st.DrawFn) -> Obj:  # noqa: C901, PLR0912 (one branch per sh
             target_meta["labels"] = {}
         target_meta["labels"]["tether.dev/inject"] = "true"
     template: Obj = {"spec": spec}
-    if meta or draw(st.booleans()):
+    empty_metadata: bool = draw(st.booleans())
+    if meta or empty_metadata:
         template = {"metadata": meta, "spec": spec}
     if not path:
         obj["metadata"].update({k: v for k, v in meta.items() if k not in obj["metadata"]})
