@@ -1,8 +1,8 @@
 """Answering the API server's `admission.k8s.io/v1` AdmissionReview for `tether injector`.
 
 Sans-IO: bytes in, a `Decision` and the response document out; `tether.injector` is the HTTPS
-loop around it. The injection itself is `tether.inject.inject`, the function `tether inject`
-runs too, so the webhook and the command line patch a pod the same way.
+loop around it. The injection itself is `tether.inject.inject_pod`, `tether inject`'s function
+for a Pod, so the webhook and the command line patch a pod the same way.
 
 Which pods: the request names no namespace labels, so the MutatingWebhookConfiguration
 (`deploy/components/injector`) has two webhooks that differ in their namespaceSelector and in
@@ -26,9 +26,10 @@ Rules this module keeps:
 2. A body that is not such a review raises `MalformedReview`, whose message says what is
    wrong (the server answers it 400).
 3. Only a Pod CREATE is patched; any other kind or operation gets no patch.
-4. The patch is `jsonpatch.make_patch(pod, inject(pod))`: applied to `request.object` it gives
-   exactly what `inject` returns. `inject` is idempotent, so a pod already injected gets an
-   empty patch, and so does a reinvocation (`reinvocationPolicy: IfNeeded`).
+4. The patch is `jsonpatch.make_patch(pod, inject_pod(pod))`: applied to `request.object` it
+   gives exactly what `inject_pod` returns. A pod already injected (by an earlier invocation,
+   or made from a template `tether inject` wrote) comes back equal, so it gets an empty patch,
+   and so does a reinvocation (`reinvocationPolicy: IfNeeded`).
 5. An empty patch is sent as no patch at all (no `patchType`), as the API server expects.
 """
 
@@ -43,7 +44,7 @@ from typing import Any, Final
 
 import jsonpatch
 
-from tether.inject import InjectConfig, InjectError, inject, is_opted_in, is_opted_out
+from tether.inject import InjectConfig, InjectError, inject_pod, is_opted_in, is_opted_out
 
 API_VERSION: Final = "admission.k8s.io/v1"
 MAX_WARNING_CHARS: Final = 256
@@ -170,8 +171,7 @@ def decide(request: Mapping[str, Any], config: InjectConfig, *, scope: Scope) ->
         why = "opted out" if scope is Scope.NAMESPACE else "not opted in"
         return Decision(uid, Outcome.SKIPPED, why, subject)
     try:
-        namespace = request.get("namespace")
-        injected = inject(obj, config, force=True, namespace=namespace or None)
+        injected = inject_pod(obj, config, namespace=request.get("namespace") or None)
     except InjectError as exc:
         reason = f"Tether not injected: {exc}"
         return Decision(uid, Outcome.FAILED, reason, subject, warnings=(_warning(reason),))

@@ -26,7 +26,7 @@ from tests.deploy.render import KUBERNETES_VERSIONS, validate
 from tests.support.certs import CertificateAuthority, Pair
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.waiting import eventually
-from tether.inject import InjectConfig, inject
+from tether.inject import InjectConfig, inject_pod
 from tether.injector import MAX_REVIEW_BYTES, InjectorConfig, RunningInjector, start_injector
 
 FIXTURE = json.loads((Path(__file__).parent / "admission" / "pod-create.json").read_text())
@@ -126,7 +126,7 @@ async def test_an_opted_in_pod_gets_a_patch_that_makes_a_valid_injected_pod(
     pod = body["request"]["object"]
     answer = await post(client, injector, body)
     result = patched(pod, answer)
-    assert result == inject(pod, INJECT)
+    assert result == inject_pod(pod, INJECT, namespace="mcp")
     assert sidecars(result), "no native sidecar was added"
     assert result["spec"]["containers"][0]["image"] == pod["spec"]["containers"][0]["image"]
     for version in KUBERNETES_VERSIONS:

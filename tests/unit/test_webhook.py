@@ -1,7 +1,7 @@
 """The sans-IO core of `tether injector` (`tether.webhook`), no sockets: given a review, expect
 this decision and this response. Over the pods that the chart-shaped workloads of
 tests/deploy/fixtures would create, the patch applied with the JSONPatch library gives exactly
-`inject(pod)`, validates strictly for Kubernetes 1.29 and 1.37, keeps the conventions of
+`inject_pod(pod)`, validates strictly for Kubernetes 1.29 and 1.37, keeps the conventions of
 tests/deploy, and a reinvocation on the result patches nothing."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.deploy.conventions import (
     pod_template,
 )
 from tests.deploy.render import KUBERNETES_VERSIONS, validate
-from tether.inject import InjectConfig, inject
+from tether.inject import InjectConfig, inject_pod
 from tether.webhook import (
     MalformedReview,
     Outcome,
@@ -111,7 +111,7 @@ def test_the_patch_makes_the_injected_pod_and_a_reinvocation_patches_nothing(
         assert warning.startswith("Tether not injected: "), warning
         return
     result = apply(pod, answer)
-    assert result == inject(pod, CONFIG, force=True, namespace="mcp")
+    assert result == inject_pod(pod, CONFIG, namespace="mcp")
     if decision.outcome is Outcome.SKIPPED:
         assert result == pod
         return
