@@ -379,3 +379,31 @@ async def test_an_unusable_certificate_is_one_line_and_exit_1(
     assert line == (
         "tether injector: cannot read --tls-key /nonexistent/key: No such file or directory"
     )
+
+
+async def test_after_sigterm_it_is_unready_but_still_answers_until_the_delay_ends(
+    procs: ProcessPool, serving: Pair, client: aiohttp.ClientSession, env: dict[str, str]
+) -> None:
+    """`--shutdown-delay`: the Service takes the pod out (readiness fails) while reviews that
+    were already routed to it are still answered."""
+    port = free_port()
+    argv = injector_argv(serving, port, "--shutdown-delay", "120")
+    proc = await procs.start(argv, name="injector", ready_port=port, env=env)
+    base = f"https://localhost:{port}"
+
+    async def readiness() -> int:
+        async with client.get(f"{base}/readyz") as resp:
+            return resp.status
+
+    assert await readiness() == 200
+    proc.kill(signal.SIGTERM)
+
+    async def unready() -> bool:
+        return await readiness() == 503
+
+    await eventually(unready, timeout=10, what="/readyz 503")
+    body = review()
+    async with client.post(f"{base}/mutate", json=body) as resp:
+        assert resp.status == 200
+        assert "patch" in (await resp.json())["response"]
+    assert proc.running
