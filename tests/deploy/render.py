@@ -16,7 +16,11 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
-OVERLAYS = ("dev", "prod", "external-etcd")
+OVERLAYS = ("dev", "prod", "external-etcd", "injector")
+CUSTOM_API_VERSIONS = frozenset({"cert-manager.io/v1"})
+"""Kinds of CRDs (cert-manager's Issuer and Certificate), which kubernetes-validate has no
+schema for: their tests check the fields Tether relies on instead."""
+CLUSTER_SCOPED = frozenset({"Namespace", "MutatingWebhookConfiguration"})
 # Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29:
 # the oldest release the manifests promise to work on, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")

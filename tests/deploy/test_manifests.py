@@ -30,6 +30,8 @@ from tests.deploy.conventions import (
     sidecar_config,
 )
 from tests.deploy.render import (
+    CLUSTER_SCOPED,
+    CUSTOM_API_VERSIONS,
     DEPLOY,
     KUBERNETES_VERSIONS,
     OVERLAYS,
@@ -46,6 +48,7 @@ from tests.deploy.render import (
 )
 from tether import demo_server
 from tether.cli import build_parser
+from tether.injector import config_from_args as injector_config
 from tether.model import OwnerName
 
 pytestmark = pytest.mark.skipif(
@@ -72,7 +75,8 @@ def overlay(request: pytest.FixtureRequest, rendered: dict[str, list[Obj]]) -> l
 def test_every_object_is_valid_for_kubernetes(overlay: list[Obj], version: str) -> None:
     assert overlay
     for obj in overlay:
-        validate(obj, version)
+        if obj["apiVersion"] not in CUSTOM_API_VERSIONS:
+            validate(obj, version)
 
 
 def test_the_validator_rejects_what_it_should(rendered: dict[str, list[Obj]]) -> None:
@@ -280,10 +284,20 @@ def test_tether_containers_use_real_flags_and_variables(
                     assert parsed.store, "every overlay chooses a store"
                     parse_store_url(parsed.store)
                     assert parse_listen(parsed.admin_listen) == ("0.0.0.0", 9090)
+                elif command == "injector":
+                    injector = injector_config(parsed)
+                    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+                    assert (injector.listen_port, injector.admin_port) == (
+                        ports["https"],
+                        ports["admin"],
+                    )
+                    assert injector.inject.image == c["image"]
                 else:
                     pytest.fail(f"unexpected command {command!r}")
             seen.add(command)
-    assert seen == {"sidecar", "control-plane", "demo_server"}
+    injecting = any(w["metadata"]["name"] == "tether-injector" for w in workloads(overlay))
+    expected = {"sidecar", "control-plane", "demo_server", *(["injector"] if injecting else [])}
+    assert seen == expected
 
 
 # --- per overlay ----------------------------------------------------------------------------
@@ -359,7 +373,9 @@ def test_external_etcd_brings_no_etcd_of_its_own(rendered: dict[str, list[Obj]])
 
 def test_overlays_share_the_base(rendered: dict[str, list[Obj]]) -> None:
     for name, objects in rendered.items():
-        namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
+        namespaces = {
+            o["metadata"].get("namespace") for o in objects if o["kind"] not in CLUSTER_SCOPED
+        }
         assert namespaces == {"tether"}, name
         assert Path(DEPLOY / "overlays" / name / "kustomization.yaml").is_file()
 
