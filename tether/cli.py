@@ -1,4 +1,5 @@
-"""The `tether` command: `sidecar`, `control-plane`, `sessions` and `demo`.
+"""The `tether` command: `sidecar`, `control-plane`, `sessions`, `injector`, `demo`, `inject`,
+`uninject`.
 
 Each subcommand's flags live beside the code it runs; this module only wires them together so
 that `tether --help` lists everything in one place.
@@ -81,12 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from sidecar.cli import add_sidecar_parser
     from tether.cli_controlplane import add_control_plane_parser, add_sessions_parser
+    from tether.cli_inject import add_inject_parsers
     from tether.demo import add_demo_parser
+    from tether.injector import add_injector_parser
 
     add_sidecar_parser(sub)
     add_control_plane_parser(sub)
     add_sessions_parser(sub)
+    add_injector_parser(sub)
     add_demo_parser(sub)
+    add_inject_parsers(sub)
     for child in _subparsers(parser):
         child.formatter_class = DefaultsHelpFormatter
         # `tether sidecar --log-level debug --log-format json` too: given after the

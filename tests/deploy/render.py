@@ -16,7 +16,11 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
-OVERLAYS = ("dev", "prod", "external-etcd")
+OVERLAYS = ("dev", "prod", "external-etcd", "injector")
+CUSTOM_API_VERSIONS = frozenset({"cert-manager.io/v1"})
+"""Kinds of CRDs (cert-manager's Issuer and Certificate), which kubernetes-validate has no
+schema for: their tests check the fields Tether relies on instead."""
+CLUSTER_SCOPED = frozenset({"Namespace", "MutatingWebhookConfiguration"})
 # Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29:
 # the oldest release the manifests promise to work on, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
@@ -89,7 +93,8 @@ def all_containers(workload: Obj) -> list[Obj]:
 
 def container_env(objects: list[Obj], container: Obj) -> dict[str, str]:
     """The variables a container starts with: ConfigMaps of `envFrom`, then `env` (which wins,
-    as in Kubernetes). Downward-API values become `<fieldPath>` placeholders."""
+    as in Kubernetes). Downward-API values become `<fieldPath>` placeholders, other references
+    (a Secret's key, say) `<kind:...>` ones."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source["configMapRef"]["name"]
@@ -99,8 +104,11 @@ def container_env(objects: list[Obj], container: Obj) -> dict[str, str]:
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = item["value"]
-        else:
+        elif "fieldRef" in item["valueFrom"]:
             env[item["name"]] = "<" + item["valueFrom"]["fieldRef"]["fieldPath"] + ">"
+        else:
+            ((kind, ref),) = item["valueFrom"].items()
+            env[item["name"]] = f"<{kind}:{ref.get('name')}/{ref.get('key')}>"
     return env
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,21 @@ from controlplane.config import EtcdUrl, SqliteUrl, parse_store_url
 from controlplane.identity import Principal, PrincipalKind
 from controlplane.policy import Policy, Role
 from sidecar.cli import config_from_args
-from sidecar.guard import HostPolicy
-from sidecar.reconnect import Outcome, ReconnectPolicy, Retry
+from sidecar.config import SidecarConfig
+from tests.deploy.conventions import (
+    check_container_locked_down,
+    check_control_plane_client_label,
+    check_long_running_containers_have_probes,
+    check_pod_locked_down,
+    check_server_drains_its_sidecar,
+    check_sidecar_answers_service,
+    check_sidecar_outlasts_termination,
+    check_sidecar_probes,
+    sidecar_config,
+)
 from tests.deploy.render import (
+    CLUSTER_SCOPED,
+    CUSTOM_API_VERSIONS,
     DEPLOY,
     KUBERNETES_VERSIONS,
     OVERLAYS,
@@ -37,6 +48,7 @@ from tests.deploy.render import (
 )
 from tether import demo_server
 from tether.cli import build_parser
+from tether.injector import config_from_args as injector_config
 from tether.model import OwnerName
 
 pytestmark = pytest.mark.skipif(
@@ -63,7 +75,8 @@ def overlay(request: pytest.FixtureRequest, rendered: dict[str, list[Obj]]) -> l
 def test_every_object_is_valid_for_kubernetes(overlay: list[Obj], version: str) -> None:
     assert overlay
     for obj in overlay:
-        validate(obj, version)
+        if obj["apiVersion"] not in CUSTOM_API_VERSIONS:
+            validate(obj, version)
 
 
 def test_the_validator_rejects_what_it_should(rendered: dict[str, list[Obj]]) -> None:
@@ -99,36 +112,14 @@ def test_kind_test_overlays_render_and_validate() -> None:
 
 def test_every_container_is_locked_down_and_bounded(overlay: list[Obj]) -> None:
     for workload in workloads(overlay):
-        spec = pod_spec(workload)
-        where = f"{workload['kind']}/{workload['metadata']['name']}"
-        pod_security = spec.get("securityContext", {})
-        assert pod_security.get("runAsNonRoot") is True, where
-        assert pod_security.get("runAsUser", 0) != 0, where
-        assert pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
-        assert spec.get("automountServiceAccountToken") is False, where
+        check_pod_locked_down(workload)
         for c in all_containers(workload):
-            name = f"{where} container {c['name']}"
-            security = c.get("securityContext", {})
-            assert security.get("allowPrivilegeEscalation") is False, name
-            assert security.get("readOnlyRootFilesystem") is True, name
-            assert security.get("capabilities", {}).get("drop") == ["ALL"], name
-            assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True, name
-            assert not security.get("privileged", False), name
-            for bound in ("requests", "limits"):
-                assert set(c.get("resources", {}).get(bound, {})) >= {"cpu", "memory"}, name
-            image = c["image"]
-            assert ":" in image.rsplit("/", 1)[-1], f"{name}: image {image} has no tag"
-            assert not image.endswith(":latest"), name
+            check_container_locked_down(workload, c)
 
 
 def test_every_long_running_container_has_probes(overlay: list[Obj]) -> None:
     for workload in workloads(overlay):
-        spec = pod_spec(workload)
-        sidecars = [c for c in spec.get("initContainers", []) if c.get("restartPolicy")]
-        for c in [*sidecars, *spec["containers"]]:
-            name = f"{workload['metadata']['name']}/{c['name']}"
-            assert "readinessProbe" in c, name
-            assert "livenessProbe" in c, name
+        check_long_running_containers_have_probes(workload)
 
 
 def test_control_plane_probes_grpc_health_and_has_a_budget(overlay: list[Obj]) -> None:
@@ -161,6 +152,7 @@ def test_tether_runs_as_a_native_sidecar_of_the_mcp_server(overlay: list[Obj]) -
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     assert ports == {"http": 8080, "admin": 9090}
     # Health on the admin port, never on the proxied one; startup gates the MCP server.
+    check_sidecar_probes(sidecar)
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
@@ -198,88 +190,41 @@ def test_network_policy_admits_only_sidecars_and_the_cli(overlay: list[Obj]) -> 
     assert container_env(overlay, container)["TETHER_ADMIN_LISTEN"] == "0.0.0.0:9090"
     # Every pod that is configured to reach the control plane carries the label.
     for workload in workloads(overlay):
-        for c in all_containers(workload):
-            if "TETHER_CONTROL_PLANE" in container_env(overlay, c):
-                labels = workload["spec"]["template"]["metadata"]["labels"]
-                assert labels.get(CLIENT_LABEL) == "true", workload["metadata"]["name"]
+        check_control_plane_client_label(workload, lambda c: container_env(overlay, c))
+
+
+def _example_sidecar(
+    overlay: list[Obj], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Obj, Obj, Obj, SidecarConfig]:
+    deployment = find(overlay, "Deployment", "mcp-example")
+    (sidecar,) = pod_spec(deployment)["initContainers"]
+    (server,) = pod_spec(deployment)["containers"]
+    config = sidecar_config(monkeypatch, sidecar, container_env(overlay, sidecar))
+    return deployment, sidecar, server, config
 
 
 def test_sidecar_outlasts_its_pod_termination(
-    overlay: list[Obj], clean_environ: pytest.MonkeyPatch
+    overlay: list[Obj], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When the pod is deleted, Kubernetes stops the MCP server first and the native sidecar
-    only after it: the sidecar must not give up on the vanished upstream (which ends the
-    client's requests with an error) before the grace period ends and it is stopped (which
-    drops the connection, so the client resumes on another pod). Drive the real reconnect
-    policy with the configured budget over many seeds of its jitter."""
-    deployment = find(overlay, "Deployment", "mcp-example")
-    grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
-    (sidecar,) = pod_spec(deployment)["initContainers"]
-    for key, value in container_env(overlay, sidecar).items():
-        clean_environ.setenv(key, value)
-    reconnect = config_from_args(build_parser().parse_args(sidecar["args"])).reconnect
-    for seed in range(200):
-        policy = ReconnectPolicy(reconnect, rng=random.Random(seed))
-        now = 0.0
-        while isinstance(decision := policy.next(Outcome.FAILED, now=now, retry_ms=None), Retry):
-            now += decision.delay
-        assert now > 2 * grace, f"seed {seed}: gave up after {now:.1f}s (grace {grace}s)"
-
-
-SIDECAR_STOP_S = 5
-"""What the README's grace formula allows the sidecar to stop once the server has: end its
-streams, close its listeners, flush the last positions (it is drained by then)."""
-MARGIN_S = 5
+    deployment, _, _, config = _example_sidecar(overlay, monkeypatch)
+    check_sidecar_outlasts_termination(deployment, config)
 
 
 def test_the_mcp_server_drains_its_sidecar_before_it_stops(
-    overlay: list[Obj], clean_environ: pytest.MonkeyPatch
+    overlay: list[Obj], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue #12, the order the kubelet follows on pod deletion: the server's preStop hook
-    (HTTP, on the sidecar's admin port: the server cannot run `tether`) blocks until the
-    sidecar has drained; then SIGTERM to the server; the native sidecar stops after it. The
-    grace period holds all three (README, "Rolling an MCP server")."""
-    deployment = find(overlay, "Deployment", "mcp-example")
-    spec = pod_spec(deployment)
-    (sidecar,) = spec["initContainers"]
-    (server,) = spec["containers"]
-    assert sidecar["restartPolicy"] == "Always"  # stopped after the server
-    for key, value in container_env(overlay, sidecar).items():
-        clean_environ.setenv(key, value)
-    config = config_from_args(build_parser().parse_args(sidecar["args"]))
-    hook = server["lifecycle"]["preStop"]["httpGet"]
-    assert hook["path"] == "/drain"
-    assert hook["port"] == config.admin_port
-    assert "host" not in hook  # the pod's IP: the admin port must listen on it
-    assert config.admin_host == "0.0.0.0"
-    assert "preStop" not in sidecar.get("lifecycle", {})  # drained by the server's hook
-    grace = spec["terminationGracePeriodSeconds"]
-    server_stop = demo_server.SHUTDOWN_GRACE_S
-    assert grace >= config.drain_timeout + server_stop + SIDECAR_STOP_S + MARGIN_S, (
-        f"terminationGracePeriodSeconds {grace} < drain timeout {config.drain_timeout} + "
-        f"server stop {server_stop} + sidecar stop {SIDECAR_STOP_S} + margin {MARGIN_S}"
+    deployment, sidecar, server, config = _example_sidecar(overlay, monkeypatch)
+    check_server_drains_its_sidecar(
+        deployment, sidecar, server, config, server_stop_s=demo_server.SHUTDOWN_GRACE_S
     )
 
 
 def test_sidecar_answers_every_name_of_the_service_in_front_of_it(
-    overlay: list[Obj], clean_environ: pytest.MonkeyPatch
+    overlay: list[Obj], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sidecar refuses Host names it was not told (DNS rebinding): the Service's names,
-    in this namespace, must be allowed by the real policy built from the rendered settings."""
-    deployment = find(overlay, "Deployment", "mcp-example")
+    _, _, _, config = _example_sidecar(overlay, monkeypatch)
     service = find(overlay, "Service", "mcp-example")
-    (sidecar,) = pod_spec(deployment)["initContainers"]
-    for key, value in container_env(overlay, sidecar).items():
-        clean_environ.setenv(key, value)
-    config = config_from_args(build_parser().parse_args(sidecar["args"]))
-    policy = HostPolicy(config.allowed_hosts, listen_host=config.listen_host)
-    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
-    port = service["spec"]["ports"][0]["port"]
-    svc = f"{name}.{namespace}.svc"
-    for host in (name, f"{name}.{namespace}", svc, f"{svc}.cluster.local"):
-        for value in (host, f"{host}:{port}"):
-            assert policy.allows(value), value
-    assert not policy.allows(f"{name}.elsewhere.example")
+    check_sidecar_answers_service(config, service, service["metadata"]["namespace"])
 
 
 # --- the settings are ones the real CLI accepts ---------------------------------------------
@@ -339,10 +284,20 @@ def test_tether_containers_use_real_flags_and_variables(
                     assert parsed.store, "every overlay chooses a store"
                     parse_store_url(parsed.store)
                     assert parse_listen(parsed.admin_listen) == ("0.0.0.0", 9090)
+                elif command == "injector":
+                    injector = injector_config(parsed)
+                    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+                    assert (injector.listen_port, injector.admin_port) == (
+                        ports["https"],
+                        ports["admin"],
+                    )
+                    assert injector.inject.image == c["image"]
                 else:
                     pytest.fail(f"unexpected command {command!r}")
             seen.add(command)
-    assert seen == {"sidecar", "control-plane", "demo_server"}
+    injecting = any(w["metadata"]["name"] == "tether-injector" for w in workloads(overlay))
+    expected = {"sidecar", "control-plane", "demo_server", *(["injector"] if injecting else [])}
+    assert seen == expected
 
 
 # --- per overlay ----------------------------------------------------------------------------
@@ -418,7 +373,9 @@ def test_external_etcd_brings_no_etcd_of_its_own(rendered: dict[str, list[Obj]])
 
 def test_overlays_share_the_base(rendered: dict[str, list[Obj]]) -> None:
     for name, objects in rendered.items():
-        namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
+        namespaces = {
+            o["metadata"].get("namespace") for o in objects if o["kind"] not in CLUSTER_SCOPED
+        }
         assert namespaces == {"tether"}, name
         assert Path(DEPLOY / "overlays" / name / "kustomization.yaml").is_file()
 

@@ -52,6 +52,8 @@ async def tether(*argv: str | int, cwd: Path) -> tuple[int, str]:
     return proc.returncode, err.decode()
 
 
+INJECTOR = ["injector", "--tls-cert", "tls.crt", "--tls-key", "tls.key", "--sidecar-image", "t:1"]
+
 INFO_LOG = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO ")
 
 
@@ -88,6 +90,15 @@ def one_line(err: str) -> str:
         (["control-plane", "--listen", "127.0.0.1:{busy}"], "cannot listen on"),
         (
             ["control-plane", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:{busy}"],
+            "--admin-listen",
+        ),
+        (
+            # The port is checked before the certificate is read: these files need not exist.
+            [*INJECTOR, "--listen", "127.0.0.1:{busy}"],
+            "--listen",
+        ),
+        (
+            [*INJECTOR, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:{busy}"],
             "--admin-listen",
         ),
         (["demo", "--port", "{busy}", "--admin-port", "0"], "--port"),

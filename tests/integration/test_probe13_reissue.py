@@ -21,42 +21,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.listen import ACKNOWLEDGED, SUBSCRIPTION_ID
 from sidecar.reconnect import ReconnectConfig
 from tests.integration.conftest import SidecarFactory, serve_app
+from tests.integration.test_reissue import HEADERS, MCP, Script, request, sse
 from tests.support.procs import free_port
 from tests.support.waiting import eventually
 
-MCP = "/mcp"
-MODERN = "2026-07-28"
-HEADERS = {
-    "Accept": "application/json, text/event-stream",
-    "Content-Type": "application/json",
-    "MCP-Protocol-Version": MODERN,
-}
 FAST = ReconnectConfig(initial_delay=0.01, max_delay=0.05, max_attempts=3, max_elapsed=10)
-ENVELOPE = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
-    "io.modelcontextprotocol/clientCapabilities": {},
-}
-
-
-def request(method: str, rid: int | str = 1, **params: Any) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": rid, "method": method, "params": {**params, "_meta": ENVELOPE}}
-
-
-def sse(msg: dict[str, Any]) -> bytes:
-    return f"event: message\r\ndata: {json.dumps(msg)}\r\n\r\n".encode()
 
 
 def ack(rid: Any, params: dict[str, Any]) -> dict[str, Any]:
-    meta = {SUBSCRIPTION_ID: rid}
-    honoured = params.get("notifications", {})
-    return {
-        "jsonrpc": "2.0",
-        "method": ACKNOWLEDGED,
-        "params": {"notifications": honoured, "_meta": meta},
-    }
+    return Script.ack(rid, {"notifications": {}, **params})
 
 
 # -- rule 4: a JSON answer is held whole, with no time or size bound ----------------------------

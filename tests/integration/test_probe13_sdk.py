@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.conftest import SidecarFactory
 from tests.integration.test_demo_server import start_demo
-from tests.integration.test_probe13_reissue import HEADERS, MCP, request
+from tests.integration.test_reissue import HEADERS, MCP, request
 from tests.support.procs import ProcessPool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]

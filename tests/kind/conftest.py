@@ -29,6 +29,8 @@ NAMESPACE = "tether"
 CLUSTER = os.environ.get("TETHER_KIND_CLUSTER", "tether-kind-test")
 # kind-config.yaml maps the MCP example's node port here.
 MCP_URL = "http://127.0.0.1:30080/mcp"
+# ... and the injected example's (overlays/injected-app) here.
+INJECTED_MCP_URL = "http://127.0.0.1:30081/mcp"
 ROLLOUT_TIMEOUT = "240s"
 
 
@@ -65,9 +67,11 @@ def run(argv: Sequence[str], *, timeout: float = 600, stdin: str | None = None) 
 class Cluster:
     name: str
 
-    def kubectl(self, *args: str, timeout: float = 300, stdin: str | None = None) -> str:
+    def kubectl(
+        self, *args: str, timeout: float = 300, stdin: str | None = None, namespace: str = NAMESPACE
+    ) -> str:
         return run(
-            ["kubectl", "--context", f"kind-{self.name}", "-n", NAMESPACE, *args],
+            ["kubectl", "--context", f"kind-{self.name}", "-n", namespace, *args],
             timeout=timeout,
             stdin=stdin,
         )

@@ -1,5 +1,6 @@
 """Tether on a real Kubernetes cluster (kind): the dev overlay as a user applies it, an MCP
-client through the sidecar, and the MCP server's pod deleted mid-stream.
+client through the sidecar, the MCP server's pod deleted mid-stream, a rollout, and the
+injecting webhook adding Tether to an unmodified MCP server Deployment.
 
 Skipped, with the reason, where kind, kubectl or a Docker engine is missing (see conftest.py
 for the one command that runs them).
@@ -8,14 +9,17 @@ for the one command that runs them).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp import Client
 
-from tests.kind.conftest import HERE, MCP_URL, REPO_ROOT, SKIP_REASON, Cluster
+from tests.kind.conftest import HERE, INJECTED_MCP_URL, MCP_URL, REPO_ROOT, SKIP_REASON, Cluster
+from tests.support.certs import CertificateAuthority
 from tests.support.waiting import eventually
 
 pytestmark = [
@@ -227,3 +231,81 @@ async def test_rollout_restart_mid_calls_fails_no_call(kind_cluster: Cluster) ->
         await asyncio.gather(*clients, return_exceptions=True)
     assert failures == [], failures
     assert calls > 2 * len(clients), "the calls went on through the rollout"
+
+
+async def test_an_unmodified_deployment_in_an_injection_namespace_runs_behind_tether(
+    kind_cluster: Cluster, tmp_path: Path
+) -> None:
+    """Issue #15 on a real cluster: the injecting webhook (deploy/components/injector, its
+    certificate provided as the README's "Secret you provide" says) adds the sidecar to the
+    pods of a plain MCP server Deployment in a namespace labelled `tether.dev/inject=enabled`;
+    an SDK client reaches the server through that sidecar, and the session is in the control
+    plane under the pod's name."""
+    ca = CertificateAuthority(tmp_path)
+    names = ("tether-injector.tether.svc", "tether-injector.tether.svc.cluster.local")
+    serving = ca.issue("injector", server=True, dns_names=names)
+    await kubectl(
+        kind_cluster,
+        "create",
+        "secret",
+        "tls",
+        "tether-injector-tls",
+        f"--cert={serving.cert}",
+        f"--key={serving.key}",
+    )
+    await asyncio.to_thread(kind_cluster.apply, HERE / "overlays" / "injector")
+    bundle = base64.b64encode(ca.pair.cert.read_bytes()).decode()
+    patch = [
+        {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle}
+        for i in (0, 1)
+    ]
+    await kubectl(
+        kind_cluster,
+        "patch",
+        "mutatingwebhookconfiguration",
+        "tether-injector",
+        "--type=json",
+        f"--patch={json.dumps(patch)}",
+    )
+    await kubectl(kind_cluster, "rollout", "status", "deployment/tether-injector", "--timeout=240s")
+
+    # Its objects name their namespace: applied there, not in tether's.
+    app = str(HERE / "overlays" / "injected-app")
+    await asyncio.to_thread(kind_cluster.kubectl, "apply", "-k", app, namespace="mcp-injected")
+
+    def in_app(*args: str) -> str:
+        return kind_cluster.kubectl(*args, namespace="mcp-injected")
+
+    await asyncio.to_thread(in_app, "rollout", "status", "deployment/plain-mcp", "--timeout=240s")
+    pods = json.loads(
+        await asyncio.to_thread(in_app, "get", "pods", "-l", "app=plain-mcp", "-o", "json")
+    )
+    (pod,) = pods["items"]
+    sidecars = [c for c in pod["spec"].get("initContainers", []) if c["name"] == "tether-sidecar"]
+    assert len(sidecars) == 1, pod["spec"]
+    assert sidecars[0]["restartPolicy"] == "Always"  # a native sidecar
+    (server,) = pod["spec"]["containers"]
+    assert server["lifecycle"]["preStop"]["httpGet"]["path"] == "/drain"
+    assert "tether.dev/injected" in pod["metadata"]["annotations"]
+
+    async def served() -> bool:
+        async with Client(INJECTED_MCP_URL, mode="legacy") as client:
+            result = await client.call_tool("echo", {"text": "through tether"})
+            return text_of(result) == "through tether"
+
+    await eventually(
+        served, timeout=120, interval=1, ignoring=(Exception,), what="the injected pod serving"
+    )
+    owner = f"{pod['metadata']['name']}@mcp-injected"  # a pod outside the home namespace
+    listed = await kubectl(
+        kind_cluster,
+        "exec",
+        "deployment/tether-control-plane",
+        "--",
+        "tether",
+        "sessions",
+        "list",
+        "--control-plane",
+        "127.0.0.1:50051",
+    )
+    assert owner in listed, listed

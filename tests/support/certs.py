@@ -57,9 +57,15 @@ class CertificateAuthority:
         self.pair = _write(directory, name, self.cert, self.key)
 
     def issue(
-        self, stem: str, *, server: bool, uris: tuple[str, ...] = (), common_name: str | None = None
+        self,
+        stem: str,
+        *,
+        server: bool,
+        uris: tuple[str, ...] = (),
+        common_name: str | None = None,
+        dns_names: tuple[str, ...] = ("localhost",),
     ) -> Pair:
-        """A leaf: a server's for localhost and 127.0.0.1, or a client's with `uris` as URI
+        """A leaf: a server's for `dns_names` and 127.0.0.1, or a client's with `uris` as URI
         SANs (a SPIFFE id, say); its subject CN is `common_name`, else `stem`."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
@@ -81,7 +87,10 @@ class CertificateAuthority:
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    [
+                        *(x509.DNSName(name) for name in dns_names),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
                 ),
                 critical=False,
             )

@@ -124,7 +124,7 @@ def _subcommand(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-@pytest.mark.parametrize("command", ["sidecar", "control-plane"])
+@pytest.mark.parametrize("command", ["sidecar", "control-plane", "injector"])
 def test_every_option_of_the_servers_has_a_variable(command: str) -> None:
     for action in _subcommand(command)._actions:
         if action.option_strings and action.dest != "help":
@@ -155,7 +155,7 @@ def test_real_parsers_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_readme_table_lists_every_variable() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for command in ("sidecar", "control-plane"):
+    for command in ("sidecar", "control-plane", "injector"):
         for action in _subcommand(command)._actions:
             if action.option_strings and action.dest != "help":
                 variable = "TETHER_" + action.dest.upper()
