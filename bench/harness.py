@@ -51,6 +51,7 @@ from bench.procs import (
     rss_mib,
     self_cpu_seconds,
 )
+from bench.stats import percentile
 from sidecar.tracker import EventId
 from tether.api.client import SessionClient
 from tether.api.v1 import sessions_pb2 as pb
@@ -129,13 +130,6 @@ PRESETS = {
         mcp=mcp_group.McpSizes(calls=8, notifications=40, open_calls=10),
     ),
 }
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(1, round(q / 100 * len(ordered) + 0.5 - 1e-9))
-    return ordered[min(len(ordered), rank) - 1]
 
 
 @dataclass

@@ -35,13 +35,14 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx2
+import mcp_types
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from bench.procs import Child, cpu_seconds_fine, self_cpu_seconds
+from bench.procs import Child, cpu_seconds_fine, rss_hwm_mib, self_cpu_seconds
+from bench.stats import percentile
 
 REVISIONS = ("2025-11-25", "2026-07-28")
 """`mcp.Client` modes: "legacy" negotiates 2025-11-25; a modern version string pins it."""
@@ -95,23 +96,6 @@ class McpFigures:
         return (self.rss_open_mib - self.rss_before_mib) * 1024 / self.open_calls
 
 
-def memory_mib(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process, MiB."""
-    values: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = max(1, round(q / 100 * len(ordered) + 0.5 - 1e-9))
-    return ordered[min(len(ordered), rank) - 1]
-
-
 @contextlib.asynccontextmanager
 async def sdk_client(port: int, revision: str, connections: int) -> AsyncIterator[Client]:
     """`mcp.Client` on `revision`, its HTTP pool wide enough for `connections` open calls
@@ -127,10 +111,12 @@ async def sdk_client(port: int, revision: str, connections: int) -> AsyncIterato
             yield client
 
 
-def text(result: Any) -> str:
-    if result.is_error:
-        raise RuntimeError(f"tool call failed: {result.content}")
-    return str(result.content[0].text)
+def text(result: mcp_types.CallToolResult) -> str:
+    """The text a tool answered; raises for an error or any other answer."""
+    match result.content:
+        case [mcp_types.TextContent(text=answer)] if not result.is_error:
+            return answer
+    raise RuntimeError(f"tool call failed: {result.content}")
 
 
 async def noop_calls(client: Client, n: int) -> list[float]:
@@ -184,13 +170,16 @@ async def hold_open(
     client: Client, control: Client, proxy: Child | None, count: int
 ) -> tuple[float, float, float] | None:
     """`count` calls held open through `client`; the proxy's (RSS before, RSS open, HWM)."""
-    before = memory_mib(proxy.pid)[0] if proxy is not None else None
+    before = rss_hwm_mib(proxy.pid)[0] if proxy is not None else None
     async with asyncio.TaskGroup() as group:
-        calls = [group.create_task(client.call_tool("hold", {})) for _ in range(count)]
+        calls = [
+            group.create_task(client.call_tool("hold", {}), name=f"mcp-hold-{i}")
+            for i in range(count)
+        ]
         async with asyncio.timeout(CALL_TIMEOUT_S):
             await control.call_tool("holding", {"at_least": count})
         await asyncio.sleep(0.5)  # let the proxy settle (reports sent, buffers allocated)
-        memory = memory_mib(proxy.pid) if proxy is not None else None
+        memory = rss_hwm_mib(proxy.pid) if proxy is not None else None
         released = int(text(await control.call_tool("release", {})))
         if released != count:
             raise RuntimeError(f"{released} held calls released, {count} were opened")

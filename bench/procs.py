@@ -77,6 +77,16 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def rss_hwm_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM: the peak RSS so far) of a process, MiB."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
 def python_module(module: str, *args: object) -> list[str]:
     return [sys.executable, "-m", module, *map(str, args)]
 
