@@ -119,7 +119,7 @@ class Pump:
             stream.settle()
             self.registry.finishing.discard(stream)
             self.continuity.report_position(stream)
-            self.registry.trim_lingering(self.config.linger_max_bytes)
+            self.registry.trim_lingering(self.config.linger_max_bytes, stream)
 
     async def _reconnect_after(
         self, stream: LiveStream, step: Reconnect, attempt: int

@@ -150,10 +150,10 @@ class Session:
     reported: bool = False
     """The control plane has (or is being sent) this session's record."""
     persisted_streams: dict[StreamId, StreamPosition] = field(default_factory=dict)
+    """Stream positions from the control plane when the session was adopted."""
     credential_fingerprint: str | None = None
     """SHA-256 of the Authorization header that created the session ("" for none); None
     until the sidecar has seen it."""
-    """Stream positions from the control plane when the session was adopted."""
 
 
 TAKEN_OVER = "session taken over by another sidecar"
@@ -176,6 +176,12 @@ class Registry:
         self.finishing: set[LiveStream] = set()
         """Streams of sessions no longer served here, left to finish a response in flight
         (continuity invariant 10); each leaves the set when its pump ends."""
+        self._lingering: dict[LiveStream, int] = {}
+        """Finished streams without a client, kept for late resumes, oldest first, with the
+        replay bytes each held when it began to linger: `trim_lingering` pops from the front
+        instead of scanning every stream each time one ends (that scan made a session's
+        every call cost more than the last)."""
+        self._lingering_bytes = 0
         self.session_ended: list[Callable[[str], None]] = []
         """Called with the id of every session let go (dropped or expired), so that what
         others keep per session (the reporter's) is freed with it. Must not raise."""
@@ -244,6 +250,7 @@ class Registry:
 
     def remove_stream(self, stream: LiveStream) -> None:
         self.streams.pop(stream.stream_id, None)
+        self.unlinger(stream)
         if stream.legacy_session and self.legacy_sessions.get(stream.legacy_session) is stream:
             del self.legacy_sessions[stream.legacy_session]
         if stream.session_id is not None:
@@ -261,6 +268,7 @@ class Registry:
         streams = list(sess.streams.values())
         for s in streams:
             self.streams.pop(s.stream_id, None)
+            self.unlinger(s)
         self._ended(session_id)
         return streams
 
@@ -289,23 +297,35 @@ class Registry:
                 self._ended(sid)
         return to_stop
 
-    def trim_lingering(self, budget: int) -> int:
-        """Bound the memory of finished streams kept for late resumes: while their replay
-        buffers hold more than `budget` bytes, forget the longest-finished ones (a client
-        resuming one later gets 410 and starts anew). Returns how many were forgotten."""
-        lingering = [s for s in self.streams.values() if s.ended and not s.clients]
-        held = sum(s.tracker.buffered_bytes for s in lingering)
-        if held <= budget:
-            return 0
-        lingering.sort(key=lambda s: s.idle_since)
+    def trim_lingering(self, budget: int, stream: LiveStream | None = None) -> int:
+        """Bound the memory of finished streams kept for late resumes: `stream`, if it now
+        lingers (finished, no client), is counted; then, while lingering streams hold more
+        than `budget` replay bytes, the longest-lingering are forgotten (a client resuming one
+        later gets 410 and starts anew). Returns how many were forgotten. Each call costs
+        what it forgets, not the number of streams."""
+        if (
+            stream is not None
+            and stream.ended
+            and not stream.clients
+            and self.streams.get(stream.stream_id) is stream
+        ):
+            self.unlinger(stream)
+            held = stream.tracker.buffered_bytes
+            self._lingering[stream] = held
+            self._lingering_bytes += held
         dropped = 0
-        for stream in lingering:
-            if held <= budget:
-                break
-            held -= stream.tracker.buffered_bytes
-            self.remove_stream(stream)
+        while self._lingering_bytes > budget and self._lingering:
+            oldest = next(iter(self._lingering))
+            self.unlinger(oldest)
+            self.remove_stream(oldest)
             dropped += 1
         return dropped
+
+    def unlinger(self, stream: LiveStream) -> None:
+        """`stream` no longer lingers: a client is back, or it is gone."""
+        held = self._lingering.pop(stream, None)
+        if held is not None:
+            self._lingering_bytes -= held
 
     def serving(self, *, now: float, active_within: float) -> list[str]:
         """Sessions this sidecar serves: a client attached or a stream open, or a request

@@ -59,6 +59,7 @@ class Writer:
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"
         stream.attach()
+        self.registry.unlinger(stream)
         self.active += 1
         position = after_seq
         try:
@@ -83,7 +84,7 @@ class Writer:
             self.registry.client_left(stream)
             self.active -= 1
             if stream.ended:  # its client was the last thing keeping it in full
-                self.registry.trim_lingering(self.config.linger_max_bytes)
+                self.registry.trim_lingering(self.config.linger_max_bytes, stream)
         return out
 
     async def _prime(self, out: web.StreamResponse, stream: LiveStream) -> int:
