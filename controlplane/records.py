@@ -39,6 +39,11 @@ Rules:
      the id (a viewer's listing, a log) could create a session of its own bound to its own
      credential, and a sidecar would forward its requests into another client's upstream
      session.
+  11. Bounded: a record keeps the positions of at most `MAX_STREAM_POSITIONS` streams, the
+     most recently moved; past it the one that moved longest ago is dropped. Every call of a
+     session is a stream, so a long-lived session would otherwise grow its record (and every
+     watch event carrying it) with each call, past etcd's value limit. A dropped position is a
+     stream finished long ago, which a sidecar adopting the session no longer resumes (410).
 Refused writes change nothing; `refusal` and `recreation_refusal` say why, for the
 acknowledgement.
 """
@@ -60,6 +65,9 @@ from tether.model import (
     StreamPosition,
     StreamUpdate,
 )
+
+MAX_STREAM_POSITIONS = 128
+"""Rule 11: stream positions one record keeps."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +139,19 @@ class ClaimRefusedError(Exception):
 def _merge_streams(
     streams: dict[StreamId, StreamPosition], positions: Iterable[StreamPosition], epoch: int
 ) -> bool:
-    """Merge positions written under `epoch` into `streams` in place; True if any moved."""
+    """Merge positions written under `epoch` into `streams` in place, a moved one placed last
+    (rule 11: the dict is in order of last move), then bound it; True if any moved."""
     moved = False
     for p in positions:
         if p.owner_epoch != epoch:
             continue
         old = streams.get(p.stream_id)
         if old is None or p.order > old.order:
+            streams.pop(p.stream_id, None)
             streams[p.stream_id] = p
             moved = True
+    while len(streams) > MAX_STREAM_POSITIONS:
+        del streams[next(iter(streams))]
     return moved
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from controlplane.batcher import PendingWrites, acknowledge
 from controlplane.records import (
+    MAX_STREAM_POSITIONS,
     ClaimRefusedError,
     MergeResult,
     Refusal,
@@ -268,3 +269,29 @@ def test_acknowledge_reports_a_refused_as_invalid() -> None:
         ("", RejectionReason.INVALID, "re-created with another credential"),
         ("a", RejectionReason.INVALID, "re-created with another credential"),
     ]
+
+
+def test_rule11_a_record_keeps_the_most_recently_moved_streams() -> None:
+    """Every call of a session is a stream: the record keeps the latest `MAX_STREAM_POSITIONS`
+    of them, and a long-lived stream that keeps moving (a GET stream) is never the one
+    dropped."""
+    record = apply_writes(None, [SessionUpsert(rec(0)), upd(1, stream="get")], now=1, ttl=60)
+    current = record.record
+    for call in range(3 * MAX_STREAM_POSITIONS):
+        writes = [upd(1, stream=f"post-{call}"), upd(call + 2, stream="get")]
+        current = apply_writes(current, writes, now=2, ttl=60).record
+        assert current is not None
+        assert len(current.streams) <= MAX_STREAM_POSITIONS
+    assert current is not None
+    assert current.streams[StreamId("get")].seq == 3 * MAX_STREAM_POSITIONS + 1
+    kept = {f"post-{c}" for c in range(2 * MAX_STREAM_POSITIONS + 1, 3 * MAX_STREAM_POSITIONS)}
+    assert set(current.streams) == kept | {"get"}
+
+
+@given(st.lists(st.tuples(st.integers(0, 1000), st.integers(1, 5)), min_size=200, max_size=400))
+def test_rule11_holds_for_any_order_of_updates(moves: list[tuple[int, int]]) -> None:
+    current = apply_writes(None, [SessionUpsert(rec(0))], now=1, ttl=60).record
+    for stream, seq in moves:
+        current = apply_writes(current, [upd(seq, stream=f"s{stream}")], now=2, ttl=60).record
+        assert current is not None
+        assert len(current.streams) <= MAX_STREAM_POSITIONS
