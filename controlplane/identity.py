@@ -51,11 +51,9 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import enum
 import hmac
-import inspect
 import json
 import logging
 import os
@@ -71,6 +69,7 @@ import jwt
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from controlplane.handlers import wrapped
 from tether.grpc_security import HEALTH_PREFIX, SecurityConfigError, ServerSecurity, read_token
 from tether.logthrottle import ThrottledLog
 from tether.model import InvalidIdError, OwnerName, parse_owner
@@ -421,7 +420,7 @@ class AuthenticationInterceptor(_ServerInterceptor):
             return handler
         if self.authenticator.open:
             return handler  # rule 5: `current_principal` is ANONYMOUS without a wrapper
-        return _wrapped(handler, self._enter)
+        return wrapped(handler, self._enter)
 
     async def _enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         authorization = None
@@ -446,39 +445,6 @@ class AuthenticationInterceptor(_ServerInterceptor):
             )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         _current.set(principal)
-
-
-def _wrapped(handler: Any, enter: Callable[[Any], Awaitable[None]]) -> Any:
-    """A handler of the same shape as `handler` that runs `enter(context)` first."""
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
-
-        async def unary(request: Any, context: Any) -> Any:
-            await enter(context)
-            return await inner(request, context)
-
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary, **kw)
-        return grpc.stream_unary_rpc_method_handler(unary, **kw)
-    inner = handler.unary_stream or handler.stream_stream
-
-    async def streaming(request: Any, context: Any) -> Any:
-        await enter(context)
-        result = inner(request, context)
-        if not inspect.isasyncgen(result):
-            await result  # a handler that writes with context.write()
-            return
-        async with contextlib.aclosing(result) as responses:
-            async for response in responses:
-                yield response
-
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
 
 
 def authenticator_for(

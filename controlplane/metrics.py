@@ -22,9 +22,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,11 +30,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 
-from tether.buildinfo import register_build_info
+from controlplane.handlers import OnError, wrapped
+from tether.buildinfo import register_process_metrics
 from tether.model import RejectionReason
 
 if TYPE_CHECKING:  # generic in the type stubs only; not subscriptable at run time
@@ -92,10 +88,7 @@ class ControlPlaneMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
-        register_build_info(r, component="control-plane")
+        register_process_metrics(r, component="control-plane")
         rpc_labels = ["grpc_service", "grpc_method", "grpc_type"]
         self.rpcs = Counter(
             PREFIX + "grpc_handled",
@@ -215,9 +208,9 @@ class MetricsInterceptor(_ServerInterceptor):
         counted = self.metrics.rpcs
         seconds = self.metrics.rpc_seconds.labels(service, method, kind)
 
-        def start(context: Any) -> list[grpc.StatusCode]:
-            """Arrange for the call to be recorded when done; returns where a handler's
-            unexpected exception is noted."""
+        async def start(context: Any) -> OnError:
+            """Arrange for the call to be recorded when done; returns what notes a handler's
+            unexpected exception."""
             started = time.monotonic()
             raised: list[grpc.StatusCode] = []
 
@@ -231,54 +224,16 @@ class MetricsInterceptor(_ServerInterceptor):
                     self.metrics.reject(Reason.UNAUTHENTICATED)
 
             context.add_done_callback(done)
-            return raised
 
-        return _instrumented(handler, start)
+            def failed(e: BaseException) -> None:
+                if _unexpected(e):
+                    raised.append(grpc.StatusCode.UNKNOWN)
+
+            return failed
+
+        return wrapped(handler, start)
 
 
 def _unexpected(e: BaseException) -> bool:
     """An exception gRPC turns into UNKNOWN (an abort carries its own code)."""
     return isinstance(e, Exception) and not isinstance(e, grpc.aio.AbortError)
-
-
-def _instrumented(handler: Any, start: Callable[[Any], list[grpc.StatusCode]]) -> Any:
-    """A handler of the same shape as `handler` that runs `start(context)` first."""
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
-
-        async def unary(request: Any, context: Any) -> Any:
-            raised = start(context)
-            try:
-                return await inner(request, context)
-            except BaseException as e:
-                if _unexpected(e):
-                    raised.append(grpc.StatusCode.UNKNOWN)
-                raise
-
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary, **kw)
-        return grpc.stream_unary_rpc_method_handler(unary, **kw)
-    inner = handler.unary_stream or handler.stream_stream
-
-    async def streaming(request: Any, context: Any) -> Any:
-        raised = start(context)
-        try:
-            result = inner(request, context)
-            if not inspect.isasyncgen(result):
-                await result  # a handler that writes with context.write()
-                return
-            async with contextlib.aclosing(result) as responses:
-                async for response in responses:
-                    yield response
-        except BaseException as e:
-            if _unexpected(e):
-                raised.append(grpc.StatusCode.UNKNOWN)
-            raise
-
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming, **kw)

@@ -16,12 +16,9 @@ from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 
 from sidecar.reconnect import Outcome
-from tether.buildinfo import register_build_info
+from tether.buildinfo import register_process_metrics
 
 if TYPE_CHECKING:
     from sidecar.reporter import Reporter
@@ -196,12 +193,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        # The default registry's process, platform and GC collectors, on this registry: a
-        # sidecar's `/metrics` shows its memory, CPU, open files and collections too.
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
-        register_build_info(r, component="sidecar")
+        register_process_metrics(r, component="sidecar")
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(f"tether_sidecar_{name}", doc, registry=r)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 import tether
 
@@ -33,3 +36,13 @@ def register_build_info(registry: CollectorRegistry, *, component: str) -> Gauge
     )
     gauge.labels(tether_version(), component).set(1)
     return gauge
+
+
+def register_process_metrics(registry: CollectorRegistry, *, component: str) -> None:
+    """What every Tether process exports besides its own metrics: the default registry's
+    process, platform and GC collectors (memory, CPU, open files, collections), on
+    `registry`, and `tether_build_info`."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    register_build_info(registry, component=component)
