@@ -45,7 +45,6 @@ from sidecar.headers import (
     LAST_EVENT_ID,
     SESSION_HEADER,
     SSE_TYPE,
-    cut_short,
     downstream_headers,
     error_response,
     expects_priming,
@@ -64,7 +63,7 @@ from sidecar.reissue import (
     may_reissue,
     read_call,
 )
-from sidecar.resilient import Resilient, end_upstream
+from sidecar.resilient import Resilient, body_broke, end_upstream
 from sidecar.resume import Resume
 from sidecar.streams import Registry, Session
 from sidecar.tracing import NO_SPAN, NO_TRACING, Span, Tracing
@@ -674,16 +673,7 @@ class Proxy:
             if kept:
                 self.resilient.hints.learn_answer(b"".join(kept), request.path)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            self.warnings.log(
-                ("upstream body broke",),
-                "responses whose upstream body broke",
-                logging.WARNING,
-                "%s %s: upstream body broke: %s",
-                request.method,
-                request.path,
-                describe_upstream_error(exc),
-            )
-            cut_short(request)
+            body_broke(self.warnings, request, exc)
         finally:
             self._listens.discard(resp)
             resp.release()

@@ -320,16 +320,7 @@ class Resilient:
                 if lesson is not None:
                     lesson.feed(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            self.warnings.log(
-                ("upstream body broke",),
-                "re-issuable answers whose upstream body broke",
-                logging.WARNING,
-                "%s %s: upstream body broke: %s",
-                request.method,
-                request.path,
-                describe_upstream_error(exc),
-            )
-            cut_short(request)
+            body_broke(self.warnings, request, exc)
             return False
         return True
 
@@ -499,6 +490,21 @@ class _Listening:
             except TimeoutError:
                 if wake - loop.time() > 0:
                     await self.out.write(self.keeper.keepalive())
+
+
+def body_broke(warnings: ThrottledLog, request: web.Request, exc: BaseException) -> None:
+    """An answer's upstream body broke after some of it went out: say so (throttled) and cut
+    the client's connection short, so the truncated answer never reads as a whole one."""
+    warnings.log(
+        ("upstream body broke",),
+        "answers whose upstream body broke",
+        logging.WARNING,
+        "%s %s: upstream body broke: %s",
+        request.method,
+        request.path,
+        describe_upstream_error(exc),
+    )
+    cut_short(request)
 
 
 def end_upstream(resp: aiohttp.ClientResponse) -> None:
