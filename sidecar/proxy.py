@@ -63,7 +63,7 @@ from sidecar.reissue import (
     may_reissue,
     read_call,
 )
-from sidecar.resilient import Resilient, body_broke, end_upstream
+from sidecar.resilient import Lesson, Resilient, body_broke, end_upstream
 from sidecar.resume import Resume
 from sidecar.streams import Registry, Session
 from sidecar.tracing import NO_SPAN, NO_TRACING, Span, Tracing
@@ -657,21 +657,21 @@ class Proxy:
         sse = resp.headers.get("Content-Type", "").startswith(SSE_TYPE)
         self.writer.active += sse
         # A `tools/list` answer in JSON teaches which tools are safe to send again
-        # (`sidecar.reissue` rule 2): kept while it fits, read once it is whole.
-        kept: list[bytes] | None = [] if learn and not sse and resp.status == 200 else None
-        kept_size = 0
+        # (`sidecar.reissue` rule 2).
+        lesson = (
+            Lesson(self.resilient, request.path, sse=False)
+            if learn and not sse and resp.status == 200
+            else None
+        )
         try:
             await out.prepare(request)
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)
-                if kept is not None:
-                    kept.append(chunk)
-                    kept_size += len(chunk)
-                    if kept_size > self.config.max_event_bytes:
-                        kept = None
+                if lesson is not None:
+                    lesson.feed(chunk)
             await out.write_eof()
-            if kept:
-                self.resilient.hints.learn_answer(b"".join(kept), request.path)
+            if lesson is not None:
+                lesson.end()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             body_broke(self.warnings, request, exc)
         finally:

@@ -93,7 +93,7 @@ class _ListenLink:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class _Lesson:
+class Lesson:
     """What a `tools/list` answer teaches (`sidecar.reissue` rule 2), read as it passes: each
     event of a stream, or a JSON answer once whole (kept up to `--max-event-bytes`)."""
 
@@ -266,7 +266,7 @@ class Resilient:
         stream), within `COMMIT_HOLD` and `HOLD_BYTES`; `_Broken` if it broke before."""
         try:
             sse = is_sse(resp.status, resp.headers.get("Content-Type", ""))
-            lesson = _Lesson(self, request.path, sse=sse) if learn and resp.status == 200 else None
+            lesson = Lesson(self, request.path, sse=sse) if learn and resp.status == 200 else None
             parser = SSEParser(max_event_bytes=self.config.max_event_bytes) if sse else None
             held: list[bytes] = []
             size = 0
@@ -310,7 +310,7 @@ class Resilient:
         request: web.Request,
         resp: aiohttp.ClientResponse,
         out: web.StreamResponse,
-        lesson: _Lesson | None,
+        lesson: Lesson | None,
     ) -> bool:
         """The rest of an answer, chunk by chunk as it arrives; False (the client's
         connection cut short) when the upstream's broke."""
