@@ -149,7 +149,7 @@ Try it:
       calls the `count` tool 3 times in one session; each call streams a progress
       notification every 200 ms.
   Point any MCP client at {url}
-      (Streamable HTTP; the server has tools count, echo, add, notify, server_info).
+      (Streamable HTTP; tools count, echo, add, notify, touch, remember, server_info).
   kill -9 {pid}
       kills the MCP server mid-call. The demo restarts it, without its memory; the sidecar
       re-initializes the session, so the client keeps its session: the call that was in
