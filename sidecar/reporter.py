@@ -1064,9 +1064,12 @@ class Reporter:
                         await stream.send(batch)
                 except TimeoutError:
                     raise _StreamEndedError(f"writing a batch took over {ACK_TIMEOUT}s") from None
-            if self.config.interval > 0:
+            if self.config.interval > 0 and not self._stopping:
                 # Pacing, not synchronisation: items reported meanwhile join the next batch.
-                await asyncio.sleep(self.config.interval)
+                # A stop cuts it short: its flush must not wait out a long interval.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.interval):
+                        await self._stop_requested.wait()
 
     async def _wait_for_wake(self, oldest_sent_at: float | None) -> None:
         if oldest_sent_at is None:

@@ -407,3 +407,5 @@ async def test_after_sigterm_it_is_unready_but_still_answers_until_the_delay_end
         assert resp.status == 200
         assert "patch" in (await resp.json())["response"]
     assert proc.running
+    proc.kill()  # the rest of the 120 s delay is not under test
+    await proc.wait_exit()

@@ -379,6 +379,24 @@ async def test_stop_flushes_what_is_pending(
     assert seqs(rec) == {"a": 30}
 
 
+async def test_stop_cuts_the_pacing_interval_short(
+    cp: ControlPlane, make_reporter: ReporterFactory
+) -> None:
+    """A stop while the sender paces a long interval flushes at once: it used to wait out the
+    interval, and so the whole flush deadline (every sidecar stop with a long interval)."""
+    await cp.start()
+    reporter = await make_reporter(interval=3600.0)
+    reporter.session(record())
+    await reporter.flushed()  # the first batch went out; the sender now paces for an hour
+    reporter.position(SID, pos("a", 7))
+    async with asyncio.timeout(DEADLINE):
+        await reporter.stop(flush_timeout=3600.0)
+    assert reporter.pending == 0
+    async with grpc.aio.insecure_channel(cp.address) as channel:
+        rec = await stored(SessionClient(channel))
+    assert seqs(rec) == {"a": 7}
+
+
 async def test_stop_with_control_plane_down_ends_at_the_deadline(
     make_reporter: ReporterFactory,
 ) -> None:

@@ -193,4 +193,5 @@ async def test_a_recreated_session_keeps_its_credential_binding(
                 assert resp.status == 200
                 assert progress_numbers(await collect(resp)) == [1, 2]
     finally:
+        await sidecar_factory.stop_all()  # before their control plane (see SidecarFactory)
         await plane.stop()
