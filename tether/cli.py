@@ -8,6 +8,7 @@ that `tether --help` lists everything in one place.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -68,7 +69,37 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = {
+    "sidecar": ("sidecar.cli", "add_sidecar_parser"),
+    "control-plane": ("tether.cli_controlplane", "add_control_plane_parser"),
+    "sessions": ("tether.cli_controlplane", "add_sessions_parser"),
+    "injector": ("tether.injector", "add_injector_parser"),
+    "demo": ("tether.demo", "add_demo_parser"),
+    "inject": ("tether.cli_inject", "add_inject_parsers"),
+    "uninject": ("tether.cli_inject", "add_inject_parsers"),
+}
+"""Each subcommand's (module, function adding its parser), in `tether --help` order. A run of
+one command imports only its module: the sidecar does not carry the control plane's server,
+the demo's or the injector's code in its memory (issue 16)."""
+
+
+def _command_in(argv: Sequence[str]) -> str:
+    """The subcommand `argv` names, or "" when top-level help or version comes first (every
+    command is listed then)."""
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--log-level", "--log-format"):
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+        elif not arg.startswith(("--log-level=", "--log-format=")):
+            return ""
+    return ""
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given the `argv` it will parse, only the subcommand it names
+    (which parses `argv` exactly as the whole one would)."""
     parser = argparse.ArgumentParser(
         prog="tether",
         description="Keeps MCP sessions and their SSE streams alive across failures.",
@@ -79,19 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_format(parser, top=True)
     apply_env_defaults(parser)  # TETHER_LOG_LEVEL, TETHER_LOG_FORMAT
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from sidecar.cli import add_sidecar_parser
-    from tether.cli_controlplane import add_control_plane_parser, add_sessions_parser
-    from tether.cli_inject import add_inject_parsers
-    from tether.demo import add_demo_parser
-    from tether.injector import add_injector_parser
-
-    add_sidecar_parser(sub)
-    add_control_plane_parser(sub)
-    add_sessions_parser(sub)
-    add_injector_parser(sub)
-    add_demo_parser(sub)
-    add_inject_parsers(sub)
+    wanted = COMMANDS.get(_command_in(argv)) if argv is not None else None
+    for module, adder in (wanted,) if wanted else dict.fromkeys(COMMANDS.values()):
+        getattr(importlib.import_module(module), adder)(sub)
     for child in _subparsers(parser):
         child.formatter_class = DefaultsHelpFormatter
         # `tether sidecar --log-level debug --log-format json` too: given after the
@@ -103,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format, sys.stderr)
     try:

@@ -5,7 +5,11 @@ installs. Read from the files themselves and from the environment pip built."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 
 from packaging.requirements import Requirement
@@ -69,6 +73,50 @@ def test_the_sidecar_and_control_plane_do_not_need_the_demo_sdk() -> None:
         for source in (REPO_ROOT / package).rglob("*.py"):
             text = source.read_text()
             assert not re.search(r"^\s*(import|from) (mcp|uvicorn|starlette)\b", text, re.M), source
+
+
+IMPORTS_OF_MAIN = """
+import json, sys
+from tether.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+import os
+for name in os.environ['TETHER_TEST_THEN'].split():  # what the command imports once it runs
+    __import__(name)
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def imported_by(*argv: str, then: str = "") -> set[str]:
+    """The modules `tether ARGV` imports (`tether.cli.main` in a process of its own), with the
+    modules in `then`, which the command imports when it runs."""
+    run = subprocess.run(
+        [sys.executable, "-c", IMPORTS_OF_MAIN, *argv],
+        env={**os.environ, "TETHER_TEST_THEN": then},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+    )
+    return set(json.loads(run.stderr.splitlines()[-1]))
+
+
+OTHER_COMMANDS = {"controlplane.server", "tether.demo", "tether.injector", "tether.cli_inject"}
+
+
+def test_a_command_imports_only_its_own_code() -> None:
+    """Issue 16: the sidecar's memory holds no control-plane server, demo or injector code
+    (they were 12 MiB of its resident set); `tether --help` still lists every command."""
+    assert imported_by("--help") >= OTHER_COMMANDS
+    sidecar = imported_by("--log-level", "WARNING", "sidecar", "--help", then="sidecar.app")
+    assert "sidecar.proxy" in sidecar
+    assert not sidecar & OTHER_COMMANDS
+    assert not {m for m in sidecar if m.split(".")[0] in ("mcp", "uvicorn", "opentelemetry")}
+    plane = imported_by("control-plane", "--help", then="controlplane.server")
+    assert "controlplane.server" in plane
+    assert not {"sidecar.proxy", "tether.demo", "tether.injector"} & plane
 
 
 def pins() -> dict[str, Version]:
