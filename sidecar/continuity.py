@@ -384,7 +384,9 @@ class Continuity:
 
     async def _follow_watch(self) -> None:
         assert self.reporter is not None
-        events = self.reporter.client.watch_sessions(owner=self.owner)
+        # Ownership only: every position a session of ours moves comes back as a change,
+        # and converting its streams cost more than the call that moved them (issue 16).
+        events = self.reporter.client.watch_sessions(owner=self.owner, positions=False)
         shown: set[str] | None = set()  # sessions the snapshot shows ours, until SYNCED
         async with contextlib.aclosing(events):
             async for event in events:

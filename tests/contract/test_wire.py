@@ -122,6 +122,9 @@ def test_event_round_trips(rec: SessionRecord, kind: SessionEventType) -> None:
     assert convert.event_from_pb(convert.event_to_pb(ev)) == ev
     synced = SessionEvent(SessionEventType.SYNCED)
     assert convert.event_from_pb(convert.event_to_pb(synced)) == synced
+    # What the sidecar's ownership watch reads: the whole record, its streams left out.
+    bare = SessionEvent(kind, rec.session_id, dataclasses.replace(rec, streams={}))
+    assert convert.event_from_pb(convert.event_to_pb(ev), positions=False) == bare
 
 
 @pytest.mark.parametrize(

@@ -137,11 +137,13 @@ class SessionClient:
         return convert.session_from_pb(msg.session)
 
     async def watch_sessions(
-        self, *, owner: OwnerName | None = None
+        self, *, owner: OwnerName | None = None, positions: bool = True
     ) -> AsyncGenerator[SessionEvent, None]:
+        """Session changes; `positions=False`: records without their streams (see
+        `convert.session_from_pb`)."""
         call = self._stub.WatchSessions(pb.WatchSessionsRequest(owner=owner or ""))
         try:
             async for msg in call:
-                yield convert.event_from_pb(msg)
+                yield convert.event_from_pb(msg, positions=positions)
         finally:
             call.cancel()

@@ -93,9 +93,10 @@ def session_to_pb(rec: SessionRecord) -> pb.Session:
     return msg
 
 
-def session_from_pb(msg: pb.Session) -> SessionRecord:
+def session_from_pb(msg: pb.Session, *, positions: bool = True) -> SessionRecord:
     """The record a message carries; raises `InvalidIdError` for a bad session, stream or
-    owner id."""
+    owner id. `positions=False` leaves its streams out (and unchecked): a reader that needs
+    only who owns a session does not pay for up to 128 positions per change."""
     return SessionRecord(
         session_id=parse_session_id(msg.session_id),
         upstream_session_id=msg.upstream_session_id,
@@ -105,7 +106,9 @@ def session_from_pb(msg: pb.Session) -> SessionRecord:
         protocol_version=msg.protocol_version,
         initialize_request=msg.initialize_request,
         credential_fingerprint=msg.credential_fingerprint,
-        streams=SessionRecord.streams_of(position_from_pb(p) for p in msg.streams),
+        streams=SessionRecord.streams_of(position_from_pb(p) for p in msg.streams)
+        if positions
+        else {},
         created_at=_ts_from_pb(msg, "created_at"),
         updated_at=_ts_from_pb(msg, "updated_at"),
         expires_at=_ts_from_pb(msg, "expires_at"),
@@ -217,13 +220,15 @@ def event_to_pb(ev: SessionEvent) -> pb.SessionEvent:
     return msg
 
 
-def event_from_pb(msg: pb.SessionEvent) -> SessionEvent:
+def event_from_pb(msg: pb.SessionEvent, *, positions: bool = True) -> SessionEvent:
     if msg.type not in _EVENT_TYPES_BACK:
         raise ValueError(f"unknown session event type {msg.type}")
     return SessionEvent(
         type=_EVENT_TYPES_BACK[msg.type],
         session_id=parse_session_id(msg.session_id) if msg.session_id else None,
-        session=session_from_pb(msg.session) if msg.HasField("session") else None,
+        session=session_from_pb(msg.session, positions=positions)
+        if msg.HasField("session")
+        else None,
     )
 
 
