@@ -385,6 +385,82 @@ async def test_slow_client_gets_backpressure_not_loss(
         assert counter_value(metrics, "slow_clients_dropped") == 0
 
 
+def complete_chunks(raw: bytes) -> bytes:
+    """The de-chunked body of a raw HTTP/1.1 response cut anywhere: whole chunks only."""
+    _, _, rest = raw.partition(b"\r\n\r\n")
+    body = bytearray()
+    while True:
+        size_line, crlf, after = rest.partition(b"\r\n")
+        if not crlf:
+            break
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0 or len(after) < size + 2:
+            break
+        body += after[:size]
+        rest = after[size + 2 :]
+    return bytes(body)
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_resumes_losing_nothing(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """`client_write_timeout`: a client that reads nothing for that long is disconnected (the
+    sidecar's writes to it only skip the timeout when they cannot wait: `sidecar.writer`
+    rule 1); its stream stays, and resuming from the last event it got delivers the rest, each
+    event once, in order."""
+    n = 40_000
+    async with numbered_upstream(interval_ms=0) as up:
+        sidecar = await sidecar_factory(
+            up,
+            tracker=_limits(replay_max_bytes=256 * 1024),
+            max_event_bytes=64 * 1024,
+            client_write_timeout=0.5,
+        )
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.connect(("127.0.0.1", sidecar.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = json.dumps(count_call(n, interval_ms=0)).encode()
+        writer.write(
+            (
+                f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                + "\r\n"
+            ).encode()
+            + body
+        )
+        await writer.drain()
+        await eventually(
+            lambda: len(sidecar.proxy.registry.streams) == 1,
+            timeout=30,
+            what="the stream opened",
+        )
+        (stream,) = sidecar.proxy.registry.streams.values()
+        await eventually(lambda: stream.clients == 0, timeout=30, what="the client cut off")
+        assert not stream.ended  # the stream stays for the client to resume
+        async with asyncio.timeout(30):
+            raw = await reader.read()  # what reached the socket before the cut
+        writer.close()
+        first = [
+            Received(e.id, e.event or "message", e.data.decode())
+            for e in parse_sse(complete_chunks(raw))
+            if e.data
+        ]
+        assert 0 < len(first) < n
+        async with http.get(
+            base + MCP, headers={**headers, "Last-Event-ID": first[-1].id or ""}
+        ) as resp:
+            assert resp.status == 200
+            rest = await collect(resp)
+        got = first + [e for e in rest if e.data]
+        assert progress_numbers(got) == list(range(1, n + 1))
+        assert len(final_results(got)) == 1
+
+
 def _limits(**kw: int) -> Any:
     from sidecar.tracker import TrackerLimits
 
