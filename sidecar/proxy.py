@@ -275,6 +275,8 @@ class Proxy:
         try:
             # Every line logged for this request (and by the pumps it starts) names its session.
             with log_context(session=request.headers.get(SESSION_HEADER)):
+                if not self.tracing.enabled:  # one coroutine frame less per open call
+                    return await self._handle(request, NO_SPAN)
                 return await self._traced(request)
         except asyncio.CancelledError:
             if self.config.access_log:  # `sidecar.accesslog` rule 1: aiohttp writes nothing
@@ -290,8 +292,6 @@ class Proxy:
 
     async def _traced(self, request: web.Request) -> web.StreamResponse:
         """`_handle` inside the request's server span (`sidecar.tracing`)."""
-        if not self.tracing.enabled:
-            return await self._handle(request, NO_SPAN)
         with self.tracing.request(request) as span:
             session_id = request.headers.get(SESSION_HEADER)
             if session_id:
@@ -691,7 +691,7 @@ class Proxy:
         post: PostBody,
         learn: bool = False,
     ) -> web.StreamResponse:
-        reconnect_headers = CIMultiDict(headers)
+        reconnect_headers = headers  # sent already: the stream keeps it, not a copy
         for name in ("Content-Type", "Content-Length"):
             reconnect_headers.popall(name, None)
         if session_id is not None:

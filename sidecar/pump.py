@@ -20,7 +20,7 @@ from sidecar.metrics import Metrics, OutageClock
 from sidecar.reconnect import Outcome
 from sidecar.stream_core import Finished, Next, Reconnect, Relay, StreamState
 from sidecar.streams import LiveStream, Registry
-from sidecar.upstream import UPSTREAM_ERRORS, Upstream, describe_upstream_error
+from sidecar.upstream import UPSTREAM_ERRORS, Upstream, describe_upstream_error, finish_body
 from tether.logsetup import log_context
 from tether.tasks import spawn
 
@@ -157,6 +157,7 @@ class Pump:
                     step = core.relay()
                     self._publish(stream, step)
                 if core.ended:
+                    await finish_body(resp)  # `sidecar.upstream` rule 4: keep the connection
                     return Outcome.CLOSED
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             log.info(

@@ -98,8 +98,10 @@ class LiveStream:
     """Notified when events arrive or the stream ends (writers wait on it)."""
     room: Signal = field(default_factory=Signal)
     """Notified when a writer sent more (a paused pump waits on it)."""
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set when the stream leaves OPEN; cleared if a returning client revives it."""
+    finished: bool = False
+    """True once the stream left OPEN (settled); False again if a returning client revives it.
+    A flag, not an `asyncio.Event`: nothing waits on it, and every open call paid an Event's
+    waiter deque (issue 16)."""
     clients: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     pump: asyncio.Task[None] | None = None
@@ -131,9 +133,9 @@ class LiveStream:
 
     def settle(self) -> None:
         """After the core left OPEN: mark the stream finished and wake everyone."""
-        if self.core.ended and not self.finished.is_set():
+        if self.core.ended and not self.finished:
             self.idle_since = time.monotonic()
-            self.finished.set()
+            self.finished = True
             self.signal.notify()
             self.room.notify()
 
@@ -141,7 +143,7 @@ class LiveStream:
         """A client is back for a failed or stopped stream; True if it is OPEN again."""
         if not self.core.revive():
             return False
-        self.finished.clear()
+        self.finished = False
         return True
 
     def sent(self, seq: int) -> None:

@@ -9,6 +9,9 @@ Rules:
 3. A client body is read whole, bounded by `max_request_body_bytes` and in time by
    `upstream_response_timeout`, before anything is sent: its JSON-RPC request says whether it
    may be sent again (`sidecar.reissue`), and MCP bodies are small.
+4. An answered SSE body is read to its end, briefly (`finish_body`), before it is released:
+   released with its last chunk unread, its connection was closed instead of going back to
+   the pool, and the next request paid for a new one (issue 16).
 """
 
 from __future__ import annotations
@@ -32,6 +35,28 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 """What a failed upstream exchange raises (UpstreamTimeoutError is a TimeoutError)."""
 
 MID_BODY = "the upstream closed the response mid-body"
+
+
+FINISH_S = 1.0
+FINISH_BYTES = 1 << 16
+"""Rule 4: how long, and how much, an answered body is read for its end."""
+
+
+async def finish_body(resp: aiohttp.ClientResponse) -> None:
+    """Rule 4: read the rest of an answered body (a server closes an SSE response once it has
+    sent the answer) for at most `FINISH_S` seconds and `FINISH_BYTES`, throwing it away, so
+    that releasing `resp` keeps its connection; a body that does not end in time is left to
+    `release` to close."""
+    left = FINISH_BYTES
+    try:
+        async with asyncio.timeout(FINISH_S):
+            while left > 0 and not resp.content.at_eof():
+                chunk = await resp.content.readany()
+                if not chunk:
+                    return
+                left -= len(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        return
 
 
 def describe_upstream_error(exc: BaseException) -> str:

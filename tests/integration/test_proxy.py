@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.app import RunningSidecar
 from sidecar.tracker import EventId
@@ -461,6 +462,50 @@ async def test_a_client_that_stops_reading_is_cut_off_and_resumes_losing_nothing
         assert len(final_results(got)) == 1
 
 
+async def test_answered_streams_leave_their_upstream_connection_open_for_the_next(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """`sidecar.upstream` rule 4: a POST stream ends for the client at its answer; its upstream
+    body, which a server ends a moment later (the official SDK's does), is read to its end
+    before release, so the calls of a session share one upstream connection instead of one
+    each."""
+    peers: list[object] = []
+
+    async def mcp(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        body = await request.json()
+        if body["method"] == "initialize":
+            answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"protocolVersion": "x"}}
+            return web.json_response(answer, headers={"Mcp-Session-Id": "up-1"})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"content": []}}
+        await out.write(f"data: {json.dumps(answer)}\n\n".encode())
+        await asyncio.sleep(0.05)  # the SDK server ends its stream after the answer, not with it
+        await out.write_eof()
+        return out
+
+    app = web.Application()
+    app.router.add_post(MCP, mcp)
+    async with serve_app(app) as up:
+        sidecar = await sidecar_factory(up)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        for rid in range(10, 20):
+            async with http.post(base + MCP, json=count_call(1, rid=rid), headers=headers) as r:
+                assert len(final_results(await collect(r))) == 1
+
+            def pumps_done() -> bool:
+                streams = sidecar.proxy.registry.streams.values()
+                return all(s.pump is None or s.pump.done() for s in streams)
+
+            await eventually(pumps_done, timeout=10, what="the call's pump done")
+    calls = peers[1:]  # after the initialize
+    assert len(calls) == 10
+    assert len(set(calls)) == 1, f"upstream connections: {set(calls)}"
+
+
 def _limits(**kw: int) -> Any:
     from sidecar.tracker import TrackerLimits
 
@@ -568,8 +613,7 @@ async def _stream_of_60_with_client_gone_after_3(
         # Everything is written into this connection (socket buffers hold it all) before the
         # client has read more than 3 events and the connection dies.
         (stream,) = sidecar.proxy.registry.streams.values()
-        async with asyncio.timeout(10):
-            await stream.finished.wait()
+        await eventually(lambda: stream.finished, timeout=10, what="the stream finished")
         first = await collect(resp, limit=3)
     return base, headers, first, sidecar
 
