@@ -332,7 +332,9 @@ class SSEParser:
             except UnicodeDecodeError:
                 pass
             else:
-                if runs:
+                # A single event goes the event path: a run's set-up costs more than it
+                # saves below a few events, and servers often write one event per chunk.
+                if runs and b"\n\n" in region:
                     run = self._as_run(region)
                     if run is not None:
                         return [run]
