@@ -1,9 +1,11 @@
 """The benchmark harness at tiny sizes, so that it cannot rot. No timing is asserted.
 
-One `python -m bench --smoke` run covers every figure group (200 events per stream, 20 idle
-streams, 100 control-plane updates, 3 resumes, 26 stateless requests of each kind per path;
-for the MCP group, the official SDK server and client: 8 no-op calls, 40 progress
-notifications and 10 open calls per path). The harness fails loudly (non-zero exit) when a
+One `python -m bench --smoke --only <every group>` run covers every figure group (200 events
+per stream, 20 idle streams, 100 control-plane updates, 3 resumes, 26 stateless requests of
+each kind per path; for the MCP group, the official SDK server and client: 8 no-op calls, 40
+progress notifications and 10 open calls per path; the control-plane floods, 2,000 items per
+flood, which a plain run leaves out), once for the whole module: one harness start-up instead
+of two. The harness fails loudly (non-zero exit) when a
 stream does not deliver all its events, a stateless answer is not the result of its request,
 or an SDK call misses a notification or its result, so its exit status and the printed tables
 are what is checked. The nginx path needs Debian's `nginx-light` (or `nginx`): without it, that
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import GROUPS
 from bench.procs import find_nginx
 from tests.support.etcd import etcd_available
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_NGINX = find_nginx() is not None
@@ -29,10 +32,10 @@ HAVE_NGINX = find_nginx() is not None
 
 @pytest.fixture(scope="module")
 def report() -> str:
-    args = [sys.executable, "-m", "bench", "--smoke"]
+    args = [sys.executable, "-m", "bench", "--smoke", "--only", *GROUPS]
     args += ["--tuned-nginx"] if HAVE_NGINX else ["--no-nginx"]
     args += [] if etcd_available() else ["--no-etcd"]
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -86,14 +89,10 @@ def test_nginx_path(report: str) -> None:
     assert "| tools/call noop | SSE (10 progress + result) | nginx |" in stateless
 
 
-def test_flood_group_prints_its_table() -> None:
-    """`python -m bench --only cp-flood` at the smoke size (2,000 items per flood): every
-    flood on every store gets its row, and the control plane answered after each."""
-    args = [sys.executable, "-m", "bench", "--smoke", "--only", "cp-flood", "--no-nginx"]
-    args += [] if etcd_available() else ["--no-etcd"]
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    table = section(done.stdout, "Control plane under floods: 2,000 items per flood")
+def test_flood_group_prints_its_table(report: str) -> None:
+    """The `cp-flood` group at the smoke size (2,000 items per flood): every flood on every
+    store gets its row, and the control plane answered after each."""
+    table = section(report, "Control plane under floods: 2,000 items per flood")
     stores = ["sqlite", "etcd"] if etcd_available() else ["sqlite"]
     for store in stores:
         for flood in ("updates-known", "updates-unknown", "upserts"):
@@ -102,9 +101,7 @@ def test_flood_group_prints_its_table() -> None:
             assert cells[9] == "yes", row  # serving after the flood
     unknown = next(line for line in table.splitlines() if "| sqlite | updates-unknown |" in line)
     assert [c.strip() for c in unknown.split("|")][5] == "2,000"  # every item was rejected
-    assert "control plane peak RSS ≤ 256 MiB (sqlite, upserts flood)" in section(
-        done.stdout, "Targets"
-    )
+    assert "control plane peak RSS ≤ 256 MiB (sqlite, upserts flood)" in section(report, "Targets")
 
 
 def test_flood_module_runs_on_its_own() -> None:

@@ -8,7 +8,8 @@ default `"auto"`) and TypeScript, call `count` back to back: a tool that streams
 a few seconds.
 
 The pods are rolled one by one as a Deployment's rolling update does it, each terminated as
-the kubelet terminates a pod: a new pod is started and put into rotation; the old one is
+the kubelet terminates a pod: a new pod (started ahead, while the clients begin, so that no step
+waits for processes to boot) is put into rotation; the old one is
 taken out of rotation (its endpoint removed), its preStop hook runs (`GET /drain` on the
 sidecar's admin port, which blocks until nothing is in flight), SIGTERM goes to the MCP
 server, and once it has exited, to the sidecar (a native sidecar stops after the main
@@ -282,14 +283,21 @@ async def rollout(procs: ProcessPool, logs: Path, control_plane: str | None) -> 
         running = asyncio.gather(*clients)
         try:
             # Every client mid-call before the first pod goes (calls counted start at once).
-            await eventually(
-                lambda: tally.calls >= PY_CLIENTS + TS_CLIENTS,
-                timeout=60,
-                what="every client calling",
+            # Meanwhile the new pods start: each stays out of the balancer until its step, as
+            # a ready pod the Service does not list yet, so the clients see the same rollout
+            # without waiting for a pod's processes to boot at every step.
+            _, new_pods = await asyncio.gather(
+                eventually(
+                    lambda: tally.calls >= PY_CLIENTS + TS_CLIENTS,
+                    timeout=60,
+                    what="every client calling",
+                ),
+                asyncio.gather(
+                    *(start_pod(procs, f"{logs.name}-new{i}", control_plane) for i in range(PODS))
+                ),
             )
             await asyncio.sleep(TICK_MS / 1000 * TICKS / 2)  # mid-call, not at a call's start
-            for i, old in enumerate(list(pods)):
-                new = await start_pod(procs, f"{logs.name}-new{i}", control_plane)
+            for old, new in zip(list(pods), new_pods, strict=True):
                 lb.add(new.port)
                 tally.note(f"{new.name} in the balancer")
                 pods.append(new)

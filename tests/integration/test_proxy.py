@@ -315,16 +315,23 @@ async def test_oversized_upstream_event_ends_stream_cleanly(
 
 
 def dechunk(raw: bytes) -> tuple[bytes, bytes]:
-    """Split a raw HTTP/1.1 response into (head, de-chunked body)."""
+    """Split a raw HTTP/1.1 response into (head, de-chunked body).
+
+    It walks the body by offsets: slicing off each chunk copied the rest of the body every
+    time, which made a 6 MB response of small chunks take seconds."""
     head, _, rest = raw.partition(b"\r\n\r\n")
     body = bytearray()
-    while rest:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
+    at = 0
+    while at < len(rest):
+        line_end = rest.find(b"\r\n", at)
+        if line_end == -1:
+            line_end = len(rest)
+        size = int(rest[at:line_end].split(b";")[0], 16)
         if size == 0:
             break
-        body += rest[:size]
-        rest = rest[size + 2 :]
+        start = line_end + 2
+        body += rest[start : start + size]
+        at = start + size + 2
     return head, bytes(body)
 
 
