@@ -484,7 +484,7 @@ class Continuity:
         if self.reporter is None or stream.session_id is None:
             return
         tracker = stream.tracker
-        last = tracker.last_event_id
+        last = tracker.last_event_id_text
         if last is None:
             return
         sess = self.registry.sessions.get(stream.session_id)
@@ -494,7 +494,7 @@ class Continuity:
             SessionId(stream.session_id),
             StreamPosition(
                 stream_id=tracker.stream_id,
-                last_event_id=str(last),
+                last_event_id=last,
                 upstream_event_id=tracker.last_upstream_event_id,
                 seq=tracker.seq,
                 owner_epoch=tracker.epoch,

@@ -257,6 +257,14 @@ class StreamTracker:
             return None
         return EventId(self.stream_id, self.epoch, self.seq, self.last_upstream_event_id)
 
+    @property
+    def last_event_id_text(self) -> str | None:
+        """`str(last_event_id)` without building the `EventId`: the position reported after
+        every relay (issue 16). Rule: `_cursor_suffix` always encodes `last_upstream_event_id`."""
+        if not self.seq:
+            return None
+        return f"{self.stream_id}.{self.epoch}.{self.seq}{self._cursor_suffix}"
+
     def event_id(self, seq: int) -> EventId:
         """The id of delivered event `seq` (with its upstream cursor while the index has it)."""
         return EventId(self.stream_id, self.epoch, seq, self.upstream_cursor_at(seq) or "")

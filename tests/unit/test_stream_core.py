@@ -342,6 +342,7 @@ def test_every_accepted_id_round_trips_and_reaches_the_upstream_intact(upstream_
         last = c.tracker.last_event_id
         assert last is not None
         assert EventId.parse(str(last)) == last
+        assert c.tracker.last_event_id_text == str(last)
         assert last.upstream == upstream_id == c.cursor
         assert str(last).isascii()
         assert str(last).isprintable()
@@ -410,6 +411,7 @@ def run_core(
         t.seq,
         t.duplicates,
         str(t.last_event_id),
+        t.last_event_id_text,
         cursors,
     )
 
@@ -428,7 +430,10 @@ def test_bulk_path_relays_exactly_what_the_event_path_does(
     events are relayed one by one or as runs, under any client pace."""
     raw, cuts = case
     kw = {"events": events, "nbytes": nbytes, "turns": turns}
-    assert run_core(raw, cuts, bulk=True, **kw) == run_core(raw, cuts, bulk=False, **kw)
+    bulk = run_core(raw, cuts, bulk=True, **kw)
+    assert bulk == run_core(raw, cuts, bulk=False, **kw)
+    last_id, last_text = bulk[9], bulk[10]  # the reported position's text is the id's
+    assert last_text == (None if last_id == "None" else last_id)
 
 
 def test_a_buffer_too_small_for_the_largest_event_is_refused() -> None:
