@@ -62,7 +62,8 @@ class Signal:
         finally:
             if timer is not None:
                 timer.cancel()
-            if fut.cancelled() or not fut.result():  # rule 2 (a notify took it off already)
+            # Rule 2; a notify took it off already. Not done: the coroutine was closed.
+            if not fut.done() or fut.cancelled() or not fut.result():
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
 

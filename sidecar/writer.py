@@ -4,6 +4,16 @@ One writer per client connection to a stream. It may start behind the replay buf
 with an old id): then the missing events are first fetched again from the upstream and written
 under their original ids (`_catch_up`). A slow client is bounded by `client_write_timeout`;
 one that fell behind the buffer is closed so it resumes.
+
+Rules (issue 16: each costs nothing per event that does not need it):
+1. A write to a client needs a timeout only when it can wait: when the client's writing is not
+   paused and the transport's buffer plus the write stays within its high-water mark, the
+   transport does not pause the protocol, so aiohttp's drain (its only wait in a write)
+   returns at once (`Room`).
+2. Anything unknown (no transport, one without buffer limits) counts as "may wait".
+3. A keep-alive goes out when nothing was written to the client for `heartbeat_interval`,
+   timed by one timer per writer that re-arms itself lazily (`Beat`), not by a timer armed on
+   every wait and cancelled on every event.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from sidecar.headers import is_sse
 from sidecar.metrics import Metrics, ResumeClock
 from sidecar.sse import encode_comment
 from sidecar.stream_core import Behind, CatchUp, Close, Send
-from sidecar.streams import LiveStream, Registry
+from sidecar.streams import LiveStream, Registry, Signal
 from sidecar.tracker import StreamKind
 from sidecar.upstream import UPSTREAM_ERRORS, Upstream
 
@@ -35,14 +45,8 @@ FRAMING = 64
 
 
 class Room:
-    """Whether a write to one client can wait for it: only then does it need a timeout, whose
-    set-up cost as much as the rest of a small event's write (issue 16).
-
-    1. A write cannot wait when the client's writing is not paused and the transport's buffer
-       plus the write stays within its high-water mark: the transport then does not pause the
-       protocol, so aiohttp's drain (its only wait in a write) returns at once.
-    2. Anything unknown (no transport, one without buffer limits) counts as "may wait".
-    """
+    """Whether a write to one client can wait for it (rules 1 and 2): only then does it need
+    a timeout, whose set-up cost as much as the rest of a small event's write."""
 
     __slots__ = ("_high", "_protocol", "_transport")
 
@@ -60,6 +64,38 @@ class Room:
             and not protocol.writing_paused
             and transport.get_write_buffer_size() + size + FRAMING <= self._high
         )
+
+
+class Beat:
+    """A writer's keep-alive clock (rule 3): a write notes its time; the timer, when it fires
+    before `interval` has passed since the last write, moves itself to that time."""
+
+    __slots__ = ("_handle", "_interval", "_loop", "_signal", "last")
+
+    def __init__(self, signal: Signal, interval: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._signal = signal
+        self._interval = interval
+        self.last = self._loop.time()
+        self._handle = self._loop.call_at(self.last + interval, self._fire)
+
+    def wrote(self) -> None:
+        self.last = self._loop.time()
+
+    @property
+    def due(self) -> bool:
+        return self._loop.time() - self.last >= self._interval
+
+    def _fire(self) -> None:
+        at = self.last + self._interval
+        now = self._loop.time()
+        if now >= at:
+            self._signal.notify()  # the writer wakes, finds nothing to send, sends a keep-alive
+            at = now + self._interval
+        self._handle = self._loop.call_at(at, self._fire)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class Writer:
@@ -142,39 +178,46 @@ class Writer:
         core = stream.core
         write_timeout = self.config.client_write_timeout
         room = Room(request)
-        while True:
-            step = core.next_write(position)
-            if isinstance(step, Send):
-                if room.fits(len(step.data)):
-                    await out.write(step.data)  # rule 1: it cannot wait, so needs no timeout
+        beat = Beat(stream.signal, self.config.heartbeat_interval)
+        try:
+            while True:
+                step = core.next_write(position)
+                if isinstance(step, Send):
+                    if room.fits(len(step.data)):
+                        await out.write(step.data)  # rule 1: it cannot wait, so needs no timeout
+                    else:
+                        async with asyncio.timeout(write_timeout):
+                            await out.write(step.data)
+                    beat.wrote()
+                    position = step.upto
+                    stream.sent(position)
+                    self.metrics.events_out.inc(step.count)
+                    if resume is not None:
+                        resume.caught_up()
+                elif isinstance(step, Close):
+                    if step.comment is not None:
+                        await out.write(step.comment)
+                    break
+                elif isinstance(step, Behind):
+                    log.warning(
+                        "stream %s: client fell behind the replay buffer (at %d, oldest %d);"
+                        " closing it so it resumes",
+                        stream.stream_id,
+                        position,
+                        step.oldest_seq,
+                    )
+                    self.metrics.slow_clients.inc()
+                    break
                 else:
-                    async with asyncio.timeout(write_timeout):
-                        await out.write(step.data)
-                position = step.upto
-                stream.sent(position)
-                self.metrics.events_out.inc(step.count)
-                if resume is not None:
-                    resume.caught_up()
-            elif isinstance(step, Close):
-                if step.comment is not None:
-                    await out.write(step.comment)
-                break
-            elif isinstance(step, Behind):
-                log.warning(
-                    "stream %s: client fell behind the replay buffer (at %d, oldest %d);"
-                    " closing it so it resumes",
-                    stream.stream_id,
-                    position,
-                    step.oldest_seq,
-                )
-                self.metrics.slow_clients.inc()
-                break
-            else:
-                if resume is not None and not resume.waits_for_event:
-                    resume.caught_up()  # nothing was missed: the client is live again
-                if not await stream.signal.wait(self.config.heartbeat_interval):
-                    async with asyncio.timeout(write_timeout):
-                        await out.write(KEEPALIVE)
+                    if resume is not None and not resume.waits_for_event:
+                        resume.caught_up()  # nothing was missed: the client is live again
+                    await stream.signal.wait()
+                    if beat.due:  # rule 3
+                        async with asyncio.timeout(write_timeout):
+                            await out.write(KEEPALIVE)
+                        beat.wrote()
+        finally:
+            beat.cancel()
 
     async def _catch_up(
         self,

@@ -513,6 +513,61 @@ async def test_answered_streams_leave_their_upstream_connection_open_for_the_nex
     assert len(set(calls)) == 1, f"upstream connections: {set(calls)}"
 
 
+async def test_idle_streams_get_keepalives_and_busy_ones_do_not(
+    sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """`heartbeat_interval` (`sidecar.writer` rule 3): a client stream with nothing to send
+    gets a keep-alive comment each interval, timed from the last write, so a stream whose
+    events come faster than that gets none."""
+    done = asyncio.Event()
+
+    async def mcp(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":  # an idle standalone stream
+            out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await out.prepare(request)
+            await done.wait()
+            return out
+        body = await request.json()
+        if body["method"] == "initialize":
+            answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"protocolVersion": "x"}}
+            return web.json_response(answer, headers={"Mcp-Session-Id": "up-1"})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for i in range(12):  # an event every 100 ms, faster than the 400 ms heartbeat
+            note = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"n": i}}
+            await out.write(f"data: {json.dumps(note)}\n\n".encode())
+            await asyncio.sleep(0.1)
+        answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"content": []}}
+        await out.write(f"data: {json.dumps(answer)}\n\n".encode())
+        await out.write_eof()
+        return out
+
+    app = web.Application()
+    app.router.add_route("*", MCP, mcp)
+    async with serve_app(app) as up:
+        sidecar = await sidecar_factory(up, heartbeat_interval=0.4)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        async with http.post(base + MCP, json=count_call(1), headers=headers) as busy:
+            raw = await busy.read()
+        assert b"notifications/progress" in raw
+        assert b": keepalive" not in raw
+        idle_headers = {**headers, "Accept": "text/event-stream"}
+        comments = 0
+        try:
+            async with http.get(base + MCP, headers=idle_headers) as idle:
+                assert idle.status == 200
+                async with asyncio.timeout(10):
+                    async for line in idle.content:
+                        comments += line.startswith(b": keepalive")
+                        if comments == 3:
+                            break
+        finally:
+            done.set()
+        assert comments == 3
+
+
 def _limits(**kw: int) -> Any:
     from sidecar.tracker import TrackerLimits
 

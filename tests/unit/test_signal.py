@@ -67,3 +67,14 @@ async def test_cancelled_after_its_notify_it_is_not_listed_again() -> None:
     signal.notify()
     async with asyncio.timeout(DEADLINE):
         assert await later is True
+
+
+async def test_a_wait_closed_unfinished_leaves_nothing_behind() -> None:
+    """A coroutine closed while it waits (a task torn down without a cancel) ends quietly."""
+    signal = Signal()
+    wait = signal.wait(60.0)
+    step = wait.__await__()
+    next(step)  # suspended on its future
+    assert signal.waiting == 1
+    wait.close()
+    assert signal.waiting == 0
