@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from multidict import CIMultiDict
 
@@ -78,6 +79,14 @@ def _expire(fut: asyncio.Future[bool]) -> None:
         fut.set_result(False)
 
 
+class Sink(Protocol):
+    """Where `LiveStream.publish` hands new events first (`sidecar.writer.Follower`)."""
+
+    def offer(self, stream: LiveStream) -> bool:
+        """Write what `stream` has now; False if it was left to the stream's writers."""
+        ...
+
+
 @dataclass(eq=False)
 class LiveStream:
     """One client-facing SSE stream: its `StreamCore` plus the asyncio state around it
@@ -104,6 +113,8 @@ class LiveStream:
     A flag, not an `asyncio.Event`: nothing waits on it, and every open call paid an Event's
     waiter deque (issue 16)."""
     clients: int = 0
+    follower: Sink | None = None
+    """Its only writer, parked with its client caught up (`sidecar.writer` rule 4)."""
     idle_since: float = field(default_factory=time.monotonic)
     pump: asyncio.Task[None] | None = None
 
@@ -124,8 +135,11 @@ class LiveStream:
         return self.core.ended
 
     def publish(self) -> None:
-        """New events are in the tracker: wake the client writers."""
-        self.signal.notify()
+        """New events are in the tracker: the parked only writer's follower writes them if it
+        can (`sidecar.writer` rule 4); else wake the client writers."""
+        follower = self.follower
+        if follower is None or self.clients != 1 or not follower.offer(self):
+            self.signal.notify()
 
     def end(self, reason: str) -> None:
         """Stop the stream from outside; writers drain the buffer and close."""

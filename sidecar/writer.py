@@ -14,12 +14,21 @@ Rules (issue 16: each costs nothing per event that does not need it):
 3. A keep-alive goes out when nothing was written to the client for `heartbeat_interval`,
    timed by one timer per writer that re-arms itself lazily (`Beat`), not by a timer armed on
    every wait and cancelled on every event.
+4. Write-through: the only writer of a stream, parked with its client caught up, leaves a
+   `Follower`; the pump hands it what it relays and writes it at once, in the relay's own
+   call, when the write cannot wait (rule 1): no wake of the writer per event. Anything else
+   (a write that may wait, the stream's end, a second client, a broken connection) wakes the
+   writer, which first takes back the follower's position, so every event is written once,
+   in order, by one of the two, never both: they run on one thread, and the follower exists
+   only while the writer is parked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -98,6 +107,66 @@ class Beat:
         self._handle.cancel()
 
 
+class Follower:
+    """A parked writer's stand-in for write-through (rule 4)."""
+
+    __slots__ = ("_beat", "_chunk", "_metrics", "_on_sent", "_room", "position", "sent")
+
+    def __init__(
+        self,
+        chunk: Callable[[bytes], None],
+        position: int,
+        *,
+        room: Room,
+        beat: Beat,
+        metrics: Metrics,
+        on_sent: Callable[[], None] | None,
+    ) -> None:
+        self._chunk = chunk
+        self._metrics = metrics
+        self.position = position
+        self._room = room
+        self._beat = beat
+        self._on_sent = on_sent
+        self.sent = 0
+        """Events written through this follower."""
+
+    def offer(self, stream: LiveStream) -> bool:
+        """Write what the stream has after `position` if that cannot wait; False leaves it to
+        the writer (wake it)."""
+        step = stream.core.next_write(self.position)
+        if not isinstance(step, Send) or not self._room.fits(len(step.data)):
+            return False
+        try:
+            self._chunk(step.data)
+        except ConnectionError:
+            return False  # the writer meets it on its own write, and ends
+        self.position = step.upto
+        self.sent += step.count
+        self._metrics.events_out.inc(step.count)
+        self._beat.wrote()
+        stream.sent(step.upto)
+        if self._on_sent is not None:
+            self._on_sent()
+        return True
+
+
+def chunk_writer(out: web.StreamResponse) -> Callable[[bytes], None] | None:
+    """A synchronous chunked write of `out`'s body, through aiohttp's own payload writer (its
+    byte counts stay right), once the headers are out; None where that writer is not the plain
+    chunked one this relies on (rule 4 is then off: every event wakes the writer)."""
+    writer = getattr(out, "_payload_writer", None)
+    write = getattr(writer, "_write_chunked_payload", None)
+    if (
+        write is None
+        or not getattr(writer, "chunked", False)
+        or getattr(writer, "_compress", None) is not None
+        or getattr(writer, "_headers_buf", None) is not None
+    ):
+        return None
+    return cast("Callable[[bytes], None]", write)
+
+
 class Writer:
     def __init__(
         self, *, config: SidecarConfig, metrics: Metrics, upstream: Upstream, registry: Registry
@@ -108,6 +177,8 @@ class Writer:
         self.registry = registry
         self.active = 0
         """SSE responses being written to clients now (bounded by `max_streams`)."""
+        self.written_through = 0
+        """Events written to clients by write-through (rule 4), not by their writers."""
 
     async def write(
         self,
@@ -211,13 +282,44 @@ class Writer:
                 else:
                     if resume is not None and not resume.waits_for_event:
                         resume.caught_up()  # nothing was missed: the client is live again
-                    await stream.signal.wait()
+                    position = await self._park(
+                        out, stream, position, room=room, beat=beat, resume=resume
+                    )
                     if beat.due:  # rule 3
                         async with asyncio.timeout(write_timeout):
                             await out.write(KEEPALIVE)
                         beat.wrote()
         finally:
             beat.cancel()
+
+    async def _park(
+        self,
+        out: web.StreamResponse,
+        stream: LiveStream,
+        position: int,
+        *,
+        room: Room,
+        beat: Beat,
+        resume: ResumeClock | None,
+    ) -> int:
+        """Wait for the stream to move; the only writer leaves a follower meanwhile (rule 4).
+        Returns the position to go on from."""
+        chunk = chunk_writer(out) if stream.clients == 1 and stream.follower is None else None
+        if chunk is None:
+            await stream.signal.wait()
+            return position
+        on_sent = resume.caught_up if resume else None
+        follower = Follower(
+            chunk, position, room=room, beat=beat, metrics=self.metrics, on_sent=on_sent
+        )
+        stream.follower = follower
+        try:
+            await stream.signal.wait()
+        finally:
+            if stream.follower is follower:
+                stream.follower = None
+            self.written_through += follower.sent
+        return follower.position
 
     async def _catch_up(
         self,

@@ -568,6 +568,38 @@ async def test_idle_streams_get_keepalives_and_busy_ones_do_not(
         assert comments == 3
 
 
+async def test_write_through_delivers_every_event_once_in_order_to_one_or_two_clients(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """`sidecar.writer` rule 4: a caught-up only client gets events written by the pump's
+    relay itself (no wake of its writer per event); a second client on the same stream (a
+    resume while the first still reads) turns it off and on again. Each client gets every
+    event after its position once, in order, whoever wrote it."""
+    n = 400
+    async with numbered_upstream(interval_ms=0) as up:
+        sidecar = await sidecar_factory(up)
+        base = f"http://127.0.0.1:{sidecar.port}"
+        sid = await initialize(http, base)
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        async with http.post(base + MCP, json=count_call(n, interval_ms=2), headers=headers) as a:
+            first = await collect(a, limit=50)
+            assert progress_numbers(first) == list(range(1, 51))
+            second: list[Received] = []
+            resume = {**headers, "Accept": "text/event-stream", "Last-Event-ID": first[9].id or ""}
+            async with http.get(base + MCP, headers=resume) as b:
+                assert b.status == 200
+                # Two clients now: both read at once until the stream ends.
+                rest_a, second = await asyncio.gather(collect(a), collect(b))
+        got_a = first + rest_a
+        assert sidecar.proxy.writer.written_through > 0  # rule 4 was in use
+        assert progress_numbers(got_a) == list(range(1, n + 1))
+        assert len(final_results(got_a)) == 1
+        assert progress_numbers(second) == list(range(11, n + 1))
+        assert len(final_results(second)) == 1
+        ids = [e.id for e in got_a if e.data]
+        assert len(set(ids)) == len(ids)
+
+
 def _limits(**kw: int) -> Any:
     from sidecar.tracker import TrackerLimits
 
