@@ -211,13 +211,19 @@ class Writer:
                 caught_up = await self._catch_up(out, stream, position, catch_up_cursor, resume)
                 if caught_up is None:
                     await out.write(encode_comment("tether: could not replay older events"))
-                    await out.write_eof()
+                    async with asyncio.timeout(self.config.client_write_timeout):
+                        await out.write_eof()  # aiohttp's write_eof always drains
                     return out
                 position = caught_up
             await self._follow(request, out, stream, position, resume)
-            await out.write_eof()
+            async with asyncio.timeout(self.config.client_write_timeout):
+                await out.write_eof()  # aiohttp's write_eof always drains: a stuck client waits
         except (ConnectionError, TimeoutError) as exc:
             log.info("stream %s: client went away (%s)", stream.stream_id, type(exc).__name__)
+            if isinstance(exc, TimeoutError) and request.transport is not None:
+                # A stuck client: aiohttp ending the response itself would wait on it again,
+                # without a bound. Its connection is cut; it resumes with Last-Event-ID.
+                request.transport.abort()
         finally:
             stream.detach()
             self.registry.client_left(stream)
@@ -267,7 +273,8 @@ class Writer:
                         resume.caught_up()
                 elif isinstance(step, Close):
                     if step.comment is not None:
-                        await out.write(step.comment)
+                        async with asyncio.timeout(write_timeout):
+                            await out.write(step.comment)
                     break
                 elif isinstance(step, Behind):
                     log.warning(
