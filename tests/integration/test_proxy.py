@@ -315,24 +315,48 @@ async def test_oversized_upstream_event_ends_stream_cleanly(
 
 
 def dechunk(raw: bytes) -> tuple[bytes, bytes]:
-    """Split a raw HTTP/1.1 response into (head, de-chunked body).
+    """Split a raw HTTP/1.1 response into (head, de-chunked body); a response cut anywhere
+    gives its whole chunks only.
 
     It walks the body by offsets: slicing off each chunk copied the rest of the body every
     time, which made a 6 MB response of small chunks take seconds."""
     head, _, rest = raw.partition(b"\r\n\r\n")
     body = bytearray()
     at = 0
-    while at < len(rest):
+    while True:
         line_end = rest.find(b"\r\n", at)
         if line_end == -1:
-            line_end = len(rest)
-        size = int(rest[at:line_end].split(b";")[0], 16)
-        if size == 0:
             break
+        size = int(rest[at:line_end].split(b";")[0], 16)
         start = line_end + 2
+        if size == 0 or len(rest) < start + size + 2:
+            break
         body += rest[start : start + size]
         at = start + size + 2
     return head, bytes(body)
+
+
+async def post_unread(
+    port: int, headers: dict[str, str], call: object
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """POST `call` on a raw connection with a small receive buffer (no autotuning), and read
+    nothing: a client that stops reading. The caller reads or closes it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.connect(("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = json.dumps(call).encode()
+    writer.write(
+        (
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + "\r\n"
+        ).encode()
+        + body
+    )
+    await writer.drain()
+    return reader, writer
 
 
 async def test_slow_client_gets_backpressure_not_loss(
@@ -352,21 +376,7 @@ async def test_slow_client_gets_backpressure_not_loss(
         headers = {**HEADERS, "Mcp-Session-Id": sid}
         metrics = sidecar.proxy.metrics
 
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # no autotuning
-        sock.connect(("127.0.0.1", sidecar.port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        body = json.dumps(count_call(n, interval_ms=0)).encode()
-        writer.write(
-            (
-                f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-                + "\r\n"
-            ).encode()
-            + body
-        )
-        await writer.drain()
+        reader, writer = await post_unread(sidecar.port, headers, count_call(n, interval_ms=0))
         # Not reading. The pump must pause instead of evicting unsent events.
         await eventually(
             lambda: counter_value(metrics, "upstream_paused") >= 1,
@@ -393,22 +403,6 @@ async def test_slow_client_gets_backpressure_not_loss(
         assert counter_value(metrics, "slow_clients_dropped") == 0
 
 
-def complete_chunks(raw: bytes) -> bytes:
-    """The de-chunked body of a raw HTTP/1.1 response cut anywhere: whole chunks only."""
-    _, _, rest = raw.partition(b"\r\n\r\n")
-    body = bytearray()
-    while True:
-        size_line, crlf, after = rest.partition(b"\r\n")
-        if not crlf:
-            break
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0 or len(after) < size + 2:
-            break
-        body += after[:size]
-        rest = after[size + 2 :]
-    return bytes(body)
-
-
 async def test_a_client_that_stops_reading_is_cut_off_and_resumes_losing_nothing(
     sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
 ) -> None:
@@ -427,21 +421,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_resumes_losing_nothing
         base = f"http://127.0.0.1:{sidecar.port}"
         sid = await initialize(http, base)
         headers = {**HEADERS, "Mcp-Session-Id": sid}
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-        sock.connect(("127.0.0.1", sidecar.port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        body = json.dumps(count_call(n, interval_ms=0)).encode()
-        writer.write(
-            (
-                f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-                + "\r\n"
-            ).encode()
-            + body
-        )
-        await writer.drain()
+        reader, writer = await post_unread(sidecar.port, headers, count_call(n, interval_ms=0))
         await eventually(
             lambda: len(sidecar.proxy.registry.streams) == 1,
             timeout=30,
@@ -455,7 +435,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_resumes_losing_nothing
         writer.close()
         first = [
             Received(e.id, e.event or "message", e.data.decode())
-            for e in parse_sse(complete_chunks(raw))
+            for e in parse_sse(dechunk(raw)[1])
             if e.data
         ]
         assert 0 < len(first) < n

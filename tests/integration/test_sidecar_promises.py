@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -17,7 +16,14 @@ from multidict import CIMultiDict
 
 from sidecar.tracker import EventId
 from tests.integration.conftest import SidecarFactory, serve_app
-from tests.integration.test_proxy import HEADERS, MCP, dechunk, initialize, progress_numbers
+from tests.integration.test_proxy import (
+    HEADERS,
+    MCP,
+    dechunk,
+    initialize,
+    post_unread,
+    progress_numbers,
+)
 from tests.support.metrics import counter_value
 from tests.support.sse_client import Received, collect, parse_sse
 from tests.support.waiting import eventually
@@ -113,19 +119,7 @@ async def test_slow_client_loses_nothing_when_upstream_ids_are_not_ascii(
     async with odd_upstream(lambda k: f"é{k}", n) as (url, _):
         sidecar = await sidecar_factory(url)
         sid = await initialize(http, f"http://127.0.0.1:{sidecar.port}")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # no autotuning
-        sock.connect(("127.0.0.1", sidecar.port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        body = json.dumps(CALL).encode()
-        head = {**HEADERS, "Mcp-Session-Id": sid, "Content-Length": str(len(body))}
-        writer.write(
-            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
-            + b"\r\n"
-            + body
-        )
-        await writer.drain()
+        reader, writer = await post_unread(sidecar.port, {**HEADERS, "Mcp-Session-Id": sid}, CALL)
         metrics = sidecar.proxy.metrics
         await eventually(lambda: counter_value(metrics, "upstream_paused") >= 1, timeout=30)
         async with asyncio.timeout(60):
