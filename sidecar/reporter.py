@@ -1002,8 +1002,12 @@ class Reporter:
             if self._queue.pending:
                 await asyncio.sleep(delay)  # keep trying until stop()'s deadline
             return
+        await self._sleep_unless_stopped(delay)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if `stop()` is called meanwhile."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
+            async with asyncio.timeout(seconds):
                 await self._stop_requested.wait()
 
     async def _serve_stream(self) -> BaseException | None:
@@ -1067,9 +1071,7 @@ class Reporter:
             if self.config.interval > 0 and not self._stopping:
                 # Pacing, not synchronisation: items reported meanwhile join the next batch.
                 # A stop cuts it short: its flush must not wait out a long interval.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.config.interval):
-                        await self._stop_requested.wait()
+                await self._sleep_unless_stopped(self.config.interval)
 
     async def _wait_for_wake(self, oldest_sent_at: float | None) -> None:
         if oldest_sent_at is None:

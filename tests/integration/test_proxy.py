@@ -449,6 +449,12 @@ async def test_a_client_that_stops_reading_is_cut_off_and_resumes_losing_nothing
         assert len(final_results(got)) == 1
 
 
+def initialized(body: dict[str, Any]) -> web.Response:
+    """A minimal upstream's answer to `initialize`: its session is "up-1"."""
+    answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"protocolVersion": "x"}}
+    return web.json_response(answer, headers={"Mcp-Session-Id": "up-1"})
+
+
 async def test_answered_streams_leave_their_upstream_connection_open_for_the_next(
     sidecar_factory: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -462,8 +468,7 @@ async def test_answered_streams_leave_their_upstream_connection_open_for_the_nex
         peers.append(request.transport.get_extra_info("peername") if request.transport else None)
         body = await request.json()
         if body["method"] == "initialize":
-            answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"protocolVersion": "x"}}
-            return web.json_response(answer, headers={"Mcp-Session-Id": "up-1"})
+            return initialized(body)
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
         answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"content": []}}
@@ -509,8 +514,7 @@ async def test_idle_streams_get_keepalives_and_busy_ones_do_not(
             return out
         body = await request.json()
         if body["method"] == "initialize":
-            answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"protocolVersion": "x"}}
-            return web.json_response(answer, headers={"Mcp-Session-Id": "up-1"})
+            return initialized(body)
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
         for i in range(12):  # an event every 100 ms, faster than the 400 ms heartbeat
