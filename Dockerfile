@@ -11,9 +11,9 @@
 # same image; the second copies only that environment onto a fresh slim base, so pip's cache,
 # the source tree and any build tooling never reach the final image (pip and setuptools are
 # removed from the environment once it is complete). Every dependency ships manylinux wheels
-# for CPython 3.11; the only compiling is Tether's own event-path cores (mypyc, setup.py
-# TETHER_MYPYC=1: the same code, about 1.6x faster), and the compiler and mypy stay in the
-# build stage.
+# for CPython 3.11; the only compiling is Tether's own: the run core (sidecar/_runcore.c, the
+# bulk path's per-event loops in C, always built) and the event-path cores (mypyc, setup.py
+# TETHER_MYPYC=1: the same code, faster); the compiler and mypy stay in the build stage.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -22,7 +22,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# TETHER_MYPYC=0 builds pure Python (no compiler needed).
+# TETHER_MYPYC=0 leaves the mypyc build out (the run core is still compiled).
 ARG TETHER_MYPYC=1
 # Python's headers ship with the official image; a Debian-python base needs python3-dev.
 RUN apt-get update \

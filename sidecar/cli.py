@@ -98,6 +98,7 @@ def read_fingerprint_key(path: Path | None) -> bytes | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sidecar import runcore
     from sidecar.app import run_until_signalled
     from sidecar.eventloop import loop_factory, run
     from sidecar.tracing import TracingUnavailableError, require_sdk
@@ -109,10 +110,12 @@ def _run(args: argparse.Namespace) -> int:
         factory = loop_factory(args.event_loop)
         if config.tracing:
             require_sdk()
+        if runcore.SETTING_ERROR is not None:
+            raise ConfigError(runcore.SETTING_ERROR)
     except (ConfigError, TracingUnavailableError) as exc:
         print(f"tether sidecar: {exc}", file=sys.stderr)
         return 2
-    log.info("event loop: %s", args.event_loop)
+    log.info("event loop: %s, run core: %s", args.event_loop, runcore.name())
     try:
         run(run_until_signalled(config), factory)
     except OSError as exc:  # a busy or unusable address (`tether.ports`)

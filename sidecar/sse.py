@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import re
-from itertools import repeat
 from typing import Final, Literal, NamedTuple, cast
+
+from sidecar import runcore
 
 __all__ = ["SSEError", "SSEEvent", "SSEParser", "SSERun", "encode_comment", "encode_event"]
 
@@ -81,26 +82,26 @@ class SSERun:
     A consumer may take a prefix and leave the rest: `start` counts events already taken.
     """
 
-    __slots__ = ("data_lines", "id_lines", "ids", "last_event_id", "notifications", "start")
+    __slots__ = ("data_lines", "ids", "last_event_id", "notifications", "plain_ids", "start")
 
     def __init__(
         self,
         data_lines: list[bytes],
         ids: list[str] | None,
-        id_lines: list[bytes] | None,
         last_event_id: str,
         notifications: bool = False,
+        plain_ids: bool = False,
     ) -> None:
         self.data_lines = data_lines
         """Each event's `data: ...` line, without its LF."""
         self.ids = ids
         """Each event's id, or None when the blocks have no `id:` line."""
-        self.id_lines = id_lines
-        """The same ids as UTF-8 bytes (for writing them without re-encoding)."""
         self.last_event_id = last_event_id
         """The last-event-ID buffer before the run (every event's, when there are no ids)."""
         self.notifications = notifications
-        """Every event is an MCP notification (`NOTIFICATION_DATA` prefix): none is an answer."""
+        """Every event is an MCP notification (`runcore.NOTIFICATION_DATA`): none is an answer."""
+        self.plain_ids = plain_ids
+        """Every id goes into our ids as it is (`runcore.plain_ids`); False means unknown."""
         self.start = 0
 
     def __len__(self) -> int:
@@ -121,13 +122,6 @@ class SSERun:
 
 Item = SSEEvent | SSEError | SSERun
 """What `feed_runs()` returns items of."""
-
-_DATA_LINE: Final = b"data: "
-NOTIFICATION_DATA: Final = b'data: {"jsonrpc":"2.0","method":"notifications/'
-"""How the data line of an MCP notification starts, as the SDKs serialize it. A JSON-RPC
-message with a method is a request or a notification, never an answer."""
-_ID_LINE: Final = b"id: "
-_EVENT_MESSAGE: Final = b"event: message"
 
 
 class SSEParser:
@@ -354,60 +348,18 @@ class SSEParser:
             out.extend(self._parse_text(text))
         return out
 
-    def _as_run(self, region: bytes) -> SSERun | None:  # noqa: C901, PLR0912 - hot path, kept whole (see pyproject)
+    def _as_run(self, region: bytes) -> SSERun | None:
         """`region` (valid UTF-8, complete blocks) as one SSERun, or None if its blocks do
-        not all have one plain shape. Every check is a C-level pass over a list or a bytes
-        object, so a region that does not fit costs little before the event path takes it."""
-        lines = region.split(b"\n")
-        try:
-            period = lines.index(b"") + 1  # the first block's lines and its blank line
-        except ValueError:
-            period = len(lines) + 1  # a single block
-        if period > 4:
+        not all have one plain shape (`runcore.RunCore.scan_run`, which fails fast: a
+        region that does not fit costs little before the event path takes it)."""
+        found = runcore.CORE.scan_run(region, runcore.MAX_ID_BYTES)
+        if found is None:
             return None
-        n, rest = divmod(len(lines) + 1, period)
-        if rest:
-            return None
-        lines.append(b"")  # the last block's blank line is implied (invariant 2)
-        if lines[period - 1 :: period].count(b"") != n:
-            return None
-        data_lines: list[bytes] | None = None
-        notifications = False
-        id_column: list[bytes] | None = None
-        event_column = False
-        for c in range(period - 1):
-            column = lines[c::period]
-            first = column[0]
-            if first.startswith(_DATA_LINE) and data_lines is None:
-                # The first bytes of each line only (a scan of whole lines costs more), and
-                # in one pass when every line is an MCP notification, the common case.
-                notifications = sum(map(bytes.startswith, column, repeat(NOTIFICATION_DATA))) == n
-                if not notifications and not all(map(bytes.startswith, column, repeat(_DATA_LINE))):
-                    return None  # another field in this column
-                if _DATA_LINE in column:
-                    return None  # an empty data line: an empty event, the event path's
-                data_lines = column
-            elif first.startswith(_ID_LINE) and id_column is None:
-                id_column = column
-            elif first == _EVENT_MESSAGE and not event_column:
-                if column.count(_EVENT_MESSAGE) != n:
-                    return None
-                event_column = True
-            else:
-                return None
-        if data_lines is None:
-            return None
-        ids: list[str] | None = None
-        id_lines: list[bytes] | None = None
+        data_lines, ids, notifications, plain_ids = found
         last_event_id = self._last_event_id
-        if id_column is not None:
-            joined = b"\n".join(id_column)
-            if joined.count(b"\nid: ") != n - 1 or _ID_LINE in id_column or b"\0" in joined:
-                return None  # another field here, an empty id (a reset) or a NUL (ignored)
-            id_lines = joined[4:].split(b"\nid: ")
-            ids = joined[4:].decode("utf-8").split("\nid: ")
+        if ids is not None:
             self._last_event_id = ids[-1]
-        return SSERun(data_lines, ids, id_lines, last_event_id, notifications)
+        return SSERun(data_lines, ids, last_event_id, notifications, plain_ids)
 
     def _parse_text(self, text: str) -> list[Item]:  # noqa: C901, PLR0912 - hot path, kept whole (see pyproject)
         """Run the WHATWG line rules over whole blocks; the last one's blank line is implied.

@@ -37,13 +37,16 @@ from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from itertools import accumulate, compress, islice, repeat
+from itertools import compress, islice, repeat
 from operator import not_
+from typing import Final
 
-from sidecar.sse import NOTIFICATION_DATA, SSEError, SSEEvent, SSERun, encode_event
+from sidecar import runcore
+from sidecar.runcore import NOTIFICATION_DATA
+from sidecar.sse import SSEError, SSEEvent, SSERun, encode_event
 from tether.model import StreamId
 
-MAX_UPSTREAM_ID_BYTES = 2048
+MAX_UPSTREAM_ID_BYTES: Final = runcore.MAX_ID_BYTES
 """Longest upstream event id (UTF-8 bytes) the tracker accepts. Encoded into our id it stays far
 below the 8 KiB header limits of common HTTP stacks (aiohttp, Node, nginx)."""
 
@@ -246,7 +249,7 @@ class StreamTracker:
         self._index: deque[str] = deque(maxlen=limits.index_max_events)
         # Hot-path constants.
         self._id_prefix = f"id: {stream_id}.{epoch}."
-        self._id_prefix_bytes = self._id_prefix.encode().replace(b"%", b"%%")
+        self._id_prefix_bytes = self._id_prefix.encode()
         self._dedup_window = limits.dedup_window
         self._max_events = limits.replay_max_events
         self._max_bytes = limits.replay_max_bytes
@@ -382,42 +385,28 @@ class StreamTracker:
         k = min(len(run), max(1, seq_mark - self.seq))
         data_lines = run.data_lines[first : first + k]
         seq = self.seq
-        seqs = range(seq + 1, seq + k + 1)
         ids = run.ids
         if ids is not None:
-            assert run.id_lines is not None
             taken = ids[first : first + k]
-            joined = "\n".join(taken)
-            # Cursors go into our ids as they are only if each is printable ASCII without
-            # surrounding spaces or a leading "~" (see `encode_cursor`); else one by one.
-            if not (
-                joined.isascii()
-                and joined.replace("\n", "").isprintable()
-                and joined[:1] not in (" ", "~")
-                and joined[-1:] != " "
-                and "\n " not in joined
-                and " \n" not in joined
-                and "\n~" not in joined
-            ):
+            # Cursors go into our ids as they are only if each is plain (printable ASCII,
+            # no surrounding spaces or leading "~", see `encode_cursor`), and refused ones
+            # are refused on the event path, with the reason: else one by one.
+            if not (run.plain_ids or runcore.plain_ids(taken, MAX_UPSTREAM_ID_BYTES)):
                 return -1
-            if max(map(len, taken)) > MAX_UPSTREAM_ID_BYTES:
-                return -1  # refused on the event path, with the reason
             seen = self._seen
-            if not seen.isdisjoint(taken) or len(set(taken)) != k:
+            if not seen.isdisjoint(taken):
                 return -1  # a duplicate: dropped (and counted) on the event path
-            fmt = self._id_prefix_bytes + b"%d.%b\n%b\n\n"
-            id_lines = run.id_lines[first : first + k]
-            payloads = list(map(fmt.__mod__, zip(seqs, id_lines, data_lines, strict=True)))
+            suffix = b""
         else:
             cursor = run.last_event_id  # every event's: the blocks have no id line
             if cursor != self.last_upstream_event_id:
                 self.last_upstream_event_id = cursor
                 self._cursor_suffix = f".{encode_cursor(cursor)}" if cursor else ""
-            suffix = self._cursor_suffix.encode().replace(b"%", b"%%")
-            fmt = self._id_prefix_bytes + b"%d" + suffix + b"\n%b\n\n"
-            payloads = list(map(fmt.__mod__, zip(seqs, data_lines, strict=True)))
+            suffix = self._cursor_suffix.encode()
         total = self._total_bytes
-        cumulative = list(accumulate(map(len, payloads), initial=total))
+        payloads, cumulative = runcore.CORE.format_run(
+            self._id_prefix_bytes, seq, ids and taken, data_lines, suffix, total
+        )
         if cumulative[-1] >= bytes_mark and k > 1:
             # Stop at the event that crosses the bytes mark, as the event path would.
             cut = max(1, bisect_left(cumulative, bytes_mark, 1))
@@ -429,6 +418,14 @@ class StreamTracker:
                 if ids is not None:
                     del taken[k:]
         del cumulative[0]
+        if ids is not None:
+            before = len(seen)
+            seen.update(taken)
+            if len(seen) != before + k:
+                # A duplicate within the run. None of its ids was seen before (isdisjoint
+                # above), so this undoes the update; the event path drops and counts it.
+                seen.difference_update(taken)
+                return -1
         # Commit: from here on nothing can fail.
         run.start = first + k
         if ids is not None:
@@ -437,7 +434,8 @@ class StreamTracker:
             overflow = len(order) + k - window
             if overflow > 0:  # the ids the extend below pushes out of the window
                 seen.difference_update(islice(order, min(overflow, len(order))))
-            seen.update(taken[-window:])
+                if k > window:  # and those of this run it keeps no room for
+                    seen.difference_update(islice(taken, k - window))
             order.extend(taken)
             self._index.extend(taken)
             cursor = taken[-1]

@@ -8,9 +8,12 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -158,3 +161,43 @@ def test_the_image_installs_with_the_constraints_and_the_demo_and_tracing_extras
     install = r"pip install --constraint constraints\.txt \"[^\"]*\[demo,tracing\]\""
     assert re.search(install, dockerfile)
     assert "!constraints.txt" in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_the_wheel_carries_the_compiled_run_core(tmp_path: Path) -> None:
+    """Issue 16: `pip install` builds sidecar/_runcore.c (from a clean checkout, so nothing
+    built in this tree can stand in for it), and the module it builds loads and serves."""
+    src = tmp_path / "src"
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        path = REPO_ROOT / os.fsdecode(name)
+        if path.is_file() and not path.name.endswith(".so"):
+            (src / path.relative_to(REPO_ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, src / path.relative_to(REPO_ROOT))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("tether-*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        (core,) = [n for n in whl.namelist() if re.fullmatch(r"sidecar/_runcore\..*\.so", n)]
+        assert "sidecar/_runcore.pyi" in whl.namelist()
+        whl.extract(core, tmp_path / "site")
+    check = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('sidecar._runcore', sys.argv[1])\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(m.format_run(b'id: s.1.', 6, ['u7'], [b'data: x'], b'', 0))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "site" / core)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "([b'id: s.1.7.u7\\ndata: x\\n\\n'], [0, 22])"

@@ -9,7 +9,8 @@ Properties checked on every input, fed in fuzzer-chosen chunks:
 - chunking does not change the result;
 - the bulk path (runs) relays exactly what the event path does, through the stream core the
   pump uses, with a client that reads at every pause: the same bytes written, the same end,
-  state, cursor and duplicate drops;
+  state, cursor and duplicate drops; on each run core, the compiled one and its pure-Python
+  twins (sidecar.runcore);
 - client-facing event ids either parse or are refused, never raise, and round-trip.
 """
 
@@ -21,6 +22,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    from sidecar import runcore
     from sidecar.reconnect import Outcome, ReconnectConfig
     from sidecar.sse import SSEError, SSEEvent, SSEParser
     from sidecar.stream_core import Send, StreamCore
@@ -28,6 +30,10 @@ with atheris.instrument_imports():
     from tether.model import StreamId
 
 LIMIT = 4096
+_C = runcore.compiled()
+if _C is None:
+    raise ImportError("sidecar._runcore is not built: this target runs the bulk path on both cores")
+CORES = [_C, runcore.PYTHON]
 
 
 def parse(data: bytes, cuts: list[int]) -> list[SSEEvent | SSEError]:
@@ -94,7 +100,10 @@ def test_one_input(raw: bytes) -> None:
     chunked = parse(data, [min(c, len(data)) for c in cuts])
     assert whole == chunked, "chunking changed the result"
     cut_list = [min(c, len(data)) for c in cuts]
-    assert relay(data, cut_list, True) == relay(data, cut_list, False), "runs changed the result"
+    events = relay(data, cut_list, False)
+    for core in CORES:
+        runcore.use(core)
+        assert relay(data, cut_list, True) == events, f"runs changed the result ({core} core)"
     text = data.decode("utf-8", "replace")
     eid = EventId.parse(text)
     if eid is not None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.sse import SSEEvent, SSEParser, SSERun
+from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun
 from sidecar.tracker import (
     MAX_UPSTREAM_ID_BYTES,
     EventId,
@@ -17,7 +17,10 @@ from sidecar.tracker import (
     new_stream_id,
     unusable_upstream_id,
 )
+from tests.support.runcores import each_run_core  # noqa: F401 - a fixture
 from tether.model import StreamId
+
+pytestmark = pytest.mark.usefixtures("each_run_core")  # the bulk path on each run core
 
 S = StreamId("abc")
 
@@ -297,6 +300,26 @@ def test_priming_event_can_carry_a_retry_hint() -> None:
 
 # The bulk path is held equal to the event path through the stream core, which is what the
 # pump calls: tests/unit/test_stream_core.py::test_bulk_path_relays_exactly_what_the_event_path_does
+
+
+def test_a_duplicate_inside_a_run_is_dropped_and_counted_as_on_the_event_path() -> None:
+    far = 1 << 30
+    got = []
+    raw = b"id: 1\ndata: a\n\nid: 1\ndata: b\n\nid: 2\ndata: c\n\n"
+    for bulk in (True, False):
+        items: list[SSEEvent | SSEError | SSERun] = []
+        items += SSEParser().feed_runs(raw) if bulk else SSEParser().feed(raw)
+        assert isinstance(items[0], SSERun) == bulk
+        t = tracker()
+        i = 0
+        while i < len(items):
+            i, *_ = t.accept_run(items, i, seq_mark=far, bytes_mark=far, watch_answers=False)
+        got.append((t.seq, t.duplicates, t.events_after(0)))
+    assert got[0] == got[1]
+    assert got[0][:2] == (2, 1)
+    # The bulk path undid its dedup update before the event path took over: without that,
+    # the first "1" would be dropped as a duplicate too.
+    assert got[0][2] == [b"id: abc.1.1.1\ndata: a\n\n", b"id: abc.1.2.2\ndata: c\n\n"]
 
 
 def test_bulk_path_is_taken_for_plain_events_and_keeps_the_buffer_bounded() -> None:
