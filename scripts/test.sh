@@ -19,7 +19,8 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 # nginx for the benchmark harness's smoke test, iproute2 for the chaos suite's network namespaces.
 command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
-# The compiled-cores test builds the sans-IO cores with mypyc: a C compiler and Python's headers.
+# The install builds the run core (sidecar/_runcore.c) and the compiled-cores test builds the
+# sans-IO cores with mypyc: both need a C compiler and Python's headers.
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
     >/dev/null 2>&1 || need_apt+=(python3-dev)

@@ -110,8 +110,10 @@ def _run(args: argparse.Namespace) -> int:
         factory = loop_factory(args.event_loop)
         if config.tracing:
             require_sdk()
-        if runcore.SETTING_ERROR is not None:
-            raise ConfigError(runcore.SETTING_ERROR)
+        try:
+            runcore.use(args.run_core)
+        except ImportError as exc:
+            raise ConfigError(f"--run-core c: {exc}") from exc
     except (ConfigError, TracingUnavailableError) as exc:
         print(f"tether sidecar: {exc}", file=sys.stderr)
         return 2
@@ -275,6 +277,13 @@ def add_sidecar_parser(sub: Any) -> None:
         choices=EVENT_LOOPS,
         default="asyncio",
         help="the standard asyncio loop, or uvloop if installed (measured: no faster here)",
+    )
+    p.add_argument(
+        "--run-core",
+        choices=("auto", "c", "python"),
+        default="auto",
+        help="the bulk path's per-event loops: compiled (auto: when the install built it) or "
+        "pure Python, the same results either way",
     )
     apply_env_defaults(p)  # every flag above can also be set as TETHER_<FLAG>
     p.set_defaults(run=_run)

@@ -10,16 +10,14 @@ Rules:
 
 1. Both cores return the same values for the same arguments (the C module's rule 1 and 3);
    the property tests and the fuzz target run the bulk path on each (`use`).
-2. The choice is made once, at import, from `TETHER_RUN_CORE`: `auto` (the default) takes C
-   when it is built, `c` insists on it, `python` takes the twins. A setting that cannot be
-   had leaves `SETTING_ERROR`, on which `tether sidecar` refuses to start. `use()` changes
-   the choice, for tests.
+2. C is used when it is built, unless `use()` says otherwise: `tether sidecar --run-core`
+   (`auto`, the default, as at import; `c` insists on it and refuses to start without it;
+   `python` takes the twins), and tests.
 3. Callers read `CORE` at each call (never bind it at import), so `use()` takes effect.
 """
 
 from __future__ import annotations
 
-import os
 from itertools import accumulate, repeat
 from typing import Final, Literal, Protocol
 
@@ -27,7 +25,6 @@ __all__ = [
     "CORE",
     "MAX_ID_BYTES",
     "PYTHON",
-    "SETTING_ERROR",
     "RunCore",
     "Scan",
     "compiled",
@@ -186,7 +183,7 @@ def compiled() -> RunCore | None:
     return _runcore
 
 
-def _choose(setting: str) -> RunCore:
+def _choose(setting: Literal["auto", "c", "python"]) -> RunCore:
     if setting == "python":
         return PYTHON
     core = compiled()
@@ -194,26 +191,14 @@ def _choose(setting: str) -> RunCore:
         return core
     if setting == "c":
         raise ImportError(
-            "TETHER_RUN_CORE=c but sidecar._runcore is not built "
-            "(reinstall with a C compiler and Python's headers)"
+            "the compiled run core (sidecar._runcore) is not built: "
+            "reinstall with a C compiler and Python's headers, or use --run-core python"
         )
     return PYTHON
 
 
-def _from_environment() -> tuple[RunCore, str | None]:
-    """The core `TETHER_RUN_CORE` asks for, and why it cannot be had (then a working core):
-    importing never fails, and `tether sidecar` refuses to start on the error (rule 2)."""
-    setting = os.environ.get("TETHER_RUN_CORE", "auto") or "auto"
-    if setting not in ("auto", "c", "python"):
-        return _choose("auto"), f"TETHER_RUN_CORE must be auto, c or python, not {setting!r}"
-    try:
-        return _choose(setting), None
-    except ImportError as exc:
-        return PYTHON, str(exc)
-
-
-CORE, SETTING_ERROR = _from_environment()
-"""The core in use (rule 3), and what is wrong with `TETHER_RUN_CORE` if anything."""
+CORE: RunCore = _choose("auto")
+"""The core in use (rule 3)."""
 
 
 def name(core: RunCore | None = None) -> Literal["c", "python"]:
@@ -221,9 +206,9 @@ def name(core: RunCore | None = None) -> Literal["c", "python"]:
     return "python" if (core or CORE) is PYTHON else "c"
 
 
-def use(which: Literal["c", "python"] | RunCore) -> RunCore:
-    """Switch the core in use (tests), by name or to a core `use` returned; returns the one
-    used before."""
+def use(which: Literal["auto", "c", "python"] | RunCore) -> RunCore:
+    """Switch the core in use, by setting (`tether sidecar --run-core`; ImportError for "c"
+    when it is not built) or to a core `use` returned (tests); returns the one used before."""
     global CORE  # noqa: PLW0603 - the one switch, rule 2
     before = CORE
     CORE = _choose(which) if isinstance(which, str) else which

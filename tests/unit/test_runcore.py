@@ -8,7 +8,6 @@ event path on each core in test_sse, test_tracker, test_stream_core and the fuzz
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tracemalloc
@@ -204,67 +203,53 @@ def test_neither_function_leaks() -> None:
     assert after - before < 64 * 1024, f"{after - before} bytes left after 20,000 calls"
 
 
-def _core_in_subprocess(setting: str, *, hide_c: bool) -> subprocess.CompletedProcess[str]:
-    """`runcore.name()` in a fresh interpreter, optionally as if the C module was never built."""
-    hide = (
-        "import sys, importlib.abc\n"
-        "class Hide(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'sidecar._runcore':\n"
-        "            raise ImportError('not built')\n"
-        "sys.meta_path.insert(0, Hide())\n"
-    )
-    code = (hide if hide_c else "") + (
-        "from sidecar import runcore; print(runcore.name(), runcore.SETTING_ERROR)"
-    )
-    env = {**os.environ, "TETHER_RUN_CORE": setting}
-    return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-    )
+HIDE_C = """
+import importlib.abc, runpy, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "sidecar._runcore":
+            raise ImportError("not built")
+sys.meta_path.insert(0, Hide())
+sys.argv[0] = "tether"
+runpy.run_module("tether.cli", run_name="__main__")
+"""
+"""`tether ARGV` as if the install had built no C module."""
 
 
-def test_without_the_compiled_core_the_python_twins_serve() -> None:
-    """A build without a compiler still works (rule 2); a setting that cannot be had is
-    said (and `tether sidecar` refuses it, below), never an import error."""
-    for setting, hide_c, said in [
-        ("auto", True, "python None"),
-        ("auto", False, "c None"),
-        ("python", False, "python None"),
-        ("c", True, "python TETHER_RUN_CORE=c but sidecar._runcore is not built"),
-        ("fast", False, "c TETHER_RUN_CORE must be auto, c or python, not 'fast'"),
-    ]:
-        got = _core_in_subprocess(setting, hide_c=hide_c)
-        assert got.returncode == 0, got.stderr
-        assert got.stdout.startswith(said), (setting, hide_c, got.stdout)
-
-
-def _sidecar(setting: str) -> subprocess.Popen[str]:
+def _sidecar(*flags: str, hide_c: bool = False) -> subprocess.Popen[str]:
+    program = ["-c", HIDE_C] if hide_c else ["-m", "tether.cli"]
     return subprocess.Popen(
         [
-            *(sys.executable, "-m", "tether.cli", "sidecar", "--listen", "127.0.0.1:0"),
-            *("--upstream", "http://127.0.0.1:9/mcp", "--log-level", "INFO"),
+            *(sys.executable, *program, "sidecar", "--listen", "127.0.0.1:0"),
+            *("--upstream", "http://127.0.0.1:9/mcp", "--log-level", "INFO", *flags),
         ],
-        env={**os.environ, "TETHER_RUN_CORE": setting},
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def test_the_sidecar_says_which_core_it_runs_and_refuses_a_bad_setting() -> None:
-    proc = _sidecar("fast")
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 2
-    assert "tether sidecar: TETHER_RUN_CORE must be auto, c or python, not 'fast'" in err
-    assert "Traceback" not in err
-    proc = _sidecar("auto")
+def _said_core(proc: subprocess.Popen[str]) -> str:
+    """The run core a starting sidecar says it runs; the sidecar is stopped."""
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
             if "run core:" in line:
-                assert "event loop: asyncio, run core: c" in line
-                break
-        else:
-            pytest.fail("the sidecar never said which run core it runs")
+                return line.rsplit("run core:", 1)[1].strip()
+        pytest.fail("the sidecar never said which run core it runs")
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_the_sidecar_runs_the_core_asked_for_and_falls_back_without_c() -> None:
+    """Rule 2: C by default; the twins on request, or where no C module was built (a build
+    without a compiler still works); `--run-core c` without it refuses to start."""
+    assert _said_core(_sidecar()) == "c"
+    assert _said_core(_sidecar("--run-core", "python")) == "python"
+    assert _said_core(_sidecar(hide_c=True)) == "python"
+    proc = _sidecar("--run-core", "c", hide_c=True)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    said = "tether sidecar: --run-core c: the compiled run core (sidecar._runcore) is not built"
+    assert said in err
+    assert "Traceback" not in err
