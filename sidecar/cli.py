@@ -98,7 +98,7 @@ def read_fingerprint_key(path: Path | None) -> bytes | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sidecar import runcore
+    from sidecar import heap, runcore
     from sidecar.app import run_until_signalled
     from sidecar.eventloop import loop_factory, run
     from sidecar.tracing import TracingUnavailableError, require_sdk
@@ -117,7 +117,12 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, TracingUnavailableError) as exc:
         print(f"tether sidecar: {exc}", file=sys.stderr)
         return 2
-    log.info("event loop: %s, run core: %s", args.event_loop, runcore.name())
+    log.info(
+        "event loop: %s, run core: %s, heap: %s",
+        args.event_loop,
+        runcore.name(),
+        heap.keep_large_buffers(),
+    )
     try:
         run(run_until_signalled(config), factory)
     except OSError as exc:  # a busy or unusable address (`tether.ports`)

@@ -234,7 +234,7 @@ def _said_core(proc: subprocess.Popen[str]) -> str:
         assert proc.stderr is not None
         for line in proc.stderr:
             if "run core:" in line:
-                return line.rsplit("run core:", 1)[1].strip()
+                return line.split("run core: ", 1)[1].split(",", 1)[0].strip()
         pytest.fail("the sidecar never said which run core it runs")
     finally:
         proc.terminate()
