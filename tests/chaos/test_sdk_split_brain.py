@@ -32,12 +32,14 @@ import asyncio
 import itertools
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 import mcp_types
 import pytest
+import pytest_asyncio
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -91,19 +93,27 @@ class TwoSidecars:
         return sum(s.proxy.continuity.adoptions for s in self.sidecars)
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mcp_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """The demo MCP server (a process), one for the module; its URL. Every test opens its own
+    session on it (a new client), through sidecars and a control plane of its own, and none
+    stops or restarts it: what a test reads is its own session's events."""
+    async with ProcessPool(tmp_path_factory.mktemp("mcp-server")) as procs:
+        up_port = free_port()
+        await procs.start(
+            python_module("tether.demo_server", "--port", up_port, "--log-level", "WARNING"),
+            name="mcp-server",
+            ready_port=up_port,
+        )
+        yield f"http://127.0.0.1:{up_port}"
+
+
 @pytest.fixture
 async def two_sidecars(
-    control_plane: RunningControlPlane, sidecar_factory: SidecarFactory, procs: ProcessPool
+    control_plane: RunningControlPlane, sidecar_factory: SidecarFactory, mcp_server: str
 ) -> TwoSidecars:
-    """The demo MCP server (a process) behind two in-process sidecars sharing a control
-    plane."""
-    up_port = free_port()
-    await procs.start(
-        python_module("tether.demo_server", "--port", up_port, "--log-level", "WARNING"),
-        name="mcp-server",
-        ready_port=up_port,
-    )
-    upstream = f"http://127.0.0.1:{up_port}"
+    """The module's demo MCP server behind two in-process sidecars sharing a control plane."""
+    upstream = mcp_server
     return TwoSidecars(
         [
             await sidecar_factory(
