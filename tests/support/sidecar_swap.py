@@ -9,6 +9,7 @@ parts, and reads the sidecars' logs for what they refused.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 import signal
@@ -67,19 +68,23 @@ class SidecarSwap:
     async def start(
         cls, procs: ProcessPool, *, control_plane: str, client_retry_ms: int
     ) -> SidecarSwap:
-        """The demo MCP server and sidecar A, both listening; A sends `retry: client_retry_ms`."""
+        """The demo MCP server and sidecar A, both listening; A sends `retry: client_retry_ms`.
+        They start at once (two boots, not one after the other): a sidecar reaches its
+        upstream only when a request comes, and the caller sends none before both listen."""
         up_port, port = free_port(), free_port()
-        await procs.start(
-            python_module("tether.demo_server", "--port", up_port, "--log-level", "WARNING"),
-            name="mcp-server",
-            ready_port=up_port,
-        )
         upstream = f"http://127.0.0.1:{up_port}"
         extra = ("--client-retry-ms", str(client_retry_ms))
-        sidecar = await procs.start(
-            sidecar_argv(port, upstream, control_plane, "sidecar-a", *extra),
-            name="sidecar-a",
-            ready_port=port,
+        _, sidecar = await asyncio.gather(
+            procs.start(
+                python_module("tether.demo_server", "--port", up_port, "--log-level", "WARNING"),
+                name="mcp-server",
+                ready_port=up_port,
+            ),
+            procs.start(
+                sidecar_argv(port, upstream, control_plane, "sidecar-a", *extra),
+                name="sidecar-a",
+                ready_port=port,
+            ),
         )
         return cls(procs, control_plane, port, upstream, extra, sidecar)
 
