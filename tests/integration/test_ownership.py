@@ -36,8 +36,10 @@ from tether.model import OwnerName, SessionId, SessionRecord, StreamId, StreamPo
 pytestmark = pytest.mark.slow
 
 
-TTL = 2.0
-"""The short session TTL of the lease tests (seconds)."""
+TTL = 1.0
+"""The short session TTL of the lease tests (seconds). A sidecar renews every TTL/3, so a
+session it serves expires only if renewals stop for two intervals; 1 s is also the TTL of the
+ownership protocol test (tests/protocol), which checks the same lease on every step."""
 
 
 @asynccontextmanager
