@@ -8,10 +8,13 @@ revision (the default, 2026-07-28) and over the 2024-11-05 HTTP+SSE transport.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import mcp_types
 import pytest
+import pytest_asyncio
 from mcp import Client
 from mcp.client.sse import sse_client
 
@@ -50,11 +53,31 @@ async def start_server(procs: ProcessPool, *flags: str) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+@asynccontextmanager
+async def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, *flags: str
+) -> AsyncIterator[str]:
+    """A demo server for the tests of this module that only talk to it (none stops or
+    restarts it; each opens sessions of its own through a sidecar of its own): its URL."""
+    async with ProcessPool(tmp_path_factory.mktemp("mcp-server")) as procs:
+        yield await start_server(procs, *flags)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[bool, str]]:
+    """The module's two demo servers, by whether they keep an event store."""
+    async with (
+        shared_server(tmp_path_factory) as with_store,
+        shared_server(tmp_path_factory, "--no-event-store") as without_store,
+    ):
+        yield {True: with_store, False: without_store}
+
+
 @pytest.mark.parametrize("event_store", [True, False])
 async def test_session_revision_through_sidecar(
-    procs: ProcessPool, sidecar_factory: SidecarFactory, event_store: bool
+    servers: dict[bool, str], sidecar_factory: SidecarFactory, event_store: bool
 ) -> None:
-    upstream = await start_server(procs, *([] if event_store else ["--no-event-store"]))
+    upstream = servers[event_store]
     sidecar = await sidecar_factory(upstream)
     progress = Progress()
     async with Client(f"http://127.0.0.1:{sidecar.port}/mcp", mode="legacy") as client:
@@ -74,9 +97,9 @@ async def test_session_revision_through_sidecar(
 
 
 async def test_stateless_revision_through_sidecar(
-    procs: ProcessPool, sidecar_factory: SidecarFactory
+    servers: dict[bool, str], sidecar_factory: SidecarFactory
 ) -> None:
-    upstream = await start_server(procs)
+    upstream = servers[True]
     sidecar = await sidecar_factory(upstream)
     progress = Progress()
     async with Client(f"http://127.0.0.1:{sidecar.port}/mcp") as client:
@@ -109,12 +132,12 @@ async def test_legacy_sse_transport_through_sidecar(
 
 @pytest.mark.parametrize("event_store", [True, False])
 async def test_client_network_blip_mid_tool_call(
-    procs: ProcessPool, sidecar_factory: SidecarFactory, event_store: bool
+    servers: dict[bool, str], sidecar_factory: SidecarFactory, event_store: bool
 ) -> None:
     """Cut the client's connection mid-stream: the SDK client resumes with Last-Event-ID and
     every progress notification arrives exactly once, in order, whether or not the server
     keeps an event store (the sidecar's replay buffer covers it)."""
-    upstream = await start_server(procs, *([] if event_store else ["--no-event-store"]))
+    upstream = servers[event_store]
     sidecar = await sidecar_factory(upstream)
     async with Relay("127.0.0.1", sidecar.port) as relay:
         progress = Progress()
