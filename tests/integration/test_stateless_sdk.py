@@ -34,7 +34,6 @@ from typing import Any
 import aiohttp
 import mcp_types
 import pytest
-import pytest_asyncio
 from mcp import Client
 from mcp.client.subscriptions import ServerEvent, SubscriptionLost
 from mcp.shared.exceptions import MCPError
@@ -43,7 +42,7 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, HEADER_MISMATCH, PROTOCOL_VE
 
 from sidecar.reconnect import ReconnectConfig
 from tests.integration.conftest import SidecarFactory
-from tests.integration.test_demo_server import shared_demo, start_demo, text_of
+from tests.integration.test_demo_server import start_demo, text_of
 from tests.support.procs import ProcessPool
 from tests.support.relay import Relay
 from tether.demo_server import NOTIFY_URI_PREFIX
@@ -66,14 +65,6 @@ PATIENT = ReconnectConfig(initial_delay=0.05, max_delay=0.5, max_attempts=1000, 
 """The reconnect policy of the tests that wait for a restart: the default's 10 attempts,
 jittered between 0 and up to 5 s, average about 13 s in all and can be spent in a few, less
 than a loaded machine takes to start the server again. Here the outage is what bounds it."""
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def demo_port(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[int]:
-    """A demo server for the tests that only send it requests (the routing-header cases);
-    the restart tests start and kill their own."""
-    async with shared_demo(tmp_path_factory) as port:
-        yield port
 
 
 def mcp_url(port: int) -> str:
@@ -317,13 +308,13 @@ ECHO_CALL = envelope("tools/call", {"name": "echo", "arguments": {"text": "x"}})
     ],
 )
 async def test_contradicting_routing_headers_are_refused_before_the_server(
-    demo_port: int,
+    procs: ProcessPool,
     sidecar_factory: SidecarFactory,
     http: aiohttp.ClientSession,
     body: dict[str, Any],
     headers: dict[str, str],
 ) -> None:
-    port = demo_port  # shared by the four cases: each counts its own relay's connections
+    _, port = await start_demo(procs)
     # The relay counts the sidecar's connections to the server: none may open for a refusal
     # (the readiness probe's connects would count too: off here).
     async with Relay("127.0.0.1", port) as relay:
