@@ -383,11 +383,13 @@ class StreamTracker:
         were taken, or -1 when the run must go event by event instead."""
         first = run.start
         k = min(len(run), max(1, seq_mark - self.seq))
-        data_lines = run.data_lines[first : first + k]
+        whole = first == 0 and k == len(run.data_lines)
+        # The run's own lists when it is taken whole (never mutated here), else slices.
+        data_lines = run.data_lines if whole else run.data_lines[first : first + k]
         seq = self.seq
         ids = run.ids
         if ids is not None:
-            taken = ids[first : first + k]
+            taken = ids if whole else ids[first : first + k]
             # Cursors go into our ids as they are only if each is plain (printable ASCII,
             # no surrounding spaces or leading "~", see `encode_cursor`), and refused ones
             # are refused on the event path, with the reason: else one by one.
@@ -414,9 +416,9 @@ class StreamTracker:
                 k = cut
                 del payloads[k:]
                 del cumulative[k + 1 :]
-                del data_lines[k:]
+                data_lines = data_lines[:k]
                 if ids is not None:
-                    del taken[k:]
+                    taken = taken[:k]
         del cumulative[0]
         if ids is not None:
             before = len(seen)
