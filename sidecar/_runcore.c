@@ -12,6 +12,9 @@
  * 3. `format_run` builds each payload in one allocation, byte for byte what the Python twin's
  *    %-format builds, and the running byte totals with them.
  * 4. Neither function keeps a reference to its arguments or any state between calls.
+ * 5. Arguments outside what the sidecar passes raise, never crash: a wrong type TypeError,
+ *    a negative seq ValueError, a seq or byte total past 2**63 OverflowError (the twins,
+ *    with Python's ints, have no such bound; no stream gets near it).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -310,7 +313,10 @@ format_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         out[0] = '\n';
         out[1] = '\n';
         PyList_SET_ITEM(payloads, i, payload);
-        total += size;
+        if (__builtin_add_overflow(total, (long long)size, &total)) {
+            PyErr_SetString(PyExc_OverflowError, "format_run() total past 2**63");
+            goto error;
+        }
         PyObject *running = PyLong_FromLongLong(total);
         if (running == NULL) {
             goto error;

@@ -174,6 +174,8 @@ def test_bad_arguments_raise_as_the_twin_does() -> None:
         C.scan_run("data: x", 2048)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seq"):
         C.format_run(b"p", -1, None, [b"data: a"], b"", 0)
+    with pytest.raises(OverflowError):  # rule 5 of the C module: raised, never wrapped around
+        C.format_run(b"p", 0, None, [b"data: a"], b"", 2**63 - 3)
 
 
 def test_neither_function_leaks() -> None:
