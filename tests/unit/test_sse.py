@@ -18,8 +18,6 @@ from hypothesis import strategies as st
 from sidecar.sse import SSEError, SSEEvent, SSEParser, SSERun, encode_comment, encode_event
 from tests.support.runcores import each_run_core  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.usefixtures("each_run_core")  # the bulk path on each run core
-
 Result = list[SSEEvent | SSEError]
 BOM = b"\xef\xbb\xbf"
 
@@ -595,6 +593,7 @@ def plain_streams(draw: st.DrawFn) -> bytes:
 
 @PROPERTY_SETTINGS
 @given(streams_and_chunkings())
+@pytest.mark.usefixtures("each_run_core")  # the bulk path on each run core
 def test_runs_expand_to_exactly_the_events(case: tuple[bytes, list[bytes]]) -> None:
     _, chunks = case
     assert run_with_runs(chunks)[:4] == run(chunks)
@@ -602,6 +601,7 @@ def test_runs_expand_to_exactly_the_events(case: tuple[bytes, list[bytes]]) -> N
 
 @PROPERTY_SETTINGS
 @given(plain_streams(), st.lists(st.integers(0, 400), max_size=8))
+@pytest.mark.usefixtures("each_run_core")  # the bulk path on each run core
 def test_plain_streams_come_as_runs_that_expand_to_exactly_the_events(
     raw: bytes, cuts: list[int]
 ) -> None:
@@ -611,6 +611,7 @@ def test_plain_streams_come_as_runs_that_expand_to_exactly_the_events(
     assert run_with_runs(chunks)[:4] == expected
 
 
+@pytest.mark.usefixtures("each_run_core")  # the bulk path on each run core
 def test_uniform_plain_blocks_are_one_run() -> None:
     sdk = b"".join(b"id: s:%d\r\nevent: message\r\ndata: {}\r\n\r\n" % k for k in range(5))
     parser = SSEParser()

@@ -20,8 +20,6 @@ from sidecar.tracker import (
 from tests.support.runcores import each_run_core  # noqa: F401 - a fixture
 from tether.model import StreamId
 
-pytestmark = pytest.mark.usefixtures("each_run_core")  # the bulk path on each run core
-
 S = StreamId("abc")
 
 
@@ -302,6 +300,7 @@ def test_priming_event_can_carry_a_retry_hint() -> None:
 # pump calls: tests/unit/test_stream_core.py::test_bulk_path_relays_exactly_what_the_event_path_does
 
 
+@pytest.mark.usefixtures("each_run_core")  # the bulk path on each run core
 def test_a_duplicate_inside_a_run_is_dropped_and_counted_as_on_the_event_path() -> None:
     far = 1 << 30
     got = []
@@ -322,6 +321,7 @@ def test_a_duplicate_inside_a_run_is_dropped_and_counted_as_on_the_event_path() 
     assert got[0][2] == [b"id: abc.1.1.1\ndata: a\n\n", b"id: abc.1.2.2\ndata: c\n\n"]
 
 
+@pytest.mark.usefixtures("each_run_core")  # the bulk path on each run core
 def test_bulk_path_is_taken_for_plain_events_and_keeps_the_buffer_bounded() -> None:
     limits = TrackerLimits(dedup_window=4, replay_max_events=64, replay_max_bytes=1 << 20)
     t = StreamTracker(S, limits=limits)
