@@ -46,6 +46,18 @@ line_end(const char *p, const char *end)
     return nl != NULL ? nl : end;
 }
 
+/* Append a new reference to `list` and drop it (NULL: the call that made it failed). */
+static int
+append_new(PyObject *list, PyObject *item)
+{
+    if (item == NULL) {
+        return -1;
+    }
+    int failed = PyList_Append(list, item);
+    Py_DECREF(item);
+    return failed;
+}
+
 PyDoc_STRVAR(scan_run_doc,
 "scan_run(region: bytes, max_id: int) -> (data_lines, ids, notifications, plain_ids) | None\n\n"
 "The run in `region` (complete blocks, valid UTF-8), or None if its blocks do not all have\n"
@@ -135,7 +147,6 @@ scan_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             }
             const char *e = line_end(p, end);
             Py_ssize_t len = e - p;
-            PyObject *item;
             switch (roles[c]) {
             case ROLE_DATA:
                 if (!starts_with(p, len, DATA_LINE, DATA_LINE_LEN) || len == DATA_LINE_LEN) {
@@ -144,15 +155,9 @@ scan_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                 if (notifications && !starts_with(p, len, NOTIFICATION_DATA, NOTIFICATION_DATA_LEN)) {
                     notifications = 0;
                 }
-                item = PyBytes_FromStringAndSize(p, len);
-                if (item == NULL) {
+                if (append_new(data_lines, PyBytes_FromStringAndSize(p, len)) < 0) {
                     goto error;
                 }
-                if (PyList_Append(data_lines, item) < 0) {
-                    Py_DECREF(item);
-                    goto error;
-                }
-                Py_DECREF(item);
                 break;
             case ROLE_ID:
                 if (!starts_with(p, len, ID_LINE, ID_LINE_LEN) || len == ID_LINE_LEN
@@ -162,15 +167,10 @@ scan_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                 if (plain && !plain_id(p + ID_LINE_LEN, len - ID_LINE_LEN, max_id)) {
                     plain = 0;
                 }
-                item = PyUnicode_DecodeUTF8(p + ID_LINE_LEN, len - ID_LINE_LEN, "strict");
-                if (item == NULL) {
+                if (append_new(ids, PyUnicode_DecodeUTF8(p + ID_LINE_LEN, len - ID_LINE_LEN,
+                                                         "strict")) < 0) {
                     goto error;
                 }
-                if (PyList_Append(ids, item) < 0) {
-                    Py_DECREF(item);
-                    goto error;
-                }
-                Py_DECREF(item);
                 break;
             default: /* ROLE_EVENT */
                 if (len != EVENT_MESSAGE_LEN || memcmp(p, EVENT_MESSAGE, EVENT_MESSAGE_LEN) != 0) {

@@ -117,12 +117,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, TracingUnavailableError) as exc:
         print(f"tether sidecar: {exc}", file=sys.stderr)
         return 2
-    log.info(
-        "event loop: %s, run core: %s, heap: %s",
-        args.event_loop,
-        runcore.name(),
-        heap.keep_large_buffers(),
-    )
+    kept = heap.keep_large_buffers()  # before the first large buffer
+    log.info("event loop: %s, run core: %s, heap: %s", args.event_loop, runcore.name(), kept)
     try:
         run(run_until_signalled(config), factory)
     except OSError as exc:  # a busy or unusable address (`tether.ports`)
