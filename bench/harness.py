@@ -5,6 +5,7 @@ Processes (each its own event loop, so none shares a core with the load it measu
   generator  `python -m bench.sse_generator` (the upstream)
   mcp server `python -m bench.mcp_server` (the `mcp` group's upstream: the official SDK)
   nginx      Debian's nginx, one process, `proxy_buffering off` (config in a temp dir)
+  floor      `python -m bench.floor_relay` (the `mcp` group: aiohttp relaying, no MCP logic)
   control    `python -m tether.cli control-plane --store sqlite:///...`
   sidecar    `python -m tether.cli sidecar --control-plane ...` (reporting on)
   cp_server  `python -m bench.cp_server` for the control-plane figures (it prints counters)
@@ -1223,6 +1224,15 @@ async def _mcp(
                 port, connections=4096, upstream_keepalive=NGINX_KEEPALIVE, upstream=server_port
             )
             paths.append(mcp_group.McpPath("nginx", port, ngx))
+        port = free_port()
+        floor = env.start(
+            "floor-relay",
+            python_module(
+                "bench.floor_relay", "--port", port, "--upstream", f"http://127.0.0.1:{server_port}"
+            ),
+            port,
+        )
+        paths.append(mcp_group.McpPath(mcp_group.FLOOR, port, floor))
         port = free_port()
         side = env.start_sidecar("sidecar-mcp", port, upstream=server_port)
         paths.append(mcp_group.McpPath("sidecar", port, side))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import GROUPS
+from bench.mcp_group import FLOOR
 from bench.procs import find_nginx
 from tests.support.etcd import etcd_available
 
@@ -48,7 +49,7 @@ def section(report: str, title: str) -> str:
 def test_every_figure_group_prints_its_table(report: str) -> None:
     mcp = section(report, "MCP traffic: official SDK server and client")
     for revision in ("2025-11-25", "2026-07-28"):
-        for path in ("direct", "sidecar"):
+        for path in ("direct", FLOOR, "sidecar"):
             assert f"| {revision} | {path} |" in mcp, mcp
     assert report.index("### MCP traffic") < report.index("### Throughput, one stream")
     throughput = section(report, "Throughput, one stream")
@@ -81,6 +82,7 @@ def test_nginx_path(report: str) -> None:
     assert "| 2025-11-25 | nginx |" in mcp
     assert "| 2026-07-28 | nginx |" in mcp
     targets = section(report, "MCP targets (issue 16")
+    assert f"| sidecar | {FLOOR} | nginx | met |" in targets, targets
     for target in ("added p50 of a no-op", "CPU per notification", "RSS with 10 calls open"):
         assert target in targets, targets
     assert "| 20 (20) | nginx |" in section(report, "Concurrent idle SSE streams")
