@@ -21,6 +21,11 @@ Rules (issue 16: each costs nothing per event that does not need it):
    writer, which first takes back the follower's position, so every event is written once,
    in order, by one of the two, never both: they run on one thread, and the follower exists
    only while the writer is parked.
+5. What a response starts with goes out in one write: the headers, a resume's marker, the
+   priming event and the first events the core has by then (`HeadFirst`, `_follow`'s `head`).
+   A short answer (priming, the result) costs the client one wake-up and the sidecar one
+   send instead of three. A response that starts with nothing to write (a GET stream
+   without priming) sends its headers at once: its client waits for them.
 """
 
 from __future__ import annotations
@@ -47,6 +52,16 @@ log = logging.getLogger("tether.sidecar.writer")
 KEEPALIVE = b": keepalive\n\n"
 PRIMING_GRACE = 0.25
 """Seconds a new POST stream's priming event waits for the upstream's own (see `write`)."""
+
+
+class HeadFirst(web.StreamResponse):
+    """A response whose headers wait for its first write and go out with it (rule 5).
+
+    aiohttp (3.12+) sends a `StreamResponse`'s headers alone at `prepare` unless
+    `_send_headers_immediately` is False, as it is for its own `Response`; an aiohttp without
+    the attribute ignores it and sends them alone, as before."""
+
+    _send_headers_immediately = False
 
 
 FRAMING = 64
@@ -194,20 +209,25 @@ class Writer:
         """Write the stream's events after `after_seq` to the client, then live ones;
         `first` (a resumed stream's marker) before anything else; `resume` times a resume
         until the client has its first missed event."""
-        out = web.StreamResponse(status=200, headers=stream.response_headers)
+        starts = first is not None or priming  # rule 5
+        kind = HeadFirst if starts else web.StreamResponse
+        out = kind(status=200, headers=stream.response_headers)
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"
         stream.attach()
         self.registry.unlinger(stream)
         self.active += 1
         position = after_seq
+        head = first or b""
         try:
             await out.prepare(request)
-            if first is not None:
-                await out.write(first)
             if priming:
-                position = await self._prime(out, stream)
+                event, position = await self._priming(stream)
+                head += event
             if catch_up_cursor is not None:
+                if head:
+                    await out.write(head)
+                    head = b""
                 caught_up = await self._catch_up(out, stream, position, catch_up_cursor, resume)
                 if caught_up is None:
                     await out.write(encode_comment("tether: could not replay older events"))
@@ -215,7 +235,7 @@ class Writer:
                         await out.write_eof()  # aiohttp's write_eof always drains
                     return out
                 position = caught_up
-            await self._follow(request, out, stream, position, resume)
+            await self._follow(request, out, stream, position, resume, head=head)
             async with asyncio.timeout(self.config.client_write_timeout):
                 await out.write_eof()  # aiohttp's write_eof always drains: a stuck client waits
         except (ConnectionError, TimeoutError) as exc:
@@ -232,16 +252,14 @@ class Writer:
                 self.registry.trim_lingering(self.config.linger_max_bytes, stream)
         return out
 
-    async def _prime(self, out: web.StreamResponse, stream: LiveStream) -> int:
-        """Write the priming event; returns the position it stands for."""
+    async def _priming(self, stream: LiveStream) -> tuple[bytes, int]:
+        """The priming event, and the position it stands for."""
         core = stream.core
         if core.kind is StreamKind.POST and core.tracker.seq == core.tracker.start_seq:
             # A resumable upstream primes its response at once: wait a moment for it, so the
             # client's first id already carries the upstream cursor.
             await stream.signal.wait(PRIMING_GRACE)
-        event, position = core.priming(self.config.client_retry_ms)
-        await out.write(event)
-        return position
+        return core.priming(self.config.client_retry_ms)
 
     async def _follow(
         self,
@@ -250,8 +268,12 @@ class Writer:
         stream: LiveStream,
         position: int,
         resume: ResumeClock | None = None,
+        *,
+        head: bytes = b"",
     ) -> None:
-        """Write what the core says, from `position`, until the stream closes for this client."""
+        """Write what the core says, from `position`, until the stream closes for this client;
+        `head` (what the response starts with, rule 5) in the same write as the first step's
+        bytes."""
         core = stream.core
         write_timeout = self.config.client_write_timeout
         room = Room(request)
@@ -260,23 +282,30 @@ class Writer:
             while True:
                 step = core.next_write(position)
                 if isinstance(step, Send):
-                    if room.fits(len(step.data)):
-                        await out.write(step.data)  # rule 1: it cannot wait, so needs no timeout
+                    data = head + step.data if head else step.data
+                    head = b""
+                    if room.fits(len(data)):
+                        await out.write(data)  # rule 1: it cannot wait, so needs no timeout
                     else:
                         async with asyncio.timeout(write_timeout):
-                            await out.write(step.data)
+                            await out.write(data)
                     beat.wrote()
                     position = step.upto
                     stream.sent(position)
                     self.metrics.events_out.inc(step.count)
                     if resume is not None:
                         resume.caught_up()
-                elif isinstance(step, Close):
-                    if step.comment is not None:
+                    continue
+                if isinstance(step, Close):
+                    if step.comment is not None or head:
                         async with asyncio.timeout(write_timeout):
-                            await out.write(step.comment)
+                            await out.write(head + (step.comment or b""))
                     break
-                elif isinstance(step, Behind):
+                if head:  # the response's start goes out before a break or a wait
+                    await out.write(head)
+                    head = b""
+                    beat.wrote()
+                if isinstance(step, Behind):
                     log.warning(
                         "stream %s: client fell behind the replay buffer (at %d, oldest %d);"
                         " closing it so it resumes",
@@ -286,18 +315,32 @@ class Writer:
                     )
                     self.metrics.slow_clients.inc()
                     break
-                else:
-                    if resume is not None and not resume.waits_for_event:
-                        resume.caught_up()  # nothing was missed: the client is live again
-                    position = await self._park(
-                        out, stream, position, room=room, beat=beat, resume=resume
-                    )
-                    if beat.due:  # rule 3
-                        async with asyncio.timeout(write_timeout):
-                            await out.write(KEEPALIVE)
-                        beat.wrote()
+                position = await self._wait(
+                    out, stream, position, room=room, beat=beat, resume=resume
+                )
         finally:
             beat.cancel()
+
+    async def _wait(
+        self,
+        out: web.StreamResponse,
+        stream: LiveStream,
+        position: int,
+        *,
+        room: Room,
+        beat: Beat,
+        resume: ResumeClock | None,
+    ) -> int:
+        """Nothing to write: park until the stream moves, then keep the client's connection
+        alive if it is due (rule 3). Returns the position to go on from."""
+        if resume is not None and not resume.waits_for_event:
+            resume.caught_up()  # nothing was missed: the client is live again
+        position = await self._park(out, stream, position, room=room, beat=beat, resume=resume)
+        if beat.due:
+            async with asyncio.timeout(self.config.client_write_timeout):
+                await out.write(KEEPALIVE)
+            beat.wrote()
+        return position
 
     async def _park(
         self,

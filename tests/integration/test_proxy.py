@@ -359,6 +359,32 @@ async def post_unread(
     return reader, writer
 
 
+async def test_a_short_answer_reaches_the_client_in_one_write(
+    sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """`sidecar.writer` rule 5: the headers, the priming event and the answer leave in one
+    write, so a client waiting on its socket reads them all at once. The upstream answers
+    100 ms after the request: headers sent ahead of the answer would reach the client alone."""
+    async with numbered_upstream() as up:
+        sidecar = await sidecar_factory(up)
+        sid = await initialize(http, f"http://127.0.0.1:{sidecar.port}")
+        headers = {**HEADERS, "Mcp-Session-Id": sid}
+        reader, writer = await post_unread(sidecar.port, headers, count_call(0, interval_ms=100))
+        try:
+            async with asyncio.timeout(10):
+                first = await reader.read(1 << 16)
+                rest = await reader.read()
+        finally:
+            writer.close()
+    head, body = dechunk(first)
+    assert head.startswith(b"HTTP/1.1 200"), first
+    priming, answer = parse_sse(body)
+    assert priming.id, first
+    assert not priming.data, first
+    assert json.loads(answer.data)["result"]["content"][0]["text"] == "counted 0", first
+    assert dechunk(first + rest)[1] == body  # nothing followed but the end of the response
+
+
 async def test_slow_client_gets_backpressure_not_loss(
     sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
 ) -> None:
