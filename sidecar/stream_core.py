@@ -134,6 +134,8 @@ class Behind:
 
 
 WAIT: Final = Wait()
+CLOSE: Final = Close(None)
+"""The end of a stream that completed, or ended for a reason the client need not be told."""
 CURSOR_ONLY_TAIL: Final = b"\ndata: \n\n"
 """How the tracker writes an event with an id and no data (tracker rule 7)."""
 WriteStep = Send | Wait | Close | Behind
@@ -416,7 +418,7 @@ class StreamCore:
         if self.state is StreamState.OPEN:
             return WAIT
         if self.state is StreamState.COMPLETE or not self.reason:
-            return Close(None)
+            return CLOSE
         return Close(encode_comment(f"tether: stream ended: {self.reason}"))
 
     # -- internals -------------------------------------------------------------------------

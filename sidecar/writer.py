@@ -22,10 +22,11 @@ Rules (issue 16: each costs nothing per event that does not need it):
    in order, by one of the two, never both: they run on one thread, and the follower exists
    only while the writer is parked.
 5. What a response starts with goes out in one write: the headers, a resume's marker, the
-   priming event and the first events the core has by then (`HeadFirst`, `_follow`'s `head`).
-   A short answer (priming, the result) costs the client one wake-up and the sidecar one
-   send instead of three. A response that starts with nothing to write (a GET stream
-   without priming) sends its headers at once: its client waits for them.
+   priming event and the first events the core has by then (`HeadFirst`, `_follow`'s `head`);
+   and its end goes with its last events, when the writer writes them. A short answer (the
+   headers, priming, the result, the end of the chunked body) costs the client one wake-up
+   and the sidecar one send instead of four. A response that starts with nothing to write (a
+   GET stream without priming) sends its headers at once: its client waits for them.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from sidecar.config import SidecarConfig
 from sidecar.headers import is_sse
 from sidecar.metrics import Metrics, ResumeClock
 from sidecar.sse import encode_comment
-from sidecar.stream_core import Behind, CatchUp, Close, Send
+from sidecar.stream_core import CLOSE, Behind, CatchUp, Close, Send
 from sidecar.streams import LiveStream, Registry, Signal
 from sidecar.tracker import StreamKind
 from sidecar.upstream import UPSTREAM_ERRORS, Upstream
@@ -235,9 +236,9 @@ class Writer:
                         await out.write_eof()  # aiohttp's write_eof always drains
                     return out
                 position = caught_up
-            await self._follow(request, out, stream, position, resume, head=head)
-            async with asyncio.timeout(self.config.client_write_timeout):
-                await out.write_eof()  # aiohttp's write_eof always drains: a stuck client waits
+            if not await self._follow(request, out, stream, position, resume, head=head):
+                async with asyncio.timeout(self.config.client_write_timeout):
+                    await out.write_eof()  # aiohttp's write_eof always drains: a stuck client waits
         except (ConnectionError, TimeoutError) as exc:
             log.info("stream %s: client went away (%s)", stream.stream_id, type(exc).__name__)
             if isinstance(exc, TimeoutError) and request.transport is not None:
@@ -270,10 +271,10 @@ class Writer:
         resume: ResumeClock | None = None,
         *,
         head: bytes = b"",
-    ) -> None:
+    ) -> bool:
         """Write what the core says, from `position`, until the stream closes for this client;
         `head` (what the response starts with, rule 5) in the same write as the first step's
-        bytes."""
+        bytes. True if the response was ended here, with its last bytes (rule 5)."""
         core = stream.core
         write_timeout = self.config.client_write_timeout
         room = Room(request)
@@ -284,7 +285,11 @@ class Writer:
                 if isinstance(step, Send):
                     data = head + step.data if head else step.data
                     head = b""
-                    if room.fits(len(data)):
+                    last = core.ended and core.next_write(step.upto) == CLOSE
+                    if last:  # rule 5: the end of the response goes with its last events
+                        async with asyncio.timeout(write_timeout):
+                            await out.write_eof(data)  # aiohttp's write_eof always drains
+                    elif room.fits(len(data)):
                         await out.write(data)  # rule 1: it cannot wait, so needs no timeout
                     else:
                         async with asyncio.timeout(write_timeout):
@@ -295,12 +300,13 @@ class Writer:
                     self.metrics.events_out.inc(step.count)
                     if resume is not None:
                         resume.caught_up()
+                    if last:
+                        return True
                     continue
                 if isinstance(step, Close):
-                    if step.comment is not None or head:
-                        async with asyncio.timeout(write_timeout):
-                            await out.write(head + (step.comment or b""))
-                    break
+                    async with asyncio.timeout(write_timeout):
+                        await out.write_eof(head + (step.comment or b""))
+                    return True
                 if head:  # the response's start goes out before a break or a wait
                     await out.write(head)
                     head = b""
@@ -314,7 +320,7 @@ class Writer:
                         step.oldest_seq,
                     )
                     self.metrics.slow_clients.inc()
-                    break
+                    return False
                 position = await self._wait(
                     out, stream, position, room=room, beat=beat, resume=resume
                 )

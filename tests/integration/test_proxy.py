@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -359,30 +360,59 @@ async def post_unread(
     return reader, writer
 
 
+def count_writes(transport: asyncio.BaseTransport | None) -> list[bytes]:
+    """What is written on `transport` from now on, one item per `write` or `writelines`."""
+    assert isinstance(transport, asyncio.WriteTransport)
+    seen: list[bytes] = []
+    write, writelines = transport.write, transport.writelines
+
+    def counted_write(data: bytes | bytearray | memoryview) -> None:
+        seen.append(bytes(data))
+        write(data)
+
+    def counted_writelines(chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        chunks = list(chunks)
+        seen.append(b"".join(chunks))
+        writelines(chunks)
+
+    transport.write = counted_write  # type: ignore[method-assign]
+    transport.writelines = counted_writelines  # type: ignore[method-assign,assignment]
+    return seen
+
+
 async def test_a_short_answer_reaches_the_client_in_one_write(
     sidecar_factory: SidecarFactory, numbered_upstream: Any, http: aiohttp.ClientSession
 ) -> None:
-    """`sidecar.writer` rule 5: the headers, the priming event and the answer leave in one
-    write, so a client waiting on its socket reads them all at once. The upstream answers
-    100 ms after the request: headers sent ahead of the answer would reach the client alone."""
+    """`sidecar.writer` rule 5: the headers, the priming event, the answer and the end of the
+    response leave in one write, so a client waiting on its socket reads them all at once.
+    The upstream answers 100 ms after the request: headers sent ahead of the answer would
+    reach the client alone. The sidecar's writes on the client's connection are also
+    counted (the real transport, its methods wrapped while the upstream is thinking): the
+    client runs on the sidecar's own event loop here, so two writes in one step of the
+    sidecar would reach its socket together and its first read could not tell them apart."""
     async with numbered_upstream() as up:
         sidecar = await sidecar_factory(up)
         sid = await initialize(http, f"http://127.0.0.1:{sidecar.port}")
         headers = {**HEADERS, "Mcp-Session-Id": sid}
         reader, writer = await post_unread(sidecar.port, headers, count_call(0, interval_ms=100))
+        busy = sidecar.proxy.busy_connections
+        await eventually(lambda: len(busy) == 1, timeout=5, what="the call under way")
+        writes = count_writes(next(iter(busy)).transport)
         try:
             async with asyncio.timeout(10):
                 first = await reader.read(1 << 16)
                 rest = await reader.read()
         finally:
             writer.close()
+    assert writes == [first], writes
     head, body = dechunk(first)
     assert head.startswith(b"HTTP/1.1 200"), first
     priming, answer = parse_sse(body)
     assert priming.id, first
     assert not priming.data, first
     assert json.loads(answer.data)["result"]["content"][0]["text"] == "counted 0", first
-    assert dechunk(first + rest)[1] == body  # nothing followed but the end of the response
+    assert first.endswith(b"\r\n0\r\n\r\n"), first  # the end of the chunked body
+    assert rest == b""
 
 
 async def test_slow_client_gets_backpressure_not_loss(
