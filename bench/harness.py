@@ -1209,8 +1209,9 @@ MCP_PROFILE_BURST = 1_000
 async def _mcp(
     env: Env, sizes: Sizes, opts: Options, res: Results, log: Callable[[str], None]
 ) -> list[mcp_group.McpFigures]:
-    """The official SDK server, nginx (upstream keepalive, as in the stateless group) and a
-    sidecar in front of it, all stopped afterwards. `--profile` py-spies that sidecar under
+    """The official SDK server, nginx (upstream keepalive, as in the stateless group), the
+    floor relay (`bench.floor_relay`) and a sidecar in front of it (and the sidecar on uvloop
+    with `--compare-loops`), all stopped afterwards. `--profile` py-spies the sidecar under
     no-op calls, then under progress bursts (2025-11-25, one client)."""
     server_port = free_port()
     server = env.start(
@@ -1236,6 +1237,10 @@ async def _mcp(
         port = free_port()
         side = env.start_sidecar("sidecar-mcp", port, upstream=server_port)
         paths.append(mcp_group.McpPath("sidecar", port, side))
+        if opts.compare_loops:  # what the event loop is worth on MCP traffic
+            other = free_port()
+            uv = env.start_sidecar("sidecar-mcp-uvloop", other, "uvloop", upstream=server_port)
+            paths.append(mcp_group.McpPath(SIDECAR_UVLOOP, other, uv))
         figures = await mcp_group.measure(
             sizes=sizes.mcp, paths=paths, server=server, server_port=server_port, log=log
         )
@@ -1388,7 +1393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--compare-loops",
         action="store_true",
-        help="also measure the sidecar on uvloop (paths group; needs uvloop installed)",
+        help="also measure the sidecar on uvloop (mcp and paths groups; needs uvloop installed)",
     )
     p.add_argument("--plot", type=Path, default=None, help="write the PNG here")
     p.add_argument("--json", type=Path, default=None, help="write the raw figures here")
