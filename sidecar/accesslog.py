@@ -8,7 +8,8 @@ Rules:
   1. One line per request, written when its response ends: aiohttp writes it after the last
      byte (a stream's line comes when the stream ends, its duration to the end). A client
      that goes away cancels its handler, and aiohttp writes nothing then, so the proxy writes
-     that line itself (`log_client_closed`), with what was sent so far.
+     that line itself (`log_client_closed`), with what was sent so far: 499 when that is
+     nothing, not even the headers.
   2. What the proxy learns while handling the request (the MCP method once the body is read)
      is noted on the request (`notes`), not passed through the stages.
   3. No work when the logger is disabled (`--no-access-log`, or a level above INFO): aiohttp
@@ -40,7 +41,8 @@ class RequestNotes:
     mcp_method: str | None = None
     request_id: str | int | None = None
     response: web.StreamResponse | None = None
-    """The response once its headers went out (`on_response_prepare`)."""
+    """The response once prepared (`on_response_prepare`). It began only when bytes of it went
+    out: its headers may wait for its first write (`sidecar.writer` rule 5)."""
 
 
 NOTES = web.RequestKey("tether_access_notes", RequestNotes)
@@ -132,12 +134,13 @@ def log_client_closed(request: BaseRequest, seconds: float) -> None:
     if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
         return
     response = notes(request).response
-    status = response.status if response is not None else CLIENT_CLOSED
+    sent = _sent_so_far(response)
+    status = response.status if response is not None and sent else CLIENT_CLOSED
     write_line(
         ACCESS_LOGGER,
         request,
         status=status,
-        sent=_sent_so_far(response),
+        sent=sent,
         seconds=seconds,
         response=response,
         client_closed=True,

@@ -5,6 +5,8 @@ client closed; none with `--no-access-log` (`TETHER_ACCESS_LOG=0`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -83,6 +85,15 @@ async def test_sidecar_json_lines_and_access_log(
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             streamed = await resp.read()
         assert b"counted 3" in streamed
+        # A POST whose client leaves before any of its response went out: on 2025-11-25 a
+        # response starts with a priming event, which waits for the upstream's answer (3 s
+        # here) up to a grace, and the headers wait for it (`sidecar.writer` rule 5).
+        slow = {**count, "id": 8, "params": {"name": "count", "arguments": {"n": 0}}}
+        slow["params"]["arguments"]["interval_ms"] = 3000
+        primed = {**headers, "MCP-Protocol-Version": "2025-11-25"}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.1), http.post(url, json=slow, headers=primed) as resp:
+                await resp.read()
 
         # A GET stream the client closes after its first event.
         sse = {"Mcp-Session-Id": session, "Accept": "text/event-stream"}
@@ -96,16 +107,16 @@ async def test_sidecar_json_lines_and_access_log(
                 assert deleted.status in (200, 204)
             ended = await resp.read()  # returns once the sidecar ends the stream
 
-        def five() -> list[dict[str, Any]] | None:
+        def six() -> list[dict[str, Any]] | None:
             found = access_lines(sidecar)
-            return found if len(found) >= 5 else None
+            return found if len(found) >= 6 else None
 
-        lines = await eventually(five, timeout=10, what="five access lines")
+        lines = await eventually(six, timeout=10, what="six access lines")
         assert lines is not None
     by_method: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         by_method.setdefault(line["http_method"], []).append(line)
-    init, call = by_method["POST"]
+    init, call, left = by_method["POST"]
     assert init["level"] == "INFO"
     assert init["mcp_method"] == "initialize"
     assert init["request_id"] == 1
@@ -120,6 +131,11 @@ async def test_sidecar_json_lines_and_access_log(
     assert isinstance(call["duration_ms"], float)
     assert call["message"].startswith("POST /mcp 200 ")
     assert f"session={session} mcp=tools/call id=7" in call["message"]
+
+    assert left["request_id"] == 8
+    assert left["client_closed"] is True
+    assert left["status"] == 499, left  # its headers never went out
+    assert left["bytes_sent"] == 0
 
     closed, ended_get = by_method["GET"]
     assert closed["client_closed"] is True
