@@ -88,8 +88,8 @@ async def test_sidecar_json_lines_and_access_log(
         # A POST whose client leaves before any of its response went out: on 2025-11-25 a
         # response starts with a priming event, which waits for the upstream's answer (3 s
         # here) up to a grace, and the headers wait for it (`sidecar.writer` rule 5).
-        slow = {**count, "id": 8, "params": {"name": "count", "arguments": {"n": 0}}}
-        slow["params"]["arguments"]["interval_ms"] = 3000
+        arguments = {"n": 0, "interval_ms": 3000}
+        slow = {**count, "id": 8, "params": {"name": "count", "arguments": arguments}}
         primed = {**headers, "MCP-Protocol-Version": "2025-11-25"}
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.1), http.post(url, json=slow, headers=primed) as resp:
