@@ -24,8 +24,7 @@ from bench.harness import GROUPS
 from bench.procs import find_nginx
 from tests.support.etcd import etcd_available
 
-# One worker runs the whole module (pytest-xdist, `--dist loadgroup`): the harness runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240), pytest.mark.xdist_group("bench_smoke")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_NGINX = find_nginx() is not None

@@ -23,17 +23,6 @@ from tests.support.chaos import ChaosTable, ReportedChaosTable
 from tests.support.control_plane import control_plane_on
 from tests.support.leaks import _no_leaked_tasks  # noqa: F401 - autouse fixture
 
-HERE = Path(__file__).parent
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The scenarios time their recovery: under pytest-xdist they run one at a time, on one
-    worker (`--dist loadgroup`), never two fault injections at once."""
-    for item in items:
-        if item.path.is_relative_to(HERE):
-            item.add_marker(pytest.mark.xdist_group("chaos"))
-
 
 @pytest.fixture
 def chaos_table(request: pytest.FixtureRequest) -> ChaosTable:

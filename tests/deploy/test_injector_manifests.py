@@ -27,13 +27,9 @@ from tether.cli import build_parser
 from tether.injector import config_from_args
 from tether.webhook import PATHS, Scope
 
-# One worker runs the whole module (pytest-xdist, `--dist loadgroup`): it renders once.
-pytestmark = [
-    pytest.mark.skipif(
-        kubectl() is None, reason="kubectl is not installed (it renders the kustomize overlays)"
-    ),
-    pytest.mark.xdist_group("injector_manifests"),
-]
+pytestmark = pytest.mark.skipif(
+    kubectl() is None, reason="kubectl is not installed (it renders the kustomize overlays)"
+)
 
 OVERLAY = DEPLOY / "overlays" / "injector"
 NAMESPACE_LABEL = "tether.dev/inject"

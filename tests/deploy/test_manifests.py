@@ -51,13 +51,9 @@ from tether.cli import build_parser
 from tether.injector import config_from_args as injector_config
 from tether.model import OwnerName
 
-# One worker runs the whole module (pytest-xdist, `--dist loadgroup`): it renders once.
-pytestmark = [
-    pytest.mark.skipif(
-        kubectl() is None, reason="kubectl is not installed (it renders the kustomize overlays)"
-    ),
-    pytest.mark.xdist_group("manifests"),
-]
+pytestmark = pytest.mark.skipif(
+    kubectl() is None, reason="kubectl is not installed (it renders the kustomize overlays)"
+)
 
 KIND_OVERLAYS = REPO_ROOT / "tests" / "kind" / "overlays"
 CLIENT_LABEL = "tether.dev/control-plane-client"

@@ -23,8 +23,7 @@ from tests.support.metrics import counter_value
 from tests.support.procs import ProcessPool, free_port, python_module
 from tests.support.relay import Relay
 
-# One worker runs the whole module (pytest-xdist, `--dist loadgroup`): its servers start once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sdk_through_sidecar")]
+pytestmark = pytest.mark.slow
 
 
 class Progress:
