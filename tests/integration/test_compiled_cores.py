@@ -110,6 +110,9 @@ async def test_compiled_cores_pass_the_same_unit_tests(tmp_path: Path) -> None:
         "-q",
         "-p",
         "no:cacheprovider",
+        # In this process: the compiled modules are the ones imported above (no xdist workers).
+        "-n",
+        "0",
         "-c",
         str(ROOT / "pyproject.toml"),
         "--rootdir",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from typing import Any
 
 import aiohttp
 import grpc
+import pytest
 
 from sidecar.tracker import EventId
+from tests.conftest import CHAOS_ROW
 from tests.integration.test_proxy import HEADERS, MCP, count_call, initialize
 from tests.support.relay import Relay
 from tests.support.sse_client import Received, events
@@ -72,7 +75,7 @@ class ChaosRow:
 
 @dataclass
 class ChaosTable:
-    """Collects rows across the session; `conftest.pytest_terminal_summary` prints it."""
+    """Rows of the summary table; `tests/conftest.py` prints it at the end of the run."""
 
     rows: list[ChaosRow] = field(default_factory=list)
 
@@ -97,6 +100,19 @@ class ChaosTable:
 
         rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
         return [fmt(lines[0]), rule, *(fmt(line) for line in lines[1:])]
+
+
+class ReportedChaosTable(ChaosTable):
+    """One test's handle on the table: `add` puts the row into the test's report
+    (`user_properties`), which reaches the process that prints the summary (tests/conftest.py)
+    even when the test ran in a pytest-xdist worker."""
+
+    def __init__(self, item: pytest.Item) -> None:
+        super().__init__()
+        self._item = item
+
+    def add(self, row: ChaosRow) -> None:
+        self._item.user_properties.append((CHAOS_ROW, dataclasses.asdict(row)))
 
 
 # --- the client ----------------------------------------------------------------------------
