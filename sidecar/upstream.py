@@ -12,6 +12,11 @@ Rules:
 4. An answered SSE body is read to its end, briefly (`finish_body`), before it is released:
    released with its last chunk unread, its connection was closed instead of going back to
    the pool, and the next request paid for a new one (issue 16).
+5. An upstream connection idle for `UPSTREAM_IDLE_REUSE_S` is not used again: servers close
+   their idle keep-alive connections (uvicorn and Node's http server after 5 s), and a
+   request sent on one just as its server closes it fails with "the upstream closed the
+   connection" (a 502 to the client: a POST is not sent again). aiohttp checks a pooled
+   connection's idle time when it takes it, so this bound is exact.
 """
 
 from __future__ import annotations
@@ -124,6 +129,11 @@ def keepalive_socket(addr_info: Any, *, dead_after: float) -> socket.socket:
     return sock
 
 
+UPSTREAM_IDLE_REUSE_S = 4.0
+"""Rule 5: under the 5 s idle keep-alive timeout of uvicorn (the Python SDK's server) and of
+Node's http server (the TypeScript SDK's)."""
+
+
 class Upstream:
     """The sidecar's client for its one MCP server."""
 
@@ -142,6 +152,7 @@ class Upstream:
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0,
+                keepalive_timeout=UPSTREAM_IDLE_REUSE_S,  # rule 5
                 enable_cleanup_closed=True,
                 socket_factory=lambda info: keepalive_socket(info, dead_after=dead_after),
             ),
