@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import aiohttp
 from aiohttp import web
 
+from sidecar.upstream import UPSTREAM_IDLE_REUSE_S
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -45,9 +47,10 @@ class Relay:
         self.client: aiohttp.ClientSession | None = None
 
     async def start(self, _app: web.Application) -> None:
-        self.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
-        )
+        # The sidecar's connector settings that matter here: no limit, and no reuse of a
+        # connection idle long enough for its server to be closing it (`sidecar.upstream`).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_IDLE_REUSE_S)
+        self.client = aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
     async def stop(self, _app: web.Application) -> None:
         if self.client is not None:
@@ -67,9 +70,12 @@ class Relay:
                 status=resp.status, reason=resp.reason, headers=_end_to_end(resp.headers)
             )
             await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+                await out.write_eof()
+            except ConnectionResetError:  # the client left (the SDK's, once it has its answer)
+                pass
             return out
 
 
