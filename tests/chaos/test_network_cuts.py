@@ -316,9 +316,18 @@ async def test_loopback_cut_sidecar_upstream_and_heal(
                 try:
                     await client.wait_count(40)
                     relay.partition()
-                    # The outage lasts until the sidecar has tried (and failed) to reconnect.
+                    # The outage lasts until the stream's pump has tried (and failed) to
+                    # reconnect: it starts a second attempt only after the first failed. A
+                    # refused connection alone would not say so: the sidecar's upstream probe
+                    # connects every 2 s too (CI met that: the heal came before any attempt).
+                    metrics = sidecar.proxy.metrics
                     await eventually(
-                        lambda: relay.refused >= 1, timeout=DEADLINE_S, what="a refused connection"
+                        lambda: (
+                            relay.refused >= 1
+                            and counter_value(metrics, "upstream_reconnects") >= 2
+                        ),
+                        timeout=DEADLINE_S,
+                        what="a failed reconnect of the stream",
                     )
                     relay.heal()
                     healed = time.monotonic()
