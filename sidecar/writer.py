@@ -321,32 +321,11 @@ class Writer:
                     )
                     self.metrics.slow_clients.inc()
                     return False
-                position = await self._wait(
+                position = await self._park(
                     out, stream, position, room=room, beat=beat, resume=resume
                 )
         finally:
             beat.cancel()
-
-    async def _wait(
-        self,
-        out: web.StreamResponse,
-        stream: LiveStream,
-        position: int,
-        *,
-        room: Room,
-        beat: Beat,
-        resume: ResumeClock | None,
-    ) -> int:
-        """Nothing to write: park until the stream moves, then keep the client's connection
-        alive if it is due (rule 3). Returns the position to go on from."""
-        if resume is not None and not resume.waits_for_event:
-            resume.caught_up()  # nothing was missed: the client is live again
-        position = await self._park(out, stream, position, room=room, beat=beat, resume=resume)
-        if beat.due:
-            async with asyncio.timeout(self.config.client_write_timeout):
-                await out.write(KEEPALIVE)
-            beat.wrote()
-        return position
 
     async def _park(
         self,
@@ -358,24 +337,32 @@ class Writer:
         beat: Beat,
         resume: ResumeClock | None,
     ) -> int:
-        """Wait for the stream to move; the only writer leaves a follower meanwhile (rule 4).
+        """Nothing to write: wait for the stream to move, the only writer leaving a follower
+        meanwhile (rule 4), then keep the client's connection alive if it is due (rule 3).
         Returns the position to go on from."""
+        if resume is not None and not resume.waits_for_event:
+            resume.caught_up()  # nothing was missed: the client is live again
         chunk = chunk_writer(out) if stream.clients == 1 and stream.follower is None else None
         if chunk is None:
             await stream.signal.wait()
-            return position
-        on_sent = resume.caught_up if resume else None
-        follower = Follower(
-            chunk, position, room=room, beat=beat, metrics=self.metrics, on_sent=on_sent
-        )
-        stream.follower = follower
-        try:
-            await stream.signal.wait()
-        finally:
-            if stream.follower is follower:
-                stream.follower = None
-            self.written_through += follower.sent
-        return follower.position
+        else:
+            on_sent = resume.caught_up if resume else None
+            follower = Follower(
+                chunk, position, room=room, beat=beat, metrics=self.metrics, on_sent=on_sent
+            )
+            stream.follower = follower
+            try:
+                await stream.signal.wait()
+            finally:
+                if stream.follower is follower:
+                    stream.follower = None
+                self.written_through += follower.sent
+            position = follower.position
+        if beat.due:
+            async with asyncio.timeout(self.config.client_write_timeout):
+                await out.write(KEEPALIVE)
+            beat.wrote()
+        return position
 
     async def _catch_up(
         self,
